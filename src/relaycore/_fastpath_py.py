@@ -1,0 +1,207 @@
+"""The pure-Python twin of ``_fastpath.pyx``: the readable specification of the hot byte work.
+
+Every public function here has a twin of the same name, signature, return type and exceptions
+in the Cython extension. Nothing here holds state; nothing here does I/O. Import these through
+``relaycore._accel``, which picks the extension when it is loaded.
+
+Inputs may be ``bytes``, ``bytearray`` or ``memoryview``; outputs are always ``bytes`` (or
+tuples of ints and bytes).
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "parse_frame_header",
+    "encode_frame_header",
+    "apply_mask",
+    "encode_varint",
+    "decode_varint",
+    "split_records",
+    "split_varint_frames",
+]
+
+#: RFC 6455 §5.2: 7-bit lengths up to 125; 126 announces a 16-bit length, 127 a 64-bit one.
+_LEN16 = 126
+_LEN64 = 127
+#: Varint prefix of the hub and service protocols: at most 5 bytes, at most 2**31 - 1.
+_VARINT_MAX_BYTES = 5
+_VARINT_MAX_VALUE = 0x7FFFFFFF
+_RECORD_SEPARATOR = 0x1E
+
+
+def parse_frame_header(
+    data: bytes | bytearray | memoryview, pos: int = 0
+) -> tuple[int, int, bytes | None, int, int] | None:
+    """Parse the RFC 6455 §5.2 frame header that starts at ``data[pos]``.
+
+    Returns ``None`` when the header is not complete yet, else the 5-tuple
+    ``(first_byte, second_byte, mask_key_or_None, payload_length, header_length)``:
+
+    * ``first_byte`` holds FIN (0x80), RSV1-3 (0x70) and the opcode (0x0F);
+    * ``second_byte`` is the raw second byte (MASK bit 0x80 and the 7-bit length);
+    * ``mask_key`` is the 4-byte masking key, or ``None`` when the frame is not masked;
+    * ``payload_length`` is the decoded length; ``header_length`` is how many bytes the header
+      took, so the payload starts at ``pos + header_length``.
+
+    Raises ``ValueError`` when a 64-bit length has its most significant bit set (§5.2 forbids
+    it) or when ``pos`` is negative.
+    """
+    if pos < 0:
+        raise ValueError(f"pos must be >= 0, got {pos}")
+    end = len(data)
+    if end - pos < 2:
+        return None
+    b0 = data[pos]
+    b1 = data[pos + 1]
+    length = b1 & 0x7F
+    n = 2
+    if length == _LEN16:
+        if end - pos < 4:
+            return None
+        length = (data[pos + 2] << 8) | data[pos + 3]
+        n = 4
+    elif length == _LEN64:
+        if end - pos < 10:
+            return None
+        length = int.from_bytes(bytes(data[pos + 2 : pos + 10]), "big")
+        if length >> 63:
+            raise ValueError("64-bit payload length has its most significant bit set")
+        n = 10
+    mask: bytes | None = None
+    if b1 & 0x80:
+        if end - pos < n + 4:
+            return None
+        mask = bytes(data[pos + n : pos + n + 4])
+        n += 4
+    return b0, b1, mask, length, n
+
+
+def encode_frame_header(
+    opcode: int, length: int, fin: bool = True, mask: bytes | None = None, rsv: int = 0
+) -> bytes:
+    """Encode an RFC 6455 §5.2 frame header for a payload of ``length`` bytes.
+
+    ``opcode`` is 0-15, ``rsv`` the three RSV bits as a 0-7 integer, ``mask`` the 4-byte
+    masking key (client frames) or ``None`` (server frames). Uses the shortest length form.
+    Raises ``ValueError`` for an out-of-range opcode, rsv or length, or a mask that is not 4
+    bytes long.
+    """
+    if not 0 <= opcode <= 0x0F:
+        raise ValueError(f"opcode must be 0..15, got {opcode}")
+    if not 0 <= rsv <= 7:
+        raise ValueError(f"rsv must be 0..7, got {rsv}")
+    if not 0 <= length < (1 << 63):
+        raise ValueError(f"length must be 0..2**63-1, got {length}")
+    if mask is not None and len(mask) != 4:
+        raise ValueError(f"mask must be 4 bytes, got {len(mask)}")
+    b0 = (0x80 if fin else 0) | (rsv << 4) | opcode
+    mbit = 0x80 if mask is not None else 0
+    if length < _LEN16:
+        head = bytes((b0, mbit | length))
+    elif length < 0x10000:
+        head = bytes((b0, mbit | _LEN16)) + length.to_bytes(2, "big")
+    else:
+        head = bytes((b0, mbit | _LEN64)) + length.to_bytes(8, "big")
+    if mask is not None:
+        head += bytes(mask)
+    return head
+
+
+def apply_mask(data: bytes | bytearray | memoryview, mask: bytes) -> bytes:
+    """XOR ``data`` with the 4-byte ``mask`` repeated (RFC 6455 §5.3); masks and unmasks.
+
+    Raises ``ValueError`` when ``mask`` is not 4 bytes long.
+    """
+    if len(mask) != 4:
+        raise ValueError(f"mask must be 4 bytes, got {len(mask)}")
+    n = len(data)
+    if n == 0:
+        return b""
+    # Whole-buffer XOR through big integers: the mask repeated to the data's length.
+    key = (bytes(mask) * (n // 4 + 1))[:n]
+    return (int.from_bytes(data, "little") ^ int.from_bytes(key, "little")).to_bytes(n, "little")
+
+
+def encode_varint(value: int) -> bytes:
+    """Encode a length prefix: 7 bits per byte, least significant group first, 0x80 = more.
+
+    Raises ``ValueError`` unless ``0 <= value <= 2**31 - 1``.
+    """
+    if not 0 <= value <= _VARINT_MAX_VALUE:
+        raise ValueError(f"varint value must be 0..2**31-1, got {value}")
+    out = bytearray()
+    while True:
+        byte = value & 0x7F
+        value >>= 7
+        if value:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)
+
+
+def decode_varint(data: bytes | bytearray | memoryview, pos: int = 0) -> tuple[int, int] | None:
+    """Decode the length prefix at ``data[pos]``: ``(value, prefix_length)``, or ``None`` if
+    the prefix is not complete yet.
+
+    Raises ``ValueError`` when the prefix runs past 5 bytes or the value exceeds 2**31 - 1.
+    """
+    if pos < 0:
+        raise ValueError(f"pos must be >= 0, got {pos}")
+    value = 0
+    end = len(data)
+    for i in range(_VARINT_MAX_BYTES):
+        if pos + i >= end:
+            return None
+        byte = data[pos + i]
+        value |= (byte & 0x7F) << (7 * i)
+        if not byte & 0x80:
+            if value > _VARINT_MAX_VALUE:
+                raise ValueError(f"varint value {value} exceeds 2**31-1")
+            return value, i + 1
+    raise ValueError("varint prefix longer than 5 bytes")
+
+
+def split_records(data: bytes | bytearray | memoryview) -> tuple[list[bytes], int]:
+    """Split JSON hub-protocol text on the 0x1E record separator.
+
+    Returns ``(records, consumed)``: every complete record without its separator, and how many
+    bytes of ``data`` they used (separators included). Bytes after the last separator are an
+    incomplete record for the caller to keep.
+    """
+    buf = bytes(data)
+    records: list[bytes] = []
+    start = 0
+    while True:
+        end = buf.find(_RECORD_SEPARATOR, start)
+        if end < 0:
+            return records, start
+        records.append(buf[start:end])
+        start = end + 1
+
+
+def split_varint_frames(
+    data: bytes | bytearray | memoryview, max_size: int = _VARINT_MAX_VALUE
+) -> tuple[list[bytes], int]:
+    """Split a stream of varint-length-prefixed bodies (MessagePack hub protocol, service
+    protocol).
+
+    Returns ``(bodies, consumed)``: every complete body without its prefix, and how many bytes
+    of ``data`` they used. Raises ``ValueError`` for a bad prefix or a body longer than
+    ``max_size``.
+    """
+    bodies: list[bytes] = []
+    pos = 0
+    end = len(data)
+    while pos < end:
+        got = decode_varint(data, pos)
+        if got is None:
+            break
+        size, n = got
+        if size > max_size:
+            raise ValueError(f"frame of {size} bytes exceeds the limit of {max_size}")
+        if end - pos - n < size:
+            break
+        bodies.append(bytes(data[pos + n : pos + n + size]))
+        pos += n + size
+    return bodies, pos
