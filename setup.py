@@ -31,8 +31,6 @@ class optional_build_ext(build_ext):
 
 
 def extensions():
-    if not os.path.exists("src/relaycore/_fastpath.pyx") and not REQUIRE:
-        return []
     try:
         from Cython.Build import cythonize
     except ImportError:

@@ -1,0 +1,25 @@
+"""Type stubs for the Cython fast path; they mirror ``_fastpath_py.py``, its specification."""
+
+__all__ = [
+    "parse_frame_header",
+    "encode_frame_header",
+    "apply_mask",
+    "encode_varint",
+    "decode_varint",
+    "split_records",
+    "split_varint_frames",
+]
+
+def parse_frame_header(
+    data: bytes | bytearray | memoryview, pos: int = 0
+) -> tuple[int, int, bytes | None, int, int] | None: ...
+def encode_frame_header(
+    opcode: int, length: int, fin: bool = True, mask: bytes | None = None, rsv: int = 0
+) -> bytes: ...
+def apply_mask(data: bytes | bytearray | memoryview, mask: bytes) -> bytes: ...
+def encode_varint(value: int) -> bytes: ...
+def decode_varint(data: bytes | bytearray | memoryview, pos: int = 0) -> tuple[int, int] | None: ...
+def split_records(data: bytes | bytearray | memoryview) -> tuple[list[bytes], int]: ...
+def split_varint_frames(
+    data: bytes | bytearray | memoryview, max_size: int = 2147483647
+) -> tuple[list[bytes], int]: ...

@@ -1,0 +1,371 @@
+# cython: language_level=3, binding=True, boundscheck=False, wraparound=False, cdivision=True
+"""The Cython fast path: the hot byte work of ``_fastpath_py``, in C.
+
+``_fastpath_py.py`` is the specification. Every function here has the same name, parameters,
+defaults, return type and exception types as its twin there, and the tests hold both to the
+same answers. Nothing here holds state; nothing here does I/O. Import these through
+``relaycore._accel``, never directly.
+
+Inputs are read through the buffer protocol (``bytes``, ``bytearray``, ``memoryview``; read-only
+is fine). A non-contiguous memoryview is copied once, as the twin's slicing would.
+``binding=True`` makes these real function objects, so ``inspect.signature`` can compare them
+with the twin's.
+"""
+
+from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_CheckExact, PyBytes_FromStringAndSize
+from cpython.exc cimport PyErr_Clear, PyErr_ExceptionMatches
+from cpython.long cimport PyLong_AsLongLongAndOverflow
+from libc.stdint cimport uint32_t, uint64_t
+from libc.string cimport memchr, memcpy
+
+
+cdef extern from "Python.h":
+    # Declared without an exception clause: _acquire inspects the failure itself.
+    int _get_buffer "PyObject_GetBuffer" (object obj, Py_buffer *view, int flags)
+
+
+__all__ = [
+    "parse_frame_header",
+    "encode_frame_header",
+    "apply_mask",
+    "encode_varint",
+    "decode_varint",
+    "split_records",
+    "split_varint_frames",
+]
+
+cdef enum:
+    # RFC 6455 §5.2: 7-bit lengths up to 125; 126 announces a 16-bit length, 127 a 64-bit one.
+    _LEN16 = 126
+    _LEN64 = 127
+    # Varint prefix of the hub and service protocols: at most 5 bytes, at most 2**31 - 1.
+    _VARINT_MAX_BYTES = 5
+    _VARINT_MAX_VALUE = 0x7FFFFFFF
+    _RECORD_SEPARATOR = 0x1E
+    # _varint's answers besides a prefix length (> 0).
+    _INCOMPLETE = 0
+    _TOO_LONG = -1
+    _TOO_BIG = -2
+
+cdef long long _LLONG_MAX = 0x7FFFFFFFFFFFFFFF
+
+
+cdef int _acquire(object data, Py_buffer *view) except -1:
+    """Fill ``view`` with ``data``'s bytes as one contiguous block; release with PyBuffer_Release."""
+    if _get_buffer(data, view, PyBUF_SIMPLE) == 0:
+        return 0
+    if not PyErr_ExceptionMatches(BufferError):
+        return -1  # not a buffer at all: the TypeError propagates
+    # A strided memoryview exports no simple buffer; the twin indexes and slices it happily.
+    PyErr_Clear()
+    copy = memoryview(data).tobytes()
+    if _get_buffer(copy, view, PyBUF_SIMPLE) != 0:
+        return -1
+    return 0
+
+
+cdef int _as_long_long(object value, long long *out) except -1:
+    """Store the integer ``value`` in ``out``, clamped to the C range.
+
+    Returns 1 when it was clamped (it did not fit), else 0; the twin compares Python ints, so an
+    out-of-range value must give its ValueError (or None), never an OverflowError.
+    """
+    cdef int overflow = 0
+    cdef long long v = PyLong_AsLongLongAndOverflow(value, &overflow)
+    if overflow > 0:
+        out[0] = _LLONG_MAX
+        return 1
+    if overflow < 0:
+        out[0] = -_LLONG_MAX - 1
+        return 1
+    out[0] = v
+    return 0
+
+
+cdef inline long long _position(object pos) except? -2:
+    """``pos`` as a C integer, ``ValueError`` when negative (a huge ``pos`` is simply past the end)."""
+    cdef long long p
+    _as_long_long(pos, &p)
+    if p < 0:
+        raise ValueError(f"pos must be >= 0, got {pos}")
+    return p
+
+
+cdef inline int _varint(const unsigned char *buf, Py_ssize_t end, Py_ssize_t pos,
+                        unsigned long long *value) noexcept nogil:
+    """Decode the prefix at ``buf[pos]`` (``pos <= end``) into ``value``.
+
+    Returns the prefix length, or _INCOMPLETE, _TOO_LONG (a sixth byte would be needed) or
+    _TOO_BIG (``value`` holds the offending value).
+    """
+    cdef unsigned long long v = 0
+    cdef unsigned char byte
+    cdef int i
+    for i in range(_VARINT_MAX_BYTES):
+        if pos + i >= end:
+            return _INCOMPLETE
+        byte = buf[pos + i]
+        v |= (<unsigned long long>(byte & 0x7F)) << (7 * i)
+        if not byte & 0x80:
+            value[0] = v
+            if v > _VARINT_MAX_VALUE:
+                return _TOO_BIG
+            return i + 1
+    return _TOO_LONG
+
+
+cdef inline object _varint_error(int status, unsigned long long value):
+    if status == _TOO_BIG:
+        return ValueError(f"varint value {value} exceeds 2**31-1")
+    return ValueError("varint prefix longer than 5 bytes")
+
+
+def parse_frame_header(data, pos=0):
+    """Parse the RFC 6455 §5.2 frame header that starts at ``data[pos]``.
+
+    Returns ``None`` when the header is not complete yet, else the 5-tuple
+    ``(first_byte, second_byte, mask_key_or_None, payload_length, header_length)``.
+    Raises ``ValueError`` when a 64-bit length has its most significant bit set or when ``pos``
+    is negative. See ``_fastpath_py.parse_frame_header``.
+    """
+    cdef long long p = _position(pos)
+    cdef Py_buffer view
+    cdef const unsigned char *b
+    cdef long long avail
+    cdef unsigned long long length
+    cdef int n = 2
+    cdef int i
+    _acquire(data, &view)
+    try:
+        avail = <long long>view.len - p
+        if avail < 2:
+            return None
+        b = <const unsigned char *>view.buf + p
+        length = b[1] & 0x7F
+        if length == _LEN16:
+            if avail < 4:
+                return None
+            length = (<unsigned long long>b[2] << 8) | b[3]
+            n = 4
+        elif length == _LEN64:
+            if avail < 10:
+                return None
+            length = 0
+            for i in range(2, 10):
+                length = (length << 8) | b[i]
+            if length >> 63:
+                raise ValueError("64-bit payload length has its most significant bit set")
+            n = 10
+        if b[1] & 0x80:
+            if avail < n + 4:
+                return None
+            mask = PyBytes_FromStringAndSize(<const char *>b + n, 4)
+            n += 4
+        else:
+            mask = None
+        return b[0], b[1], mask, length, n
+    finally:
+        PyBuffer_Release(&view)
+
+
+def encode_frame_header(opcode, length, fin=True, mask=None, rsv=0):
+    """Encode an RFC 6455 §5.2 frame header for a payload of ``length`` bytes.
+
+    ``opcode`` is 0-15, ``rsv`` the three RSV bits as a 0-7 integer, ``mask`` the 4-byte
+    masking key or ``None``. Uses the shortest length form. Raises ``ValueError`` for an
+    out-of-range opcode, rsv or length, or a mask that is not 4 bytes long.
+    """
+    cdef long long op, rs, ln
+    cdef unsigned char out[14]
+    cdef Py_ssize_t n
+    cdef int i
+    # Clamped values are out of range too, so the comparisons below cover huge integers.
+    _as_long_long(opcode, &op)
+    if not 0 <= op <= 0x0F:
+        raise ValueError(f"opcode must be 0..15, got {opcode}")
+    _as_long_long(rsv, &rs)
+    if not 0 <= rs <= 7:
+        raise ValueError(f"rsv must be 0..7, got {rsv}")
+    # 0..2**63-1 is exactly the non-negative range of a C long long; anything clamped is out.
+    if _as_long_long(length, &ln) or ln < 0:
+        raise ValueError(f"length must be 0..2**63-1, got {length}")
+    if mask is not None:
+        if len(mask) != 4:
+            raise ValueError(f"mask must be 4 bytes, got {len(mask)}")
+        if not PyBytes_CheckExact(mask):
+            mask = bytes(mask)
+            if len(mask) != 4:
+                raise ValueError(f"mask must be 4 bytes, got {len(mask)}")
+    out[0] = (0x80 if fin else 0) | (rs << 4) | op
+    out[1] = 0x80 if mask is not None else 0
+    if ln < _LEN16:
+        out[1] |= ln
+        n = 2
+    elif ln < 0x10000:
+        out[1] |= _LEN16
+        out[2] = (ln >> 8) & 0xFF
+        out[3] = ln & 0xFF
+        n = 4
+    else:
+        out[1] |= _LEN64
+        for i in range(8):
+            out[2 + i] = (ln >> (56 - 8 * i)) & 0xFF
+        n = 10
+    if mask is not None:
+        memcpy(out + n, PyBytes_AS_STRING(mask), 4)
+        n += 4
+    return PyBytes_FromStringAndSize(<const char *>out, n)
+
+
+def apply_mask(data, mask):
+    """XOR ``data`` with the 4-byte ``mask`` repeated (RFC 6455 §5.3); masks and unmasks.
+
+    Raises ``ValueError`` when ``mask`` is not 4 bytes long.
+    """
+    cdef Py_buffer view
+    cdef const unsigned char *src
+    cdef unsigned char *dst
+    cdef const unsigned char *key
+    cdef Py_ssize_t n, i
+    cdef uint32_t key32
+    cdef uint64_t key64, word
+    if len(mask) != 4:
+        raise ValueError(f"mask must be 4 bytes, got {len(mask)}")
+    _acquire(data, &view)
+    try:
+        n = view.len
+        if n == 0:
+            return b""
+        if not PyBytes_CheckExact(mask):
+            mask = bytes(mask)
+            if len(mask) != 4:
+                raise ValueError(f"mask must be 4 bytes, got {len(mask)}")
+        key = <const unsigned char *>PyBytes_AS_STRING(mask)
+        out = PyBytes_FromStringAndSize(NULL, n)
+        dst = <unsigned char *>PyBytes_AS_STRING(out)
+        src = <const unsigned char *>view.buf
+        # The key repeated twice in memory order; memcpy keeps the loads and stores
+        # alignment-safe and endian-neutral, and compiles to plain 64-bit moves.
+        memcpy(&key32, key, 4)
+        key64 = (<uint64_t>key32 << 32) | key32
+        i = 0
+        with nogil:
+            while i + 8 <= n:
+                memcpy(&word, src + i, 8)
+                word ^= key64
+                memcpy(dst + i, &word, 8)
+                i += 8
+            # 8 is a multiple of 4, so the tail starts at key phase 0.
+            while i < n:
+                dst[i] = src[i] ^ key[i & 3]
+                i += 1
+        return out
+    finally:
+        PyBuffer_Release(&view)
+
+
+def encode_varint(value):
+    """Encode a length prefix: 7 bits per byte, least significant group first, 0x80 = more.
+
+    Raises ``ValueError`` unless ``0 <= value <= 2**31 - 1``.
+    """
+    cdef long long v
+    cdef unsigned char out[_VARINT_MAX_BYTES]
+    cdef Py_ssize_t n = 0
+    _as_long_long(value, &v)
+    if not 0 <= v <= _VARINT_MAX_VALUE:
+        raise ValueError(f"varint value must be 0..2**31-1, got {value}")
+    while v >= 0x80:
+        out[n] = (v & 0x7F) | 0x80
+        v >>= 7
+        n += 1
+    out[n] = v
+    return PyBytes_FromStringAndSize(<const char *>out, n + 1)
+
+
+def decode_varint(data, pos=0):
+    """Decode the length prefix at ``data[pos]``: ``(value, prefix_length)``, or ``None`` if
+    the prefix is not complete yet.
+
+    Raises ``ValueError`` when the prefix runs past 5 bytes or the value exceeds 2**31 - 1.
+    """
+    cdef long long p = _position(pos)
+    cdef Py_buffer view
+    cdef unsigned long long value = 0
+    cdef int status
+    _acquire(data, &view)
+    try:
+        if p >= view.len:
+            return None
+        status = _varint(<const unsigned char *>view.buf, view.len, <Py_ssize_t>p, &value)
+        if status > 0:
+            return value, status
+        if status == _INCOMPLETE:
+            return None
+        raise _varint_error(status, value)
+    finally:
+        PyBuffer_Release(&view)
+
+
+def split_records(data):
+    """Split JSON hub-protocol text on the 0x1E record separator.
+
+    Returns ``(records, consumed)``: every complete record without its separator, and how many
+    bytes of ``data`` they used (separators included).
+    """
+    cdef Py_buffer view
+    cdef const char *buf
+    cdef const char *hit
+    cdef Py_ssize_t start = 0, end
+    cdef list records = []
+    _acquire(data, &view)
+    try:
+        buf = <const char *>view.buf
+        end = view.len
+        while start < end:
+            hit = <const char *>memchr(buf + start, _RECORD_SEPARATOR, end - start)
+            if hit == NULL:
+                break
+            records.append(PyBytes_FromStringAndSize(buf + start, hit - (buf + start)))
+            start = hit - buf + 1
+        return records, start
+    finally:
+        PyBuffer_Release(&view)
+
+
+def split_varint_frames(data, max_size=0x7FFFFFFF):
+    """Split a stream of varint-length-prefixed bodies (MessagePack hub protocol, service
+    protocol).
+
+    Returns ``(bodies, consumed)``: every complete body without its prefix, and how many bytes
+    of ``data`` they used. Raises ``ValueError`` for a bad prefix or a body longer than
+    ``max_size``.
+    """
+    cdef Py_buffer view
+    cdef const unsigned char *buf
+    cdef Py_ssize_t pos = 0, end
+    cdef unsigned long long size = 0
+    cdef long long limit
+    cdef int n
+    cdef list bodies = []
+    _as_long_long(max_size, &limit)
+    _acquire(data, &view)
+    try:
+        buf = <const unsigned char *>view.buf
+        end = view.len
+        while pos < end:
+            n = _varint(buf, end, pos, &size)
+            if n == _INCOMPLETE:
+                break
+            if n < 0:
+                raise _varint_error(n, size)
+            if limit < 0 or size > <unsigned long long>limit:
+                raise ValueError(f"frame of {size} bytes exceeds the limit of {max_size}")
+            if <unsigned long long>(end - pos - n) < size:
+                break
+            bodies.append(PyBytes_FromStringAndSize(<const char *>buf + pos + n, size))
+            pos += n + size
+        return bodies, pos
+    finally:
+        PyBuffer_Release(&view)
