@@ -1,0 +1,80 @@
+"""A hub message to fan out, encoded once per hub protocol and framed once.
+
+``OutboundMessage.frame(protocol_name)`` returns the complete WebSocket frame (header and
+payload) for clients of that protocol, computed on first use and then shared by every target:
+encode once, write many.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+from ..protocol._hub import get_protocol
+from ..protocol._websocket import Opcode, frame
+
+#: WebSocket opcode per hub protocol: JSON travels in text frames, MessagePack in binary ones
+#: (client-protocol §2.1: .NET sends all MessagePack output as binary frames).
+_OPCODES = {"json": Opcode.TEXT, "messagepack": Opcode.BINARY}
+
+
+class OutboundMessage:
+    """Either an invocation ``target(*arguments)`` or a payload map from an app server.
+
+    A payload map (``{"json": framed bytes, "messagepack": framed bytes}``) is forwarded as
+    is: the relay picks the entry for each client's protocol and never re-encodes it.
+    """
+
+    __slots__ = ("target", "arguments", "payloads", "_frames")
+
+    def __init__(
+        self,
+        target: str | None = None,
+        arguments: Sequence[Any] = (),
+        *,
+        payloads: Mapping[str, bytes] | None = None,
+    ) -> None:
+        if (target is None) == (payloads is None):
+            raise ValueError("give either a target or a payload map")
+        self.target = target
+        self.arguments = list(arguments)
+        self.payloads = {k.lower(): bytes(v) for k, v in (payloads or {}).items()}
+        self._frames: dict[str, bytes | None] = {}
+
+    @classmethod
+    def invocation(cls, target: str, *arguments: Any) -> OutboundMessage:
+        return cls(target, arguments)
+
+    def payload(self, protocol_name: str) -> bytes | None:
+        """The framed hub message for ``protocol_name``, or ``None`` if there is none."""
+        if self.target is None:
+            return self.payloads.get(protocol_name)
+        return get_protocol(protocol_name).write_invocation(self.target, self.arguments)
+
+    def frame(self, protocol_name: str) -> bytes | None:
+        try:
+            return self._frames[protocol_name]
+        except KeyError:
+            pass
+        payload = self.payload(protocol_name)
+        data = None if payload is None else frame(_OPCODES[protocol_name], payload)
+        self._frames[protocol_name] = data
+        return data
+
+
+def fan_out(targets: Iterable[Any], message: OutboundMessage) -> int:
+    """Queue ``message`` on every target connection; returns how many accepted it.
+
+    Never awaits: each ``enqueue`` appends the shared frame to that connection's buffer and
+    wakes its writer, which sends everything queued in this scheduling round in one call.
+    """
+    frames: dict[str, bytes | None] = {}
+    delivered = 0
+    for conn in targets:
+        name = conn.protocol_name
+        data = frames.get(name, b"")
+        if data == b"":
+            data = frames[name] = message.frame(name)
+        if data is not None and conn.enqueue(data):
+            delivered += 1
+    return delivered

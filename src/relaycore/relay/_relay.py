@@ -1,0 +1,435 @@
+"""The relay: HTTP front, client endpoint, connection table and the operations of the REST API.
+
+``serve_relay(config, task_status=...)`` runs a relay inside the caller's trio nursery and
+hands back the running ``Relay``; its public async methods are the REST API's operations, for
+programs that host relaycore as their transport layer::
+
+    async with trio.open_nursery() as nursery:
+        relay = await nursery.start(serve_relay, RelayConfig(port=0))
+        await relay.send_to_all("chat", OutboundMessage.invocation("notify", "hello"))
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import secrets
+import time
+from collections.abc import Iterable
+from typing import Any
+from urllib.parse import urlsplit
+
+import trio
+
+from ..protocol._auth import TokenError, TokenValidator, user_id_from_claims, wire_hub_name
+from ..protocol._errors import RemoteProtocolError
+from ..protocol._hub import InvocationMessage, PingMessage, StreamInvocationMessage, get_protocol
+from ..protocol._negotiate import (
+    TRANSPORTS_WEBSOCKETS_ONLY,
+    negotiate_error,
+    negotiate_response,
+    parse_negotiate_version,
+)
+from ..protocol._websocket import Opcode, accept_key, frame, is_valid_client_key
+from ._client import ClientConnection, ConnState, aclose_quietly
+from ._config import RelayConfig
+from ._http import HttpConnection, HttpError, Request, Response, bearer_token
+from ._message import OutboundMessage, fan_out
+from ._table import ConnectionTable
+
+log = logging.getLogger("relaycore.relay")
+
+
+@dataclasses.dataclass
+class RelayStats:
+    """Counters the relay keeps (exported as metrics by a later layer)."""
+
+    connections_opened: int = 0
+    connections_closed: int = 0
+    messages_sent: int = 0
+    deliveries: int = 0
+    slow_consumer_closes: int = 0
+    handshake_errors: int = 0
+    protocol_errors: int = 0
+    auth_failures: int = 0
+
+
+@dataclasses.dataclass
+class _Pending:
+    connection_id: str
+    hub: str
+    expires: float
+
+
+class Relay:
+    """A running relay node. Create it with ``serve_relay``; use its methods from trio code."""
+
+    def __init__(self, config: RelayConfig) -> None:
+        self.config = config
+        self.table = ConnectionTable()
+        self.stats = RelayStats()
+        self.validator = TokenValidator(config.access_keys, clock_skew=config.token_clock_skew)
+        self.port: int = config.port
+        self._live: set[ClientConnection] = set()
+        self._pending: dict[str, _Pending] = {}
+        self._ping_frames = {
+            name: frame(Opcode.BINARY if name == "messagepack" else Opcode.TEXT,
+                        get_protocol(name).write(PingMessage()))
+            for name in ("json", "messagepack")
+        }
+        from ._rest import RestApi  # the REST layer calls back into the relay
+
+        self.rest = RestApi(self)
+        self._shutting_down = False
+        self._all_gone: trio.Event | None = None
+
+    # -- public helpers -----------------------------------------------------------------
+
+    @property
+    def endpoint(self) -> str:
+        return self.config.endpoint_url(self.port)
+
+    @property
+    def connection_string(self) -> str:
+        return self.config.connection_string(self.port)
+
+    def ping_frame(self, protocol_name: str) -> bytes:
+        return self._ping_frames[protocol_name]
+
+    def now(self) -> float:
+        return trio.current_time()
+
+    # -- the operations of the REST API --------------------------------------------------
+
+    async def send_to_all(self, hub: str, message: OutboundMessage,
+                          excluded: Iterable[str] = ()) -> int:
+        """Send to every connection of ``hub`` but ``excluded``; returns the number reached."""
+        shard = self.table.get(hub)
+        return self._deliver(shard.all_targets(excluded) if shard else (), message)
+
+    async def send_to_user(self, hub: str, user_id: str, message: OutboundMessage) -> int:
+        shard = self.table.get(hub)
+        return self._deliver(shard.user_targets(user_id) if shard else (), message)
+
+    async def send_to_connection(self, hub: str, connection_id: str,
+                                 message: OutboundMessage) -> int:
+        conn = self._connection(hub, connection_id)
+        return self._deliver((conn,) if conn else (), message)
+
+    async def send_to_group(self, hub: str, group: str, message: OutboundMessage,
+                            excluded: Iterable[str] = ()) -> int:
+        shard = self.table.get(hub)
+        return self._deliver(shard.group_targets(group, excluded) if shard else (), message)
+
+    async def add_connection_to_group(self, hub: str, group: str, connection_id: str) -> bool:
+        """False when the connection does not exist."""
+        conn = self._connection(hub, connection_id)
+        if conn is None:
+            return False
+        self.table.shard(hub).join(conn, group)
+        return True
+
+    async def remove_connection_from_group(self, hub: str, group: str,
+                                           connection_id: str) -> bool:
+        conn = self._connection(hub, connection_id)
+        return conn is not None and self.table.shard(hub).leave(conn, group)
+
+    async def remove_connection_from_all_groups(self, hub: str, connection_id: str) -> bool:
+        conn = self._connection(hub, connection_id)
+        if conn is None:
+            return False
+        self.table.shard(hub).leave_all(conn)
+        return True
+
+    async def add_user_to_group(self, hub: str, group: str, user_id: str,
+                                ttl: float | None = None) -> None:
+        """Add the user's connections, and unless ``ttl == 0`` its later ones, for ``ttl`` s."""
+        self.table.shard(hub).add_user_to_group(user_id, group, ttl, self.now())
+
+    async def remove_user_from_group(self, hub: str, group: str, user_id: str) -> None:
+        shard = self.table.get(hub)
+        if shard is not None:
+            shard.remove_user_from_group(user_id, group)
+            self.table.prune(hub)
+
+    async def remove_user_from_all_groups(self, hub: str, user_id: str) -> None:
+        shard = self.table.get(hub)
+        if shard is not None:
+            shard.remove_user_from_all_groups(user_id)
+            self.table.prune(hub)
+
+    async def connection_exists(self, hub: str, connection_id: str) -> bool:
+        return self._connection(hub, connection_id) is not None
+
+    async def user_exists(self, hub: str, user_id: str) -> bool:
+        shard = self.table.get(hub)
+        return shard is not None and user_id in shard.users
+
+    async def group_exists(self, hub: str, group: str) -> bool:
+        shard = self.table.get(hub)
+        return shard is not None and group in shard.groups
+
+    async def user_in_group(self, hub: str, group: str, user_id: str) -> bool:
+        shard = self.table.get(hub)
+        return shard is not None and shard.user_in_group(user_id, group, self.now())
+
+    async def close_connection(self, hub: str, connection_id: str,
+                               reason: str | None = None) -> bool:
+        conn = self._connection(hub, connection_id)
+        if conn is None:
+            return False
+        conn.close(reason)
+        return True
+
+    async def close_all_connections(self, hub: str, reason: str | None = None,
+                                    excluded: Iterable[str] = ()) -> int:
+        shard = self.table.get(hub)
+        return self._close_each(shard.all_targets(excluded) if shard else (), reason)
+
+    async def close_user_connections(self, hub: str, user_id: str, reason: str | None = None,
+                                     excluded: Iterable[str] = ()) -> int:
+        shard = self.table.get(hub)
+        skip = set(excluded)
+        targets = [c for c in shard.user_targets(user_id) if c.id not in skip] if shard else []
+        return self._close_each(targets, reason)
+
+    async def close_group_connections(self, hub: str, group: str, reason: str | None = None,
+                                      excluded: Iterable[str] = ()) -> int:
+        shard = self.table.get(hub)
+        return self._close_each(shard.group_targets(group, excluded) if shard else (), reason)
+
+    # -- internals ----------------------------------------------------------------------
+
+    def _connection(self, hub: str, connection_id: str) -> Any:
+        shard = self.table.get(hub)
+        return shard.connections.get(connection_id) if shard else None
+
+    def _deliver(self, targets: Iterable[Any], message: OutboundMessage) -> int:
+        reached = fan_out(targets, message)
+        self.stats.messages_sent += 1
+        self.stats.deliveries += reached
+        return reached
+
+    @staticmethod
+    def _close_each(targets: Iterable[Any], reason: str | None) -> int:
+        count = 0
+        for conn in list(targets):
+            conn.close(reason)
+            count += 1
+        return count
+
+    def _add_connection(self, conn: ClientConnection) -> None:
+        conn.state = ConnState.OPEN
+        self.table.shard(conn.hub).add(conn, self.now())
+        self.stats.connections_opened += 1
+        log.debug("connection %s opened on hub %s (user %s)", conn.id, conn.hub, conn.user_id)
+
+    def _remove_connection(self, conn: ClientConnection) -> None:
+        self.table.shard(conn.hub).remove(conn)
+        self.table.prune(conn.hub)
+        self.stats.connections_closed += 1
+
+    def _forget(self, conn: ClientConnection) -> None:
+        self._live.discard(conn)
+        if not self._live and self._all_gone is not None:
+            self._all_gone.set()
+
+    def _client_invocation(self, conn: ClientConnection,
+                           message: InvocationMessage | StreamInvocationMessage) -> None:
+        """A client invoked a hub method. Without an app server or upstream (later layers),
+        an invocation that expects an answer gets a completion error, never silence."""
+        conn.not_delivered(message)
+
+    # -- authentication -------------------------------------------------------------------
+
+    def authenticate(self, request: Request, kind: str, hub: str) -> dict[str, Any]:
+        """Validate the token of ``request`` for ``{endpoint}/{kind}/?hub={hub}``: from the
+        ``Authorization`` header, or the ``access_token`` query parameter (browsers)."""
+        token = bearer_token(request) or request.arg("access_token")
+        return self.check_token(token, self.audiences(request, f"{kind}/?hub={hub}"))
+
+    def check_token(self, token: str | None, audiences: list[str]) -> dict[str, Any]:
+        try:
+            return self.validator.validate(token, audiences=audiences, now=time.time())
+        except TokenError as exc:
+            self.stats.auth_failures += 1
+            raise HttpError(401, str(exc), code=f"Unauthorized.{exc.reason}") from None
+
+    def audiences(self, request: Request, suffix: str) -> list[str]:
+        hosts = {urlsplit(self.endpoint).hostname or ""}
+        host_header = request.headers.get("host", "")
+        if host_header:
+            hosts.add(urlsplit(f"//{host_header}").hostname or "")
+        return [f"{scheme}://{host}/{suffix}" for host in hosts if host
+                for scheme in ("http", "https")]
+
+    # -- HTTP front -------------------------------------------------------------------------
+
+    async def handle_stream(self, stream: trio.abc.Stream) -> None:
+        http = HttpConnection(stream, max_head=self.config.max_request_head,
+                              max_body=self.config.max_request_body)
+        request: Request | None = None
+        try:
+            while True:
+                try:
+                    request = await http.read_request()
+                    if request is None:
+                        return
+                    if request.is_websocket_upgrade:
+                        await self._upgrade(http, request)
+                        return
+                    response = await self.route(request)
+                except HttpError as exc:
+                    await http.send_response(self._with_cors(request, Response.error(exc)),
+                                             close=True)
+                    return
+                await http.send_response(self._with_cors(request, response))
+                if not http.can_continue():
+                    return
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            return
+        finally:
+            with trio.CancelScope(shield=True):
+                await aclose_quietly(stream)
+
+    async def route(self, request: Request) -> Response:
+        path = request.path
+        if request.method == "OPTIONS":
+            return Response(204)
+        if path.startswith("/api/"):
+            return await self.rest.handle(request)
+        if path.rstrip("/") == "/client/negotiate":
+            if request.method != "POST":
+                raise HttpError(405, "negotiate expects POST", headers=[("Allow", "POST")])
+            return self._negotiate(request)
+        if path.rstrip("/") == "/client":
+            raise HttpError(400, "the client endpoint expects a WebSocket upgrade "
+                                 "(Server-Sent Events and long polling are not enabled)")
+        raise HttpError(404, f"no such endpoint: {request.method} {path}")
+
+    def _with_cors(self, request: Request | None, response: Response) -> Response:
+        origin = request.headers.get("origin") if request is not None else None
+        if origin and ("*" in self.config.cors_origins or origin in self.config.cors_origins):
+            response.headers += [
+                ("Access-Control-Allow-Origin", origin),
+                ("Access-Control-Allow-Credentials", "true"),
+                ("Access-Control-Allow-Headers",
+                 "Authorization, X-Requested-With, X-SignalR-User-Agent, Content-Type"),
+                ("Access-Control-Allow-Methods", "GET, POST, PUT, DELETE, HEAD, OPTIONS"),
+                ("Vary", "Origin"),
+            ]
+        return response
+
+    def _hub_of(self, request: Request) -> str:
+        hub = request.arg("hub")
+        if not hub:
+            raise HttpError(400, "missing the 'hub' query parameter")
+        try:
+            return wire_hub_name(hub, request.arg("application"))
+        except ValueError as exc:
+            raise HttpError(400, str(exc)) from None
+
+    def _negotiate(self, request: Request) -> Response:
+        hub = self._hub_of(request)
+        self.authenticate(request, "client", hub)
+        try:
+            version = parse_negotiate_version(request.arg("negotiateVersion"))
+        except RemoteProtocolError as exc:
+            return Response.json(200, negotiate_error(str(exc)))
+        connection_id = secrets.token_urlsafe(16)
+        token = secrets.token_urlsafe(24) if version >= 1 else connection_id
+        self._pending[token] = _Pending(connection_id, hub,
+                                        self.now() + self.config.negotiate_timeout)
+        return Response.json(200, negotiate_response(
+            connection_id, token if version >= 1 else None, version,
+            transports=TRANSPORTS_WEBSOCKETS_ONLY))
+
+    async def _upgrade(self, http: HttpConnection, request: Request) -> None:
+        try:
+            if request.path.rstrip("/") != "/client":
+                raise HttpError(404, f"no WebSocket endpoint at {request.path}")
+            hub = self._hub_of(request)
+            claims = self.authenticate(request, "client", hub)
+            key = request.headers.get("sec-websocket-key", "")
+            if request.headers.get("sec-websocket-version") != "13":
+                raise HttpError(426, "only WebSocket version 13 is supported",
+                                headers=[("Sec-WebSocket-Version", "13")])
+            if not is_valid_client_key(key):
+                raise HttpError(400, "missing or malformed Sec-WebSocket-Key")
+            token = request.arg("id")
+            if token is not None:
+                pending = self._pending.pop(token, None)
+                if pending is None or pending.hub != hub:
+                    raise HttpError(404, "unknown or expired connection id; negotiate again")
+                connection_id = pending.connection_id
+            else:  # skipNegotiation
+                connection_id = secrets.token_urlsafe(16)
+            limit = self.config.max_connections_per_hub
+            shard = self.table.get(hub)
+            if limit and shard is not None and len(shard) >= limit:
+                raise HttpError(429, f"hub '{hub}' has reached its limit of {limit} connections")
+            if self._shutting_down:
+                raise HttpError(503, "the relay is shutting down")
+        except HttpError as exc:
+            await http.send_response(self._with_cors(request, Response.error(exc)), close=True)
+            return
+        trailing = await http.send_switching_protocols(
+            {"Upgrade": "websocket", "Connection": "Upgrade",
+             "Sec-WebSocket-Accept": accept_key(key)})
+        query = "&".join(f"{k}={v}" for k, v in request.query
+                         if k.lower() not in ("access_token", "id"))
+        conn = ClientConnection(
+            self, http.stream, connection_id=connection_id, hub=hub, claims=claims,
+            user_id=user_id_from_claims(claims), query=f"?{query}" if query else "",
+            headers=request.headers, now=self.now())
+        self._live.add(conn)
+        await conn.run(trailing)
+
+    # -- background ---------------------------------------------------------------------------
+
+    async def _ticker(self) -> None:
+        config = self.config
+        interval = min(1.0, config.keep_alive_interval / 3, config.client_timeout / 3,
+                       config.handshake_timeout / 3, config.negotiate_timeout / 3)
+        while True:
+            await trio.sleep(interval)
+            now = self.now()
+            for conn in list(self._live):
+                conn.tick(now)
+            if self._pending:
+                for token in [t for t, p in self._pending.items() if p.expires < now]:
+                    del self._pending[token]
+
+    async def drain(self, reason: str = "The relay is shutting down.",
+                    timeout: float | None = None) -> None:
+        """Stop accepting clients, send every client a Close message with ``allowReconnect``
+        (so it reconnects, to another node if there is one) and wait until all have gone or
+        ``timeout`` (default: ``close_timeout``) has passed."""
+        self._shutting_down = True
+        self._all_gone = trio.Event()
+        for conn in list(self._live):
+            conn.close(reason, allow_reconnect=True)
+        if not self._live:
+            return
+        with trio.move_on_after(self.config.close_timeout if timeout is None else timeout):
+            await self._all_gone.wait()
+
+
+async def serve_relay(
+    config: RelayConfig,
+    *,
+    task_status: trio.TaskStatus[Relay] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run a relay until cancelled; ``task_status.started`` gets the running ``Relay``.
+
+    Cancellation drops the sockets at once; call ``await relay.drain()`` first for a graceful
+    stop in which every client is told to reconnect (``python -m relaycore serve`` does so on
+    SIGINT and SIGTERM).
+    """
+    relay = Relay(config)
+    listeners = await trio.open_tcp_listeners(config.port, host=config.host or None)
+    relay.port = listeners[0].socket.getsockname()[1]
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(relay._ticker)
+        nursery.start_soon(trio.serve_listeners, relay.handle_stream, listeners)
+        task_status.started(relay)

@@ -1,0 +1,186 @@
+"""The connection table: who is connected to which hub, as which user, in which groups.
+
+Sharded by hub key (the wire hub name, ``{application}_{hub}`` lower-cased, as Azure does), so
+two applications sharing one relay never see each other's connections. A shard holds the
+connections of its hub, a user index (user id -> connections) and a group index (group ->
+connections), plus user-group memberships that apply to a user's current and later
+connections (REST "add user to group", with an optional TTL).
+
+Invariants: a connection is in ``connections`` from the end of its handshake until it is
+removed; every connection in a user or group index is also in ``connections``; empty index
+entries are deleted so that existence checks are O(1) dictionary look-ups.
+
+The table does no I/O; a ``Connection`` only needs ``id``, ``user_id``, ``protocol_name``,
+``groups`` (a set of group names) and ``enqueue(frame_bytes)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from typing import Any, Protocol
+
+#: Memberships without a TTL last at most one year, and a user keeps at most 100 of them
+#: (service-protocol §12.3, "TTL rules").
+USER_GROUP_DEFAULT_TTL = 365 * 24 * 3600.0
+USER_GROUP_MAX_UNTIMED = 100
+
+
+class Connection(Protocol):
+    id: str
+    user_id: str | None
+    protocol_name: str
+    groups: set[str]
+
+    def enqueue(self, data: bytes) -> bool: ...
+
+
+class HubShard:
+    __slots__ = ("key", "connections", "users", "groups", "user_groups")
+
+    def __init__(self, key: str) -> None:
+        self.key = key
+        self.connections: dict[str, Connection] = {}
+        self.users: dict[str, dict[str, Connection]] = {}
+        self.groups: dict[str, dict[str, Connection]] = {}
+        #: user id -> {group: expiry time, or None when it only covers current connections}
+        self.user_groups: dict[str, dict[str, float]] = {}
+
+    def __len__(self) -> int:
+        return len(self.connections)
+
+    def is_empty(self) -> bool:
+        return not self.connections and not self.user_groups
+
+    # -- membership -------------------------------------------------------------------
+
+    def add(self, conn: Connection, now: float) -> None:
+        self.connections[conn.id] = conn
+        if conn.user_id is not None:
+            self.users.setdefault(conn.user_id, {})[conn.id] = conn
+            for group in self.user_group_names(conn.user_id, now):
+                self.join(conn, group)
+
+    def remove(self, conn: Connection) -> None:
+        if self.connections.pop(conn.id, None) is None:
+            return
+        if conn.user_id is not None:
+            _discard(self.users, conn.user_id, conn.id)
+        for group in conn.groups:
+            _discard(self.groups, group, conn.id)
+        conn.groups.clear()
+
+    def join(self, conn: Connection, group: str) -> None:
+        self.groups.setdefault(group, {})[conn.id] = conn
+        conn.groups.add(group)
+
+    def leave(self, conn: Connection, group: str) -> bool:
+        if group not in conn.groups:
+            return False
+        conn.groups.discard(group)
+        _discard(self.groups, group, conn.id)
+        return True
+
+    def leave_all(self, conn: Connection) -> None:
+        for group in list(conn.groups):
+            self.leave(conn, group)
+
+    def user_group_names(self, user_id: str, now: float) -> list[str]:
+        memberships = self.user_groups.get(user_id)
+        if not memberships:
+            return []
+        expired = [g for g, expiry in memberships.items() if expiry <= now]
+        for group in expired:
+            del memberships[group]
+        if not memberships:
+            del self.user_groups[user_id]
+            return []
+        return list(memberships)
+
+    def add_user_to_group(self, user_id: str, group: str, ttl: float | None, now: float) -> None:
+        """Add a user's current connections, and (unless ``ttl == 0``) its later ones."""
+        for conn in list(self.users.get(user_id, {}).values()):
+            self.join(conn, group)
+        if ttl == 0:
+            return
+        memberships = self.user_groups.setdefault(user_id, {})
+        memberships.pop(group, None)  # re-insert so that it counts as the newest
+        memberships[group] = now + (USER_GROUP_DEFAULT_TTL if ttl is None else ttl)
+        if len(memberships) > USER_GROUP_MAX_UNTIMED:
+            oldest = next(iter(memberships))
+            del memberships[oldest]
+
+    def remove_user_from_group(self, user_id: str, group: str) -> None:
+        for conn in list(self.users.get(user_id, {}).values()):
+            self.leave(conn, group)
+        memberships = self.user_groups.get(user_id)
+        if memberships is not None:
+            memberships.pop(group, None)
+            if not memberships:
+                del self.user_groups[user_id]
+
+    def remove_user_from_all_groups(self, user_id: str) -> None:
+        for conn in list(self.users.get(user_id, {}).values()):
+            self.leave_all(conn)
+        self.user_groups.pop(user_id, None)
+
+    def user_in_group(self, user_id: str, group: str, now: float) -> bool:
+        if group in self.user_group_names(user_id, now):
+            return True
+        members = self.groups.get(group)
+        if not members:
+            return False
+        return any(conn_id in members for conn_id in self.users.get(user_id, ()))
+
+    # -- targets ----------------------------------------------------------------------
+
+    def all_targets(self, excluded: Iterable[str] = ()) -> Iterator[Connection]:
+        excluded_set = set(excluded)
+        if not excluded_set:
+            return iter(list(self.connections.values()))
+        return (c for c in list(self.connections.values()) if c.id not in excluded_set)
+
+    def group_targets(self, group: str, excluded: Iterable[str] = ()) -> Iterator[Connection]:
+        members = self.groups.get(group)
+        if not members:
+            return iter(())
+        excluded_set = set(excluded)
+        return (c for c in list(members.values()) if c.id not in excluded_set)
+
+    def user_targets(self, user_id: str) -> Iterator[Connection]:
+        return iter(list(self.users.get(user_id, {}).values()))
+
+
+def _discard(index: dict[str, dict[str, Any]], key: str, conn_id: str) -> None:
+    members = index.get(key)
+    if members is None:
+        return
+    members.pop(conn_id, None)
+    if not members:
+        del index[key]
+
+
+class ConnectionTable:
+    """All hub shards of one relay node, keyed by wire hub name."""
+
+    def __init__(self) -> None:
+        self._shards: dict[str, HubShard] = {}
+
+    def shard(self, hub: str) -> HubShard:
+        shard = self._shards.get(hub)
+        if shard is None:
+            shard = self._shards[hub] = HubShard(hub)
+        return shard
+
+    def get(self, hub: str) -> HubShard | None:
+        return self._shards.get(hub)
+
+    def prune(self, hub: str) -> None:
+        shard = self._shards.get(hub)
+        if shard is not None and shard.is_empty():
+            del self._shards[hub]
+
+    def shards(self) -> list[HubShard]:
+        return list(self._shards.values())
+
+    def connection_count(self) -> int:
+        return sum(len(s) for s in self._shards.values())
