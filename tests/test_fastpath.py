@@ -1,0 +1,411 @@
+"""Example tables for the fast path, run on the pure-Python twin (``py``) and the extension (``c``).
+
+The ``fastpath`` fixture hands each test the module itself, so the ``c`` runs exercise the
+extension even when ``RELAYCORE_NO_EXTENSIONS=1`` makes ``relaycore._accel`` pick the twin.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import os
+from types import ModuleType
+from typing import Any
+
+import pytest
+
+import relaycore._accel
+import relaycore._fastpath_py
+
+REQUIRE_EXTENSIONS = os.environ.get("RELAYCORE_REQUIRE_EXTENSIONS", "") not in ("", "0")
+NO_EXTENSIONS = os.environ.get("RELAYCORE_NO_EXTENSIONS", "") not in ("", "0")
+
+
+def load_extension() -> ModuleType:
+    """The compiled module; skip (or fail, under RELAYCORE_REQUIRE_EXTENSIONS=1) if not built."""
+    try:
+        return importlib.import_module("relaycore._fastpath")
+    except ImportError as exc:
+        reason = (
+            f"relaycore._fastpath is not built ({exc}); build it with "
+            "RELAYCORE_BUILD_EXTENSION=yes pip install -e . --no-build-isolation"
+        )
+        if REQUIRE_EXTENSIONS:
+            pytest.fail(f"RELAYCORE_REQUIRE_EXTENSIONS=1 but {reason}")
+        pytest.skip(reason)
+
+
+@pytest.fixture(params=["py", "c"])
+def fastpath(request: pytest.FixtureRequest) -> ModuleType:
+    if request.param == "py":
+        return relaycore._fastpath_py
+    return load_extension()
+
+
+def buffers(data: bytes) -> list[Any]:
+    """``data`` as every input type the fast path accepts."""
+    return [data, bytearray(data), memoryview(data), memoryview(bytearray(data))]
+
+
+# RFC 6455 §5.7 examples.
+HELLO = b"Hello"
+MASK_KEY = bytes([0x37, 0xFA, 0x21, 0x3D])
+HELLO_UNMASKED = bytes([0x81, 0x05]) + HELLO
+HELLO_MASKED = bytes([0x81, 0x85, 0x37, 0xFA, 0x21, 0x3D, 0x7F, 0x9F, 0x4D, 0x51, 0x58])
+HEL_FRAGMENT = bytes([0x01, 0x03, 0x48, 0x65, 0x6C])
+LO_FRAGMENT = bytes([0x80, 0x02, 0x6C, 0x6F])
+PING_UNMASKED = bytes([0x89, 0x05]) + HELLO
+PONG_MASKED = bytes([0x8A, 0x85, 0x37, 0xFA, 0x21, 0x3D, 0x7F, 0x9F, 0x4D, 0x51, 0x58])
+BINARY_256_HEADER = bytes([0x82, 0x7E, 0x01, 0x00])
+BINARY_64K_HEADER = bytes([0x82, 0x7F, 0x00, 0x00, 0x00, 0x00, 0x00, 0x01, 0x00, 0x00])
+
+RFC_FRAMES = [
+    # (wire, parsed header, payload as sent)
+    pytest.param(HELLO_UNMASKED, (0x81, 0x05, None, 5, 2), HELLO, id="hello-unmasked"),
+    pytest.param(HELLO_MASKED, (0x81, 0x85, MASK_KEY, 5, 6), HELLO_MASKED[6:], id="hello-masked"),
+    pytest.param(HEL_FRAGMENT, (0x01, 0x03, None, 3, 2), b"Hel", id="fragment-1"),
+    pytest.param(LO_FRAGMENT, (0x80, 0x02, None, 2, 2), b"lo", id="fragment-2"),
+    pytest.param(PING_UNMASKED, (0x89, 0x05, None, 5, 2), HELLO, id="ping-unmasked"),
+    pytest.param(PONG_MASKED, (0x8A, 0x85, MASK_KEY, 5, 6), PONG_MASKED[6:], id="pong-masked"),
+    pytest.param(
+        BINARY_256_HEADER + bytes(256), (0x82, 0x7E, None, 256, 4), bytes(256), id="binary-256"
+    ),
+    pytest.param(
+        BINARY_64K_HEADER + bytes(65536),
+        (0x82, 0x7F, None, 65536, 10),
+        bytes(65536),
+        id="binary-64k",
+    ),
+]
+
+
+@pytest.mark.parametrize(("wire", "header", "payload"), RFC_FRAMES)
+def test_parse_frame_header_rfc6455_examples_parse(
+    fastpath: ModuleType, wire: bytes, header: tuple[Any, ...], payload: bytes
+) -> None:
+    for data in buffers(wire):
+        got = fastpath.parse_frame_header(data)
+        assert got == header
+        assert got[2] is None or type(got[2]) is bytes
+        assert data[got[4] :] == payload
+
+
+@pytest.mark.parametrize(("wire", "header", "payload"), RFC_FRAMES)
+def test_encode_frame_header_rfc6455_examples_round_trip(
+    fastpath: ModuleType, wire: bytes, header: tuple[Any, ...], payload: bytes
+) -> None:
+    b0, _, mask, length, header_length = header
+    encoded = fastpath.encode_frame_header(
+        b0 & 0x0F, length, fin=bool(b0 & 0x80), mask=mask, rsv=(b0 >> 4) & 7
+    )
+    assert type(encoded) is bytes
+    assert encoded == wire[:header_length]
+
+
+def test_apply_mask_rfc6455_hello_masks_and_unmasks(fastpath: ModuleType) -> None:
+    for data in buffers(HELLO):
+        masked = fastpath.apply_mask(data, MASK_KEY)
+        assert type(masked) is bytes
+        assert masked == HELLO_MASKED[6:]
+    for key in buffers(MASK_KEY):
+        assert fastpath.apply_mask(HELLO_MASKED[6:], key) == HELLO
+
+
+def test_parse_frame_header_at_offset_reads_from_pos(fastpath: ModuleType) -> None:
+    stream = HEL_FRAGMENT + LO_FRAGMENT
+    assert fastpath.parse_frame_header(stream, len(HEL_FRAGMENT)) == (0x80, 0x02, None, 2, 2)
+    assert fastpath.parse_frame_header(stream, len(stream)) is None
+    assert fastpath.parse_frame_header(stream, len(stream) + 100) is None
+    assert fastpath.parse_frame_header(stream, 2**80) is None
+
+
+@pytest.mark.parametrize(
+    "length",
+    [*range(10), 125, 126, 127, 128, 65535, 65536, 2**32, 2**63 - 1],
+)
+@pytest.mark.parametrize("mask", [None, MASK_KEY])
+def test_encode_frame_header_length_edges_use_shortest_form(
+    fastpath: ModuleType, length: int, mask: bytes | None
+) -> None:
+    header = fastpath.encode_frame_header(0x2, length, mask=mask)
+    expected_length = (2 if length < 126 else 4 if length < 65536 else 10) + (4 if mask else 0)
+    assert len(header) == expected_length
+    for data in buffers(header):
+        assert fastpath.parse_frame_header(data) == (
+            0x82,
+            (0x80 if mask else 0) | (length if length < 126 else 126 if length < 65536 else 127),
+            mask,
+            length,
+            expected_length,
+        )
+
+
+@pytest.mark.parametrize("length", [0, 1, 125, 126, 127, 65535, 65536])
+@pytest.mark.parametrize("mask", [None, MASK_KEY])
+def test_parse_frame_header_truncated_at_every_offset_returns_none(
+    fastpath: ModuleType, length: int, mask: bytes | None
+) -> None:
+    header = fastpath.encode_frame_header(0x1, length, mask=mask)
+    for cut in range(len(header)):
+        for data in buffers(header[:cut]):
+            assert fastpath.parse_frame_header(data) is None
+        # The same truncation seen from an offset into a longer buffer.
+        assert fastpath.parse_frame_header(b"xyz" + header[:cut], 3) is None
+
+
+def test_encode_frame_header_flags_land_in_first_byte(fastpath: ModuleType) -> None:
+    assert fastpath.encode_frame_header(0x0, 0, fin=False) == b"\x00\x00"
+    assert fastpath.encode_frame_header(0x8, 2, rsv=0b100) == b"\xc8\x02"
+    assert fastpath.encode_frame_header(0xF, 0, fin=True, rsv=7) == b"\xff\x00"
+    assert fastpath.encode_frame_header(0x1, 0, mask=bytearray(b"abcd")) == b"\x81\x80abcd"
+
+
+@pytest.mark.parametrize(
+    "wire",
+    [
+        pytest.param(b"\x82\x7f\x80" + bytes(7), id="msb-only"),
+        pytest.param(b"\x82\xff" + b"\xff" * 8 + MASK_KEY, id="all-ones-masked"),
+    ],
+)
+def test_parse_frame_header_64bit_length_with_msb_set_raises(
+    fastpath: ModuleType, wire: bytes
+) -> None:
+    with pytest.raises(ValueError, match="most significant bit"):
+        fastpath.parse_frame_header(wire)
+
+
+def test_parse_frame_header_negative_pos_raises(fastpath: ModuleType) -> None:
+    with pytest.raises(ValueError, match="pos"):
+        fastpath.parse_frame_header(HELLO_UNMASKED, -1)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"opcode": 16, "length": 0}, "opcode"),
+        ({"opcode": -1, "length": 0}, "opcode"),
+        ({"opcode": 2**70, "length": 0}, "opcode"),
+        ({"opcode": 1, "length": 0, "rsv": 8}, "rsv"),
+        ({"opcode": 1, "length": 0, "rsv": -1}, "rsv"),
+        ({"opcode": 1, "length": -1}, "length"),
+        ({"opcode": 1, "length": 2**63}, "length"),
+        ({"opcode": 1, "length": 2**100}, "length"),
+        ({"opcode": 1, "length": 0, "mask": b"abc"}, "mask"),
+        ({"opcode": 1, "length": 0, "mask": b"abcde"}, "mask"),
+        ({"opcode": 1, "length": 0, "mask": b""}, "mask"),
+    ],
+)
+def test_encode_frame_header_out_of_range_arguments_raise(
+    fastpath: ModuleType, kwargs: dict[str, Any], match: str
+) -> None:
+    with pytest.raises(ValueError, match=match):
+        fastpath.encode_frame_header(**kwargs)
+
+
+@pytest.mark.parametrize("mask", [b"", b"abc", b"abcde", bytearray(3), memoryview(b"x" * 8)])
+@pytest.mark.parametrize("data", [b"", b"payload"])
+def test_apply_mask_bad_mask_length_raises(fastpath: ModuleType, mask: Any, data: bytes) -> None:
+    with pytest.raises(ValueError, match="mask must be 4 bytes"):
+        fastpath.apply_mask(data, mask)
+
+
+@pytest.mark.parametrize("length", [*range(18), 31, 32, 33, 1000, 65536 + 3])
+def test_apply_mask_every_tail_length_matches_bytewise_xor(
+    fastpath: ModuleType, length: int
+) -> None:
+    data = bytes((i * 7 + 3) & 0xFF for i in range(length))
+    expected = bytes(b ^ MASK_KEY[i % 4] for i, b in enumerate(data))
+    for buffer in buffers(data):
+        assert fastpath.apply_mask(buffer, MASK_KEY) == expected
+    # Unaligned start: a memoryview slice one byte into a larger buffer.
+    assert fastpath.apply_mask(memoryview(b"\x00" + data)[1:], MASK_KEY) == expected
+    assert fastpath.apply_mask(expected, MASK_KEY) == data
+
+
+def test_apply_mask_leaves_a_mutable_input_alone(fastpath: ModuleType) -> None:
+    data = bytearray(b"0123456789abcdef")
+    out = fastpath.apply_mask(data, MASK_KEY)
+    assert data == bytearray(b"0123456789abcdef")
+    assert out != bytes(data)
+
+
+def test_apply_mask_non_contiguous_memoryview_is_read_in_order(fastpath: ModuleType) -> None:
+    data = memoryview(bytes(range(40)))[::3]
+    expected = bytes(b ^ MASK_KEY[i % 4] for i, b in enumerate(bytes(data)))
+    assert fastpath.apply_mask(data, MASK_KEY) == expected
+
+
+VARINTS = [
+    (0, b"\x00"),
+    (53, b"\x35"),
+    (127, b"\x7f"),
+    (128, b"\x80\x01"),
+    (300, b"\xac\x02"),
+    (5248, b"\x80\x29"),
+    (16383, b"\xff\x7f"),
+    (16384, b"\x80\x80\x01"),
+    (2**21, b"\x80\x80\x80\x01"),
+    (2**28, b"\x80\x80\x80\x80\x01"),
+    (2**31 - 1, b"\xff\xff\xff\xff\x07"),
+]
+
+
+@pytest.mark.parametrize(("value", "wire"), VARINTS, ids=[str(v) for v, _ in VARINTS])
+def test_encode_varint_vectors_encode(fastpath: ModuleType, value: int, wire: bytes) -> None:
+    encoded = fastpath.encode_varint(value)
+    assert type(encoded) is bytes
+    assert encoded == wire
+
+
+@pytest.mark.parametrize(("value", "wire"), VARINTS, ids=[str(v) for v, _ in VARINTS])
+def test_decode_varint_vectors_decode(fastpath: ModuleType, value: int, wire: bytes) -> None:
+    for data in buffers(wire + b"tail"):
+        assert fastpath.decode_varint(data) == (value, len(wire))
+    assert fastpath.decode_varint(b"\x01\x02" + wire, 2) == (value, len(wire))
+
+
+@pytest.mark.parametrize(("value", "wire"), VARINTS, ids=[str(v) for v, _ in VARINTS])
+def test_decode_varint_truncated_at_every_offset_returns_none(
+    fastpath: ModuleType, value: int, wire: bytes
+) -> None:
+    for cut in range(len(wire)):
+        for data in buffers(wire[:cut]):
+            assert fastpath.decode_varint(data) is None
+        assert fastpath.decode_varint(b"ab" + wire[:cut], 2) is None
+
+
+@pytest.mark.parametrize(
+    ("wire", "match"),
+    [
+        pytest.param(b"\x80\x80\x80\x80\x80\x01", "longer than 5 bytes", id="six-bytes"),
+        pytest.param(b"\x80\x80\x80\x80\x80", "longer than 5 bytes", id="fifth-continues"),
+        pytest.param(b"\x80\x80\x80\x80\x08", "exceeds", id="2**31"),
+        pytest.param(b"\xff\xff\xff\xff\x7f", "exceeds", id="2**35-1"),
+    ],
+)
+def test_decode_varint_bad_prefix_raises(fastpath: ModuleType, wire: bytes, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        fastpath.decode_varint(wire)
+    with pytest.raises(ValueError, match=match):
+        fastpath.split_varint_frames(wire + bytes(16))
+
+
+@pytest.mark.parametrize("value", [-1, 2**31, 2**64, -(2**64)])
+def test_encode_varint_out_of_range_raises(fastpath: ModuleType, value: int) -> None:
+    with pytest.raises(ValueError, match="varint value"):
+        fastpath.encode_varint(value)
+
+
+def test_decode_varint_pos_past_end_returns_none_and_negative_raises(
+    fastpath: ModuleType,
+) -> None:
+    assert fastpath.decode_varint(b"\x01", 1) is None
+    assert fastpath.decode_varint(b"\x01", 2**80) is None
+    with pytest.raises(ValueError, match="pos"):
+        fastpath.decode_varint(b"\x01", -1)
+
+
+@pytest.mark.parametrize(
+    ("data", "records", "consumed"),
+    [
+        (b"", [], 0),
+        (b"{}", [], 0),
+        (b"\x1e", [b""], 1),
+        (b"{}\x1e", [b"{}"], 3),
+        (b'{"protocol":"json","version":1}\x1e', [b'{"protocol":"json","version":1}'], 32),
+        (b"{}\x1e{\x1e\x1e[", [b"{}", b"{", b""], 6),
+        (b"a\x1eb\x1e", [b"a", b"b"], 4),
+    ],
+)
+def test_split_records_splits_on_record_separator(
+    fastpath: ModuleType, data: bytes, records: list[bytes], consumed: int
+) -> None:
+    for buffer in buffers(data):
+        got = fastpath.split_records(buffer)
+        assert got == (records, consumed)
+        assert all(type(record) is bytes for record in got[0])
+
+
+def test_split_records_truncated_at_every_offset_keeps_the_partial_record(
+    fastpath: ModuleType,
+) -> None:
+    stream = b'{"type":1}\x1e{"type":6}\x1e\x1e{"type":7}\x1e'
+    for cut in range(len(stream) + 1):
+        records, consumed = fastpath.split_records(stream[:cut])
+        assert stream[:consumed].count(b"\x1e") == len(records)
+        assert b"\x1e" not in stream[consumed:cut]
+        assert b"\x1e".join(records) + (b"\x1e" if records else b"") == stream[:consumed]
+
+
+@pytest.mark.parametrize("size", [*range(10), 125, 126, 127, 128, 65535, 65536])
+def test_split_varint_frames_edge_sizes_round_trip(fastpath: ModuleType, size: int) -> None:
+    body = bytes(i & 0xFF for i in range(size))
+    stream = fastpath.encode_varint(size) + body + b"\x00" + b"\x02ab"
+    for data in buffers(stream):
+        bodies, consumed = fastpath.split_varint_frames(data)
+        assert bodies == [body, b"", b"ab"]
+        assert all(type(b) is bytes for b in bodies)
+        assert consumed == len(stream)
+
+
+def test_split_varint_frames_truncated_at_every_offset_stops_at_frame_boundary(
+    fastpath: ModuleType,
+) -> None:
+    frames = [b"", b"x", b"y" * 200, b"z" * 3]
+    stream = b"".join(fastpath.encode_varint(len(f)) + f for f in frames)
+    boundaries = [0]
+    for frame in frames:
+        boundaries.append(boundaries[-1] + len(fastpath.encode_varint(len(frame))) + len(frame))
+    for cut in range(len(stream) + 1):
+        bodies, consumed = fastpath.split_varint_frames(memoryview(stream)[:cut])
+        complete = max(i for i, b in enumerate(boundaries) if b <= cut)
+        assert bodies == frames[:complete]
+        assert consumed == boundaries[complete]
+
+
+def test_split_varint_frames_over_max_size_raises(fastpath: ModuleType) -> None:
+    stream = b"\x03abc\x05hello"
+    assert fastpath.split_varint_frames(stream, max_size=5) == ([b"abc", b"hello"], 10)
+    with pytest.raises(ValueError, match="exceeds the limit of 4"):
+        fastpath.split_varint_frames(stream, max_size=4)
+    # The limit applies as soon as the prefix is known, before the body has arrived.
+    with pytest.raises(ValueError, match="exceeds the limit"):
+        fastpath.split_varint_frames(b"\x80\x80\x01", max_size=1000)
+    with pytest.raises(ValueError, match="exceeds the limit"):
+        fastpath.split_varint_frames(b"\x00", max_size=-1)
+
+
+def test_fastpath_modules_export_the_same_functions_and_signatures() -> None:
+    twin = relaycore._fastpath_py
+    ext = load_extension()
+    assert ext.__all__ == twin.__all__
+
+    def public_functions(module: ModuleType) -> set[str]:
+        return {n for n, v in vars(module).items() if not n.startswith("_") and callable(v)}
+
+    assert public_functions(ext) == public_functions(twin) == set(twin.__all__)
+    for name in twin.__all__:
+        expected = [
+            (p.name, p.kind, p.default)
+            for p in inspect.signature(getattr(twin, name)).parameters.values()
+        ]
+        actual = [
+            (p.name, p.kind, p.default)
+            for p in inspect.signature(getattr(ext, name)).parameters.values()
+        ]
+        assert actual == expected, name
+        assert getattr(ext, name).__doc__, f"{name} has no docstring"
+
+
+def test_accel_loaded_matches_environment() -> None:
+    if NO_EXTENSIONS:
+        assert relaycore._accel.ACCELERATED is False
+        assert relaycore._accel.apply_mask is relaycore._fastpath_py.apply_mask
+    elif REQUIRE_EXTENSIONS:
+        assert relaycore._accel.ACCELERATED, (
+            "RELAYCORE_REQUIRE_EXTENSIONS=1 but relaycore._accel fell back to the twin"
+        )
+    if relaycore._accel.ACCELERATED:
+        ext = importlib.import_module("relaycore._fastpath")
+        for name in ext.__all__:
+            assert getattr(relaycore._accel, name) is getattr(ext, name)

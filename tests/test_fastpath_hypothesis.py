@@ -1,0 +1,250 @@
+"""Differential tests: the extension must give the twin's answer, or raise the same exception type.
+
+The twin (``relaycore._fastpath_py``) is the specification; every function is fed random
+arguments through both, and what one module encodes the other must parse.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import relaycore._fastpath_py as py
+
+REQUIRE_EXTENSIONS = os.environ.get("RELAYCORE_REQUIRE_EXTENSIONS", "") not in ("", "0")
+
+try:
+    c = importlib.import_module("relaycore._fastpath")
+except ImportError as exc:
+    if REQUIRE_EXTENSIONS:
+        raise ImportError(
+            f"RELAYCORE_REQUIRE_EXTENSIONS=1 but the extension is missing: {exc}"
+        ) from exc
+    pytest.skip(
+        f"relaycore._fastpath is not built ({exc}); build it with "
+        "RELAYCORE_BUILD_EXTENSION=yes pip install -e . --no-build-isolation",
+        allow_module_level=True,
+    )
+
+EXAMPLES = settings(max_examples=200, deadline=None)
+
+
+def typed(value: Any) -> Any:
+    """``value`` with its types spelled out, so ``b"x" == bytearray(b"x")`` cannot hide a bug."""
+    if isinstance(value, (tuple, list)):
+        return (type(value).__name__, [typed(v) for v in value])
+    return (type(value).__name__, value)
+
+
+def outcome(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    try:
+        return ("returned", typed(fn(*args, **kwargs)))
+    except Exception as exc:  # noqa: BLE001 - the type is what is compared
+        return ("raised", type(exc))
+
+
+def assert_same(name: str, *args: Any, **kwargs: Any) -> Any:
+    expected = outcome(getattr(py, name), *args, **kwargs)
+    assert outcome(getattr(c, name), *args, **kwargs) == expected
+    return expected
+
+
+def as_buffer(draw: st.DrawFn, data: bytes) -> Any:
+    """``data`` as one of the input types a caller may pass, sliced views included."""
+    kind = draw(st.sampled_from(["bytes", "bytearray", "memoryview", "offset", "strided"]))
+    if kind == "bytearray":
+        return bytearray(data)
+    if kind == "memoryview":
+        return memoryview(data)
+    if kind == "offset":
+        return memoryview(b"\xaa" + data + b"\xbb")[1:-1]
+    if kind == "strided":
+        spread = bytes(b for byte in data for b in (byte, 0x55))
+        return memoryview(spread)[::2]
+    return data
+
+
+@st.composite
+def buffers(draw: st.DrawFn, data: st.SearchStrategy[bytes] | None = None) -> Any:
+    return as_buffer(draw, draw(data if data is not None else st.binary(max_size=300)))
+
+
+positions = st.one_of(st.integers(-3, 40), st.sampled_from([2**63, 2**80, -(2**80)]))
+big_or_small = st.one_of(
+    st.integers(-10, 300),
+    st.integers(0, 2**64),
+    st.sampled_from([2**31 - 1, 2**31, 2**63 - 1, 2**63, 2**64, -(2**63), -(2**64), 2**100]),
+)
+masks = st.one_of(
+    st.binary(min_size=4, max_size=4),
+    st.binary(max_size=6),
+    st.binary(min_size=4, max_size=4).map(bytearray),
+    st.binary(min_size=4, max_size=4).map(memoryview),
+)
+
+
+@st.composite
+def header_like(draw: st.DrawFn) -> bytes:
+    """Random bytes whose second byte often announces the 16- or 64-bit length forms."""
+    second = draw(st.sampled_from([126, 127, 0xFE, 0xFF]) | st.integers(0, 255))
+    return bytes([draw(st.integers(0, 255)), second]) + draw(st.binary(max_size=14))
+
+
+@st.composite
+def frame_streams(draw: st.DrawFn) -> bytes:
+    """Well-formed frames back to back, then possibly a truncated tail."""
+    out = b""
+    for _ in range(draw(st.integers(0, 4))):
+        length = draw(st.sampled_from([0, 1, 125, 126, 127, 300, 65535, 65536]))
+        mask = draw(st.none() | st.binary(min_size=4, max_size=4))
+        header = py.encode_frame_header(
+            draw(st.integers(0, 15)), length, draw(st.booleans()), mask, draw(st.integers(0, 7))
+        )
+        out += header + bytes(length)
+    return out[: draw(st.integers(0, len(out)))] if draw(st.booleans()) else out
+
+
+@st.composite
+def varint_streams(draw: st.DrawFn) -> bytes:
+    """Varint-prefixed bodies back to back, then possibly truncated or followed by junk."""
+    bodies = draw(st.lists(st.binary(max_size=200), max_size=8))
+    out = b"".join(py.encode_varint(len(b)) + b for b in bodies)
+    tail = draw(st.sampled_from(["none", "cut", "junk"]))
+    if tail == "cut":
+        return out[: draw(st.integers(0, len(out)))]
+    if tail == "junk":
+        return out + draw(st.binary(max_size=12))
+    return out
+
+
+@EXAMPLES
+@given(
+    data=buffers(st.one_of(st.binary(max_size=20), header_like(), frame_streams())),
+    pos=positions,
+)
+def test_parse_frame_header_matches_twin(data: Any, pos: int) -> None:
+    assert_same("parse_frame_header", data, pos)
+
+
+@EXAMPLES
+@given(data=buffers(frame_streams()))
+def test_parse_frame_header_walks_a_stream_like_twin(data: Any) -> None:
+    pos = 0
+    while True:
+        got = assert_same("parse_frame_header", data, pos)
+        if got[0] == "raised" or got[1][1] is None:
+            break
+        _, (_, (_, _, _, (_, length), (_, header_length))) = got
+        pos += header_length + length
+
+
+@EXAMPLES
+@given(
+    opcode=big_or_small,
+    length=big_or_small,
+    fin=st.one_of(st.booleans(), st.sampled_from([0, 1, "", "x", None])),
+    mask=st.none() | masks,
+    rsv=big_or_small,
+)
+def test_encode_frame_header_matches_twin(
+    opcode: int, length: int, fin: Any, mask: Any, rsv: int
+) -> None:
+    assert_same("encode_frame_header", opcode, length, fin, mask, rsv)
+    assert_same("encode_frame_header", opcode, length, fin=fin, mask=mask, rsv=rsv)
+
+
+@EXAMPLES
+@given(
+    opcode=st.integers(0, 15),
+    length=st.one_of(st.integers(0, 70000), st.integers(0, 2**63 - 1)),
+    fin=st.booleans(),
+    mask=st.none() | st.binary(min_size=4, max_size=4),
+    rsv=st.integers(0, 7),
+)
+def test_frame_header_cross_round_trip(
+    opcode: int, length: int, fin: bool, mask: bytes | None, rsv: int
+) -> None:
+    expected_b0 = (0x80 if fin else 0) | (rsv << 4) | opcode
+    for encoder, parser in [(c, py), (py, c), (c, c)]:
+        header = encoder.encode_frame_header(opcode, length, fin, mask, rsv)
+        b0, b1, got_mask, got_length, header_length = parser.parse_frame_header(header + b"xx")
+        assert (b0, got_mask, got_length, header_length) == (
+            expected_b0,
+            mask,
+            length,
+            len(header),
+        )
+        assert bool(b1 & 0x80) == (mask is not None)
+
+
+@EXAMPLES
+@given(data=buffers(st.binary(max_size=2100)), mask=masks)
+def test_apply_mask_matches_twin(data: Any, mask: Any) -> None:
+    assert_same("apply_mask", data, mask)
+
+
+@EXAMPLES
+@given(data=st.binary(max_size=2100), mask=st.binary(min_size=4, max_size=4))
+def test_apply_mask_cross_round_trip(data: bytes, mask: bytes) -> None:
+    assert py.apply_mask(c.apply_mask(data, mask), mask) == data
+    assert c.apply_mask(py.apply_mask(data, mask), mask) == data
+
+
+@EXAMPLES
+@given(value=big_or_small)
+def test_encode_varint_matches_twin(value: int) -> None:
+    assert_same("encode_varint", value)
+
+
+@EXAMPLES
+@given(value=st.integers(0, 2**31 - 1), tail=st.binary(max_size=6))
+def test_varint_cross_round_trip(value: int, tail: bytes) -> None:
+    for encoder, decoder in [(c, py), (py, c)]:
+        prefix = encoder.encode_varint(value)
+        assert decoder.decode_varint(prefix + tail) == (value, len(prefix))
+        assert decoder.decode_varint(b"\x00" + prefix, 1) == (value, len(prefix))
+
+
+@EXAMPLES
+@given(data=buffers(st.one_of(st.binary(max_size=12), varint_streams())), pos=positions)
+def test_decode_varint_matches_twin(data: Any, pos: int) -> None:
+    assert_same("decode_varint", data, pos)
+
+
+@EXAMPLES
+@given(
+    data=buffers(
+        st.one_of(
+            st.binary(max_size=300),
+            st.lists(st.sampled_from([b"\x1e", b"{}", b'{"type":1}', b"\xff"])).map(b"".join),
+        )
+    )
+)
+def test_split_records_matches_twin(data: Any) -> None:
+    assert_same("split_records", data)
+
+
+@EXAMPLES
+@given(
+    data=buffers(st.one_of(st.binary(max_size=40), varint_streams())),
+    max_size=st.one_of(st.just(2**31 - 1), big_or_small),
+)
+def test_split_varint_frames_matches_twin(data: Any, max_size: int) -> None:
+    assert_same("split_varint_frames", data, max_size)
+    assert_same("split_varint_frames", data)
+
+
+@EXAMPLES
+@given(bodies=st.lists(st.binary(max_size=300), max_size=10), tail=st.binary(max_size=3))
+def test_varint_frames_cross_round_trip(bodies: list[bytes], tail: bytes) -> None:
+    for encoder, splitter in [(c, py), (py, c)]:
+        stream = b"".join(encoder.encode_varint(len(b)) + b for b in bodies)
+        got, consumed = splitter.split_varint_frames(stream)
+        assert got == bodies
+        assert consumed == len(stream)
