@@ -1,0 +1,54 @@
+# One entry point for developers and CI. `make test` and `make run` work on a fresh machine:
+# they create .venv, build the Cython extension and install what the tests need.
+
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+NODE_MODULES := tests/e2e/node/node_modules
+
+.PHONY: run build test test-fast test-pure bench bench-smoke lint fuzz clean
+
+$(STAMP): pyproject.toml setup.py src/relaycore/_fastpath.pyx
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	RELAYCORE_BUILD_EXTENSION=yes $(PY) -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+$(NODE_MODULES): tests/e2e/node/package.json tests/e2e/node/package-lock.json
+	npm ci --prefix tests/e2e/node --no-audit --no-fund
+	touch $(NODE_MODULES)
+
+build: $(STAMP)
+	RELAYCORE_BUILD_EXTENSION=yes $(PY) -m pip install --quiet --no-build-isolation -e .
+
+run: $(STAMP)
+	$(PY) -m relaycore serve
+
+# The whole suite twice (Cython fast path, then the pure-Python twin), then every benchmark
+# once in smoke mode so that none can rot.
+test: $(STAMP) $(NODE_MODULES)
+	RELAYCORE_REQUIRE_EXTENSIONS=1 $(PY) -m pytest -q
+	RELAYCORE_NO_EXTENSIONS=1 $(PY) -m pytest -q
+	$(MAKE) bench-smoke
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not e2e"
+
+test-pure: $(STAMP) $(NODE_MODULES)
+	RELAYCORE_NO_EXTENSIONS=1 $(PY) -m pytest -q
+
+bench: $(STAMP)
+	$(PY) -m pytest bench/bench_fastpath.py --benchmark-only -q
+	$(PY) bench/fanout.py
+
+bench-smoke: $(STAMP)
+	$(PY) -m pytest bench/bench_fastpath.py --benchmark-disable -q
+	$(PY) bench/fanout.py --smoke
+
+lint: $(STAMP)
+	$(PY) -m ruff check src tests bench
+	$(PY) -m mypy
+
+clean:
+	rm -rf $(VENV) build dist src/*.egg-info src/relaycore/_fastpath.c src/relaycore/*.so
