@@ -246,20 +246,20 @@ def apply_mask(data, mask):
         dst = <unsigned char *>PyBytes_AS_STRING(out)
         src = <const unsigned char *>view.buf
         # The key repeated twice in memory order; memcpy keeps the loads and stores
-        # alignment-safe and endian-neutral, and compiles to plain 64-bit moves.
+        # alignment-safe and endian-neutral, and compiles to plain 64-bit moves. The GIL stays
+        # held: releasing it costs about as much as masking 16 bytes, and 64 KB takes ~2 us.
         memcpy(&key32, key, 4)
         key64 = (<uint64_t>key32 << 32) | key32
         i = 0
-        with nogil:
-            while i + 8 <= n:
-                memcpy(&word, src + i, 8)
-                word ^= key64
-                memcpy(dst + i, &word, 8)
-                i += 8
-            # 8 is a multiple of 4, so the tail starts at key phase 0.
-            while i < n:
-                dst[i] = src[i] ^ key[i & 3]
-                i += 1
+        while i + 8 <= n:
+            memcpy(&word, src + i, 8)
+            word ^= key64
+            memcpy(dst + i, &word, 8)
+            i += 8
+        # 8 is a multiple of 4, so the tail starts at key phase 0.
+        while i < n:
+            dst[i] = src[i] ^ key[i & 3]
+            i += 1
         return out
     finally:
         PyBuffer_Release(&view)
