@@ -45,6 +45,8 @@ from ..protocol._websocket import (
     CloseCode,
     CloseReceived,
     Opcode,
+    Role,
+    State,
     TextMessage,
     WebSocketProtocol,
     frame,
@@ -97,7 +99,7 @@ class ClientConnection:
         self.protocol: Any = None
         self.state = ConnState.HANDSHAKE
         config = relay.config
-        self.ws = WebSocketProtocol(0, max_message_size=config.max_message_size)  # Role.SERVER
+        self.ws = WebSocketProtocol(Role.SERVER, max_message_size=config.max_message_size)
         self._limit = config.send_buffer_limit
         self._out = bytearray()
         self._lot = trio.lowlevel.ParkingLot()
@@ -151,7 +153,7 @@ class ClientConnection:
         self.close_reason = reason
         if was_open or self.protocol is not None:
             self._push(self._hub_frame(CloseMessage(error=reason, allow_reconnect=allow_reconnect)))
-        if self.ws.state == 1:  # State.OPEN
+        if self.ws.state is State.OPEN:  # State.OPEN
             self.ws.send_close(code, (reason or "")[:120])
             self._push(self.ws.data_to_send())
         self._start_close_timer()
@@ -274,7 +276,7 @@ class ClientConnection:
         self.relay.stats.handshake_errors += 1
         self._push(frame(Opcode.TEXT, write_handshake_response(error)))
         self.state = ConnState.CLOSING
-        if self.ws.state == 1:
+        if self.ws.state is State.OPEN:
             self.ws.send_close(CloseCode.NORMAL_CLOSURE)
             self._push(self.ws.data_to_send())
         self._start_close_timer()
@@ -333,7 +335,7 @@ class ClientConnection:
         for message in messages:
             if isinstance(message, CloseMessage):
                 self._leave_table()
-                if self.ws.state == 1:
+                if self.ws.state is State.OPEN:
                     self.ws.send_close(CloseCode.NORMAL_CLOSURE)
                     self._push(self.ws.data_to_send())
                 self._start_close_timer()

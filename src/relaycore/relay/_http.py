@@ -106,6 +106,7 @@ class HttpConnection:
         self.stream = stream
         self.conn = h11.Connection(h11.SERVER, max_incomplete_event_size=max_head)
         self.max_body = max_body
+        self._method = ""
 
     async def _next_event(self) -> object:
         while True:
@@ -138,6 +139,7 @@ class HttpConnection:
             text = value.decode("latin-1")
             headers[key] = f"{headers[key]}, {text}" if key in headers else text
         request = Request(event.method.decode("ascii"), target, path, raw_query, query, headers)
+        self._method = request.method
         if request.is_websocket_upgrade:
             return request
         length = headers.get("content-length")
@@ -172,7 +174,7 @@ class HttpConnection:
         if close:
             headers.append(("Connection", "close"))
         data = self.conn.send(h11.Response(status_code=response.status, headers=headers))
-        if response.body:
+        if response.body and self._method != "HEAD":
             data += self.conn.send(h11.Data(data=response.body))
         data += self.conn.send(h11.EndOfMessage())
         await self.stream.send_all(data)
