@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import enum
 import logging
+import os
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -61,6 +62,35 @@ _READ_SIZE = 65536
 #: Hub protocol versions a client may ask for (client-protocol §3.1: accept version <= 2;
 #: 2 only turns on stateful reconnect, which the relay does not negotiate).
 _MAX_HUB_VERSION = 2
+
+
+class Flusher:
+    """Writes every connection that got bytes in this scheduling round, once each.
+
+    ``mark(conn)`` is called when a connection's empty buffer gets its first bytes; the
+    flusher task wakes after the current task yields (so a fan-out loop has queued everything
+    by then) and calls ``conn.flush()`` on each: one system call per recipient per round, and
+    no task switch per recipient.
+    """
+
+    def __init__(self) -> None:
+        self._dirty: list[ClientConnection] = []
+        self._lot = trio.lowlevel.ParkingLot()
+
+    def mark(self, conn: ClientConnection) -> None:
+        self._dirty.append(conn)
+        if self._lot:
+            self._lot.unpark()
+
+    async def run(self) -> None:
+        while True:
+            if not self._dirty:
+                await self._lot.park()
+                continue
+            dirty, self._dirty = self._dirty, []
+            now = trio.current_time()
+            for conn in dirty:
+                conn.flush(now)
 
 
 class ConnState(enum.IntEnum):
@@ -109,8 +139,9 @@ class ClientConnection:
         self.last_send = now
         self.close_reason: str | None = None
         self._scope: trio.CancelScope | None = None
-        self._writer_done = False
+        self._writer_busy = False
         self._drain = False
+        self._fd = stream.socket.fileno()  # type: ignore[attr-defined]
 
     # -- outbound ---------------------------------------------------------------------
 
@@ -127,17 +158,37 @@ class ClientConnection:
             self.close(f"Connection closed: the send buffer limit of {self._limit} bytes was "
                        "exceeded (slow consumer).", code=CloseCode.POLICY_VIOLATION)
             return False
+        if not out:
+            self.relay.flusher.mark(self)
         out += data
-        if self._lot:
-            self._lot.unpark()
         return True
 
     def _push(self, data: bytes) -> None:
         """Queue bytes whatever the state (handshake replies, pongs, close frames)."""
         if data:
+            if not self._out:
+                self.relay.flusher.mark(self)
             self._out += data
-            if self._lot:
-                self._lot.unpark()
+
+    def flush(self, now: float) -> None:
+        """Write what is queued with one non-blocking system call (the flusher calls this once
+        per scheduling round). What the socket does not take is left to the writer task,
+        which waits until the socket is writable."""
+        out = self._out
+        if not out or self._writer_busy or self.state is ConnState.CLOSED:
+            return
+        try:
+            sent = os.write(self._fd, out)
+        except BlockingIOError:
+            sent = 0
+        except OSError:
+            sent = 0  # the writer task meets the same error and ends the connection
+        if sent == len(out):
+            out.clear()
+            self.last_send = now
+            return
+        del out[:sent]
+        self._lot.unpark()
 
     def _hub_frame(self, message: Any) -> bytes:
         opcode = Opcode.BINARY if self.protocol_name == "messagepack" else Opcode.TEXT
@@ -202,6 +253,8 @@ class ClientConnection:
                 await aclose_quietly(self.stream)
 
     async def _writer(self) -> None:
+        """Sends what the flusher could not write at once (the socket was full), and the
+        rest on close; while it holds bytes in flight the flusher leaves this connection be."""
         while True:
             if not self._out:
                 if self._drain:
@@ -209,12 +262,15 @@ class ClientConnection:
                 await self._lot.park()
                 continue
             data, self._out = self._out, bytearray()
+            self._writer_busy = True
             try:
                 await self.stream.send_all(data)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 if self._scope is not None:
                     self._scope.cancel()
                 return
+            finally:
+                self._writer_busy = False
             self.last_send = trio.current_time()
 
     async def _reader(self, initial: bytes) -> None:

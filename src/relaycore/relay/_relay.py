@@ -31,7 +31,7 @@ from ..protocol._negotiate import (
     parse_negotiate_version,
 )
 from ..protocol._websocket import Opcode, accept_key, frame, is_valid_client_key
-from ._client import ClientConnection, ConnState, aclose_quietly
+from ._client import ClientConnection, ConnState, Flusher, aclose_quietly
 from ._config import RelayConfig
 from ._http import HttpConnection, HttpError, Request, Response, bearer_token
 from ._message import OutboundMessage, fan_out
@@ -71,6 +71,7 @@ class Relay:
         self.validator = TokenValidator(config.access_keys, clock_skew=config.token_clock_skew)
         self.port: int = config.port
         self._live: set[ClientConnection] = set()
+        self.flusher = Flusher()
         self._pending: dict[str, _Pending] = {}
         self._ping_frames = {
             name: frame(Opcode.BINARY if name == "messagepack" else Opcode.TEXT,
@@ -431,5 +432,6 @@ async def serve_relay(
     relay.port = listeners[0].socket.getsockname()[1]
     async with trio.open_nursery() as nursery:
         nursery.start_soon(relay._ticker)
+        nursery.start_soon(relay.flusher.run)
         nursery.start_soon(trio.serve_listeners, relay.handle_stream, listeners)
         task_status.started(relay)
