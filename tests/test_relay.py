@@ -7,6 +7,7 @@ go through httpx. Every wait is bounded by ``trio.fail_after``.
 from __future__ import annotations
 
 import json
+import socket
 import time
 
 import httpx
@@ -281,6 +282,12 @@ async def test_silent_client_is_closed_after_the_client_timeout(nursery, connect
     assert message["type"] == 7 and "timeout" in message["error"]
 
 
+def masked_text_frame(text: str) -> bytes:
+    """A client text frame with an all-zero mask (so the payload reads as is); < 126 bytes."""
+    data = text.encode()
+    return bytes([0x81, 0x80 | len(data)]) + b"\0\0\0\0" + data
+
+
 async def assert_still_receives(rest, client):
     r = await rest.call("POST", "/api/hubs/chat/users/healthy/:send",
                         json_body={"target": "alive", "arguments": [1]})
@@ -399,7 +406,8 @@ async def test_rest_application_parameter_prefixes_the_hub(relay, rest, connect)
         ("POST", "/api/hubs/chat/:send", {"json_body": {"target": "t"}, "token": None}, 401),
     ],
 )
-async def test_rest_bad_requests_get_json_errors(relay, rest, method, path, kwargs, status, connect):
+async def test_rest_bad_requests_get_json_errors(relay, rest, connect, method, path, kwargs,
+                                                 status):
     healthy = await connect(relay, user="healthy")
     r = await rest.call(method, path, **kwargs)
     assert r.status_code == status, r.text
@@ -440,3 +448,34 @@ async def test_drain_sends_close_with_allow_reconnect(relay, connect):
         with trio.fail_after(3):
             message = await client.next_message()
     assert message["type"] == 7 and message["allowReconnect"] is True
+
+
+async def test_slow_consumer_is_closed_and_counted_while_others_get_everything(nursery, connect):
+    config = RelayConfig(port=0, access_keys=[KEY], send_buffer_limit=256 << 10)
+    relay = await nursery.start(serve_relay, config)
+    healthy = await connect(relay, user="healthy")
+    # A client that completes the handshake and then never reads again.
+    stalled = await trio.open_tcp_stream("127.0.0.1", relay.port)
+    stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    await stalled.send_all(
+        (f"GET /client/?hub=chat&access_token={client_token('chat', 'stalled')} HTTP/1.1\r\n"
+         "Host: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+         "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+         ).encode() + masked_text_frame('{"protocol":"json","version":1}' + RS))
+    await wait_for(lambda: len(relay.table.get("chat")) == 2)
+    big = "y" * 16000
+    received = 0
+    with trio.fail_after(10):
+        for i in range(200):
+            await relay.send_to_all("chat", OutboundMessage.invocation("big", i, big))
+            while received <= i:
+                message = await healthy.next_message()
+                assert message["arguments"][0] == received
+                received += 1
+            if relay.stats.slow_consumer_closes:
+                break
+    assert relay.stats.slow_consumer_closes == 1
+    assert await relay.user_exists("chat", "healthy")
+    assert not await relay.user_exists("chat", "stalled")
+    await assert_still_receives(Rest(relay), healthy)
+    await stalled.aclose()

@@ -87,8 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
                                          "port 8080, a development key)")
     serve.add_argument("--host", help="address to listen on (default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="port to listen on (default 8080; 0 = any)")
-    serve.add_argument("--access-key", help="the key tokens are signed with "
-                                            "(env RELAYCORE_ACCESS_KEY; comma-separated for several)")
+    serve.add_argument("--access-key", help="the key tokens are signed with (env "
+                       "RELAYCORE_ACCESS_KEY; comma-separated for several)")
     serve.add_argument("--public-endpoint", help="the URL clients reach this relay at")
     serve.add_argument("--config", help="a TOML file of settings (see docs/configuration.md)")
     serve.add_argument("--log-level", help="DEBUG, INFO (default), WARNING, ERROR")

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import tomllib
 from collections.abc import Mapping
 from typing import Any
+
+import tomllib
 
 #: The access key of the embedded development default. Printed at start; never use it in
 #: production (``--access-key`` or ``RELAYCORE_ACCESS_KEY`` replace it).

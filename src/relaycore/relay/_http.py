@@ -126,7 +126,8 @@ class HttpConnection:
             event = await self._next_event()
         except h11.RemoteProtocolError as exc:
             status = 431 if "too long" in str(exc).lower() else 400
-            raise HttpError(exc.error_status_hint or status, f"malformed HTTP request: {exc}") from None
+            raise HttpError(exc.error_status_hint or status,
+                            f"malformed HTTP request: {exc}") from None
         if isinstance(event, h11.ConnectionClosed) or event is h11.PAUSED:
             return None
         if not isinstance(event, h11.Request):

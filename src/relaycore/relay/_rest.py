@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 from urllib.parse import unquote, urlsplit
 
 import msgpack
@@ -284,7 +284,7 @@ def _match(shape: tuple[str, ...], segments: list[str]) -> dict[str, str] | None
     if len(shape) != len(segments):
         return None
     params = {}
-    for part, seg in zip(shape, segments):
+    for part, seg in zip(shape, segments, strict=True):
         if part[0] == "{":
             params[part[1:-1]] = seg
         elif part != seg:
