@@ -24,7 +24,8 @@ def test_token_command_prints_url_and_a_token_the_relay_accepts(capsys):
 
 def test_token_command_with_connection_string_and_application(capsys):
     cs = "Endpoint=https://relay.example;AccessKey=secret-key;Version=1.0;"
-    assert main(["token", "--hub", "chat", "--application", "App", "--connection-string", cs]) == 0
+    assert main(["token", "--hub", "chat", "--application", "App",
+                 "--connection-string", cs]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["url"] == "https://relay.example/client/?hub=app_chat"
     TokenValidator(["secret-key"]).validate(
