@@ -256,6 +256,17 @@ async def test_unmasked_client_frame_closes_with_1002(relay, rest, connect):
     await assert_still_receives(rest, healthy)
 
 
+async def test_reserved_opcode_closes_with_1002(relay, rest, connect):
+    healthy = await connect(relay, user="healthy")
+    client = await connect(relay)
+    await client.ws._stream.send_all(b"\x83\x80abcd")  # opcode 3 is reserved
+    with pytest.raises(ConnectionClosed) as info, trio.fail_after(3):
+        while True:
+            await client.ws.get_message()
+    assert info.value.reason.code == 1002
+    await assert_still_receives(rest, healthy)
+
+
 async def test_client_close_message_removes_the_connection(relay, connect):
     client = await connect(relay)
     assert len(await connection_ids(relay)) == 1
