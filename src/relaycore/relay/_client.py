@@ -154,7 +154,8 @@ class ClientConnection:
             self.relay.stats.slow_consumer_closes += 1
             log.warning("closing %s on hub %s: send buffer limit of %d bytes exceeded",
                         self.id, self.hub, self._limit)
-            out.clear()
+            # What is queued stays (its head may be a frame already partly written); the Close
+            # goes after it, and the close timer drops the socket if the client never reads.
             self.close(f"Connection closed: the send buffer limit of {self._limit} bytes was "
                        "exceeded (slow consumer).", code=CloseCode.POLICY_VIOLATION)
             return False
