@@ -200,12 +200,11 @@ class ClientConnection:
         """Send a Close hub message (with ``reason`` as its error) and close the WebSocket."""
         if self.state >= ConnState.CLOSING:
             return
-        was_open = self.state is ConnState.OPEN
         self._leave_table()
         self.close_reason = reason
-        if was_open or self.protocol is not None:
+        if self.protocol is not None:
             self._push(self._hub_frame(CloseMessage(error=reason, allow_reconnect=allow_reconnect)))
-        if self.ws.state is State.OPEN:  # State.OPEN
+        if self.ws.state is State.OPEN:
             self.ws.send_close(code, (reason or "")[:120])
             self._push(self.ws.data_to_send())
         self._start_close_timer()

@@ -72,8 +72,9 @@ def fan_out(targets: Iterable[Any], message: OutboundMessage) -> int:
     delivered = 0
     for conn in targets:
         name = conn.protocol_name
-        data = frames.get(name, b"")
-        if data == b"":
+        try:
+            data = frames[name]
+        except KeyError:
             data = frames[name] = message.frame(name)
         if data is not None and conn.enqueue(data):
             delivered += 1
