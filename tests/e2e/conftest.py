@@ -1,0 +1,93 @@
+"""End-to-end fixtures: the real relay as a subprocess (``relay``, ``relay_factory``), a signed
+REST client (``rest``) and a Node.js agent driving the official ``@microsoft/signalr`` client
+(``node_agent``). The agent's tests are skipped when ``node`` or the npm packages are missing,
+unless ``CI`` is set, when that is a failure. See harness.py for the machinery.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import subprocess
+from collections.abc import AsyncIterator, Mapping, Sequence
+
+import pytest
+import trio
+
+from .harness import (
+    AGENT_JS,
+    NODE_DIR,
+    NodeAgent,
+    RelayFactory,
+    RelayProcess,
+    Rest,
+    node_problem,
+    open_rest,
+    relay_env,
+)
+
+
+@pytest.fixture
+async def relay_factory() -> AsyncIterator[RelayFactory]:
+    """``await relay_factory(env={"RELAYCORE_KEEP_ALIVE_INTERVAL": "0.5"}, args=[...])``."""
+    relays: list[RelayProcess] = []
+    async with trio.open_nursery() as nursery:
+
+        async def start(env: Mapping[str, str] | None = None,
+                        args: Sequence[str] = ()) -> RelayProcess:
+            relay = RelayProcess(secrets.token_urlsafe(32), relay_env(env))
+            relays.append(relay)
+            await relay.start(nursery, args)
+            return relay
+
+        try:
+            yield start
+            for relay in relays:
+                await relay.stop()
+        finally:
+            for relay in relays:
+                relay.kill()
+
+
+@pytest.fixture
+async def relay(relay_factory: RelayFactory) -> RelayProcess:
+    return await relay_factory()
+
+
+@pytest.fixture
+async def rest(relay: RelayProcess) -> AsyncIterator[Rest]:
+    async with open_rest(relay) as client:
+        yield client
+
+
+@pytest.fixture(scope="session")
+def node_available() -> str:
+    """The ``node`` executable; skip (fail under CI) when Node.js or the packages are missing."""
+    problem = node_problem()
+    if problem is not None:
+        if os.environ.get("CI"):
+            pytest.fail(f"end-to-end tests need Node.js and the npm packages: {problem}")
+        pytest.skip(problem)
+    node = shutil.which("node")
+    assert node is not None
+    return node
+
+
+@pytest.fixture
+async def node_agent(node_available: str, relay: RelayProcess) -> AsyncIterator[NodeAgent]:
+    process = await trio.lowlevel.open_process(
+        [node_available, str(AGENT_JS)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, cwd=str(NODE_DIR))
+    agent = NodeAgent(process, relay)
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(agent._pump_stdout)
+            nursery.start_soon(agent._pump_stderr)
+            await agent.wait_for(lambda: agent.ready is not None, what="the agent to start",
+                                 timeout=30)
+            yield agent
+            await agent.exit()
+    finally:
+        if process.returncode is None:
+            process.kill()

@@ -1,0 +1,258 @@
+"""A WebSocket client that relaycore did not write (trio-websocket on wsproto) speaking the
+SignalR hub protocol by hand: no negotiate (the ``skipNegotiation`` path), the token in the
+``access_token`` query parameter as browsers send it (client-protocol §1.5), the handshake,
+keep-alive pings both ways, client timeout, REST fan-out, and the error answers (bad
+handshake, missing or bad token).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+import time
+from collections import deque
+from collections.abc import AsyncIterator
+from typing import Any
+from urllib.parse import urlsplit
+
+import httpx
+import msgpack
+import pytest
+import trio
+from trio_websocket import (
+    ConnectionClosed,
+    ConnectionRejected,
+    WebSocketConnection,
+    wrap_client_stream,
+)
+
+from .harness import WAIT, RelayProcess, open_rest
+
+if sys.version_info < (3, 11):
+    from exceptiongroup import BaseExceptionGroup
+
+pytestmark = pytest.mark.e2e
+
+RS = "\x1e"
+KEEP_ALIVE = 0.5
+CLIENT_TIMEOUT = 2.0
+#: The relay's settings for these tests: pings every 0.5 s, a client silent for 2 s is closed.
+FAST_TIMERS = {"RELAYCORE_KEEP_ALIVE_INTERVAL": str(KEEP_ALIVE),
+               "RELAYCORE_CLIENT_TIMEOUT": str(CLIENT_TIMEOUT)}
+
+
+@contextlib.asynccontextmanager
+async def websocket(url: str) -> AsyncIterator[WebSocketConnection]:
+    """``open_websocket_url`` over a TCP stream that this helper owns and always closes:
+    trio-websocket 0.12 leaves its stream open when the server completes the close handshake
+    and then closes TCP (the reader sees EOF in state CLOSED and just stops), and when the
+    upgrade is rejected; pytest would report the leaked sockets as unraisable
+    ResourceWarnings."""
+    parts = urlsplit(url)
+    assert parts.hostname is not None and parts.port is not None, url
+    resource = f"{parts.path}?{parts.query}" if parts.query else parts.path
+    with trio.fail_after(WAIT):
+        stream = await trio.open_tcp_stream(parts.hostname, parts.port)
+    try:
+        async with trio.open_nursery() as nursery:
+            with trio.fail_after(WAIT):
+                connection = await wrap_client_stream(nursery, stream, parts.hostname, resource)
+            try:
+                yield connection
+            finally:
+                with trio.CancelScope(shield=True), trio.move_on_after(WAIT):
+                    await connection.aclose()
+    except BaseExceptionGroup as group:  # the nursery's: show the one error plainly
+        if len(group.exceptions) == 1 and isinstance(group.exceptions[0], Exception):
+            raise group.exceptions[0] from None
+        raise
+    finally:
+        await stream.aclose()
+
+
+class JsonRecords:
+    """JSON hub records (0x1E-terminated) read from text messages, one at a time."""
+
+    def __init__(self, ws: Any, relay: RelayProcess) -> None:
+        self.ws = ws
+        self.relay = relay
+        self.pending: deque[str] = deque()
+        self.buffer = ""
+
+    async def next(self, timeout: float = WAIT) -> dict[str, Any]:
+        try:
+            with trio.fail_after(timeout):
+                while not self.pending:
+                    message = await self.ws.get_message()
+                    assert isinstance(message, str), f"a binary message: {message!r}"
+                    self.buffer += message
+                    *records, self.buffer = self.buffer.split(RS)
+                    self.pending.extend(records)
+        except trio.TooSlowError:
+            raise AssertionError(f"no hub record within {timeout:g} s\n{self.relay.describe()}") \
+                from None
+        return json.loads(self.pending.popleft())
+
+    async def next_not_ping(self, timeout: float = WAIT) -> dict[str, Any]:
+        with trio.fail_after(timeout):
+            while True:
+                record = await self.next()
+                if record != {"type": 6}:
+                    return record
+
+
+async def json_handshake(ws: Any, relay: RelayProcess) -> JsonRecords:
+    await ws.send_message('{"protocol":"json","version":1}' + RS)
+    records = JsonRecords(ws, relay)
+    assert await records.next() == {}, "the handshake was not accepted"
+    return records
+
+
+def _read_varint(data: bytes) -> tuple[int, int]:
+    value = shift = 0
+    for index, byte in enumerate(data[:5]):
+        value |= (byte & 0x7F) << shift
+        shift += 7
+        if not byte & 0x80:
+            return value, index + 1
+    raise AssertionError(f"no complete VarInt at the start of {data[:5]!r}")
+
+
+async def test_json_handshake_pings_and_rest_broadcast(relay_factory: Any) -> None:
+    relay = await relay_factory(env=FAST_TIMERS)
+    token = relay.client_token(user="ws-user")
+    async with open_rest(relay) as rest, websocket(relay.ws_url("chat", token)) as ws:
+        records = await json_handshake(ws, relay)
+        assert not records.buffer and not records.pending, "more than the handshake reply"
+
+        # The relay pings a client it has sent nothing to for KEEP_ALIVE seconds.
+        started = time.monotonic()
+        assert await records.next(timeout=KEEP_ALIVE * 10) == {"type": 6}
+        assert time.monotonic() - started >= KEEP_ALIVE * 0.5
+
+        # Our pings keep the connection open past the client timeout: answer each of the
+        # relay's pings with one of ours for longer than CLIENT_TIMEOUT.
+        deadline = time.monotonic() + CLIENT_TIMEOUT * 1.5
+        while time.monotonic() < deadline:
+            await ws.send_message('{"type":6}' + RS)
+            assert await records.next(timeout=KEEP_ALIVE * 10) == {"type": 6}
+
+        response = await rest.head("/users/ws-user", expect=200)
+        assert response.status_code == 200
+        await rest.send_all("notify", "hello", {"n": 1})
+        assert await records.next_not_ping() == {
+            "type": 1, "target": "notify", "arguments": ["hello", {"n": 1}]}
+        await rest.send_user("ws-user", "direct", [1, 2])
+        assert await records.next_not_ping() == {
+            "type": 1, "target": "direct", "arguments": [[1, 2]]}
+
+        # A Close message from the client ends the connection cleanly.
+        await ws.send_message('{"type":7}' + RS)
+        with trio.fail_after(WAIT):
+            with pytest.raises(ConnectionClosed):
+                while True:
+                    await ws.get_message()
+        await rest.head("/users/ws-user", expect=404)
+
+
+async def test_silent_client_is_closed_after_the_client_timeout(relay_factory: Any) -> None:
+    relay = await relay_factory(env=FAST_TIMERS)
+    async with websocket(relay.ws_url("chat", relay.client_token())) as ws:
+        records = await json_handshake(ws, relay)
+        started = time.monotonic()
+        close = await records.next_not_ping(timeout=CLIENT_TIMEOUT * 5)
+        elapsed = time.monotonic() - started
+        assert close["type"] == 7, close
+        assert "timeout" in close.get("error", ""), close
+        assert not close.get("allowReconnect"), close
+        assert elapsed >= CLIENT_TIMEOUT * 0.9, elapsed
+        with trio.fail_after(WAIT):
+            with pytest.raises(ConnectionClosed):
+                while True:
+                    await ws.get_message()
+
+
+async def test_messagepack_handshake_ping_and_broadcast(relay_factory: Any) -> None:
+    relay = await relay_factory(env=FAST_TIMERS)
+    async with open_rest(relay) as rest, \
+            websocket(relay.ws_url("chat", relay.client_token())) as ws:
+        await ws.send_message('{"protocol":"messagepack","version":1}' + RS)
+        with trio.fail_after(WAIT):
+            reply = await ws.get_message()
+        reply = reply.encode() if isinstance(reply, str) else reply
+        assert reply == b"{}\x1e"
+
+        # Ping is the VarInt-framed array [6]; MessagePack output travels in binary messages.
+        with trio.fail_after(KEEP_ALIVE * 10):
+            ping = await ws.get_message()
+        assert ping == b"\x02\x91\x06"
+        await ws.send_message(b"\x02\x91\x06")
+
+        await rest.send_all("notify", "hello", 7)
+        with trio.fail_after(WAIT):
+            while (message := await ws.get_message()) == ping:
+                pass
+        assert isinstance(message, bytes), message
+        length, offset = _read_varint(message)
+        assert len(message) == offset + length, "one hub message per WebSocket message"
+        invocation = msgpack.unpackb(message[offset:], raw=False)
+        assert invocation[:5] == [1, {}, None, "notify", ["hello", 7]], invocation
+
+
+@pytest.mark.parametrize(("handshake", "error"), [
+    ('{"protocol":"xml","version":1}', "The protocol 'xml' is not supported."),
+    ('{"protocol":"json","version":99}', None),
+])
+async def test_bad_handshake_gets_an_error_and_the_socket_closes(
+        relay: RelayProcess, handshake: str, error: str | None) -> None:
+    async with websocket(relay.ws_url("chat", relay.client_token())) as ws:
+        await ws.send_message(handshake + RS)
+        with trio.fail_after(WAIT):
+            reply = await ws.get_message()
+        assert isinstance(reply, str) and reply.endswith(RS), reply
+        body = json.loads(reply[:-1])
+        assert set(body) == {"error"}, body
+        if error is not None:
+            assert body == {"error": error}
+        else:
+            assert "version 99" in body["error"], body
+        with trio.fail_after(WAIT):
+            with pytest.raises(ConnectionClosed):
+                await ws.get_message()
+
+
+@pytest.mark.parametrize("problem", ["missing", "malformed", "bad_signature", "expired",
+                                     "wrong_audience"])
+async def test_missing_or_invalid_token_is_401_with_the_reason(
+        relay: RelayProcess, problem: str) -> None:
+    token = {
+        "missing": None,
+        "malformed": "not-a-jwt",
+        "bad_signature": relay.client_token(key="some-other-key"),
+        "expired": relay.client_token(now=time.time() - 7200, lifetime=60),
+        "wrong_audience": relay.client_token("otherhub"),
+    }[problem]
+    words = {"missing": "no access token", "malformed": "malformed",
+             "bad_signature": "signature", "expired": "expired", "wrong_audience": "audience"}
+
+    def check(status: int, body: bytes, where: str) -> None:
+        assert status == 401, (where, status, body)
+        doc = json.loads(body)
+        assert doc["code"].startswith("Unauthorized"), (where, doc)
+        assert words[problem] in doc["message"].lower(), (where, doc)
+
+    headers = {} if token is None else {"Authorization": f"Bearer {token}"}
+    async with httpx.AsyncClient(timeout=WAIT) as client:
+        with trio.fail_after(WAIT):
+            response = await client.post(
+                f"{relay.endpoint}/client/negotiate?hub=chat&negotiateVersion=1", headers=headers)
+    assert response.headers.get("content-type", "").startswith("application/json"), response
+    check(response.status_code, response.content, "negotiate")
+
+    # The WebSocket upgrade is refused the same way (token in the query, as browsers send it).
+    with trio.fail_after(WAIT):
+        with pytest.raises(ConnectionRejected) as rejected:
+            async with websocket(relay.ws_url("chat", token)):
+                pass
+    check(rejected.value.status_code, rejected.value.body or b"", "upgrade")
