@@ -19,6 +19,7 @@ from .harness import (
     AGENT_JS,
     NODE_DIR,
     NodeAgent,
+    NodeAgentFactory,
     RelayFactory,
     RelayProcess,
     Rest,
@@ -30,13 +31,15 @@ from .harness import (
 
 @pytest.fixture
 async def relay_factory() -> AsyncIterator[RelayFactory]:
-    """``await relay_factory(env={"RELAYCORE_KEEP_ALIVE_INTERVAL": "0.5"}, args=[...])``."""
+    """``await relay_factory(env={"RELAYCORE_KEEP_ALIVE_INTERVAL": "0.5"}, args=[...],
+    access_key=...)``: start a relay (``args`` come after ``--port 0``, so ``--port`` there
+    wins). Every relay started is stopped, and must exit cleanly, at teardown."""
     relays: list[RelayProcess] = []
     async with trio.open_nursery() as nursery:
 
-        async def start(env: Mapping[str, str] | None = None,
-                        args: Sequence[str] = ()) -> RelayProcess:
-            relay = RelayProcess(secrets.token_urlsafe(32), relay_env(env))
+        async def start(env: Mapping[str, str] | None = None, args: Sequence[str] = (),
+                        access_key: str | None = None) -> RelayProcess:
+            relay = RelayProcess(access_key or secrets.token_urlsafe(32), relay_env(env))
             relays.append(relay)
             await relay.start(nursery, args)
             return relay
@@ -75,19 +78,34 @@ def node_available() -> str:
 
 
 @pytest.fixture
-async def node_agent(node_available: str, relay: RelayProcess) -> AsyncIterator[NodeAgent]:
-    process = await trio.lowlevel.open_process(
-        [node_available, str(AGENT_JS)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE, cwd=str(NODE_DIR))
-    agent = NodeAgent(process, relay)
-    try:
-        async with trio.open_nursery() as nursery:
+async def node_agent_factory(node_available: str) -> AsyncIterator[NodeAgentFactory]:
+    """``await node_agent_factory(relay)``: another agent process (``relay`` is only named in
+    its failure messages). Every agent is told to exit, or killed, at teardown."""
+    agents: list[NodeAgent] = []
+    async with trio.open_nursery() as nursery:
+
+        async def start(relay: RelayProcess | None = None) -> NodeAgent:
+            process = await trio.lowlevel.open_process(
+                [node_available, str(AGENT_JS)], stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=str(NODE_DIR))
+            agent = NodeAgent(process, relay)
+            agents.append(agent)
             nursery.start_soon(agent._pump_stdout)
             nursery.start_soon(agent._pump_stderr)
             await agent.wait_for(lambda: agent.ready is not None, what="the agent to start",
                                  timeout=30)
-            yield agent
-            await agent.exit()
-    finally:
-        if process.returncode is None:
-            process.kill()
+            return agent
+
+        try:
+            yield start
+            for agent in agents:
+                await agent.exit()
+        finally:
+            for agent in agents:
+                if agent.process.returncode is None:
+                    agent.process.kill()
+
+
+@pytest.fixture
+async def node_agent(node_agent_factory: NodeAgentFactory, relay: RelayProcess) -> NodeAgent:
+    return await node_agent_factory(relay)

@@ -172,8 +172,10 @@ class RelayProcess:
         self.changes.notify()
 
     async def start(self, nursery: trio.Nursery, args: Sequence[str]) -> None:
+        # "--access-key=KEY": a random key may begin with "-", which argparse would take for
+        # an option.
         cmd = [sys.executable, "-m", "relaycore", "serve", "--host", "127.0.0.1", "--port", "0",
-               "--access-key", self.access_key, *args]
+               f"--access-key={self.access_key}", *args]
         self.process = await trio.lowlevel.open_process(
             cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
             env=self.env)
@@ -186,6 +188,7 @@ class RelayProcess:
             lambda: bool(self.port) or process.returncode is not None,
             what="the relay's 'listening on' line", describe=self.describe, timeout=30)
         if not self.port:
+            self.stopped = True  # nothing to stop; this is the failure to report
             raise AssertionError(f"the relay did not start\n{self.describe()}")
 
     async def stop(self, timeout: float = WAIT) -> None:
@@ -377,6 +380,24 @@ class Rest:
     async def head(self, path: str, expect: int | None = None) -> httpx.Response:
         return await self.request("HEAD", path, expect=expect)
 
+    async def wait_status(self, method: str, path: str, status: int,
+                          timeout: float = WAIT) -> httpx.Response:
+        """Ask again until the answer is ``status``: for a state the relay reaches after a
+        peer's action that nothing acknowledges (``HubConnection.stop()`` resolves without
+        waiting for the relay to read the Close message)."""
+        last: httpx.Response | None = None
+        try:
+            with trio.fail_after(timeout):
+                while True:
+                    last = await self.request(method, path)
+                    if last.status_code == status:
+                        return last
+                    await trio.sleep(0.02)
+        except trio.TooSlowError:
+            raise AssertionError(
+                f"{method} {path} still answered {last.status_code if last else None} "
+                f"(waiting for {status}) after {timeout:g} s\n{self.relay.describe()}") from None
+
 
 @contextlib.asynccontextmanager
 async def open_rest(relay: RelayProcess, hub: str = "chat") -> AsyncIterator[Rest]:
@@ -447,6 +468,8 @@ class NodeAgent:
         #: name -> the error ``onclose`` was given (None for a clean close)
         self.closed: dict[str, str | None] = {}
         self.connection_ids: dict[str, str] = {}
+        #: every event but messages, in order (closed, reconnecting, reconnected)
+        self.events: list[dict[str, Any]] = []
         self._next_id = 0
         self._replies: dict[int, dict[str, Any]] = {}
         self._send_lock = trio.Lock()  # commands may be sent from several tasks at once
@@ -477,6 +500,9 @@ class NodeAgent:
                 Received(msg["method"], from_agent(msg["args"])))
         elif event == "closed":
             self.closed[msg["name"]] = msg["error"]
+            self.events.append(msg)
+        elif event in ("reconnecting", "reconnected"):
+            self.events.append(msg)
         elif event == "ready":
             self.ready = msg
         elif "id" in msg:
@@ -561,6 +587,18 @@ class NodeAgent:
                             what=f"{count} message(s) on connection {name!r}", timeout=timeout)
         return list(self.messages[name])
 
+    async def wait_event(self, name: str, event: str, timeout: float = WAIT) -> dict[str, Any]:
+        """Wait for the first ``event`` (``reconnecting``, ``reconnected``, ``closed``) of
+        ``name`` and return it."""
+        def found() -> dict[str, Any] | None:
+            return next((e for e in self.events
+                         if e["name"] == name and e["event"] == event), None)
+        await self.wait_for(lambda: found() is not None, what=f"{event} of {name!r}",
+                            timeout=timeout)
+        result = found()
+        assert result is not None
+        return result
+
     async def wait_closed(self, name: str, timeout: float = WAIT) -> str | None:
         """Wait for ``onclose`` of ``name``; returns the error it was given (None if none)."""
         await self.wait_for(lambda: name in self.closed,
@@ -582,6 +620,9 @@ class NodeAgent:
             await self.process.wait()
         if self.process.returncode is None:
             self.process.kill()
+
+
+NodeAgentFactory = Callable[..., Awaitable[NodeAgent]]
 
 
 def node_problem() -> str | None:

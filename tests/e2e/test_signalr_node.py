@@ -13,6 +13,7 @@ import itertools
 import json
 import sys
 from collections.abc import Sequence
+from urllib.parse import quote
 
 import httpx
 import msgpack
@@ -21,7 +22,16 @@ import trio
 
 from relaycore.protocol._hub import JsonHubProtocol, MessagePackHubProtocol
 
-from .harness import WAIT, AgentError, NodeAgent, RelayProcess, Rest
+from .harness import (
+    WAIT,
+    AgentError,
+    NodeAgent,
+    NodeAgentFactory,
+    RelayFactory,
+    RelayProcess,
+    Rest,
+    open_rest,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -303,7 +313,9 @@ async def test_client_stop_removes_the_connection(
 
     await node_agent.stop("b")
     assert await node_agent.wait_closed("b") is None
-    response = await rest.head(f"/connections/{ids['b']}", expect=404)
+    # stop() does not wait for the relay, which removes the connection when it reads the
+    # client's Close message (or the socket's end) a moment later.
+    response = await rest.wait_status("HEAD", f"/connections/{ids['b']}", 404)
     assert response.headers.get("x-ms-error-code") == "Warning.Connection.NotExisted"
     response = await rest.head("/users/bob", expect=404)
     assert response.headers.get("x-ms-error-code") == "Warning.User.NotExisted"
@@ -432,7 +444,7 @@ async def test_invocation_without_app_server_gets_a_completion_error(
 async def test_cli_token_works_as_a_negotiate_redirect(
         relay: RelayProcess, rest: Rest, node_agent: NodeAgent) -> None:
     cmd = [sys.executable, "-m", "relaycore", "token", "--hub", "chat", "--user", "alice",
-           "--port", str(relay.port), "--access-key", relay.access_key]
+           "--port", str(relay.port), f"--access-key={relay.access_key}"]
     with trio.fail_after(WAIT * 2):
         result = await trio.run_process(cmd, capture_stdout=True, capture_stderr=True,
                                         check=False, env=relay.env)
@@ -465,3 +477,102 @@ async def test_skip_negotiation(relay: RelayProcess, rest: Rest, node_agent: Nod
                              protocol=protocol, skipNegotiation=True)
     await rest.send_user("alice", "notify", "no negotiate")
     assert await barrier(node_agent, rest) == {"a": [["no negotiate"]]}
+
+
+# ---------------------------------------------------------------------------------------------
+# sizes, numbers, names
+
+
+async def test_large_messages_both_ways(
+        relay: RelayProcess, rest: Rest, node_agent: NodeAgent, protocol: str) -> None:
+    """Frames past the 16-bit and into the 64-bit WebSocket length forms (RFC 6455 §5.2)."""
+    await connect_all(node_agent, relay, protocol, {"a": "alice", "b": "bob"})
+    sizes = [125, 126, 65535, 65536, 300_000]
+    for size in sizes:
+        await rest.send_user("alice", "notify", "x" * size)
+    assert await barrier(node_agent, rest) == {"a": [["x" * size] for size in sizes], "b": []}
+
+    # A large client message is read whole (and, with no app server, answered with an error).
+    with pytest.raises(AgentError, match="not delivered"):
+        await node_agent.invoke("a", "upload", "y" * 200_000)
+    assert await barrier(node_agent, rest) == {"a": [], "b": []}
+
+
+async def test_fan_out_to_many_connections(
+        relay: RelayProcess, rest: Rest, node_agent: NodeAgent, protocol: str) -> None:
+    users = {f"c{i}": f"user{i % 5}" for i in range(24)}
+    ids = await connect_all(node_agent, relay, protocol, users)
+    for name in list(users)[::3]:
+        await rest.add_to_group("thirds", ids[name])
+
+    for i in range(5):
+        await rest.send_all("notify", i)
+    await rest.send_group("thirds", "notify", "thirds")
+    await rest.send_user("user1", "notify", "user1")
+    expected = {name: [[i] for i in range(5)] for name in users}
+    for index, name in enumerate(users):
+        if index % 3 == 0:
+            expected[name].append(["thirds"])
+        if index % 5 == 1:
+            expected[name].append(["user1"])
+    assert await barrier(node_agent, rest) == expected
+
+
+async def test_escaped_user_and_group_names(
+        relay: RelayProcess, rest: Rest, node_agent: NodeAgent, protocol: str) -> None:
+    """Ids with spaces, non-ASCII letters and an escaped ``/`` survive the path and the token."""
+    user = "Zoë Ünïcode 1"
+    await connect_all(node_agent, relay, protocol, {"z": user, "o": "other"})
+    ids = node_agent.connection_ids
+    await rest.send_user(quote(user, safe=""), "notify", "to zoë")
+    group = quote("team/α β", safe="")
+    await rest.add_to_group(group, ids["z"])
+    await rest.send_group(group, "notify", "to the team")
+    await rest.head(f"/groups/{group}", expect=200)
+    await rest.head(f"/users/{quote(user, safe='')}", expect=200)
+    assert await barrier(node_agent, rest) == {"z": [["to zoë"], ["to the team"]], "o": []}
+
+
+# ---------------------------------------------------------------------------------------------
+# client options, shutdown and reconnect
+
+
+async def test_client_asking_for_stateful_reconnect_still_connects(
+        relay: RelayProcess, rest: Rest, node_agent: NodeAgent, protocol: str) -> None:
+    """The relay does not offer stateful reconnect; a client that asks for it must still get
+    a working connection (negotiate must not answer ``useStatefulReconnect: true`` unasked,
+    and may decline when asked)."""
+    await node_agent.connect("s", relay.client_url(), relay.client_token(user="alice"),
+                             protocol=protocol, statefulReconnect=True)
+    await rest.send_user("alice", "notify", "stateful?")
+    assert await barrier(node_agent, rest) == {"s": [["stateful?"]]}
+
+
+async def test_relay_shutdown_closes_clients_and_they_reconnect_to_its_successor(
+        relay_factory: RelayFactory, node_agent_factory: NodeAgentFactory, protocol: str) -> None:
+    """SIGTERM drains: every client gets a Close message with ``allowReconnect`` (client-protocol
+    §4.3). A client without automatic reconnect closes with the relay's reason; one with it
+    reconnects, here to a new relay on the same port (a restart, or another node)."""
+    first = await relay_factory()
+    agent = await node_agent_factory(first)
+    await agent.connect("plain", first.client_url(), first.client_token(user="alice"),
+                        protocol=protocol)
+    await agent.connect("auto", first.client_url(), first.client_token(user="bob"),
+                        protocol=protocol, automaticReconnect=True)
+    old_id = agent.connection_ids["auto"]
+
+    await first.stop()  # SIGTERM, then exit status 0 within the deadline
+    error = await agent.wait_closed("plain")
+    assert error is not None and "shutting down" in error, error
+    reconnecting = await agent.wait_event("auto", "reconnecting")
+    assert "auto" not in agent.closed, agent.events
+    assert reconnecting["error"] is None or "shutting down" in reconnecting["error"], reconnecting
+
+    # The client's retries (0 s, 2 s, 10 s, ...) find the successor.
+    second = await relay_factory(args=["--port", str(first.port)], access_key=first.access_key)
+    reconnected = await agent.wait_event("auto", "reconnected", timeout=WAIT * 2)
+    assert reconnected["connectionId"] not in (None, old_id), reconnected
+    async with open_rest(second) as rest:
+        await rest.send_user("bob", "notify", "welcome back")
+        assert [m.args for m in await agent.wait_messages("auto", 1)] == [["welcome back"]]
+        await rest.head(f"/connections/{reconnected['connectionId']}", expect=200)

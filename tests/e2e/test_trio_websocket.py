@@ -256,3 +256,71 @@ async def test_missing_or_invalid_token_is_401_with_the_reason(
             async with websocket(relay.ws_url("chat", token)):
                 pass
     check(rejected.value.status_code, rejected.value.body or b"", "upgrade")
+
+
+async def _negotiate(relay: RelayProcess, token: str, version: int | None = 1) -> httpx.Response:
+    query = "hub=chat" + ("" if version is None else f"&negotiateVersion={version}")
+    async with httpx.AsyncClient(timeout=WAIT) as client:
+        with trio.fail_after(WAIT):
+            return await client.post(f"{relay.endpoint}/client/negotiate?{query}",
+                                     headers={"Authorization": f"Bearer {token}"})
+
+
+async def test_negotiate_then_connect_with_the_connection_token(relay: RelayProcess) -> None:
+    token = relay.client_token(user="neg")
+    response = await _negotiate(relay, token)
+    assert response.status_code == 200, response.text
+    doc = response.json()
+    assert doc["negotiateVersion"] == 1, doc
+    assert doc["availableTransports"][0] == {
+        "transport": "WebSockets", "transferFormats": ["Text", "Binary"]}, doc
+    assert "url" not in doc and "ProtocolVersion" not in doc and not doc.get(
+        "useStatefulReconnect"), doc
+    connection_id, connection_token = doc["connectionId"], doc["connectionToken"]
+    assert connection_id != connection_token
+
+    # negotiateVersion 0 (or none): no connectionToken; the connectionId is the id.
+    legacy = (await _negotiate(relay, token, version=None)).json()
+    assert "connectionToken" not in legacy and legacy["negotiateVersion"] == 0, legacy
+
+    url = f"{relay.ws_url('chat', token)}&id={connection_token}"
+    async with open_rest(relay) as rest, websocket(url) as ws:
+        records = await json_handshake(ws, relay)
+        await rest.head(f"/connections/{connection_id}", expect=200)
+        await rest.send_connection(connection_id, "notify", "by connection id")
+        assert await records.next_not_ping() == {
+            "type": 1, "target": "notify", "arguments": ["by connection id"]}
+
+        # A connection token is good for one WebSocket only.
+        with trio.fail_after(WAIT):
+            with pytest.raises(ConnectionRejected) as rejected:
+                async with websocket(url):
+                    pass
+        assert rejected.value.status_code == 404, rejected.value
+
+
+async def test_handshake_split_and_batched_with_messages(relay: RelayProcess) -> None:
+    """The handshake may arrive in pieces, and hub messages may share its last WebSocket
+    message (client-protocol §3.6: input may be batched)."""
+    async with websocket(relay.ws_url("chat", relay.client_token())) as ws:
+        await ws.send_message('{"protocol":"js')
+        await ws.send_message('on","version":1}' + RS + '{"type":6}' + RS
+                              + '{"type":1,"invocationId":"7","target":"Echo","arguments":["x"]}'
+                              + RS)
+        records = JsonRecords(ws, relay)
+        assert await records.next() == {}
+        completion = await records.next_not_ping()
+        assert completion["type"] == 3 and completion["invocationId"] == "7", completion
+        assert "not delivered" in completion["error"], completion
+
+
+async def test_handshake_timeout(relay_factory: Any) -> None:
+    relay = await relay_factory(env={"RELAYCORE_HANDSHAKE_TIMEOUT": "1"})
+    async with websocket(relay.ws_url("chat", relay.client_token())) as ws:
+        with trio.fail_after(WAIT):
+            reply = await ws.get_message()
+        assert isinstance(reply, str) and reply.endswith(RS), reply
+        assert "error" in json.loads(reply[:-1]), reply
+        with trio.fail_after(WAIT):
+            with pytest.raises(ConnectionClosed):
+                await ws.get_message()

@@ -6,7 +6,7 @@
 //
 //   {"id":1,"cmd":"connect","name":"a","url":"http://127.0.0.1:P/client/?hub=chat",
 //    "token":"<jwt>","protocol":"json"|"messagepack","methods":["notify"],
-//    "skipNegotiation":false}
+//    "skipNegotiation":false, "statefulReconnect":false, "automaticReconnect":false}
 //        -> {"id":1,"ok":true,"connectionId":"..."}  or  {"id":1,"ok":false,"error":"..."}
 //   {"id":2,"cmd":"stop","name":"a"}                             -> {"id":2,"ok":true}
 //   {"id":3,"cmd":"invoke","name":"a","method":"m","args":[...]} -> {"id":3,"ok":true,"result":...}
@@ -19,6 +19,8 @@
 //
 //   {"event":"message","name":"a","method":"notify","args":[...]}
 //   {"event":"closed","name":"a","error":"..."|null}
+//   {"event":"reconnecting","name":"a","error":"..."|null}   (with automaticReconnect)
+//   {"event":"reconnected","name":"a","connectionId":"..."|null}
 //
 // Binary values (Uint8Array, as MessagePack bin decodes) travel as {"$bytes": "<base64>"} in
 // both directions. Client logging (LogLevel.Warning and above) goes to stderr; stdout carries
@@ -127,6 +129,8 @@ const commands = {
     let builder = new signalR.HubConnectionBuilder()
       .withUrl(msg.url, options)
       .configureLogging(new StderrLogger(msg.name, signalR.LogLevel.Warning));
+    if (msg.statefulReconnect) builder = builder.withStatefulReconnect();
+    if (msg.automaticReconnect) builder = builder.withAutomaticReconnect();
     const protocol = msg.protocol || "json";
     if (protocol === "messagepack") {
       builder = builder.withHubProtocol(new MessagePackHubProtocol());
@@ -140,6 +144,8 @@ const commands = {
     handled.set(msg.name, new Set());
     addHandlers(msg.name, conn, msg.methods);
     conn.onclose((err) => emit({ event: "closed", name: msg.name, error: errorText(err) }));
+    conn.onreconnecting((err) => emit({ event: "reconnecting", name: msg.name, error: errorText(err) }));
+    conn.onreconnected((id) => emit({ event: "reconnected", name: msg.name, connectionId: id || null }));
     try {
       await conn.start();
     } catch (err) {
