@@ -284,9 +284,11 @@ class Rest:
     async def request(self, method: str, path: str, *, params: Iterable[tuple[str, str]] = (),
                       expect: int | None = None, json_body: Any = None,
                       content: bytes | None = None, headers: Mapping[str, str] | None = None,
-                      hub_path: bool = True) -> httpx.Response:
+                      hub_path: bool = True, api_version: bool = True) -> httpx.Response:
+        """``path`` is under ``/api/hubs/{hub}`` unless ``hub_path`` is false (then it is the
+        whole path, e.g. a v1 route, which ``api_version=False`` leaves unversioned)."""
         url = f"/api/hubs/{self.hub_name}{path}" if hub_path else path
-        query = [("api-version", API_VERSION), *params]
+        query = [("api-version", API_VERSION), *params] if api_version else list(params)
         with trio.fail_after(WAIT):
             response = await self.client.request(method, url, params=query, json=json_body,
                                                  content=content, headers=headers)

@@ -229,6 +229,15 @@ async def test_user_group_ttl_zero_covers_current_connections_only(
         **nothing(*USERS, "b2", "c2"), "c": [["carol's connections"]],
         "c2": [["carol's connections"]]}
 
+    # DELETE .../users/{user}/groups: out of every group, now and for later connections.
+    await rest.add_user_to_group("carol", "more")
+    await rest.request("DELETE", "/users/carol/groups", expect=204)
+    await node_agent.connect("c3", relay.client_url(), relay.client_token(user="carol"),
+                             protocol=protocol)
+    for group in ("later", "more"):
+        await rest.send_group(group, "notify", f"{group} after leaving")
+    assert await barrier(node_agent, rest) == nothing(*USERS, "b2", "c2", "c3")
+
 
 # ---------------------------------------------------------------------------------------------
 # closing

@@ -324,3 +324,36 @@ async def test_handshake_timeout(relay_factory: Any) -> None:
         with trio.fail_after(WAIT):
             with pytest.raises(ConnectionClosed):
                 await ws.get_message()
+
+
+async def test_v1_rest_routes(relay: RelayProcess) -> None:
+    """The v1 paths (service-protocol §12.4: no api-version) reach a connection the same way."""
+    token = relay.client_token(user="v1user")
+    doc = (await _negotiate(relay, token)).json()
+    cid = doc["connectionId"]
+    url = f"{relay.ws_url('chat', token)}&id={doc['connectionToken']}"
+
+    async with open_rest(relay) as rest, websocket(url) as ws:
+        records = await json_handshake(ws, relay)
+
+        async def v1(method: str, path: str, status: int, **kwargs: Any) -> httpx.Response:
+            return await rest.request(method, f"/api/v1/hubs/chat{path}", expect=status,
+                                      hub_path=False, api_version=False, **kwargs)
+
+        await v1("PUT", f"/groups/g/connections/{cid}", 200)
+        for path in ("", "/users/v1user", f"/connections/{cid}", "/groups/g"):
+            await v1("POST", path, 202, json_body={"target": "notify", "arguments": [path]})
+            assert await records.next_not_ping() == {
+                "type": 1, "target": "notify", "arguments": [path]}, path
+
+        await v1("HEAD", "/users/v1user", 200)
+        await v1("GET", f"/connections/{cid}", 200)
+        await v1("HEAD", "/groups/g", 200)
+        response = await v1("GET", "/users/nobody", 404)
+        assert response.headers.get("x-ms-error-code") == "Warning.User.NotExisted"
+
+        await v1("DELETE", f"/connections/{cid}", 202, params=[("reason", "v1 bye")])
+        close = await records.next_not_ping()
+        assert close["type"] == 7 and close.get("error") == "v1 bye", close
+        response = await v1("HEAD", f"/connections/{cid}", 404)
+        assert response.headers.get("x-ms-error-code") == "Warning.Connection.NotExisted"
