@@ -26,6 +26,8 @@ from trio_websocket import (
     WebSocketConnection,
     wrap_client_stream,
 )
+from wsproto import ConnectionType, WSConnection
+from wsproto.events import AcceptConnection, CloseConnection, Request, TextMessage
 
 from .harness import WAIT, RelayProcess, open_rest
 
@@ -357,3 +359,92 @@ async def test_v1_rest_routes(relay: RelayProcess) -> None:
         assert close["type"] == 7 and close.get("error") == "v1 bye", close
         response = await v1("HEAD", f"/connections/{cid}", 404)
         assert response.headers.get("x-ms-error-code") == "Warning.Connection.NotExisted"
+
+
+async def _raw_client(relay: RelayProcess, token: str, rcvbuf: int) -> tuple[
+        trio.SocketStream, WSConnection]:
+    """A WebSocket client on a socket with a tiny receive buffer, after the hub handshake was
+    sent (its reply is left unread)."""
+    sock = trio.socket.socket(trio.socket.AF_INET, trio.socket.SOCK_STREAM)
+    sock.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_RCVBUF, rcvbuf)
+    with trio.fail_after(WAIT):
+        await sock.connect((relay.host, relay.port))
+    stream = trio.SocketStream(sock)
+    ws = WSConnection(ConnectionType.CLIENT)
+    await stream.send_all(ws.send(Request(host=f"{relay.host}:{relay.port}",
+                                          target=f"/client/?hub=chat&access_token={token}")))
+    with trio.fail_after(WAIT):
+        while not any(isinstance(e, AcceptConnection) for e in ws.events()):
+            data = await stream.receive_some(65536)
+            assert data, "the relay closed the socket during the upgrade"
+            ws.receive_data(data)
+    await stream.send_all(ws.send(TextMessage(data='{"protocol":"json","version":1}' + RS)))
+    return stream, ws
+
+
+async def test_slow_consumer_is_closed_and_holds_up_nobody(relay_factory: Any) -> None:
+    """A client that stops reading is closed once its send buffer passes the limit (with a
+    Close message after whole frames); a reading client on the same hub gets everything."""
+    limit = 256 * 1024
+    relay = await relay_factory(env={"RELAYCORE_SEND_BUFFER_LIMIT": str(limit),
+                                     "RELAYCORE_CLOSE_TIMEOUT": "60"})
+    slow_stream, slow_ws = await _raw_client(relay, relay.client_token(user="slow"), 4096)
+    payload = "p" * (64 * 1024)
+    received: list[Any] = []
+    got_one = trio.Event()
+
+    async def read_fast(ws: WebSocketConnection) -> None:
+        nonlocal got_one
+        records = JsonRecords(ws, relay)
+        assert await records.next() == {}
+        while True:
+            record = await records.next_not_ping(timeout=WAIT * 4)
+            received.append(record["arguments"][0] if record["type"] == 1 else record)
+            got_one.set()
+            got_one = trio.Event()
+
+    async with open_rest(relay) as rest, \
+            websocket(relay.ws_url("chat", relay.client_token(user="fast"))) as fast, \
+            trio.open_nursery() as nursery:
+        await fast.send_message('{"protocol":"json","version":1}' + RS)
+        nursery.start_soon(read_fast, fast)
+        await rest.head("/users/slow", expect=200)
+
+        # Send until the relay gives up on the slow client (bounded: 4 MB of kernel buffers
+        # plus the limit is well under 400 messages of 64 KB).
+        sent = 0
+        while (await rest.head("/users/slow")).status_code == 200:
+            assert sent < 400, f"the slow client was never closed\n{relay.describe()}"
+            await rest.send_all("notify", f"{sent:06d}{payload}")
+            sent += 1
+        with trio.fail_after(WAIT * 4):
+            while len(received) < sent:
+                await got_one.wait()
+        assert [r[:6] for r in received] == [f"{i:06d}" for i in range(sent)]
+        nursery.cancel_scope.cancel()
+
+    # The slow client finds whole frames, then a Close message naming the policy.
+    records: list[Any] = []
+    text = ""
+    with trio.fail_after(WAIT * 4):
+        closed = False
+        while not closed:
+            data = await slow_stream.receive_some(65536)
+            if not data:
+                break
+            slow_ws.receive_data(data)
+            for event in slow_ws.events():
+                if isinstance(event, TextMessage):
+                    text += event.data
+                    if event.message_finished:
+                        assert text.endswith(RS), text[-40:]
+                        records.extend(json.loads(r) for r in text.split(RS)[:-1])
+                        text = ""
+                elif isinstance(event, CloseConnection):
+                    closed = True
+    await slow_stream.aclose()
+    assert records[0] == {}, records[:1]
+    notifications = [r["arguments"][0][:6] for r in records if r.get("type") == 1]
+    assert notifications == [f"{i:06d}" for i in range(len(notifications))]
+    assert records[-1]["type"] == 7, records[-1]
+    assert "slow consumer" in records[-1]["error"], records[-1]
