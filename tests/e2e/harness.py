@@ -479,8 +479,11 @@ class NodeAgent:
     # -- plumbing -----------------------------------------------------------------------
 
     def describe(self) -> str:
-        received = {n: [(m.method, m.args) for m in ms] for n, ms in self.messages.items()}
-        parts = [f"--- agent state: closed={self.closed!r}, not yet taken={received!r}"]
+        received = repr({n: [(m.method, m.args) for m in ms] for n, ms in self.messages.items()})
+        if len(received) > 4000:
+            received = received[:4000] + "... (cut)"
+        parts = [f"--- agent state: closed={self.closed!r}, events={self.events[-20:]!r}, "
+                 f"not yet taken={received}"]
         if self.eof:
             parts.append(f"--- the agent exited (status {self.process.returncode})")
         if self.stdout_junk:
