@@ -333,6 +333,8 @@ class Relay:
     def _negotiate(self, request: Request) -> Response:
         hub = self._hub_of(request)
         self.authenticate(request, "client", hub)
+        if self._shutting_down:
+            raise HttpError(503, "the relay is shutting down; negotiate again elsewhere")
         try:
             version = parse_negotiate_version(request.arg("negotiateVersion"))
         except RemoteProtocolError as exc:
