@@ -46,6 +46,18 @@ class RelayConfig:
     #: Largest REST request body (Azure: 1 MB) and request head (Azure: 16 KB of headers).
     max_request_body: int = 1 << 20
     max_request_head: int = 16 << 10
+    #: ``auto``: a hub with a connected app server routes its clients there, a hub without
+    #: one is served by the relay itself (serverless); ``default``: a client of a hub without
+    #: an app server gets a handshake error (Azure's Default mode); ``serverless``: the relay
+    #: serves every hub itself and never routes clients to app servers.
+    service_mode: str = "auto"
+    #: Ping app servers when nothing was sent to them for this long (service-protocol §4.1:
+    #: the SDK drops a service that is silent for 30 s).
+    server_keep_alive_interval: float = 5.0
+    #: Close a server connection that sent nothing for this long.
+    server_timeout: float = 30.0
+    #: Largest service-protocol message an app server may send.
+    max_service_message_size: int = 16 << 20
     #: Clock skew allowed when checking token expiry.
     token_clock_skew: float = 300.0
     #: Connections a hub may hold (0 = no limit).
@@ -60,11 +72,15 @@ class RelayConfig:
         if not self.access_keys or not all(self.access_keys):
             raise ValueError("access_keys: at least one non-empty access key is required")
         for name in ("keep_alive_interval", "client_timeout", "handshake_timeout",
-                     "negotiate_timeout", "close_timeout"):
+                     "negotiate_timeout", "close_timeout", "server_keep_alive_interval",
+                     "server_timeout"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
+        if self.service_mode not in ("auto", "default", "serverless"):
+            raise ValueError(f"service_mode must be auto, default or serverless, got "
+                             f"{self.service_mode!r}")
         for name in ("max_message_size", "send_buffer_limit", "max_request_body",
-                     "max_request_head"):
+                     "max_request_head", "max_service_message_size"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
         if not 0 <= self.port <= 65535:

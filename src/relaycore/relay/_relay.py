@@ -31,10 +31,12 @@ from ..protocol._negotiate import (
     parse_negotiate_version,
 )
 from ..protocol._websocket import Opcode, accept_key, frame, is_valid_client_key
-from ._client import ClientConnection, ConnState, Flusher, aclose_quietly
+from ._client import ClientConnection
 from ._config import RelayConfig
 from ._http import HttpConnection, HttpError, Request, Response, bearer_token
 from ._message import OutboundMessage, fan_out
+from ._peer import ConnState, Flusher, Peer, aclose_quietly
+from ._server import ClientInvocations, ServerConnection
 from ._table import ConnectionTable
 
 log = logging.getLogger("relaycore.relay")
@@ -70,8 +72,12 @@ class Relay:
         self.stats = RelayStats()
         self.validator = TokenValidator(config.access_keys, clock_skew=config.token_clock_skew)
         self.port: int = config.port
-        self._live: set[ClientConnection] = set()
+        #: every upgraded connection, client or server, until its stream is closed
+        self._live: set[Peer] = set()
         self.flusher = Flusher()
+        self.invocations = ClientInvocations(self)
+        #: this node's id, as ``Asrs-Instance-Id`` tells app servers (service-protocol §6.2)
+        self.instance_id = secrets.token_hex(8)
         self._pending: dict[str, _Pending] = {}
         self._ping_frames = {
             name: frame(Opcode.BINARY if name == "messagepack" else Opcode.TEXT,
@@ -84,7 +90,7 @@ class Relay:
         self._shutting_down = False
         self._all_gone: trio.Event | None = None
 
-    # -- public helpers -----------------------------------------------------------------
+    # -- public helpers ------------------------------------------------------------------------
 
     @property
     def endpoint(self) -> str:
@@ -199,7 +205,7 @@ class Relay:
         shard = self.table.get(hub)
         return self._close_each(shard.group_targets(group, excluded) if shard else (), reason)
 
-    # -- internals ----------------------------------------------------------------------
+    # -- internals -----------------------------------------------------------------------------
 
     def _connection(self, hub: str, connection_id: str) -> Any:
         shard = self.table.get(hub)
@@ -230,10 +236,65 @@ class Relay:
         self.table.prune(conn.hub)
         self.stats.connections_closed += 1
 
-    def _forget(self, conn: ClientConnection) -> None:
-        self._live.discard(conn)
-        if not self._live and self._all_gone is not None:
+    def _forget(self, peer: Peer) -> None:
+        self._live.discard(peer)
+        if self._all_gone is not None and not any(
+                isinstance(p, ClientConnection) for p in self._live):
             self._all_gone.set()
+
+    # -- app servers ---------------------------------------------------------------------------
+
+    @property
+    def serves_hubs_itself(self) -> bool:
+        """Whether a hub without an app server is served by the relay (serverless)."""
+        return self.config.service_mode != "default"
+
+    def servers_of(self, hub: str) -> list[ServerConnection]:
+        shard = self.table.get(hub)
+        return shard.servers if shard is not None else []
+
+    def server_ids(self, hub: str) -> list[str]:
+        return sorted({s.server_id for s in self.servers_of(hub)})
+
+    def choose_server(self, hub: str) -> ServerConnection | None:
+        """The server connection a new client of ``hub`` is bound to: spread over app servers
+        (the server with the fewest clients), then over that server's connections."""
+        if self.config.service_mode == "serverless":
+            return None
+        load: dict[str, int] = {}
+        best: dict[str, ServerConnection] = {}
+        for server in self.servers_of(hub):
+            if not server.carries_clients:
+                continue
+            count = len(server.clients)
+            load[server.server_id] = load.get(server.server_id, 0) + count
+            current = best.get(server.server_id)
+            if current is None or count < len(current.clients):
+                best[server.server_id] = server
+        if not best:
+            return None
+        return best[min(load, key=load.__getitem__)]
+
+    def hub_metrics(self, hub: str) -> dict[str, int]:
+        """The endpoint metrics app servers read from pings (service-protocol §4.4)."""
+        shard = self.table.get(hub)
+        metrics = {"clientcount": len(shard) if shard else 0,
+                   "servercount": len(shard.servers) if shard else 0}
+        if self.config.capacity:
+            metrics["capacity"] = self.config.capacity
+        return metrics
+
+    def _add_server(self, server: ServerConnection) -> None:
+        server.state = ConnState.OPEN
+        self.table.shard(server.hub).servers.append(server)
+        log.info("app server %s connected to hub %s (%s connection)", server.server_id,
+                 server.hub, server.connection_type)
+
+    def _remove_server(self, server: ServerConnection) -> None:
+        shard = self.table.get(server.hub)
+        if shard is not None and server in shard.servers:
+            shard.servers.remove(server)
+            self.table.prune(server.hub)
 
     def _client_invocation(self, conn: ClientConnection,
                            message: InvocationMessage | StreamInvocationMessage) -> None:
@@ -241,7 +302,7 @@ class Relay:
         an invocation that expects an answer gets a completion error, never silence."""
         conn.not_delivered(message)
 
-    # -- authentication -------------------------------------------------------------------
+    # -- authentication ------------------------------------------------------------------------
 
     def authenticate(self, request: Request, kind: str, hub: str) -> dict[str, Any]:
         """Validate the token of ``request`` for ``{endpoint}/{kind}/?hub={hub}``: from the
@@ -348,17 +409,26 @@ class Relay:
             transports=TRANSPORTS_WEBSOCKETS_ONLY))
 
     async def _upgrade(self, http: HttpConnection, request: Request) -> None:
+        kind = request.path.strip("/")
         try:
-            if request.path.rstrip("/") != "/client":
+            if kind not in ("client", "server"):
                 raise HttpError(404, f"no WebSocket endpoint at {request.path}")
             hub = self._hub_of(request)
-            claims = self.authenticate(request, "client", hub)
+            claims = self.authenticate(request, kind, hub)
             key = request.headers.get("sec-websocket-key", "")
             if request.headers.get("sec-websocket-version") != "13":
                 raise HttpError(426, "only WebSocket version 13 is supported",
                                 headers=[("Sec-WebSocket-Version", "13")])
             if not is_valid_client_key(key):
                 raise HttpError(400, "missing or malformed Sec-WebSocket-Key")
+            if self._shutting_down:
+                raise HttpError(503, "the relay is shutting down")
+            if kind == "server":
+                server_id = (request.headers.get("x-asrs-server-id")
+                             or user_id_from_claims(claims) or secrets.token_hex(8))
+                await self._accept(http, key, ServerConnection(
+                    self, http.stream, hub=hub, server_id=server_id, now=self.now()))
+                return
             token = request.arg("id")
             if token is not None:
                 pending = self._pending.pop(token, None)
@@ -371,29 +441,30 @@ class Relay:
             shard = self.table.get(hub)
             if limit and shard is not None and len(shard) >= limit:
                 raise HttpError(429, f"hub '{hub}' has reached its limit of {limit} connections")
-            if self._shutting_down:
-                raise HttpError(503, "the relay is shutting down")
         except HttpError as exc:
             await http.send_response(self._with_cors(request, Response.error(exc)), close=True)
             return
+        query = "&".join(f"{k}={v}" for k, v in request.query
+                         if k.lower() not in ("access_token", "id"))
+        await self._accept(http, key, ClientConnection(
+            self, http.stream, connection_id=connection_id, hub=hub, claims=claims,
+            user_id=user_id_from_claims(claims), query=f"?{query}" if query else "",
+            headers=request.headers, now=self.now()))
+
+    async def _accept(self, http: HttpConnection, key: str, peer: Peer) -> None:
         trailing = await http.send_switching_protocols(
             {"Upgrade": "websocket", "Connection": "Upgrade",
              "Sec-WebSocket-Accept": accept_key(key)})
-        query = "&".join(f"{k}={v}" for k, v in request.query
-                         if k.lower() not in ("access_token", "id"))
-        conn = ClientConnection(
-            self, http.stream, connection_id=connection_id, hub=hub, claims=claims,
-            user_id=user_id_from_claims(claims), query=f"?{query}" if query else "",
-            headers=request.headers, now=self.now())
-        self._live.add(conn)
-        await conn.run(trailing)
+        self._live.add(peer)
+        await peer.run(trailing)
 
-    # -- background ---------------------------------------------------------------------------
+    # -- background ----------------------------------------------------------------------------
 
     async def _ticker(self) -> None:
         config = self.config
         interval = min(1.0, config.keep_alive_interval / 3, config.client_timeout / 3,
-                       config.handshake_timeout / 3, config.negotiate_timeout / 3)
+                       config.handshake_timeout / 3, config.negotiate_timeout / 3,
+                       config.server_keep_alive_interval / 3, config.server_timeout / 3)
         while True:
             await trio.sleep(interval)
             now = self.now()
@@ -410,12 +481,15 @@ class Relay:
         ``timeout`` (default: ``close_timeout``) has passed."""
         self._shutting_down = True
         self._all_gone = trio.Event()
-        for conn in list(self._live):
+        clients = [p for p in self._live if isinstance(p, ClientConnection)]
+        for conn in clients:
             conn.close(reason, allow_reconnect=True)
-        if not self._live:
-            return
-        with trio.move_on_after(self.config.close_timeout if timeout is None else timeout):
-            await self._all_gone.wait()
+        if clients:
+            with trio.move_on_after(self.config.close_timeout if timeout is None else timeout):
+                await self._all_gone.wait()
+        for peer in list(self._live):
+            if isinstance(peer, ServerConnection):
+                peer.fail(reason)
 
 
 async def serve_relay(

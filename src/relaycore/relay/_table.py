@@ -11,7 +11,8 @@ removed; every connection in a user or group index is also in ``connections``; e
 entries are deleted so that existence checks are O(1) dictionary look-ups.
 
 The table does no I/O; a ``Connection`` only needs ``id``, ``user_id``, ``protocol_name``,
-``groups`` (a set of group names) and ``enqueue(frame_bytes)``.
+``groups`` (a set of group names) and ``enqueue(frame_bytes)``. A shard also lists the hub's
+app-server connections, so that a hub with servers but no clients yet is not pruned.
 """
 
 from __future__ import annotations
@@ -35,21 +36,23 @@ class Connection(Protocol):
 
 
 class HubShard:
-    __slots__ = ("key", "connections", "users", "groups", "user_groups")
+    __slots__ = ("key", "connections", "users", "groups", "user_groups", "servers")
 
     def __init__(self, key: str) -> None:
         self.key = key
         self.connections: dict[str, Connection] = {}
         self.users: dict[str, dict[str, Connection]] = {}
         self.groups: dict[str, dict[str, Connection]] = {}
-        #: user id -> {group: expiry time, or None when it only covers current connections}
+        #: user id -> {group: expiry time}
         self.user_groups: dict[str, dict[str, float]] = {}
+        #: the app-server connections of this hub (service protocol), in arrival order
+        self.servers: list[Any] = []
 
     def __len__(self) -> int:
         return len(self.connections)
 
     def is_empty(self) -> bool:
-        return not self.connections and not self.user_groups
+        return not self.connections and not self.user_groups and not self.servers
 
     # -- membership -------------------------------------------------------------------
 

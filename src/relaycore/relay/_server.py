@@ -1,0 +1,558 @@
+"""One app-server connection: the Azure SignalR service protocol over a binary WebSocket.
+
+Theory of operation
+-------------------
+An app server (the relaycore SDK, or Microsoft's) opens ``GET /server/?hub=H`` and sends a
+stream of varint-prefixed MessagePack arrays; a message may span WebSocket frames and a frame
+may hold several (service-protocol §1). The first message must be the handshake (§3.3); the
+relay answers it and the connection becomes OPEN:
+
+* **Default** and **OnDemand** connections carry clients: a new client of hub H is bound to one
+  of them (``Relay.choose_server``), which gets ``OpenConnection`` and then the client's bytes,
+  handshake first, as ``ConnectionData``; what the hub writes back goes to the client as is.
+* **Weak** connections (secondary endpoints, management clients) never carry clients; they only
+  send fan-out, group and close operations.
+
+Everything a server sends on one connection is handled in order (§7: an ack-able operation
+follows the sends before it). Operations that want an answer get a ``ServiceAck`` on the same
+connection. A malformed message closes this connection with a ``ServiceError`` saying why; its
+clients get a Close message with ``allowReconnect`` (they come back through another app server),
+never silence. The relay pings every ``server_keep_alive_interval`` with the hub's metrics
+(§4.4) and drops a server connection that sent nothing for ``server_timeout``.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from ..protocol._errors import RemoteProtocolError
+from ..protocol._service import (
+    ASRS_INSTANCE_ID_HEADER,
+    SERVICE_PROTOCOL_VERSION,
+    AckStatus,
+    BroadcastDataMessage,
+    CheckConnectionExistenceWithAckMessage,
+    CheckGroupExistenceWithAckMessage,
+    CheckUserExistenceWithAckMessage,
+    CheckUserInGroupWithAckMessage,
+    ClientCompletionMessage,
+    ClientInvocationMessage,
+    CloseConnectionMessage,
+    CloseConnectionsWithAckMessage,
+    CloseConnectionWithAckMessage,
+    CloseGroupConnectionsWithAckMessage,
+    CloseUserConnectionsWithAckMessage,
+    ConnectionDataMessage,
+    ConnectionType,
+    ErrorCompletionMessage,
+    GroupBroadcastDataMessage,
+    JoinGroupMessage,
+    JoinGroupWithAckMessage,
+    LeaveGroupMessage,
+    LeaveGroupWithAckMessage,
+    MultiConnectionDataMessage,
+    MultiGroupBroadcastDataMessage,
+    MultiUserDataMessage,
+    OpenConnectionMessage,
+    PingKey,
+    ServiceAckMessage,
+    ServiceErrorMessage,
+    ServiceHandshakeRequest,
+    ServiceHandshakeResponse,
+    ServicePing,
+    ServiceProtocolParser,
+    UserDataMessage,
+    UserJoinGroupMessage,
+    UserJoinGroupWithAckMessage,
+    UserLeaveGroupMessage,
+    UserLeaveGroupWithAckMessage,
+    write_message,
+)
+from ..protocol._websocket import (
+    BinaryMessage,
+    CloseCode,
+    CloseReceived,
+    Opcode,
+    TextMessage,
+    frame,
+)
+from ._message import OutboundMessage
+from ._peer import ConnState, Peer
+
+if TYPE_CHECKING:
+    from ._client import ClientConnection
+    from ._relay import Relay
+
+log = logging.getLogger("relaycore.relay.server")
+
+#: Claims of a client token that are about the token itself, not the user (§6.2).
+_SYSTEM_CLAIMS = frozenset(
+    {"aud", "exp", "iat", "nbf", "iss", "jti", "nonce", "actort", "acr", "azp", "c_hash"}
+)
+#: Client request headers not forwarded to the app server.
+_PRIVATE_HEADERS = frozenset(
+    {
+        "authorization",
+        "cookie",
+        "sec-websocket-key",
+        "upgrade",
+        "connection",
+        "sec-websocket-version",
+        "sec-websocket-extensions",
+    }
+)
+
+
+def _claims_for_server(claims: dict[str, Any]) -> dict[str, str]:
+    """The client token's claims as OpenConnection carries them: a map of strings (one value
+    per claim type: the first of a JSON array)."""
+    out = {}
+    for key, value in claims.items():
+        if key in _SYSTEM_CLAIMS:
+            continue
+        if isinstance(value, list):
+            if not value:
+                continue
+            value = value[0]
+        if isinstance(value, bool):
+            value = "true" if value else "false"
+        out[key] = str(value)
+    return out
+
+
+class ServerConnection(Peer):
+    """An app server's connection to one hub of this relay."""
+
+    def __init__(
+        self, relay: Relay, stream: trio.SocketStream, *, hub: str, server_id: str, now: float
+    ) -> None:
+        config = relay.config
+        super().__init__(relay, stream, max_message_size=config.max_service_message_size, now=now)
+        self.hub = hub
+        self.server_id = server_id
+        self.connection_type = ConnectionType.DEFAULT
+        #: False after the server said it is leaving (``shutdown fin:*``): no new clients.
+        self.accepting = True
+        self.clients: dict[str, ClientConnection] = {}
+        self._parser = ServiceProtocolParser(max_message_size=config.max_service_message_size)
+
+    @property
+    def carries_clients(self) -> bool:
+        return (
+            self.state is ConnState.OPEN
+            and self.accepting
+            and self.connection_type != ConnectionType.WEAK
+        )
+
+    def send(self, message: Any) -> None:
+        if self.state is ConnState.OPEN or isinstance(
+            message, (ServiceHandshakeResponse, ServiceErrorMessage)
+        ):
+            self._push(frame(Opcode.BINARY, write_message(message)))
+
+    # -- clients bound to this connection ------------------------------------------------------
+
+    def client_opened(self, client: ClientConnection, handshake: bytes) -> None:
+        headers: dict[str, list[str]] = {
+            name: [value] for name, value in client.headers.items() if name not in _PRIVATE_HEADERS
+        }
+        headers[ASRS_INSTANCE_ID_HEADER] = [self.relay.instance_id]
+        self.clients[client.id] = client
+        self.send(
+            OpenConnectionMessage(
+                client.id,
+                _claims_for_server(client.claims),
+                headers,
+                client.query,
+                protocol=client.protocol_name,
+            )
+        )
+        self.send(ConnectionDataMessage(client.id, handshake))
+
+    def client_data(self, client: ClientConnection, data: bytes) -> None:
+        self.send(ConnectionDataMessage(client.id, data))
+
+    def client_closed(self, client: ClientConnection, error: str | None) -> None:
+        if self.clients.pop(client.id, None) is not None:
+            self.send(CloseConnectionMessage(client.id, error or ""))
+            self.relay.invocations.client_gone(client)
+
+    # -- timers --------------------------------------------------------------------------------
+
+    def tick(self, now: float) -> None:
+        config = self.relay.config
+        if self.state is ConnState.HANDSHAKE:
+            if now - self.created > config.handshake_timeout:
+                self.fail("the service handshake did not arrive in time")
+        elif self.state is ConnState.OPEN:
+            if now - self.last_receive > config.server_timeout:
+                self.fail(f"the app server sent nothing for {config.server_timeout:g} seconds")
+            elif now - self.last_send >= config.server_keep_alive_interval:
+                self.send(ServicePing.of(self.relay.hub_metrics(self.hub)))
+
+    # -- closing -------------------------------------------------------------------------------
+
+    def fail(self, reason: str) -> None:
+        """Close this server connection with a ServiceError saying why."""
+        if self.state >= ConnState.CLOSING:
+            return
+        log.warning(
+            "server connection %s (%s) on hub %s closed: %s",
+            self.server_id,
+            self.connection_type,
+            self.hub,
+            reason,
+        )
+        self.send(ServiceErrorMessage(reason))
+        self._leave(reason)
+        self._send_close_frame(CloseCode.NORMAL_CLOSURE, reason)
+        self._start_close_timer()
+
+    def _leave(self, reason: str | None) -> None:
+        if self.state is ConnState.OPEN:
+            self.relay._remove_server(self)
+        if self.state < ConnState.CLOSING:
+            self.state = ConnState.CLOSING
+        clients, self.clients = self.clients, {}
+        for client in clients.values():
+            client.server = None
+            client.close(
+                "The app server connection of this client was closed; reconnect.",
+                allow_reconnect=True,
+            )
+
+    def _ended(self) -> None:
+        self._leave("connection ended")
+        self.relay._forget(self)
+
+    def _on_protocol_error(self, reason: str, code: int | None) -> None:
+        self._leave(reason)
+        self._start_close_timer()
+
+    # -- inbound -------------------------------------------------------------------------------
+
+    def _handle_events(self, events: list[Any]) -> None:
+        for event in events:
+            if isinstance(event, BinaryMessage):
+                if self.state >= ConnState.CLOSING:
+                    continue
+                try:
+                    self._parser.receive_data(event.data)
+                    messages = self._parser.messages_received()
+                except RemoteProtocolError as exc:
+                    self.fail(f"malformed service message: {exc}")
+                    return
+                for message in messages:
+                    if self.state >= ConnState.CLOSING:
+                        return
+                    self._dispatch(message)
+            elif isinstance(event, TextMessage):
+                self.fail("the service protocol is binary; got a text frame")
+            elif isinstance(event, CloseReceived):
+                self._leave("closed by the app server")
+
+    def _dispatch(self, message: Any) -> None:
+        if self.state is ConnState.HANDSHAKE:
+            self._handshake(message)
+            return
+        handler = _HANDLERS.get(type(message))
+        if handler is not None:
+            handler(self, message)
+
+    def _handshake(self, message: Any) -> None:
+        if not isinstance(message, ServiceHandshakeRequest):
+            self.fail(f"expected a handshake request first, got {type(message).__name__}")
+            return
+        if message.version != SERVICE_PROTOCOL_VERSION:
+            self.send(
+                ServiceHandshakeResponse(
+                    f"Protocol version {message.version} is not supported; this relay speaks "
+                    f"version {SERVICE_PROTOCOL_VERSION}."
+                )
+            )
+            self._leave("unsupported version")
+            self._send_close_frame(CloseCode.NORMAL_CLOSURE)
+            self._start_close_timer()
+            return
+        self.connection_type = message.connection_type
+        self.send(ServiceHandshakeResponse())
+        self.relay._add_server(self)
+        self.send(ServicePing.of(self.relay.hub_metrics(self.hub)))
+
+    # -- messages ------------------------------------------------------------------------------
+
+    def _ack(self, ack_id: int, ok: bool, message: str = "") -> None:
+        self.send(ServiceAckMessage(ack_id, AckStatus.OK if ok else AckStatus.NOT_FOUND, message))
+
+    def _on_ping(self, ping: ServicePing) -> None:
+        status = ping.get(PingKey.STATUS)
+        if status is not None:
+            self.send(
+                ServicePing.of(
+                    {
+                        PingKey.STATUS: "1" if self.clients else "0",
+                        **self.relay.hub_metrics(self.hub),
+                    }
+                )
+            )
+        elif ping.get(PingKey.SERVERS) is not None:
+            self.send(
+                ServicePing.servers_reply(
+                    int(trio.current_time() * 1000), self.relay.server_ids(self.hub)
+                )
+            )
+        shutdown = ping.get(PingKey.SHUTDOWN)
+        if shutdown is not None and shutdown.startswith("fin"):
+            self.accepting = False
+            self.send(ServicePing.of({PingKey.SHUTDOWN: PingKey.FIN_ACK}))
+
+    def _on_connection_data(self, message: ConnectionDataMessage) -> None:
+        client = self.clients.get(message.connection_id)
+        if client is not None:
+            client.server_data(message.payload)
+
+    def _on_close_connection(self, message: CloseConnectionMessage) -> None:
+        client = self.clients.pop(message.connection_id, None)
+        if client is not None:
+            self.relay.invocations.client_gone(client)
+            client.close_from_server(message.error_message or None)
+        else:  # a client of another server connection: close it as an operation
+            conn = self.relay._connection(self.hub, message.connection_id)
+            if conn is not None:
+                conn.close(message.error_message or None)
+
+    def _send(self, targets: Any, payloads: dict[str, bytes]) -> None:
+        self.relay._deliver(targets, OutboundMessage(payloads=payloads))
+
+    def _shard(self) -> Any:
+        return self.relay.table.get(self.hub)
+
+    def _on_broadcast(self, m: BroadcastDataMessage) -> None:
+        shard = self._shard()
+        if shard is not None:
+            self._send(shard.all_targets(m.excluded_connection_ids), m.payloads)
+
+    def _on_multi_connection(self, m: MultiConnectionDataMessage) -> None:
+        shard = self._shard()
+        if shard is not None:
+            found = (shard.connections.get(c) for c in dict.fromkeys(m.connection_ids))
+            self._send([c for c in found if c is not None], m.payloads)
+
+    def _on_user(self, m: UserDataMessage) -> None:
+        shard = self._shard()
+        if shard is not None:
+            self._send(shard.user_targets(m.user_id), m.payloads)
+
+    def _on_multi_user(self, m: MultiUserDataMessage) -> None:
+        shard = self._shard()
+        if shard is not None:
+            targets = {c.id: c for u in m.user_ids for c in shard.user_targets(u)}
+            self._send(targets.values(), m.payloads)
+
+    def _on_group(self, m: GroupBroadcastDataMessage) -> None:
+        shard = self._shard()
+        if shard is None:
+            return
+        targets = shard.group_targets(m.group_name, m.excluded_connection_ids)
+        if m.excluded_user_ids:
+            users = set(m.excluded_user_ids)
+            targets = (c for c in targets if c.user_id not in users)
+        self._send(targets, m.payloads)
+
+    def _on_multi_group(self, m: MultiGroupBroadcastDataMessage) -> None:
+        shard = self._shard()
+        if shard is not None:
+            targets = {c.id: c for g in m.group_names for c in shard.group_targets(g)}
+            self._send(targets.values(), m.payloads)
+
+    def _join(self, connection_id: str, group: str) -> bool:
+        conn = self.relay._connection(self.hub, connection_id)
+        if conn is None:
+            return False
+        self.relay.table.shard(self.hub).join(conn, group)
+        return True
+
+    def _leave_group(self, connection_id: str, group: str | None) -> bool:
+        conn = self.relay._connection(self.hub, connection_id)
+        if conn is None:
+            return False
+        shard = self.relay.table.shard(self.hub)
+        if group is None:
+            shard.leave_all(conn)
+        else:
+            shard.leave(conn, group)
+        return True
+
+    def _user_join(self, user_id: str, group: str, ttl: int | None) -> None:
+        self.relay.table.shard(self.hub).add_user_to_group(
+            user_id, group, None if ttl is None else float(ttl), self.relay.now()
+        )
+
+    def _user_leave(self, user_id: str, group: str | None) -> None:
+        shard = self._shard()
+        if shard is None:
+            return
+        if group is None:
+            shard.remove_user_from_all_groups(user_id)
+        else:
+            shard.remove_user_from_group(user_id, group)
+        self.relay.table.prune(self.hub)
+
+    def _close_each(self, targets: Any, reason: str | None) -> None:
+        for conn in list(targets):
+            conn.close(reason, allow_reconnect=True)
+
+    def _on_client_invocation(self, m: ClientInvocationMessage) -> None:
+        self.relay.invocations.invoke(self, m)
+
+    def _on_client_completion(self, m: ClientCompletionMessage | ErrorCompletionMessage) -> None:
+        self.relay.invocations.complete(self, m)
+
+
+def _close_connections(s: ServerConnection, m: CloseConnectionsWithAckMessage) -> None:
+    shard = s._shard()
+    s._close_each(shard.all_targets(m.excluded_connection_ids) if shard else (), m.reason)
+    s._ack(m.ack_id, True)
+
+
+def _close_user(s: ServerConnection, m: CloseUserConnectionsWithAckMessage) -> None:
+    shard = s._shard()
+    excluded = set(m.excluded_connection_ids)
+    targets = [c for c in shard.user_targets(m.user_id) if c.id not in excluded] if shard else []
+    s._close_each(targets, m.reason)
+    s._ack(m.ack_id, True)
+
+
+def _close_group(s: ServerConnection, m: CloseGroupConnectionsWithAckMessage) -> None:
+    shard = s._shard()
+    s._close_each(
+        shard.group_targets(m.group_name, m.excluded_connection_ids) if shard else (), m.reason
+    )
+    s._ack(m.ack_id, True)
+
+
+def _close_one(s: ServerConnection, m: CloseConnectionWithAckMessage) -> None:
+    conn = s.relay._connection(s.hub, m.connection_id)
+    if conn is not None:
+        conn.close(m.reason, allow_reconnect=True)
+    s._ack(m.ack_id, conn is not None)
+
+
+def _shard_has(s: ServerConnection, index: str, key: str) -> bool:
+    shard = s._shard()
+    return shard is not None and key in getattr(shard, index)
+
+
+_S = ServerConnection
+_HANDLERS: dict[type, Any] = {
+    ServicePing: _S._on_ping,
+    ConnectionDataMessage: _S._on_connection_data,
+    CloseConnectionMessage: _S._on_close_connection,
+    BroadcastDataMessage: _S._on_broadcast,
+    MultiConnectionDataMessage: _S._on_multi_connection,
+    UserDataMessage: _S._on_user,
+    MultiUserDataMessage: _S._on_multi_user,
+    GroupBroadcastDataMessage: _S._on_group,
+    MultiGroupBroadcastDataMessage: _S._on_multi_group,
+    JoinGroupMessage: lambda s, m: s._join(m.connection_id, m.group_name),
+    LeaveGroupMessage: lambda s, m: s._leave_group(m.connection_id, m.group_name),
+    JoinGroupWithAckMessage: lambda s, m: s._ack(m.ack_id, s._join(m.connection_id, m.group_name)),
+    LeaveGroupWithAckMessage: lambda s, m: s._ack(
+        m.ack_id, s._leave_group(m.connection_id, m.group_name)
+    ),
+    UserJoinGroupMessage: lambda s, m: s._user_join(m.user_id, m.group_name, m.ttl),
+    UserLeaveGroupMessage: lambda s, m: s._user_leave(m.user_id, m.group_name),
+    UserJoinGroupWithAckMessage: lambda s, m: (
+        s._user_join(m.user_id, m.group_name, m.ttl),
+        s._ack(m.ack_id, True),
+    ),
+    UserLeaveGroupWithAckMessage: lambda s, m: (
+        s._user_leave(m.user_id, m.group_name),
+        s._ack(m.ack_id, True),
+    ),
+    CheckUserInGroupWithAckMessage: lambda s, m: s._ack(
+        m.ack_id,
+        s._shard() is not None
+        and (s._shard().user_in_group(m.user_id, m.group_name, s.relay.now())),
+    ),
+    CheckGroupExistenceWithAckMessage: lambda s, m: s._ack(
+        m.ack_id, _shard_has(s, "groups", m.group_name)
+    ),
+    CheckConnectionExistenceWithAckMessage: lambda s, m: s._ack(
+        m.ack_id, _shard_has(s, "connections", m.connection_id)
+    ),
+    CheckUserExistenceWithAckMessage: lambda s, m: s._ack(
+        m.ack_id, _shard_has(s, "users", m.user_id)
+    ),
+    CloseConnectionWithAckMessage: _close_one,
+    CloseConnectionsWithAckMessage: _close_connections,
+    CloseUserConnectionsWithAckMessage: _close_user,
+    CloseGroupConnectionsWithAckMessage: _close_group,
+    ClientInvocationMessage: _S._on_client_invocation,
+    ClientCompletionMessage: _S._on_client_completion,
+    ErrorCompletionMessage: _S._on_client_completion,
+}
+
+
+class ClientInvocations:
+    """Client results across app servers (§2.5): which server asked, for which client.
+
+    The caller server sends ClientInvocation; the relay writes the payload to the client and,
+    when another server owns the client, tells that server (it routes the client's completion).
+    The owner answers with ClientCompletion or ErrorCompletion, which goes to a connection of
+    the caller server. A client that leaves first gets its pending invocations failed.
+    """
+
+    def __init__(self, relay: Relay) -> None:
+        self.relay = relay
+        #: invocation id -> (hub, caller server id, client connection id)
+        self.pending: dict[str, tuple[str, str, str]] = {}
+
+    def invoke(self, caller: ServerConnection, m: ClientInvocationMessage) -> None:
+        client = self.relay._connection(caller.hub, m.connection_id)
+        if client is None:
+            caller.send(
+                ErrorCompletionMessage(
+                    m.invocation_id,
+                    m.connection_id,
+                    m.caller_server_id,
+                    f"Connection '{m.connection_id}' does not exist.",
+                )
+            )
+            return
+        self.pending[m.invocation_id] = (caller.hub, m.caller_server_id, m.connection_id)
+        self.relay._deliver((client,), OutboundMessage(payloads=m.payloads))
+        owner = client.server
+        if owner is not None and owner.server_id != m.caller_server_id:
+            owner.send(m)
+
+    def complete(
+        self, sender: ServerConnection, m: ClientCompletionMessage | ErrorCompletionMessage
+    ) -> None:
+        entry = self.pending.pop(m.invocation_id, None)
+        if entry is None or sender.server_id == entry[1]:
+            return  # unknown, or the caller cleaning up after itself
+        self._to_caller(entry[0], entry[1], m)
+
+    def client_gone(self, client: ClientConnection) -> None:
+        if not self.pending:
+            return
+        for invocation_id, (hub, caller_id, conn_id) in list(self.pending.items()):
+            if conn_id == client.id and hub == client.hub:
+                del self.pending[invocation_id]
+                self._to_caller(
+                    hub,
+                    caller_id,
+                    ErrorCompletionMessage(
+                        invocation_id, conn_id, caller_id, f"Connection '{conn_id}' disconnected."
+                    ),
+                )
+
+    def _to_caller(self, hub: str, caller_id: str, message: Any) -> None:
+        for server in self.relay.servers_of(hub):
+            if server.server_id == caller_id:
+                server.send(message)
+                return
