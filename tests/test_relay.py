@@ -8,30 +8,16 @@ from __future__ import annotations
 
 import json
 import socket
-import time
 
 import httpx
 import msgpack
 import pytest
 import trio
-from trio_websocket import ConnectionClosed, connect_websocket_url
+from trio_websocket import ConnectionClosed
 
-from relaycore.protocol._auth import generate_access_token
 from relaycore.protocol._hub import JsonHubProtocol, MessagePackHubProtocol
 from relaycore.relay import OutboundMessage, RelayConfig, serve_relay
-
-KEY = "test-access-key-for-the-relay-suite"
-RS = "\x1e"
-
-
-def client_token(hub: str, user: str | None = None, *, key: str = KEY, lifetime: float = 600,
-                 host: str = "127.0.0.1") -> str:
-    return generate_access_token(key, f"http://{host}/client/?hub={hub}", now=time.time(),
-                                 lifetime=lifetime, user_id=user)
-
-
-def rest_token(path: str, key: str = KEY) -> str:
-    return generate_access_token(key, f"http://127.0.0.1{path}", now=time.time())
+from relayhelpers import KEY, RS, client_token, rest_token, wait_for
 
 
 @pytest.fixture
@@ -64,57 +50,9 @@ def rest(relay):
     return Rest(relay)
 
 
-class Client:
-    """A SignalR client over trio-websocket speaking the JSON hub protocol."""
-
-    def __init__(self, ws):
-        self.ws = ws
-
-    async def next_message(self) -> dict:
-        """The next hub message that is not a Ping."""
-        while True:
-            data = await self.ws.get_message()
-            text = data if isinstance(data, str) else data.decode()
-            for record in text.split(RS)[:-1]:
-                message = json.loads(record)
-                if message.get("type") != 6:
-                    return message
-
-
-@pytest.fixture
-async def connect(nursery):
-    """Open a SignalR client (handshake done) whose socket lives as long as the test."""
-    opened = []
-
-    async def connect(relay, hub="chat", user=None, *, protocol="json", handshake=True):
-        url = (f"ws://127.0.0.1:{relay.port}/client/?hub={hub}"
-               f"&access_token={client_token(hub, user)}")
-        ws = await connect_websocket_url(nursery, url)
-        opened.append(ws)
-        if not handshake:
-            return ws
-        await ws.send_message(json.dumps({"protocol": protocol, "version": 1}) + RS)
-        with trio.fail_after(3):
-            reply = await ws.get_message()
-        assert reply in ("{}" + RS, b"{}" + RS.encode())
-        return Client(ws)
-
-    yield connect
-    for ws in opened:
-        with trio.move_on_after(1):
-            await ws.aclose()
-        await ws._stream.aclose()
-
-
 async def connection_ids(relay, hub="chat"):
     shard = relay.table.get(hub)
     return set(shard.connections) if shard else set()
-
-
-async def wait_for(predicate, timeout=5):
-    with trio.fail_after(timeout):
-        while not predicate():
-            await trio.sleep(0.005)
 
 
 # -- negotiate ---------------------------------------------------------------------------

@@ -1,0 +1,46 @@
+"""Helpers shared by the relay's in-process tests (imported by them and by conftest.py)."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import trio
+
+from relaycore.protocol._auth import generate_access_token
+
+KEY = "test-access-key-for-the-relay-suite"
+RS = "\x1e"
+
+
+def client_token(hub: str, user: str | None = None, *, key: str = KEY, lifetime: float = 600,
+                 host: str = "127.0.0.1") -> str:
+    return generate_access_token(key, f"http://{host}/client/?hub={hub}", now=time.time(),
+                                 lifetime=lifetime, user_id=user)
+
+
+def rest_token(path: str, key: str = KEY) -> str:
+    return generate_access_token(key, f"http://127.0.0.1{path}", now=time.time())
+
+
+class Client:
+    """A SignalR client over trio-websocket speaking the JSON hub protocol."""
+
+    def __init__(self, ws):
+        self.ws = ws
+
+    async def next_message(self) -> dict:
+        """The next hub message that is not a Ping."""
+        while True:
+            data = await self.ws.get_message()
+            text = data if isinstance(data, str) else data.decode()
+            for record in text.split(RS)[:-1]:
+                message = json.loads(record)
+                if message.get("type") != 6:
+                    return message
+
+
+async def wait_for(predicate, timeout=5):
+    with trio.fail_after(timeout):
+        while not predicate():
+            await trio.sleep(0.005)
