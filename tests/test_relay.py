@@ -411,7 +411,7 @@ async def test_slow_consumer_is_closed_and_counted_while_others_get_everything(n
          "Host: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
          "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
          ).encode() + masked_text_frame('{"protocol":"json","version":1}' + RS))
-    await wait_for(lambda: len(relay.table.get("chat")) == 2)
+    await wait_for(lambda: len(relay.table.get("chat").connections) == 2)
     big = "y" * 16000
     received = 0
     with trio.fail_after(10):

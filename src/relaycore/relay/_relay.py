@@ -111,12 +111,10 @@ class Relay:
     async def send_to_all(self, hub: str, message: OutboundMessage,
                           excluded: Iterable[str] = ()) -> int:
         """Send to every connection of ``hub`` but ``excluded``; returns the number reached."""
-        shard = self.table.get(hub)
-        return self._deliver(shard.all_targets(excluded) if shard else (), message)
+        return self._deliver(self.table.view(hub).all_targets(excluded), message)
 
     async def send_to_user(self, hub: str, user_id: str, message: OutboundMessage) -> int:
-        shard = self.table.get(hub)
-        return self._deliver(shard.user_targets(user_id) if shard else (), message)
+        return self._deliver(self.table.view(hub).user_targets(user_id), message)
 
     async def send_to_connection(self, hub: str, connection_id: str,
                                  message: OutboundMessage) -> int:
@@ -125,8 +123,7 @@ class Relay:
 
     async def send_to_group(self, hub: str, group: str, message: OutboundMessage,
                             excluded: Iterable[str] = ()) -> int:
-        shard = self.table.get(hub)
-        return self._deliver(shard.group_targets(group, excluded) if shard else (), message)
+        return self._deliver(self.table.view(hub).group_targets(group, excluded), message)
 
     async def add_connection_to_group(self, hub: str, group: str, connection_id: str) -> bool:
         """False when the connection does not exist."""
@@ -190,26 +187,22 @@ class Relay:
 
     async def close_all_connections(self, hub: str, reason: str | None = None,
                                     excluded: Iterable[str] = ()) -> int:
-        shard = self.table.get(hub)
-        return self._close_each(shard.all_targets(excluded) if shard else (), reason)
+        return self._close_each(self.table.view(hub).all_targets(excluded), reason)
 
     async def close_user_connections(self, hub: str, user_id: str, reason: str | None = None,
                                      excluded: Iterable[str] = ()) -> int:
-        shard = self.table.get(hub)
         skip = set(excluded)
-        targets = [c for c in shard.user_targets(user_id) if c.id not in skip] if shard else []
+        targets = [c for c in self.table.view(hub).user_targets(user_id) if c.id not in skip]
         return self._close_each(targets, reason)
 
     async def close_group_connections(self, hub: str, group: str, reason: str | None = None,
                                       excluded: Iterable[str] = ()) -> int:
-        shard = self.table.get(hub)
-        return self._close_each(shard.group_targets(group, excluded) if shard else (), reason)
+        return self._close_each(self.table.view(hub).group_targets(group, excluded), reason)
 
     # -- internals -----------------------------------------------------------------------------
 
     def _connection(self, hub: str, connection_id: str) -> Any:
-        shard = self.table.get(hub)
-        return shard.connections.get(connection_id) if shard else None
+        return self.table.view(hub).connections.get(connection_id)
 
     def _deliver(self, targets: Iterable[Any], message: OutboundMessage) -> int:
         reached = fan_out(targets, message)
@@ -250,8 +243,7 @@ class Relay:
         return self.config.service_mode != "default"
 
     def servers_of(self, hub: str) -> list[ServerConnection]:
-        shard = self.table.get(hub)
-        return shard.servers if shard is not None else []
+        return self.table.view(hub).servers
 
     def server_ids(self, hub: str) -> list[str]:
         return sorted({s.server_id for s in self.servers_of(hub)})
@@ -277,9 +269,8 @@ class Relay:
 
     def hub_metrics(self, hub: str) -> dict[str, int]:
         """The endpoint metrics app servers read from pings (service-protocol §4.4)."""
-        shard = self.table.get(hub)
-        metrics = {"clientcount": len(shard) if shard else 0,
-                   "servercount": len(shard.servers) if shard else 0}
+        shard = self.table.view(hub)
+        metrics = {"clientcount": len(shard.connections), "servercount": len(shard.servers)}
         if self.config.capacity:
             metrics["capacity"] = self.config.capacity
         return metrics
@@ -439,7 +430,7 @@ class Relay:
                 connection_id = secrets.token_urlsafe(16)
             limit = self.config.max_connections_per_hub
             shard = self.table.get(hub)
-            if limit and shard is not None and len(shard) >= limit:
+            if limit and shard is not None and len(shard.connections) >= limit:
                 raise HttpError(429, f"hub '{hub}' has reached its limit of {limit} connections")
         except HttpError as exc:
             await http.send_response(self._with_cors(request, Response.error(exc)), close=True)

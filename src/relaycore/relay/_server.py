@@ -81,6 +81,7 @@ from ..protocol._websocket import (
 )
 from ._message import OutboundMessage
 from ._peer import ConnState, Peer
+from ._table import HubShard
 
 if TYPE_CHECKING:
     from ._client import ClientConnection
@@ -327,36 +328,28 @@ class ServerConnection(Peer):
     def _send(self, targets: Any, payloads: dict[str, bytes]) -> None:
         self.relay._deliver(targets, OutboundMessage(payloads=payloads))
 
-    def _shard(self) -> Any:
-        return self.relay.table.get(self.hub)
+    def _shard(self) -> HubShard:
+        """This hub's shard, for reading (empty when the hub has nothing)."""
+        return self.relay.table.view(self.hub)
 
     def _on_broadcast(self, m: BroadcastDataMessage) -> None:
-        shard = self._shard()
-        if shard is not None:
-            self._send(shard.all_targets(m.excluded_connection_ids), m.payloads)
+        self._send(self._shard().all_targets(m.excluded_connection_ids), m.payloads)
 
     def _on_multi_connection(self, m: MultiConnectionDataMessage) -> None:
-        shard = self._shard()
-        if shard is not None:
-            found = (shard.connections.get(c) for c in dict.fromkeys(m.connection_ids))
-            self._send([c for c in found if c is not None], m.payloads)
+        connections = self._shard().connections
+        found = (connections.get(c) for c in dict.fromkeys(m.connection_ids))
+        self._send([c for c in found if c is not None], m.payloads)
 
     def _on_user(self, m: UserDataMessage) -> None:
-        shard = self._shard()
-        if shard is not None:
-            self._send(shard.user_targets(m.user_id), m.payloads)
+        self._send(self._shard().user_targets(m.user_id), m.payloads)
 
     def _on_multi_user(self, m: MultiUserDataMessage) -> None:
         shard = self._shard()
-        if shard is not None:
-            targets = {c.id: c for u in m.user_ids for c in shard.user_targets(u)}
-            self._send(targets.values(), m.payloads)
+        targets = {c.id: c for u in m.user_ids for c in shard.user_targets(u)}
+        self._send(targets.values(), m.payloads)
 
     def _on_group(self, m: GroupBroadcastDataMessage) -> None:
-        shard = self._shard()
-        if shard is None:
-            return
-        targets = shard.group_targets(m.group_name, m.excluded_connection_ids)
+        targets = self._shard().group_targets(m.group_name, m.excluded_connection_ids)
         if m.excluded_user_ids:
             users = set(m.excluded_user_ids)
             targets = (c for c in targets if c.user_id not in users)
@@ -364,9 +357,8 @@ class ServerConnection(Peer):
 
     def _on_multi_group(self, m: MultiGroupBroadcastDataMessage) -> None:
         shard = self._shard()
-        if shard is not None:
-            targets = {c.id: c for g in m.group_names for c in shard.group_targets(g)}
-            self._send(targets.values(), m.payloads)
+        targets = {c.id: c for g in m.group_names for c in shard.group_targets(g)}
+        self._send(targets.values(), m.payloads)
 
     def _join(self, connection_id: str, group: str) -> bool:
         conn = self.relay._connection(self.hub, connection_id)
@@ -392,7 +384,7 @@ class ServerConnection(Peer):
         )
 
     def _user_leave(self, user_id: str, group: str | None) -> None:
-        shard = self._shard()
+        shard = self.relay.table.get(self.hub)
         if shard is None:
             return
         if group is None:
@@ -413,24 +405,19 @@ class ServerConnection(Peer):
 
 
 def _close_connections(s: ServerConnection, m: CloseConnectionsWithAckMessage) -> None:
-    shard = s._shard()
-    s._close_each(shard.all_targets(m.excluded_connection_ids) if shard else (), m.reason)
+    s._close_each(s._shard().all_targets(m.excluded_connection_ids), m.reason)
     s._ack(m.ack_id, True)
 
 
 def _close_user(s: ServerConnection, m: CloseUserConnectionsWithAckMessage) -> None:
-    shard = s._shard()
     excluded = set(m.excluded_connection_ids)
-    targets = [c for c in shard.user_targets(m.user_id) if c.id not in excluded] if shard else []
+    targets = [c for c in s._shard().user_targets(m.user_id) if c.id not in excluded]
     s._close_each(targets, m.reason)
     s._ack(m.ack_id, True)
 
 
 def _close_group(s: ServerConnection, m: CloseGroupConnectionsWithAckMessage) -> None:
-    shard = s._shard()
-    s._close_each(
-        shard.group_targets(m.group_name, m.excluded_connection_ids) if shard else (), m.reason
-    )
+    s._close_each(s._shard().group_targets(m.group_name, m.excluded_connection_ids), m.reason)
     s._ack(m.ack_id, True)
 
 
@@ -442,8 +429,7 @@ def _close_one(s: ServerConnection, m: CloseConnectionWithAckMessage) -> None:
 
 
 def _shard_has(s: ServerConnection, index: str, key: str) -> bool:
-    shard = s._shard()
-    return shard is not None and key in getattr(shard, index)
+    return key in getattr(s._shard(), index)
 
 
 _S = ServerConnection
@@ -475,8 +461,7 @@ _HANDLERS: dict[type, Any] = {
     ),
     CheckUserInGroupWithAckMessage: lambda s, m: s._ack(
         m.ack_id,
-        s._shard() is not None
-        and (s._shard().user_in_group(m.user_id, m.group_name, s.relay.now())),
+        s._shard().user_in_group(m.user_id, m.group_name, s.relay.now()),
     ),
     CheckGroupExistenceWithAckMessage: lambda s, m: s._ack(
         m.ack_id, _shard_has(s, "groups", m.group_name)

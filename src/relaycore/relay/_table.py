@@ -48,9 +48,6 @@ class HubShard:
         #: the app-server connections of this hub (service protocol), in arrival order
         self.servers: list[Any] = []
 
-    def __len__(self) -> int:
-        return len(self.connections)
-
     def is_empty(self) -> bool:
         return not self.connections and not self.user_groups and not self.servers
 
@@ -162,6 +159,9 @@ def _discard(index: dict[str, dict[str, Any]], key: str, conn_id: str) -> None:
         del index[key]
 
 
+_EMPTY = HubShard("")
+
+
 class ConnectionTable:
     """All hub shards of one relay node, keyed by wire hub name."""
 
@@ -177,6 +177,11 @@ class ConnectionTable:
     def get(self, hub: str) -> HubShard | None:
         return self._shards.get(hub)
 
+    def view(self, hub: str) -> HubShard:
+        """The shard of ``hub`` for reading: an empty one when the hub has nothing (never
+        mutate what this returns; use ``shard()``)."""
+        return self._shards.get(hub) or _EMPTY
+
     def prune(self, hub: str) -> None:
         shard = self._shards.get(hub)
         if shard is not None and shard.is_empty():
@@ -186,4 +191,4 @@ class ConnectionTable:
         return list(self._shards.values())
 
     def connection_count(self) -> int:
-        return sum(len(s) for s in self._shards.values())
+        return sum(len(s.connections) for s in self._shards.values())

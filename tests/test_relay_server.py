@@ -1,0 +1,406 @@
+"""The relay's server endpoint: the Azure SignalR service protocol, driven by a fake app server.
+
+The fake app server is written with relaycore's sans-I/O pieces (the WebSocket protocol in the
+client role and the service-protocol codec), so every byte on the wire is what an SDK sends.
+Clients are trio-websocket connections.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import pytest
+import trio
+from trio_websocket import ConnectionClosed, connect_websocket_url
+
+from relaycore.protocol._auth import generate_access_token
+from relaycore.protocol._hub import JsonHubProtocol, MessagePackHubProtocol
+from relaycore.protocol._service import (
+    AckStatus,
+    BroadcastDataMessage,
+    CheckConnectionExistenceWithAckMessage,
+    CheckUserInGroupWithAckMessage,
+    ClientCompletionMessage,
+    ClientInvocationMessage,
+    CloseConnectionMessage,
+    ConnectionDataMessage,
+    ConnectionType,
+    ErrorCompletionMessage,
+    GroupBroadcastDataMessage,
+    JoinGroupWithAckMessage,
+    MultiConnectionDataMessage,
+    OpenConnectionMessage,
+    PingKey,
+    ServiceAckMessage,
+    ServiceErrorMessage,
+    ServiceHandshakeRequest,
+    ServiceHandshakeResponse,
+    ServicePing,
+    ServiceProtocolParser,
+    UserDataMessage,
+    UserJoinGroupWithAckMessage,
+    write_message,
+)
+from relaycore.protocol._websocket import (
+    BinaryMessage,
+    CloseReceived,
+    Role,
+    WebSocketProtocol,
+)
+from relaycore.relay import RelayConfig, serve_relay
+from relayhelpers import KEY, RS, Client, client_token, wait_for
+
+JSON = JsonHubProtocol()
+HANDSHAKE_OK = b"{}" + RS.encode()
+
+
+@pytest.fixture
+async def relay(nursery):
+    config = RelayConfig(port=0, access_keys=[KEY], close_timeout=1,
+                         server_keep_alive_interval=0.3)
+    return await nursery.start(serve_relay, config)
+
+
+class FakeAppServer:
+    """One server connection of an app server: what the SDK would send, message by message."""
+
+    def __init__(self, stream: trio.SocketStream, server_id: str) -> None:
+        self.stream = stream
+        self.server_id = server_id
+        self.ws = WebSocketProtocol(Role.CLIENT, mask_key=lambda: os.urandom(4))
+        self.parser = ServiceProtocolParser()
+        self.inbox: list = []
+        self.seen: list = []  # every message received, in order
+        self.closed = False
+
+    async def send(self, *messages) -> None:
+        for message in messages:
+            self.ws.send_binary(write_message(message))
+        await self.stream.send_all(self.ws.data_to_send())
+
+    async def next(self, kind=None, *, skip_pings=True):
+        """The next message (of ``kind``, skipping others); pings are skipped unless asked for."""
+        with trio.fail_after(5):
+            while True:
+                while self.inbox:
+                    message = self.inbox.pop(0)
+                    if skip_pings and isinstance(message, ServicePing) and kind is not ServicePing:
+                        continue
+                    if kind is None or isinstance(message, kind):
+                        return message
+                data = await self.stream.receive_some(65536)
+                if not data:
+                    self.closed = True
+                    raise EOFError("the relay closed the server connection")
+                self.ws.receive_data(data)
+                for event in self.ws.events_received():
+                    if isinstance(event, BinaryMessage):
+                        self.parser.receive_data(event.data)
+                        messages = self.parser.messages_received()
+                        self.inbox.extend(messages)
+                        self.seen.extend(messages)
+                    elif isinstance(event, CloseReceived):
+                        self.inbox.append(event)
+                out = self.ws.data_to_send()
+                if out:
+                    await self.stream.send_all(out)
+
+    async def aclose(self) -> None:
+        await self.stream.aclose()
+
+
+@pytest.fixture
+async def app_server():
+    opened: list[FakeAppServer] = []
+
+    async def open_server(relay, hub="chat", *, server_id="pod1",
+                          connection_type=ConnectionType.DEFAULT, key=KEY, handshake=True):
+        token = generate_access_token(key, f"http://127.0.0.1/server/?hub={hub}",
+                                      now=time.time(), user_id=server_id)
+        stream = await trio.open_tcp_stream("127.0.0.1", relay.port)
+        await stream.send_all(
+            (f"GET /server/?hub={hub}&cid={os.urandom(4).hex()} HTTP/1.1\r\n"
+             f"Host: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+             f"Authorization: Bearer {token}\r\nX-ASRS-Server-Id: {server_id}\r\n"
+             "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+             ).encode())
+        head = b""
+        with trio.fail_after(5):
+            while b"\r\n\r\n" not in head:
+                chunk = await stream.receive_some(4096)
+                if not chunk:
+                    break
+                head += chunk
+        status = int(head.split(b" ", 2)[1])
+        if status != 101:
+            await stream.aclose()
+            return status, head.split(b"\r\n\r\n", 1)[1]
+        server = FakeAppServer(stream, server_id)
+        opened.append(server)
+        rest = head.split(b"\r\n\r\n", 1)[1]
+        if rest:
+            server.ws.receive_data(rest)
+        if handshake:
+            await server.send(ServiceHandshakeRequest(connection_type=connection_type))
+            response = await server.next(ServiceHandshakeResponse)
+            assert response.succeeded, response
+        return server
+
+    yield open_server
+    for server in opened:
+        await server.aclose()
+
+
+@pytest.fixture
+async def raw_client(nursery):
+    """A client whose handshake the test drives (through an app server)."""
+    opened = []
+
+    async def connect(relay, hub="chat", user=None):
+        url = (f"ws://127.0.0.1:{relay.port}/client/?hub={hub}"
+               f"&access_token={client_token(hub, user)}")
+        ws = await connect_websocket_url(nursery, url)
+        opened.append(ws)
+        return ws
+
+    yield connect
+    for ws in opened:
+        with trio.move_on_after(1):
+            await ws.aclose()
+        await ws._stream.aclose()
+
+
+async def bind_client(relay, server, raw_client, user=None, *, protocol="json"):
+    """Connect a client, let the fake server accept its handshake; return (client, conn id)."""
+    ws = await raw_client(relay, user=user)
+    await ws.send_message(json.dumps({"protocol": protocol, "version": 1}) + RS)
+    opened = await server.next(OpenConnectionMessage)
+    data = await server.next(ConnectionDataMessage)
+    assert data.connection_id == opened.connection_id
+    assert json.loads(data.payload.rstrip(b"\x1e")) == {"protocol": protocol, "version": 1}
+    await server.send(ConnectionDataMessage(opened.connection_id, HANDSHAKE_OK))
+    with trio.fail_after(5):
+        reply = await ws.get_message()
+    assert reply in ("{}" + RS, HANDSHAKE_OK)
+    await wait_for(lambda: relay.table.get("chat") is not None
+                   and opened.connection_id in relay.table.get("chat").connections)
+    return Client(ws), opened
+
+
+def payloads(target, *args):
+    return {"json": JSON.write_invocation(target, list(args)),
+            "messagepack": MessagePackHubProtocol().write_invocation(target, list(args))}
+
+
+# -- handshake and pings -------------------------------------------------------------------
+
+
+async def test_server_handshake_is_answered_then_pinged_with_metrics(relay, app_server):
+    server = await app_server(relay)
+    ping = await server.next(ServicePing, skip_pings=False)
+    assert ping.get(PingKey.CLIENT_COUNT) == "0"
+    assert ping.get(PingKey.SERVER_COUNT) == "1"
+
+
+async def test_server_with_wrong_key_is_refused_with_401(relay, app_server):
+    status, body = await app_server(relay, key="wrong-key")
+    assert status == 401
+    assert json.loads(body)["code"] == "Unauthorized.bad_signature"
+    assert relay.servers_of("chat") == []
+
+
+async def test_server_handshake_with_unsupported_version_gets_an_error(relay, app_server):
+    server = await app_server(relay, handshake=False)
+    await server.send(ServiceHandshakeRequest(version=2))
+    response = await server.next(ServiceHandshakeResponse)
+    assert not response.succeeded and "version 2" in response.error_message
+    assert relay.servers_of("chat") == []
+
+
+async def test_status_servers_and_shutdown_pings_are_answered(relay, app_server):
+    a = await app_server(relay, server_id="pod-b")
+    await app_server(relay, server_id="pod-a")
+    await a.send(ServicePing.of(status="1"))
+    reply = await a.next(ServicePing, skip_pings=False)
+    while reply.get(PingKey.STATUS) is None:
+        reply = await a.next(ServicePing, skip_pings=False)
+    assert reply.get(PingKey.STATUS) == "0" and reply.get(PingKey.SERVER_COUNT) == "2"
+    await a.send(ServicePing.of(servers=""))
+    reply = await a.next(ServicePing, skip_pings=False)
+    while reply.get(PingKey.SERVERS) is None:
+        reply = await a.next(ServicePing, skip_pings=False)
+    assert reply.get(PingKey.SERVERS).split(":", 1)[1] == "pod-a;pod-b"
+    await a.send(ServicePing.of(shutdown="fin:0"))
+    reply = await a.next(ServicePing, skip_pings=False)
+    while reply.get(PingKey.SHUTDOWN) is None:
+        reply = await a.next(ServicePing, skip_pings=False)
+    assert reply.get(PingKey.SHUTDOWN) == "finack"
+    assert not any(s.carries_clients for s in relay.servers_of("chat") if s.server_id == "pod-b")
+
+
+# -- clients through an app server -------------------------------------------------------------
+
+
+async def test_client_is_opened_on_the_server_and_bytes_flow_both_ways(relay, app_server,
+                                                                        raw_client):
+    server = await app_server(relay)
+    client, opened = await bind_client(relay, server, raw_client, user="alice")
+    assert opened.claims["asrs.s.uid"] == "alice"
+    assert "exp" not in opened.claims and "aud" not in opened.claims
+    assert opened.protocol == "json"
+    assert "authorization" not in {k.lower() for k in opened.headers}
+    invocation = '{"type":1,"invocationId":"0","target":"Echo","arguments":["hi"]}' + RS
+    await client.ws.send_message(invocation)
+    data = await server.next(ConnectionDataMessage)
+    assert data.payload == invocation.encode()
+    completion = b'{"type":3,"invocationId":"0","result":"hi"}\x1e'
+    await server.send(ConnectionDataMessage(opened.connection_id, completion))
+    with trio.fail_after(5):
+        assert await client.next_message() == {"type": 3, "invocationId": "0", "result": "hi"}
+
+
+async def test_client_disconnect_sends_close_connection_to_its_server(relay, app_server,
+                                                                       raw_client):
+    server = await app_server(relay)
+    client, opened = await bind_client(relay, server, raw_client)
+    await client.ws.aclose()
+    closed = await server.next(CloseConnectionMessage)
+    assert closed.connection_id == opened.connection_id
+
+
+async def test_server_close_connection_closes_the_client(relay, app_server, raw_client):
+    server = await app_server(relay)
+    client, opened = await bind_client(relay, server, raw_client)
+    await server.send(ConnectionDataMessage(opened.connection_id, b'{"type":7}\x1e'),
+                      CloseConnectionMessage(opened.connection_id, ""))
+    with trio.fail_after(5):
+        assert await client.next_message() == {"type": 7}
+    with pytest.raises(ConnectionClosed), trio.fail_after(5):
+        await client.ws.get_message()
+
+
+async def test_fan_out_messages_reach_exactly_their_targets(relay, app_server, raw_client):
+    server = await app_server(relay)
+    alice, a = await bind_client(relay, server, raw_client, user="alice")
+    bob, b = await bind_client(relay, server, raw_client, user="bob")
+    await server.send(BroadcastDataMessage(payloads("all"), (b.connection_id,)))
+    await server.send(UserDataMessage("bob", payloads("user")))
+    await server.send(MultiConnectionDataMessage((a.connection_id,), payloads("conn")))
+    await server.send(JoinGroupWithAckMessage(b.connection_id, "g", 7))
+    ack = await server.next(ServiceAckMessage)
+    assert (ack.ack_id, ack.status) == (7, AckStatus.OK)
+    await server.send(GroupBroadcastDataMessage("g", payloads("group")))
+    with trio.fail_after(5):
+        assert (await alice.next_message())["target"] == "all"
+        assert (await alice.next_message())["target"] == "conn"
+        assert (await bob.next_message())["target"] == "user"
+        assert (await bob.next_message())["target"] == "group"
+
+
+async def test_acked_operations_answer_not_found_for_unknown_targets(relay, app_server):
+    server = await app_server(relay)
+    await server.send(JoinGroupWithAckMessage("nope", "g", 1),
+                      CheckConnectionExistenceWithAckMessage("nope", 2),
+                      UserJoinGroupWithAckMessage("carol", "g", 3, ttl=60),
+                      CheckUserInGroupWithAckMessage("carol", "g", 4))
+    acks = [await server.next(ServiceAckMessage) for _ in range(4)]
+    assert [(a.ack_id, a.status) for a in acks] == [
+        (1, AckStatus.NOT_FOUND), (2, AckStatus.NOT_FOUND), (3, AckStatus.OK),
+        (4, AckStatus.OK)]
+
+
+async def test_weak_connections_never_get_clients(relay, app_server, connect):
+    server = await app_server(relay, connection_type=ConnectionType.WEAK)
+    await connect(relay)  # answered by the relay itself (service_mode auto)
+    assert relay.choose_server("chat") is None
+    await server.send(ServicePing.of(status="1"))
+    reply = await server.next(ServicePing, skip_pings=False)
+    while reply.get(PingKey.STATUS) is None:
+        reply = await server.next(ServicePing, skip_pings=False)
+    assert reply.get(PingKey.CLIENT_COUNT) == "1"
+    assert not any(isinstance(m, OpenConnectionMessage) for m in server.seen)
+
+
+async def test_default_mode_without_app_server_refuses_the_handshake(nursery, raw_client):
+    relay = await nursery.start(serve_relay, RelayConfig(port=0, access_keys=[KEY],
+                                                         service_mode="default"))
+    ws = await raw_client(relay)
+    await ws.send_message('{"protocol":"json","version":1}' + RS)
+    with trio.fail_after(5):
+        reply = json.loads((await ws.get_message()).rstrip(RS))
+    assert reply == {"error": "No app server is connected to hub 'chat'."}
+
+
+async def test_clients_are_spread_over_app_servers(relay, app_server, raw_client):
+    pod1 = await app_server(relay, server_id="pod1")
+    pod2 = await app_server(relay, server_id="pod2")
+    for _ in range(4):
+        ws = await raw_client(relay)
+        await ws.send_message('{"protocol":"json","version":1}' + RS)
+    await wait_for(lambda: sum(len(s.clients) for s in relay.servers_of("chat")) == 4)
+    counts = sorted(len(s.clients) for s in relay.servers_of("chat"))
+    assert counts == [2, 2]
+    assert pod1 and pod2
+
+
+async def test_dropped_server_connection_closes_its_clients_with_allow_reconnect(
+        relay, app_server, raw_client):
+    server = await app_server(relay)
+    client, _ = await bind_client(relay, server, raw_client)
+    await server.aclose()
+    with trio.fail_after(5):
+        message = await client.next_message()
+    assert message["type"] == 7 and message["allowReconnect"] is True
+
+
+async def test_malformed_service_message_closes_only_that_connection(relay, app_server,
+                                                                     raw_client):
+    bad = await app_server(relay, server_id="bad")
+    good = await app_server(relay, server_id="good")
+    bad_client, _ = await bind_client(relay, bad, raw_client, user="u1")
+    good_client, g = await bind_client(relay, good, raw_client, user="u2")
+    bad.ws.send_binary(b"\x03\x93\x06\xc1\xc1")  # type 6 (ConnectionData) with garbage fields
+    await bad.stream.send_all(bad.ws.data_to_send())
+    error = await bad.next(ServiceErrorMessage)
+    assert "ConnectionData" in error.error_message or "malformed" in error.error_message
+    with trio.fail_after(5):
+        message = await bad_client.next_message()
+    assert message["type"] == 7 and message["allowReconnect"] is True
+    await good.send(MultiConnectionDataMessage((g.connection_id,), payloads("still")))
+    with trio.fail_after(5):
+        assert (await good_client.next_message())["target"] == "still"
+
+
+async def test_client_invocation_result_goes_back_to_the_caller_server(relay, app_server,
+                                                                       raw_client):
+    owner = await app_server(relay, server_id="owner")
+    client, opened = await bind_client(relay, owner, raw_client)
+    caller = await app_server(relay, server_id="caller")
+    invocation = ClientInvocationMessage(
+        "inv1", opened.connection_id, "caller",
+        {"json": b'{"type":1,"invocationId":"inv1","target":"ask","arguments":[]}\x1e'})
+    await caller.send(invocation)
+    with trio.fail_after(5):
+        assert (await client.next_message())["invocationId"] == "inv1"
+    forwarded = await owner.next(ClientInvocationMessage)
+    assert forwarded.invocation_id == "inv1"
+    await owner.send(ClientCompletionMessage("inv1", opened.connection_id, "caller", "json",
+                                             b'{"type":3,"invocationId":"inv1","result":42}\x1e'))
+    completion = await caller.next(ClientCompletionMessage)
+    assert completion.invocation_id == "inv1"
+
+
+async def test_client_leaving_fails_its_pending_invocations(relay, app_server, raw_client):
+    owner = await app_server(relay, server_id="owner")
+    client, opened = await bind_client(relay, owner, raw_client)
+    caller = await app_server(relay, server_id="caller")
+    await caller.send(ClientInvocationMessage(
+        "inv2", opened.connection_id, "caller",
+        {"json": b'{"type":1,"invocationId":"inv2","target":"ask","arguments":[]}\x1e'}))
+    await owner.next(ClientInvocationMessage)
+    await client.ws.aclose()
+    error = await caller.next(ErrorCompletionMessage)
+    assert error.invocation_id == "inv2" and "disconnected" in error.error
+
