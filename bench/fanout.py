@@ -1,4 +1,5 @@
-"""Loopback fan-out: REST broadcasts to N connected SignalR clients, end to end.
+"""Loopback fan-out: broadcasts to N connected SignalR clients, end to end, side by side through
+the REST API and through an app server's server connection (the service protocol).
 
 The relay runs as a real subprocess (``python -m relaycore serve``) pinned to CPU 0; this load
 generator runs on CPU 1 with its own WebSocket client (relaycore's sans-I/O protocol in the
@@ -13,6 +14,7 @@ relay does, and what never arrives counts against "reach".
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -23,18 +25,24 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import trio
 
 from relaycore import __version__
 from relaycore._accel import ACCELERATED
-from relaycore.protocol._auth import generate_access_token
-from relaycore.protocol._websocket import (
+from relaycore.protocol import (
+    BroadcastDataMessage,
+    ConnectionType,
+    JsonHubProtocol,
     Role,
+    ServiceHandshakeRequest,
     TextMessage,
     WebSocketProtocol,
+    write_service_message,
 )
+from relaycore.protocol._auth import generate_access_token
 
 KEY = "bench-access-key-0123456789abcdefgh"
 HUB = "bench"
@@ -130,31 +138,93 @@ async def open_client(port: int, token: str, sampled: bool) -> Receiver:
         rest = await stream.receive_some(4096)
 
 
-async def run_step(port: int, receivers: list[Receiver], rate: float, duration: float,
-                   payload: int, relay_pid: int) -> dict[str, object]:
+class RestPublisher:
+    """Broadcasts through the REST API (``POST /api/hubs/{hub}/:send``), one request each."""
+
+    name = "rest"
+
+    def __init__(self, port: int) -> None:
+        path = f"/api/hubs/{HUB}/:send"
+        token = generate_access_token(KEY, f"http://127.0.0.1{path}", now=time.time())
+        self.url = f"http://127.0.0.1:{port}{path}?api-version=2022-06-01"
+        self.http = httpx.AsyncClient(headers={"Authorization": f"Bearer {token}"})
+
+    async def publish(self, arguments: list[object]) -> None:
+        await self.http.post(self.url, json={"target": "t", "arguments": arguments})
+
+    async def aclose(self) -> None:
+        await self.http.aclose()
+
+
+class ServerPublisher:
+    """Broadcasts as an app server does: ``BroadcastData`` on a (Weak) server connection."""
+
+    name = "server"
+
+    def __init__(self, stream: trio.SocketStream) -> None:
+        self.stream = stream
+        self.ws = WebSocketProtocol(Role.CLIENT, mask_key=lambda: os.urandom(4))
+
+    @classmethod
+    async def open(cls, port: int, nursery: trio.Nursery) -> ServerPublisher:
+        token = generate_access_token(KEY, f"http://127.0.0.1/server/?hub={HUB}",
+                                      now=time.time(), user_id="bench-server")
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        await stream.send_all(
+            (f"GET /server/?hub={HUB} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+             f"Upgrade: websocket\r\nConnection: Upgrade\r\nAuthorization: Bearer {token}\r\n"
+             "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+             ).encode())
+        head = b""
+        while b"\r\n\r\n" not in head:
+            head += await stream.receive_some(4096)
+        assert head.startswith(b"HTTP/1.1 101"), head[:100]
+        publisher = cls(stream)
+        publisher.ws.send_binary(write_service_message(
+            ServiceHandshakeRequest(connection_type=ConnectionType.WEAK)))
+        await stream.send_all(publisher.ws.data_to_send())
+        nursery.start_soon(publisher._drain)
+        return publisher
+
+    async def _drain(self) -> None:
+        # The relay's pings (and the handshake answer) must be read, or its buffer fills.
+        with contextlib.suppress(trio.ClosedResourceError, trio.BrokenResourceError):
+            while await self.stream.receive_some(65536):
+                pass
+
+    async def publish(self, arguments: list[object]) -> None:
+        payload = JSON.write_invocation("t", arguments)
+        self.ws.send_binary(write_service_message(BroadcastDataMessage({"json": payload})))
+        await self.stream.send_all(self.ws.data_to_send())
+
+    async def aclose(self) -> None:
+        await self.stream.aclose()
+
+
+JSON = JsonHubProtocol()
+
+
+async def run_step(port: int, receivers: list[Receiver], publisher: RestPublisher |
+                   ServerPublisher, rate: float, duration: float, payload: int,
+                   relay_pid: int) -> dict[str, object]:
     count = max(1, int(rate * duration))
     expected = count * len(receivers)
     done = trio.Event()
     counter = [0]
     for r in receivers:
         r.latencies.clear()
-    path = f"/api/hubs/{HUB}/:send"
-    token = generate_access_token(KEY, f"http://127.0.0.1{path}", now=time.time())
-    url = f"http://127.0.0.1:{port}{path}?api-version=2022-06-01"
     filler = "x" * payload
     relay_cpu0, gen_cpu0 = cpu_seconds(relay_pid), time.process_time()
     start = time.perf_counter()
     async with trio.open_nursery() as nursery:
         for r in receivers:
             nursery.start_soon(r.run, expected, done, counter)
-        async with httpx.AsyncClient(headers={"Authorization": f"Bearer {token}"}) as http:
-            for i in range(count):
-                due = start + i / rate
-                delay = due - time.perf_counter()
-                if delay > 0:
-                    await trio.sleep(delay)
-                await http.post(url, json={"target": "t",
-                                           "arguments": [time.perf_counter(), filler]})
+        for i in range(count):
+            due = start + i / rate
+            delay = due - time.perf_counter()
+            if delay > 0:
+                await trio.sleep(delay)
+            await publisher.publish([time.perf_counter(), filler])
         with trio.move_on_after(max(5.0, duration)):
             await done.wait()
         elapsed = time.perf_counter() - start
@@ -168,6 +238,7 @@ async def run_step(port: int, receivers: list[Receiver], rate: float, duration: 
         return lat[min(len(lat) - 1, int(p * len(lat)))] * 1000 if lat else float("nan")
 
     return {
+        "path": publisher.name,
         "offered_broadcasts_per_s": rate,
         "offered_deliveries_per_s": rate * len(receivers),
         "delivered_per_s": delivered / elapsed,
@@ -190,21 +261,34 @@ async def main_async(args: argparse.Namespace) -> dict[str, object]:
         for i in range(args.clients):
             receivers.append(await open_client(port, token, i % SAMPLE_EVERY == 0))
         steps = []
-        for rate in args.rates:
-            step = await run_step(port, receivers, rate, args.duration, args.payload, proc.pid)
-            steps.append(step)
-            print(f"  {len(receivers)} clients, {rate:>6g} broadcasts/s: "
-                  f"{step['delivered_per_s']:>9.0f} deliveries/s, reach {step['reach']:.3f}, "
-                  f"p50 {step['p50_ms']:.1f} ms, p99 {step['p99_ms']:.1f} ms, "
-                  f"relay {step['relay_cpu_s_per_1M_deliveries'] or 0:.1f} CPU-s/1M, "
-                  f"generator {step['generator_cpu_percent']:.0f}% CPU"
-                  f"{' (GENERATOR-BOUND)' if step['generator_bound'] else ''}", flush=True)
+        async with trio.open_nursery() as nursery:
+            publishers = {"rest": RestPublisher(port),
+                          "server": await ServerPublisher.open(port, nursery)}
+            for via in args.via:
+                for rate in args.rates:
+                    step = await run_step(port, receivers, publishers[via], rate, args.duration,
+                                          args.payload, proc.pid)
+                    steps.append(step)
+                    report(len(receivers), step)
+            for publisher in publishers.values():
+                await publisher.aclose()
+            nursery.cancel_scope.cancel()
         for r in receivers:
             await r.stream.aclose()
         return {"clients": len(receivers), "payload_bytes": args.payload, "steps": steps}
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+def report(clients: int, step: dict[str, Any]) -> None:
+    print(f"  {step['path']:>6}, {clients} clients, {step['offered_broadcasts_per_s']:>6g} "
+          "broadcasts/s: "
+                  f"{step['delivered_per_s']:>9.0f} deliveries/s, reach {step['reach']:.3f}, "
+                  f"p50 {step['p50_ms']:.1f} ms, p99 {step['p99_ms']:.1f} ms, "
+                  f"relay {step['relay_cpu_s_per_1M_deliveries'] or 0:.1f} CPU-s/1M, "
+                  f"generator {step['generator_cpu_percent']:.0f}% CPU"
+                  f"{' (GENERATOR-BOUND)' if step['generator_bound'] else ''}", flush=True)
 
 
 def facts() -> dict[str, object]:
@@ -224,6 +308,9 @@ def main() -> None:
     parser.add_argument("--rates", type=float, nargs="+", default=[50, 100, 200])
     parser.add_argument("--duration", type=float, default=3.0)
     parser.add_argument("--payload", type=int, default=32)
+    parser.add_argument("--via", nargs="+", choices=["rest", "server"], default=["rest", "server"],
+                        help="publish through the REST API, an app server's server connection, "
+                             "or both (side by side)")
     parser.add_argument("--smoke", action="store_true", help="tiny counts, no result file")
     args = parser.parse_args()
     if args.smoke:
