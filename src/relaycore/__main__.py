@@ -22,6 +22,7 @@ def _serve(args: argparse.Namespace) -> int:
         config = RelayConfig.load(toml_path=args.config, overrides={
             "host": args.host, "port": args.port, "access_key": args.access_key,
             "public_endpoint": args.public_endpoint, "log_level": args.log_level,
+            "upstreams": args.upstream, "service_mode": args.service_mode,
         })
     except (ValueError, OSError) as exc:
         print(f"relaycore: bad configuration: {exc}", file=sys.stderr)
@@ -92,6 +93,14 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--public-endpoint", help="the URL clients reach this relay at")
     serve.add_argument("--config", help="a TOML file of settings (see docs/configuration.md)")
     serve.add_argument("--log-level", help="DEBUG, INFO (default), WARNING, ERROR")
+    serve.add_argument("--upstream", action="append", metavar="URL_TEMPLATE",
+                       help="send client events and invocations of every hub to this URL "
+                            "({hub}, {category}, {event} are filled in); repeatable, first "
+                            "match wins; patterns per hub/category/event go in --config")
+    serve.add_argument("--service-mode", choices=["auto", "default", "serverless"],
+                       help="auto (default): hubs with an app server route clients to it, others "
+                            "are served by the relay; default: a hub needs an app server; "
+                            "serverless: the relay serves every hub")
     serve.set_defaults(func=_serve)
 
     token = sub.add_parser("token", help="print a client URL and access token for a hub "

@@ -27,13 +27,13 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
+from .._accel import encode_varint, split_records, split_varint_frames
 from ..protocol._errors import RemoteProtocolError
 from ..protocol._hub import (
     CloseMessage,
     CompletionMessage,
     HandshakeRequest,
     InvocationMessage,
-    PingMessage,
     StreamInvocationMessage,
     get_protocol,
     parse_handshake_request,
@@ -155,14 +155,15 @@ class ClientConnection(Peer):
 
     def _leave(self, reason: str | None) -> None:
         """Leave the connection table and the app server (once)."""
+        if self.state >= ConnState.CLOSING:
+            return
+        self.close_reason = reason
         if self.state is ConnState.OPEN:
             self.relay._remove_connection(self)
-        if self.state < ConnState.CLOSING:
-            self.state = ConnState.CLOSING
-            self.close_reason = reason
-            if self.server is not None:
-                self.server.client_closed(self, reason)
-                self.server = None
+        self.state = ConnState.CLOSING
+        if self.server is not None:
+            self.server.client_closed(self, reason)
+            self.server = None
 
     def _ended(self) -> None:
         self._leave(self.close_reason)
@@ -288,29 +289,50 @@ class ClientConnection(Peer):
             self.enqueue(self._frame(payload))
 
     def _parse_hub_messages(self) -> None:
+        """Serverless: handle the client's complete hub messages (each kept as its raw bytes,
+        which is what an upstream receives)."""
         limit = self.relay.config.max_message_size
         try:
-            messages, consumed = self.protocol.parse(self._inbox, limit)
-        except RemoteProtocolError as exc:
-            too_big = "exceeds" in str(exc)
+            for body, message in self._split_messages(limit):
+                if isinstance(message, CloseMessage):
+                    self._leave(None)
+                    self._send_close_frame(CloseCode.NORMAL_CLOSURE)
+                    self._start_close_timer()
+                    return
+                if isinstance(message, (InvocationMessage, StreamInvocationMessage)):
+                    self.relay._client_invocation(self, message, body)
+        except (RemoteProtocolError, ValueError) as exc:
+            too_big = "exceed" in str(exc)
             self._inbox.clear()
             self.relay.stats.protocol_errors += 1
-            self.close(
-                f"Connection closed with an error: {exc}",
-                code=CloseCode.MESSAGE_TOO_BIG if too_big else CloseCode.INVALID_FRAME_PAYLOAD_DATA,
-            )
-            return
+            self.close(f"Connection closed with an error: {exc}",
+                       code=CloseCode.MESSAGE_TOO_BIG if too_big
+                       else CloseCode.INVALID_FRAME_PAYLOAD_DATA)
+
+    def _split_messages(self, limit: int) -> list[tuple[bytes, Any]]:
+        """The complete messages in the inbox as ``(unframed bytes, message)``; unknown
+        message types are skipped. Raises for a malformed or oversized message."""
+        if self.protocol_name == "json":
+            bodies, consumed = split_records(self._inbox)
+            if len(self._inbox) - consumed > limit:
+                raise RemoteProtocolError(
+                    f"a message exceeds the maximum message size of {limit} bytes")
+            framed = [body + b"\x1e" for body in bodies]
+        else:
+            bodies, consumed = split_varint_frames(self._inbox, limit)
+            framed = [encode_varint(len(body)) + body for body in bodies]
         del self._inbox[:consumed]
-        for message in messages:
-            if isinstance(message, CloseMessage):
-                self._leave(None)
-                self._send_close_frame(CloseCode.NORMAL_CLOSURE)
-                self._start_close_timer()
-                return
-            if isinstance(message, PingMessage):
-                continue
-            if isinstance(message, (InvocationMessage, StreamInvocationMessage)):
-                self.relay._client_invocation(self, message)
+        out = []
+        for body, data in zip(bodies, framed, strict=True):
+            messages, _ = self.protocol.parse(data, limit)
+            if messages:
+                out.append((body, messages[0]))
+        return out
+
+    def send_framed(self, payload: bytes) -> None:
+        """Send complete framed hub messages (an upstream's answer) to this client as is."""
+        if self.state is ConnState.OPEN:
+            self._push(self._frame(payload))
 
     def not_delivered(self, message: InvocationMessage | StreamInvocationMessage) -> None:
         if message.invocation_id is not None:

@@ -13,6 +13,8 @@ from typing import Any
 
 import tomllib
 
+from ._upstream import parse_rules
+
 #: The access key of the embedded development default. Printed at start; never use it in
 #: production (``--access-key`` or ``RELAYCORE_ACCESS_KEY`` replace it).
 DEVELOPMENT_ACCESS_KEY = "relaycore-development-key-0123456789ABCDEFGH"
@@ -58,6 +60,20 @@ class RelayConfig:
     server_timeout: float = 30.0
     #: Largest service-protocol message an app server may send.
     max_service_message_size: int = 16 << 20
+    #: Upstream webhooks (service-protocol §13), in order, first match wins: URL templates
+    #: (``{hub}``, ``{category}``, ``{event}``) or tables with ``url_template``,
+    #: ``hub_pattern``, ``category_pattern``, ``event_pattern``.
+    upstreams: list[Any] = dataclasses.field(default_factory=list)
+    #: Each upstream request's time limit, and how many run at once.
+    upstream_timeout: float = 10.0
+    upstream_concurrency: int = 64
+    #: Connected/disconnected events waiting per hub before new ones are dropped (and counted).
+    upstream_queue_limit: int = 10000
+    #: How long a failing system event is retried, and the longest pause between attempts.
+    upstream_retry_for: float = 300.0
+    upstream_retry_max_delay: float = 5.0
+    #: Largest upstream answer to an invocation that is passed to the client.
+    max_upstream_response: int = 16 << 20
     #: Clock skew allowed when checking token expiry.
     token_clock_skew: float = 300.0
     #: Connections a hub may hold (0 = no limit).
@@ -83,6 +99,7 @@ class RelayConfig:
                      "max_request_head", "max_service_message_size"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
+        parse_rules(self.upstreams)  # fail at start, naming the bad entry
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port must be 0..65535, got {self.port}")
 
@@ -119,6 +136,8 @@ class RelayConfig:
             values.update(_check_keys(doc.get("relay", doc), f"{toml_path}"))
         values.update(_from_env(os.environ if env is None else env))
         values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+        if "upstream" in values:
+            values["upstreams"] = values.pop("upstream")
         if "access_key" in values:
             key = values.pop("access_key")
             values["access_keys"] = [key] if isinstance(key, str) else list(key)
@@ -132,7 +151,7 @@ def _check_keys(doc: Mapping[str, Any], where: str) -> dict[str, Any]:
     out = {}
     for key, value in doc.items():
         name = key.replace("-", "_")
-        if name not in _FIELDS and name != "access_key":
+        if name not in _FIELDS and name not in ("access_key", "upstream"):
             raise ValueError(f"{where}: unknown setting {key!r}")
         out[name] = value
     return out
@@ -149,6 +168,9 @@ def _from_env(env: Mapping[str, str]) -> dict[str, Any]:
         name = key[len("RELAYCORE_"):].lower()
         if name in ("access_key", "access_keys"):
             out["access_keys"] = [k.strip() for k in raw.split(",") if k.strip()]
+            continue
+        if name in ("upstream", "upstreams"):
+            out["upstreams"] = raw.split()  # whitespace-separated URL templates
             continue
         field = _FIELDS.get(name)
         if field is None:

@@ -38,6 +38,7 @@ from ._message import OutboundMessage, fan_out
 from ._peer import ConnState, Flusher, Peer, aclose_quietly
 from ._server import ClientInvocations, ServerConnection
 from ._table import ConnectionTable
+from ._upstream import Upstream, parse_rules
 
 log = logging.getLogger("relaycore.relay")
 
@@ -54,6 +55,9 @@ class RelayStats:
     handshake_errors: int = 0
     protocol_errors: int = 0
     auth_failures: int = 0
+    upstream_events_sent: int = 0
+    upstream_failures: int = 0
+    upstream_dropped: int = 0
 
 
 @dataclasses.dataclass
@@ -76,6 +80,7 @@ class Relay:
         self._live: set[Peer] = set()
         self.flusher = Flusher()
         self.invocations = ClientInvocations(self)
+        self.upstream = Upstream(self, parse_rules(config.upstreams))
         #: this node's id, as ``Asrs-Instance-Id`` tells app servers (service-protocol §6.2)
         self.instance_id = secrets.token_hex(8)
         self._pending: dict[str, _Pending] = {}
@@ -222,11 +227,15 @@ class Relay:
         conn.state = ConnState.OPEN
         self.table.shard(conn.hub).add(conn, self.now())
         self.stats.connections_opened += 1
+        if conn.server is None:
+            self.upstream.connected(conn)
         log.debug("connection %s opened on hub %s (user %s)", conn.id, conn.hub, conn.user_id)
 
     def _remove_connection(self, conn: ClientConnection) -> None:
         self.table.shard(conn.hub).remove(conn)
         self.table.prune(conn.hub)
+        if conn.server is None:
+            self.upstream.disconnected(conn, conn.close_reason)
         self.stats.connections_closed += 1
 
     def _forget(self, peer: Peer) -> None:
@@ -288,10 +297,12 @@ class Relay:
             self.table.prune(server.hub)
 
     def _client_invocation(self, conn: ClientConnection,
-                           message: InvocationMessage | StreamInvocationMessage) -> None:
-        """A client invoked a hub method. Without an app server or upstream (later layers),
-        an invocation that expects an answer gets a completion error, never silence."""
-        conn.not_delivered(message)
+                           message: InvocationMessage | StreamInvocationMessage,
+                           body: bytes) -> None:
+        """A serverless client invoked a hub method: it goes to the matching upstream; without
+        one, an invocation that expects an answer gets a completion error, never silence."""
+        if not self.upstream.invoke(conn, message.target, message.invocation_id, body):
+            conn.not_delivered(message)
 
     # -- authentication ------------------------------------------------------------------------
 
@@ -500,5 +511,6 @@ async def serve_relay(
     async with trio.open_nursery() as nursery:
         nursery.start_soon(relay._ticker)
         nursery.start_soon(relay.flusher.run)
+        await nursery.start(relay.upstream.run)
         nursery.start_soon(trio.serve_listeners, relay.handle_stream, listeners)
         task_status.started(relay)

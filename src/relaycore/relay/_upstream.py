@@ -1,0 +1,268 @@
+"""Upstream webhooks (serverless mode, service-protocol §13): client events become HTTP POSTs.
+
+Theory of operation
+-------------------
+``UpstreamRule``s are matched in order, first match wins (§13.1). Three kinds of event go up:
+
+* ``connections/connected`` and ``connections/disconnected`` (system events): queued per hub in
+  arrival order and sent by that hub's worker, one at a time so a connection's ``connected``
+  always precedes its ``disconnected``. A failed or unreachable upstream is retried with
+  exponential backoff (capped at ``upstream_retry_max_delay``) for up to ``upstream_retry_for``
+  seconds; what is finally given up, or does not fit the hub's bounded queue, is counted
+  (``RelayStats.upstream_dropped``) and logged with its connection id. Nothing is lost silently.
+* ``messages/<target>`` (client invocations): sent at once, concurrently, bounded by
+  ``upstream_concurrency``, each with ``upstream_timeout``. An invocation with an id always gets
+  an answer (§13.4): the upstream's 200 body unchanged (a framed completion), an empty
+  completion for an empty 200 or a 204, otherwise a completion error naming the status or the
+  failure. The client's connection is never blocked by an upstream call.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import fnmatch
+import logging
+from collections.abc import Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+from urllib.parse import quote
+
+import httpx
+import orjson
+import trio
+
+from ..protocol._hub import CompletionMessage
+from ..protocol._service import upstream_signature
+
+if TYPE_CHECKING:
+    from ._client import ClientConnection
+    from ._relay import Relay
+
+log = logging.getLogger("relaycore.relay.upstream")
+
+CONNECTIONS = "connections"
+MESSAGES = "messages"
+
+
+def _matches(pattern: str, value: str) -> bool:
+    """``*``, a name, or a comma-separated list of names (compared case-insensitively)."""
+    items = [p.strip() for p in pattern.split(",") if p.strip()]
+    return any(p == "*" or fnmatch.fnmatchcase(value.lower(), p.lower()) for p in items)
+
+
+@dataclasses.dataclass(frozen=True)
+class UpstreamRule:
+    """One upstream setting: where events of matching hubs, categories and events go."""
+
+    url_template: str
+    hub_pattern: str = "*"
+    category_pattern: str = "*"
+    event_pattern: str = "*"
+
+    def url_for(self, hub: str, category: str, event: str) -> str | None:
+        if not (_matches(self.hub_pattern, hub) and _matches(self.category_pattern, category)
+                and _matches(self.event_pattern, event)):
+            return None
+        return (self.url_template.replace("{hub}", quote(hub, safe=""))
+                .replace("{category}", quote(category, safe=""))
+                .replace("{event}", quote(event, safe="")))
+
+    @classmethod
+    def parse(cls, value: str | Mapping[str, Any], where: str = "upstream") -> UpstreamRule:
+        """From a URL template string, or a table with ``url_template`` and patterns."""
+        if isinstance(value, str):
+            rule = cls(value)
+        else:
+            known = {f.name for f in dataclasses.fields(cls)}
+            fields = {k.replace("-", "_"): v for k, v in value.items()}
+            fields.pop("auth", None)  # managed identity has no meaning here
+            unknown = set(fields) - known
+            if unknown:
+                raise ValueError(f"{where}: unknown upstream settings {sorted(unknown)}")
+            if "url_template" not in fields:
+                raise ValueError(f"{where}: an upstream needs a url_template")
+            rule = cls(**fields)
+        if not rule.url_template.startswith(("http://", "https://")):
+            raise ValueError(f"{where}: url_template must be an http(s) URL, got "
+                             f"{rule.url_template!r}")
+        return rule
+
+
+def parse_rules(values: Iterable[str | Mapping[str, Any]]) -> list[UpstreamRule]:
+    return [UpstreamRule.parse(v, f"upstream #{i + 1}") for i, v in enumerate(values)]
+
+
+@dataclasses.dataclass
+class _SystemEvent:
+    connection_id: str
+    headers: dict[str, str]
+    event: str
+    body: bytes
+    url: str
+
+
+class Upstream:
+    """Sends a relay's upstream events; ``run()`` lives in the relay's nursery."""
+
+    def __init__(self, relay: Relay, rules: Sequence[UpstreamRule]) -> None:
+        self.relay = relay
+        self.rules = list(rules)
+        config = relay.config
+        self._limiter = trio.CapacityLimiter(config.upstream_concurrency)
+        self._queues: dict[str, collections.deque[_SystemEvent]] = {}
+        self._wakeups: dict[str, trio.Event] = {}
+        self._nursery: trio.Nursery | None = None
+        self._http: httpx.AsyncClient | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.rules)
+
+    def url_for(self, hub: str, category: str, event: str) -> str | None:
+        for rule in self.rules:
+            url = rule.url_for(hub, category, event)
+            if url is not None:
+                return url
+        return None
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        timeout = httpx.Timeout(self.relay.config.upstream_timeout)
+        async with httpx.AsyncClient(timeout=timeout) as self._http, \
+                trio.open_nursery() as self._nursery:
+            task_status.started()
+            await trio.sleep_forever()
+
+    # -- events -------------------------------------------------------------------------------
+
+    def _headers(self, conn: ClientConnection, category: str, event: str) -> dict[str, str]:
+        headers = {
+            "X-ASRS-Connection-Id": conn.id,
+            "X-ASRS-Hub": conn.hub,
+            "X-ASRS-Category": category,
+            "X-ASRS-Event": event,
+            "X-ASRS-Client-Query": conn.query,
+            "X-ASRS-Signature": upstream_signature(conn.id, self.relay.config.access_keys),
+        }
+        if conn.user_id is not None:
+            headers["X-ASRS-User-Id"] = conn.user_id
+        claims = ", ".join(f"{k}: {v}" for k, v in conn.claims.items()
+                           if k not in ("aud", "exp", "iat", "nbf"))
+        if claims:
+            headers["X-ASRS-User-Claims"] = claims
+        return headers
+
+    def connected(self, conn: ClientConnection) -> None:
+        self._system_event(conn, "connected", b'{"type":10}')
+
+    def disconnected(self, conn: ClientConnection, error: str | None) -> None:
+        body = b'{"type":11}' if not error else (
+            b'{"type":11,"error":' + orjson.dumps(error) + b"}")
+        self._system_event(conn, "disconnected", body)
+
+    def _system_event(self, conn: ClientConnection, event: str, body: bytes) -> None:
+        url = self.url_for(conn.hub, CONNECTIONS, event)
+        if url is None or self._nursery is None:
+            return
+        queue = self._queues.get(conn.hub)
+        if queue is None:
+            queue = self._queues[conn.hub] = collections.deque()
+            self._wakeups[conn.hub] = trio.Event()
+            self._nursery.start_soon(self._hub_worker, conn.hub)
+        if len(queue) >= self.relay.config.upstream_queue_limit:
+            self.relay.stats.upstream_dropped += 1
+            log.error("upstream queue of hub %s is full (%d events): dropped %s of %s",
+                      conn.hub, len(queue), event, conn.id)
+            return
+        headers = self._headers(conn, CONNECTIONS, event)
+        headers["Content-Type"] = "application/json"
+        queue.append(_SystemEvent(conn.id, headers, event, body, url))
+        self._wakeups[conn.hub].set()
+
+    async def _hub_worker(self, hub: str) -> None:
+        queue = self._queues[hub]
+        while True:
+            if not queue:
+                self._wakeups[hub] = trio.Event()
+                await self._wakeups[hub].wait()
+                continue
+            event = queue[0]
+            await self._deliver_system_event(event)
+            queue.popleft()
+
+    async def _deliver_system_event(self, event: _SystemEvent) -> None:
+        config = self.relay.config
+        deadline = trio.current_time() + config.upstream_retry_for
+        delay = 0.25
+        attempt = 0
+        while True:
+            attempt += 1
+            problem = await self._post_once(event.url, event.headers, event.body)
+            if problem is None:
+                self.relay.stats.upstream_events_sent += 1
+                return
+            if trio.current_time() + delay > deadline:
+                self.relay.stats.upstream_dropped += 1
+                log.error("upstream %s event of connection %s dropped after %d attempts: %s",
+                          event.event, event.connection_id, attempt, problem)
+                return
+            log.warning("upstream %s event of connection %s failed (attempt %d: %s); retrying "
+                        "in %.2g s", event.event, event.connection_id, attempt, problem, delay)
+            await trio.sleep(delay)
+            delay = min(delay * 2, config.upstream_retry_max_delay)
+
+    async def _post_once(self, url: str, headers: dict[str, str], body: bytes) -> str | None:
+        assert self._http is not None
+        try:
+            async with self._limiter:
+                response = await self._http.post(url, headers=headers, content=body)
+        except httpx.HTTPError as exc:
+            return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        if response.status_code in (200, 204):
+            return None
+        return f"status code {response.status_code}"
+
+    # -- invocations -------------------------------------------------------------------------
+
+    def invoke(self, conn: ClientConnection, target: str, invocation_id: str | None,
+               body: bytes) -> bool:
+        """Send a client invocation up; False when no upstream takes it."""
+        url = self.url_for(conn.hub, MESSAGES, target)
+        if url is None or self._nursery is None:
+            return False
+        headers = self._headers(conn, MESSAGES, target)
+        headers["Content-Type"] = ("application/x-msgpack" if conn.protocol_name == "messagepack"
+                                   else "application/json")
+        self._nursery.start_soon(self._invoke, conn, url, headers, body, target, invocation_id)
+        return True
+
+    async def _invoke(self, conn: ClientConnection, url: str, headers: dict[str, str],
+                      body: bytes, target: str, invocation_id: str | None) -> None:
+        assert self._http is not None
+        limit = self.relay.config.max_upstream_response
+        try:
+            async with self._limiter:
+                response = await self._http.post(url, headers=headers, content=body)
+        except httpx.HTTPError as exc:
+            self.relay.stats.upstream_failures += 1
+            log.warning("upstream invocation %s of %s failed: %r", target, conn.id, exc)
+            if invocation_id is not None:
+                conn.reply(CompletionMessage(invocation_id=invocation_id, error=(
+                    f"Invocation failed: the upstream could not be reached "
+                    f"({type(exc).__name__})")))
+            return
+        if invocation_id is None:
+            return
+        if response.status_code == 200 and response.content:
+            if len(response.content) > limit:
+                conn.reply(CompletionMessage(invocation_id=invocation_id, error=(
+                    f"Invocation failed: the upstream answer of {len(response.content)} bytes "
+                    f"exceeds the limit of {limit} bytes")))
+            else:
+                conn.send_framed(response.content)
+        elif response.status_code in (200, 204):
+            conn.reply(CompletionMessage(invocation_id=invocation_id))
+        else:
+            self.relay.stats.upstream_failures += 1
+            conn.reply(CompletionMessage(
+                invocation_id=invocation_id,
+                error=f"Invocation failed, status code {response.status_code}"))

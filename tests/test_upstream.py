@@ -1,0 +1,256 @@
+"""Upstream webhooks (service-protocol §13): events and invocations of serverless clients.
+
+The upstream is a small HTTP server in the test (relaycore's own h11 front), scripted per test:
+it records every request and answers what the test says.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+from collections.abc import Callable
+
+import msgpack
+import pytest
+import trio
+
+from relaycore.protocol import MessagePackHubProtocol
+from relaycore.relay import RelayConfig, serve_relay
+from relaycore.relay._http import HttpConnection, Response
+from relaycore.relay._upstream import UpstreamRule, parse_rules
+from relayhelpers import KEY, RS, wait_for
+
+
+class FakeUpstream:
+    def __init__(self) -> None:
+        self.requests: list = []
+        self.answer: Callable[[object], Response] = lambda request: Response(200)
+        self.port = 0
+
+    async def serve(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        self.port = listeners[0].socket.getsockname()[1]
+        task_status.started()
+        await trio.serve_listeners(self._handle, listeners)
+
+    async def _handle(self, stream) -> None:
+        http = HttpConnection(stream, max_head=65536, max_body=1 << 20)
+        async with stream:
+            while True:
+                request = await http.read_request()
+                if request is None:
+                    return
+                self.requests.append(request)
+                await http.send_response(self.answer(request))
+                if not http.can_continue():
+                    return
+
+    def events(self, event: str | None = None) -> list:
+        return [r for r in self.requests
+                if event is None or r.headers.get("x-asrs-event") == event]
+
+
+@pytest.fixture
+async def upstream(nursery):
+    fake = FakeUpstream()
+    await nursery.start(fake.serve)
+    return fake
+
+
+@pytest.fixture
+def start_relay(nursery, upstream):
+    async def start(**settings):
+        config = RelayConfig(
+            port=0, access_keys=[KEY, "second-key"], close_timeout=1,
+            upstreams=[f"http://127.0.0.1:{upstream.port}/{{hub}}/api/{{category}}/{{event}}"],
+            upstream_retry_max_delay=0.2, **settings)
+        return await nursery.start(serve_relay, config)
+
+    return start
+
+
+def signature(connection_id: str, key: str) -> str:
+    return "sha256=" + hmac.new(key.encode(), connection_id.encode(), hashlib.sha256).hexdigest()
+
+
+# -- rules ------------------------------------------------------------------------------------
+
+
+def test_rule_patterns_match_names_lists_and_stars():
+    rule = UpstreamRule("http://x/{hub}/{category}/{event}", hub_pattern="chat, news",
+                        category_pattern="messages", event_pattern="*")
+    assert rule.url_for("news", "messages", "send") == "http://x/news/messages/send"
+    assert rule.url_for("other", "messages", "send") is None
+    assert rule.url_for("chat", "connections", "connected") is None
+
+
+def test_rule_placeholders_are_url_escaped():
+    rule = UpstreamRule("http://x/{event}")
+    assert rule.url_for("h", "messages", "a b/c") == "http://x/a%20b%2Fc"
+
+
+def test_bad_upstream_settings_are_rejected_naming_the_entry():
+    with pytest.raises(ValueError, match="upstream #2"):
+        parse_rules(["http://ok/{event}", "ftp://nope"])
+    with pytest.raises(ValueError, match="unknown upstream settings"):
+        parse_rules([{"url_template": "http://x", "hub": "chat"}])
+
+
+# -- system events ----------------------------------------------------------------------------
+
+
+async def test_connected_event_carries_headers_signature_and_body(start_relay, upstream, connect):
+    relay = await start_relay()
+    await connect(relay, user="alice")
+    await wait_for(lambda: upstream.events("connected"))
+    request = upstream.events("connected")[0]
+    conn_id = request.headers["x-asrs-connection-id"]
+    assert request.path == "/chat/api/connections/connected"
+    assert request.headers["x-asrs-hub"] == "chat"
+    assert request.headers["x-asrs-category"] == "connections"
+    assert request.headers["x-asrs-user-id"] == "alice"
+    assert "asrs.s.uid: alice" in request.headers["x-asrs-user-claims"]
+    assert request.headers["x-asrs-signature"] == (
+        f"{signature(conn_id, KEY)},{signature(conn_id, 'second-key')}")
+    assert json.loads(request.body) == {"type": 10}
+
+
+async def test_disconnected_event_follows_connected_with_the_error(start_relay, upstream,
+                                                                   connect):
+    relay = await start_relay(keep_alive_interval=0.2, client_timeout=0.6)
+    client = await connect(relay)
+    await wait_for(lambda: upstream.events("disconnected"), timeout=10)
+    events = [r.headers["x-asrs-event"] for r in upstream.requests]
+    assert events == ["connected", "disconnected"]
+    body = json.loads(upstream.events("disconnected")[0].body)
+    assert body["type"] == 11 and "client timeout" in body["error"]
+    assert client is not None
+
+
+async def test_system_events_are_retried_until_the_upstream_is_back(start_relay, upstream,
+                                                                    connect):
+    failures = {"left": 6}
+
+    def answer(request):
+        if failures["left"] > 0:
+            failures["left"] -= 1
+            return Response(503)
+        return Response(200)
+
+    upstream.answer = answer
+    relay = await start_relay()
+    clients = [await connect(relay, user=f"u{i}") for i in range(3)]
+    for client in clients:
+        await client.ws.send_message('{"type":7}' + RS)
+    await wait_for(lambda: relay.stats.upstream_events_sent == 6, timeout=15)
+    delivered = [(r.headers["x-asrs-event"], r.headers["x-asrs-connection-id"])
+                 for r in upstream.requests[6:]]
+    assert len(delivered) == 6
+    for conn_id in {c for _, c in delivered}:
+        assert [e for e, c in delivered if c == conn_id] == ["connected", "disconnected"]
+    assert relay.stats.upstream_dropped == 0
+
+
+async def test_events_beyond_the_queue_limit_are_dropped_and_counted(start_relay, upstream,
+                                                                     connect):
+    gate = trio.Event()
+    upstream.answer = lambda request: Response(503) if not gate.is_set() else Response(200)
+    relay = await start_relay(upstream_queue_limit=2)
+    for i in range(4):
+        await connect(relay, user=f"u{i}")
+    await wait_for(lambda: relay.stats.upstream_dropped == 2)
+    gate.set()
+    await wait_for(lambda: relay.stats.upstream_events_sent == 2, timeout=10)
+    assert relay.stats.upstream_dropped == 2
+
+
+# -- invocations ------------------------------------------------------------------------------
+
+
+async def test_invocation_result_from_upstream_reaches_the_client(start_relay, upstream, connect):
+    upstream.answer = lambda request: Response(
+        200, b'{"type":3,"invocationId":"1","result":"pong"}' + RS.encode())
+    relay = await start_relay()
+    client = await connect(relay)
+    invocation = '{"type":1,"invocationId":"1","target":"Ping","arguments":[1]}'
+    await client.ws.send_message(invocation + RS)
+    with trio.fail_after(5):
+        assert await client.next_message() == {"type": 3, "invocationId": "1", "result": "pong"}
+    request = upstream.events("Ping")[0]
+    assert request.path == "/chat/api/messages/Ping"
+    assert request.headers["content-type"] == "application/json"
+    assert request.body == invocation.encode()
+
+
+async def test_upstream_error_status_becomes_a_completion_error(start_relay, upstream, connect):
+    upstream.answer = lambda request: Response(500)
+    relay = await start_relay()
+    client = await connect(relay)
+    await client.ws.send_message('{"type":1,"invocationId":"7","target":"Boom","arguments":[]}'
+                                 + RS)
+    with trio.fail_after(5):
+        message = await client.next_message()
+    assert message == {"type": 3, "invocationId": "7",
+                       "error": "Invocation failed, status code 500"}
+    assert await relay.connection_exists("chat", next(iter(relay.table.get("chat").connections)))
+
+
+async def test_unreachable_upstream_gives_a_completion_error(nursery, connect):
+    with trio.socket.socket() as probe:  # a port nobody listens on
+        await probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    relay = await nursery.start(serve_relay, RelayConfig(
+        port=0, access_keys=[KEY], upstreams=[f"http://127.0.0.1:{port}/{{event}}"],
+        upstream_timeout=2))
+    client = await connect(relay)
+    await client.ws.send_message('{"type":1,"invocationId":"2","target":"X","arguments":[]}' + RS)
+    with trio.fail_after(5):
+        message = await client.next_message()
+    assert message["invocationId"] == "2" and "could not be reached" in message["error"]
+
+
+async def test_empty_upstream_answer_gives_a_void_completion(start_relay, upstream, connect):
+    upstream.answer = lambda request: Response(204)
+    relay = await start_relay()
+    client = await connect(relay)
+    await client.ws.send_message('{"type":1,"invocationId":"3","target":"V","arguments":[]}' + RS)
+    with trio.fail_after(5):
+        assert await client.next_message() == {"type": 3, "invocationId": "3"}
+
+
+async def test_non_blocking_invocation_reaches_upstream_without_an_answer(start_relay, upstream,
+                                                                          connect):
+    relay = await start_relay()
+    client = await connect(relay)
+    await client.ws.send_message('{"type":1,"target":"Fire","arguments":["x"]}' + RS)
+    await wait_for(lambda: upstream.events("Fire"))
+    await client.ws.send_message('{"type":1,"invocationId":"4","target":"Then","arguments":[]}'
+                                 + RS)
+    with trio.fail_after(5):
+        message = await client.next_message()
+    assert message["invocationId"] == "4"  # nothing came back for the non-blocking one
+
+
+async def test_messagepack_invocation_goes_up_unframed(start_relay, upstream, connect):
+    relay = await start_relay()
+    client = await connect(relay, protocol="messagepack")
+    framed = MessagePackHubProtocol().write_invocation("Bin", [b"\x00\x01"])
+    await client.ws.send_message(framed)
+    await wait_for(lambda: upstream.events("Bin"))
+    request = upstream.events("Bin")[0]
+    assert request.headers["content-type"] == "application/x-msgpack"
+    assert msgpack.unpackb(request.body)[3] == "Bin"
+    assert framed.endswith(request.body) and len(request.body) < len(framed)
+
+
+async def test_invocation_without_matching_rule_is_answered_not_delivered(nursery, upstream,
+                                                                          connect):
+    relay = await nursery.start(serve_relay, RelayConfig(port=0, access_keys=[KEY], upstreams=[
+        {"url_template": f"http://127.0.0.1:{upstream.port}/x", "category_pattern": "connections"}
+    ]))
+    client = await connect(relay)
+    await client.ws.send_message('{"type":1,"invocationId":"5","target":"T","arguments":[]}' + RS)
+    with trio.fail_after(5):
+        message = await client.next_message()
+    assert "not delivered" in message["error"]
