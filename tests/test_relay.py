@@ -257,6 +257,7 @@ async def test_rest_broadcast_reaches_every_connection_but_excluded(relay, rest,
     r = await rest.call("POST", "/api/hubs/chat/:send", params={"excluded": b_id},
                         json_body={"Target": "hello", "Arguments": ["all"]})
     assert r.status_code == 202, r.text
+    assert r.json() == {"recipients": 2}
     for client in (a, c):
         with trio.fail_after(3):
             assert await client.next_message() == {"type": 1, "target": "hello",
@@ -362,6 +363,16 @@ async def test_rest_bad_requests_get_json_errors(relay, rest, connect, method, p
     assert r.status_code == status, r.text
     assert r.json()["message"]
     await assert_still_receives(rest, healthy)
+
+
+async def test_rest_send_to_offline_user_reports_zero_recipients(relay, rest, connect):
+    await connect(relay, user="online")
+    r = await rest.call("POST", "/api/hubs/chat/users/offline/:send",
+                        json_body={"target": "t", "arguments": []})
+    assert (r.status_code, r.json()) == (202, {"recipients": 0})
+    r = await rest.call("POST", "/api/hubs/chat/users/online/:send",
+                        json_body={"target": "t", "arguments": []})
+    assert (r.status_code, r.json()) == (202, {"recipients": 1})
 
 
 async def test_rest_health_needs_no_token(relay, rest):

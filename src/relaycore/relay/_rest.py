@@ -124,23 +124,20 @@ class RestApi:
         return Response(200)
 
     async def send_to_all(self, call: Call) -> Response:
-        await self.relay.send_to_all(call.hub, _message(call.request), call.excluded())
-        return Response(0)
+        return _sent(await self.relay.send_to_all(call.hub, _message(call.request),
+                                                  call.excluded()))
 
     async def send_to_user(self, call: Call) -> Response:
-        await self.relay.send_to_user(
-            call.hub, call.params["user"], _message(call.request))
-        return Response(0)
+        return _sent(await self.relay.send_to_user(call.hub, call.params["user"],
+                                                   _message(call.request)))
 
     async def send_to_connection(self, call: Call) -> Response:
-        await self.relay.send_to_connection(
-            call.hub, call.params["connection"], _message(call.request))
-        return Response(0)
+        return _sent(await self.relay.send_to_connection(call.hub, call.params["connection"],
+                                                         _message(call.request)))
 
     async def send_to_group(self, call: Call) -> Response:
-        await self.relay.send_to_group(
-            call.hub, call.params["group"], _message(call.request), call.excluded())
-        return Response(0)
+        return _sent(await self.relay.send_to_group(call.hub, call.params["group"],
+                                                    _message(call.request), call.excluded()))
 
     async def close_all(self, call: Call) -> Response:
         await self.relay.close_all_connections(call.hub, call.reason(), call.excluded())
@@ -225,6 +222,12 @@ class RestApi:
     async def remove_user_from_all_groups(self, call: Call) -> Response:
         await self.relay.remove_user_from_all_groups(call.hub, call.params["user"])
         return Response(0)
+
+
+def _sent(recipients: int) -> Response:
+    """202 as Azure answers, with an addition Azure clients ignore: how many connections the
+    message was queued for, so a caller can tell that nobody was online."""
+    return Response.json(0, {"recipients": recipients})
 
 
 def _ttl(request: Request) -> float | None:
