@@ -29,12 +29,14 @@ from relaycore.protocol._service import (
     ConnectionType,
     ErrorCompletionMessage,
     GroupBroadcastDataMessage,
+    JoinGroupMessage,
     JoinGroupWithAckMessage,
     MultiConnectionDataMessage,
     OpenConnectionMessage,
     PingKey,
     ServiceAckMessage,
     ServiceErrorMessage,
+    ServiceEventMessage,
     ServiceHandshakeRequest,
     ServiceHandshakeResponse,
     ServicePing,
@@ -309,6 +311,13 @@ async def test_acked_operations_answer_not_found_for_unknown_targets(relay, app_
     assert [(a.ack_id, a.status) for a in acks] == [
         (1, AckStatus.NOT_FOUND), (2, AckStatus.NOT_FOUND), (3, AckStatus.OK),
         (4, AckStatus.OK)]
+
+
+async def test_join_without_ack_for_unknown_connection_gets_a_service_event(relay, app_server):
+    server = await app_server(relay)
+    await server.send(JoinGroupMessage("ghost", "g"))
+    event = await server.next(ServiceEventMessage)
+    assert (event.object_type, event.id, event.kind) == (1, "ghost", 2)
 
 
 async def test_weak_connections_never_get_clients(relay, app_server, connect):

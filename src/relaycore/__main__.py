@@ -23,6 +23,7 @@ def _serve(args: argparse.Namespace) -> int:
             "host": args.host, "port": args.port, "access_key": args.access_key,
             "public_endpoint": args.public_endpoint, "log_level": args.log_level,
             "upstreams": args.upstream, "service_mode": args.service_mode,
+            "capacity": args.capacity,
         })
     except (ValueError, OSError) as exc:
         print(f"relaycore: bad configuration: {exc}", file=sys.stderr)
@@ -93,6 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--public-endpoint", help="the URL clients reach this relay at")
     serve.add_argument("--config", help="a TOML file of settings (see docs/configuration.md)")
     serve.add_argument("--log-level", help="DEBUG, INFO (default), WARNING, ERROR")
+    serve.add_argument("--capacity", type=int, help="the connection quota reported to app "
+                       "servers in pings (their EndpointMetrics.connection_capacity)")
     serve.add_argument("--upstream", action="append", metavar="URL_TEMPLATE",
                        help="send client events and invocations of every hub to this URL "
                             "({hub}, {category}, {event} are filled in); repeatable, first "

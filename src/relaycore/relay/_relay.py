@@ -475,6 +475,7 @@ class Relay:
             if self._pending:
                 for token in [t for t, p in self._pending.items() if p.expires < now]:
                     del self._pending[token]
+            self.invocations.expire(now)
 
     async def drain(self, reason: str = "The relay is shutting down.",
                     timeout: float | None = None) -> None:

@@ -60,6 +60,9 @@ from ..protocol._service import (
     PingKey,
     ServiceAckMessage,
     ServiceErrorMessage,
+    ServiceEventKind,
+    ServiceEventMessage,
+    ServiceEventObjectType,
     ServiceHandshakeRequest,
     ServiceHandshakeResponse,
     ServicePing,
@@ -285,6 +288,12 @@ class ServerConnection(Peer):
 
     # -- messages ------------------------------------------------------------------------------
 
+    def _not_existed(self, connection_id: str) -> None:
+        """An operation without an ack named an unknown connection: say so (ServiceEvent)."""
+        self.send(ServiceEventMessage(ServiceEventObjectType.CONNECTION, connection_id,
+                                      ServiceEventKind.NOT_EXISTED,
+                                      f"connection '{connection_id}' does not exist"))
+
     def _ack(self, ack_id: int, ok: bool, message: str = "") -> None:
         self.send(ServiceAckMessage(ack_id, AckStatus.OK if ok else AckStatus.NOT_FOUND, message))
 
@@ -443,8 +452,10 @@ _HANDLERS: dict[type, Any] = {
     MultiUserDataMessage: _S._on_multi_user,
     GroupBroadcastDataMessage: _S._on_group,
     MultiGroupBroadcastDataMessage: _S._on_multi_group,
-    JoinGroupMessage: lambda s, m: s._join(m.connection_id, m.group_name),
-    LeaveGroupMessage: lambda s, m: s._leave_group(m.connection_id, m.group_name),
+    JoinGroupMessage: lambda s, m: s._join(m.connection_id, m.group_name)
+    or s._not_existed(m.connection_id),
+    LeaveGroupMessage: lambda s, m: s._leave_group(m.connection_id, m.group_name)
+    or s._not_existed(m.connection_id),
     JoinGroupWithAckMessage: lambda s, m: s._ack(m.ack_id, s._join(m.connection_id, m.group_name)),
     LeaveGroupWithAckMessage: lambda s, m: s._ack(
         m.ack_id, s._leave_group(m.connection_id, m.group_name)
@@ -491,10 +502,13 @@ class ClientInvocations:
     the caller server. A client that leaves first gets its pending invocations failed.
     """
 
+    #: How long the relay keeps a pending client invocation (§2.5: at most 10 minutes).
+    TIMEOUT = 600.0
+
     def __init__(self, relay: Relay) -> None:
         self.relay = relay
-        #: invocation id -> (hub, caller server id, client connection id)
-        self.pending: dict[str, tuple[str, str, str]] = {}
+        #: invocation id -> (hub, caller server id, client connection id, expiry time)
+        self.pending: dict[str, tuple[str, str, str, float]] = {}
 
     def invoke(self, caller: ServerConnection, m: ClientInvocationMessage) -> None:
         client = self.relay._connection(caller.hub, m.connection_id)
@@ -508,7 +522,8 @@ class ClientInvocations:
                 )
             )
             return
-        self.pending[m.invocation_id] = (caller.hub, m.caller_server_id, m.connection_id)
+        self.pending[m.invocation_id] = (caller.hub, m.caller_server_id, m.connection_id,
+                                         self.relay.now() + self.TIMEOUT)
         self.relay._deliver((client,), OutboundMessage(payloads=m.payloads))
         owner = client.server
         if owner is not None and owner.server_id != m.caller_server_id:
@@ -523,18 +538,21 @@ class ClientInvocations:
         self._to_caller(entry[0], entry[1], m)
 
     def client_gone(self, client: ClientConnection) -> None:
+        self._fail(lambda hub, conn_id, expiry: conn_id == client.id and hub == client.hub,
+                   "Connection '{}' disconnected.")
+
+    def expire(self, now: float) -> None:
+        self._fail(lambda hub, conn_id, expiry: expiry <= now,
+                   "The client invocation on connection '{}' timed out.")
+
+    def _fail(self, which: Any, error: str) -> None:
         if not self.pending:
             return
-        for invocation_id, (hub, caller_id, conn_id) in list(self.pending.items()):
-            if conn_id == client.id and hub == client.hub:
+        for invocation_id, (hub, caller_id, conn_id, expiry) in list(self.pending.items()):
+            if which(hub, conn_id, expiry):
                 del self.pending[invocation_id]
-                self._to_caller(
-                    hub,
-                    caller_id,
-                    ErrorCompletionMessage(
-                        invocation_id, conn_id, caller_id, f"Connection '{conn_id}' disconnected."
-                    ),
-                )
+                self._to_caller(hub, caller_id, ErrorCompletionMessage(
+                    invocation_id, conn_id, caller_id, error.format(conn_id)))
 
     def _to_caller(self, hub: str, caller_id: str, message: Any) -> None:
         for server in self.relay.servers_of(hub):

@@ -1,0 +1,60 @@
+"""The app server SDK, on anyio (asyncio, uvloop or trio): hubs served through the relay.
+
+An app server maps its hubs on a ``HubServer``, which keeps persistent server connections to
+every relay endpoint (the Azure SignalR service protocol). Clients negotiate with the app
+server, are redirected to the relay, and their invocations come back to a hub method here;
+anything a hub sends reaches its clients through the relay, whichever pod they connected to::
+
+    from relaycore.sdk import Hub, HubServer, ServiceOptions
+
+    class Chat(Hub):
+        async def send_message(self, text: str) -> None:
+            await self.clients.all.send("newMessage", self.context.user_id, text)
+
+    server = HubServer(ServiceOptions.from_env())   # Azure__SignalR__ConnectionString=...
+    server.map_hub("chat", Chat)
+    async with server:
+        ...                                           # serve server.asgi() for negotiate
+"""
+
+from ._asgi import NegotiateApp, UserIdProvider, default_user_id_provider
+from ._errors import AckTimeoutError, HubException, ServiceError, ServiceUnavailableError
+from ._hub import (
+    ClientProxy,
+    GroupManager,
+    Hub,
+    HubCallerClients,
+    HubCallerContext,
+    HubClients,
+    HubContext,
+    SingleClientProxy,
+    UserGroupManager,
+    hub_method,
+)
+from ._options import EndpointType, ServiceEndpoint, ServiceOptions, default_retry_delay
+from ._server import HubServer
+
+__all__ = [
+    "AckTimeoutError",
+    "ClientProxy",
+    "EndpointType",
+    "GroupManager",
+    "Hub",
+    "HubCallerClients",
+    "HubCallerContext",
+    "HubClients",
+    "HubContext",
+    "HubException",
+    "HubServer",
+    "NegotiateApp",
+    "ServiceEndpoint",
+    "ServiceError",
+    "ServiceOptions",
+    "ServiceUnavailableError",
+    "SingleClientProxy",
+    "UserGroupManager",
+    "UserIdProvider",
+    "default_retry_delay",
+    "default_user_id_provider",
+    "hub_method",
+]

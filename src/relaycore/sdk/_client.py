@@ -1,0 +1,493 @@
+"""One logical client connection: a SignalR client the service forwards to this app server.
+
+Theory of operation
+-------------------
+
+The service announces a client with OpenConnection, then forwards the client's bytes as
+ConnectionData, beginning with its SignalR handshake request (service-protocol §5, §6.2). The
+server connection that received OpenConnection *owns* the client: every byte for the client
+(the handshake response, completions, stream items) goes back on that connection.
+
+A ``ClientConnection`` is one task (``run``) fed through an in-memory inbox by the server
+connection's reader, moving through these states:
+
+* HANDSHAKE: bytes accumulate until a whole handshake request has arrived (bounded by
+  ``client_handshake_timeout`` and ``max_message_size``). A bad or unsupported request is
+  answered with a handshake error and a CloseConnection; a good one with ``{}`` + 0x1E.
+* CONNECTED: ``Hub.on_connected`` runs, then hub messages are parsed and dispatched. Each
+  invocation runs in its own task of the client's task group, so a slow method (or one awaiting
+  a client result from this very client) never stops the reading; completions go out in the
+  order the invocations finish.
+* CLOSING: the input ended. If the service said the client left (CloseConnection), running
+  invocations get ``client_close_timeout`` to finish; if the server connection was lost they
+  are cancelled at once (their results could not be delivered). If this side ended the
+  connection (``context.abort()``, a protocol error), the service is sent a CloseConnection.
+  Then ``Hub.on_disconnected`` runs, and the client is forgotten.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import logging
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+import anyio
+import anyio.abc
+
+from relaycore.protocol import (
+    ASRS_MIGRATE_FROM_HEADER,
+    CancelInvocationMessage,
+    CloseConnectionMessage,
+    CloseMessage,
+    CompletionMessage,
+    ConnectionDataMessage,
+    InvocationMessage,
+    JsonHubProtocol,
+    LocalProtocolError,
+    MessagePackHubProtocol,
+    OpenConnectionMessage,
+    RemoteProtocolError,
+    StreamInvocationMessage,
+    StreamItemMessage,
+    UnsupportedProtocolError,
+    get_protocol,
+    header_for,
+    parse_handshake_request,
+    write_handshake_response,
+)
+
+from ._errors import HubException
+from ._hub import GroupManager, Hub, HubCallerClients, HubCallerContext
+
+if TYPE_CHECKING:
+    from ._connection import ServiceConnection
+    from ._server import HubRouter
+
+__all__ = ["ClientConnection", "claims_and_user_id", "current_service_connection"]
+
+_log = logging.getLogger("relaycore.sdk")
+
+#: The server connection owning the client a hub method runs for: sends from that method go
+#: out on it (for its endpoint), so that they stay in order with the method's completion and
+#: with its group changes (service-protocol §7, "Ordering").
+current_service_connection: contextvars.ContextVar[ServiceConnection | None] = (
+    contextvars.ContextVar("relaycore_sdk_service_connection", default=None)
+)
+
+#: The highest handshake version accepted, as .NET does (version 2 is JSON/MessagePack with
+#: stateful reconnect, which the relay decides on).
+_MAX_HANDSHAKE_VERSION = 2
+
+#: Inbox depth: ConnectionData payloads waiting for the client's task. When it is full the
+#: server connection's reader waits (backpressure), as the Azure SDK's pipes do.
+_INBOX_SIZE = 256
+
+#: §6.2 / §9.2: claims that describe the token, not the user.
+_SYSTEM_CLAIMS = frozenset(
+    {"aud", "exp", "iat", "nbf", "iss", "actort", "acr", "azp", "c_hash", "jti", "nonce"}
+)
+_NAME_IDENTIFIER = "http://schemas.xmlsoap.org/ws/2005/05/identity/claims/nameidentifier"
+
+
+def claims_and_user_id(claims: Mapping[str, str]) -> tuple[dict[str, str], str | None]:
+    """The user's claims and user id from OpenConnection claims, as the Azure SDK reads them
+    (§6.2): ``asrs.s.uid`` is the user id, else the name identifier (long URI, ``nameid``,
+    ``sub``); ``asrs.u.<name>`` becomes ``<name>``; other ``asrs.s.*`` and system claims go.
+    """
+    user_claims: dict[str, str] = {}
+    for name, value in claims.items():
+        if name.startswith("asrs.u."):
+            user_claims[name[len("asrs.u.") :]] = value
+        elif name.startswith("asrs.") or name in _SYSTEM_CLAIMS:
+            continue
+        else:
+            user_claims.setdefault(name, value)
+    user_id = claims.get("asrs.s.uid") or None
+    if user_id is None:
+        for name in (_NAME_IDENTIFIER, "nameid", "sub"):
+            if claims.get(name):
+                user_id = claims[name]
+                break
+    return user_claims, user_id
+
+
+def _error_text(base: str, exc: BaseException, detailed: bool) -> str:
+    # .NET ErrorMessageHelper: HubException always shows its message, others only in detail.
+    if isinstance(exc, HubException) or detailed:
+        return f"{base} {type(exc).__name__}: {exc}"
+    return base
+
+
+class _ClientGone(ConnectionError):
+    """The client connection ended while a hub method was running."""
+
+
+class ClientConnection:
+    """A SignalR client connected through the service to this app server (see module doc)."""
+
+    def __init__(
+        self, router: HubRouter, connection: ServiceConnection, open_message: OpenConnectionMessage
+    ) -> None:
+        self.router = router
+        self.service_connection = connection
+        self.connection_id = open_message.connection_id
+        claims, user_id = claims_and_user_id(open_message.claims)
+        self.context = HubCallerContext(
+            self,
+            open_message.connection_id,
+            user_id,
+            claims,
+            dict(open_message.headers),
+            (open_message.query_string or "").lstrip("?"),
+        )
+        self._migrated = header_for(open_message.headers, ASRS_MIGRATE_FROM_HEADER) is not None
+        self.protocol: JsonHubProtocol | MessagePackHubProtocol | None = None
+        self._announced_protocol = open_message.protocol
+        self._inbox_send, self._inbox = anyio.create_memory_object_stream[bytes](_INBOX_SIZE)
+        self._scope = anyio.CancelScope()
+        self._input_closed = False
+        #: Why the input ended: None (normal close) or the error passed to on_disconnected.
+        self._end_error: BaseException | None = None
+        #: This side ends the connection: tell the service with CloseConnection.
+        self._close_reason: str | None = None
+        self._streams: dict[str, anyio.CancelScope] = {}
+        self._task_group: anyio.abc.TaskGroup | None = None
+        self.done = anyio.Event()
+
+    @property
+    def protocol_name(self) -> str:
+        """The negotiated hub protocol's name; before the handshake, the one the service
+        announced in OpenConnection (or ``""``)."""
+        if self.protocol is not None:
+            return self.protocol.name
+        return (self._announced_protocol or "").lower()
+
+    # Input from the server connection ------------------------------------------------------
+
+    async def feed(self, payload: bytes) -> None:
+        """Hand over the bytes of one ConnectionData (waits while the inbox is full)."""
+        if self._input_closed:
+            return
+        try:
+            await self._inbox_send.send(payload)
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+            pass
+
+    def close_input(self, error: BaseException | None = None, *, lost: bool = False) -> None:
+        """The client is gone (CloseConnection, ``error`` from its message), or with
+        ``lost`` its server connection is: stop at once."""
+        if lost:
+            self._scope.cancel()
+        if self._input_closed:
+            return
+        self._input_closed = True
+        self._end_error = error
+        self._inbox_send.close()
+
+    def abort(self, reason: str = "") -> None:
+        """End the connection from this side; the service is told with CloseConnection."""
+        if self._close_reason is None:
+            self._close_reason = reason
+        self.close_input(None)
+
+    # Output --------------------------------------------------------------------------------
+
+    async def send_bytes(self, data: bytes) -> None:
+        """Write raw hub-protocol bytes to the client (ConnectionData on the owning
+        connection). Raises ``_ClientGone`` once the client or its connection has gone."""
+        if self.done.is_set():
+            raise _ClientGone(f"connection {self.connection_id} has ended")
+        await self.service_connection.send(ConnectionDataMessage(self.connection_id, data))
+
+    async def _send_message(self, message: Any) -> None:
+        assert self.protocol is not None
+        try:
+            await self.send_bytes(self.protocol.write(message))
+        except ConnectionError as exc:
+            _log.debug("dropped a message for %s: %s", self.connection_id, exc)
+
+    # The connection's task -----------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Serve the client until it leaves; runs ``on_connected`` and ``on_disconnected``."""
+        options = self.router.options
+        connected = False
+        try:
+            with self._scope:
+                buffer = await self._handshake()
+                if buffer is None:
+                    return
+                if not await self._run_on_connected():
+                    return
+                connected = True
+                async with anyio.create_task_group() as task_group:
+                    self._task_group = task_group
+                    try:
+                        await self._dispatch(task_group, buffer)
+                    finally:
+                        for scope in self._streams.values():
+                            scope.cancel()
+                        # The client left: give running invocations a grace period.
+                        task_group.cancel_scope.deadline = min(
+                            task_group.cancel_scope.deadline,
+                            anyio.current_time() + options.client_close_timeout,
+                        )
+        finally:
+            await self._finish(connected)
+
+    async def _handshake(self) -> bytearray | None:
+        options = self.router.options
+        buffer = bytearray()
+        with anyio.move_on_after(options.client_handshake_timeout):
+            while True:
+                try:
+                    found = parse_handshake_request(buffer)
+                except RemoteProtocolError as exc:
+                    await self._refuse_handshake(str(exc))
+                    return None
+                if found is not None:
+                    break
+                if len(buffer) > options.max_message_size:
+                    await self._refuse_handshake("Handshake was canceled.")
+                    return None
+                try:
+                    buffer += await self._inbox.receive()
+                except anyio.EndOfStream:
+                    return None  # the client left before its handshake
+            request, consumed = found
+            try:
+                protocol = get_protocol(request.protocol)
+            except UnsupportedProtocolError as exc:
+                await self._refuse_handshake(str(exc))
+                return None
+            if not 1 <= request.version <= _MAX_HANDSHAKE_VERSION:
+                await self._refuse_handshake(
+                    f"The server does not support version {request.version} of the "
+                    f"'{request.protocol}' protocol."
+                )
+                return None
+            self.protocol = protocol
+            if not self._migrated:
+                # A migrated client already had its handshake answered by its first server.
+                await self.send_bytes(write_handshake_response())
+            del buffer[:consumed]
+            return buffer
+        await self._refuse_handshake("Handshake was canceled.")
+        return None
+
+    async def _refuse_handshake(self, error: str) -> None:
+        _log.info("client %s handshake refused: %s", self.connection_id, error)
+        try:
+            await self.send_bytes(write_handshake_response(error))
+        except ConnectionError:
+            pass
+        self._close_reason = error
+
+    async def _run_on_connected(self) -> bool:
+        hub = self.make_hub()
+        token = current_service_connection.set(self.service_connection)
+        try:
+            await hub.on_connected()
+        except Exception as exc:
+            _log.exception("on_connected failed for %s", self.connection_id)
+            text = _error_text(
+                "Connection closed with an error.", exc, self.router.options.enable_detailed_errors
+            )
+            await self._send_message(CloseMessage(text))
+            self._close_reason = text
+            return False
+        finally:
+            current_service_connection.reset(token)
+        return True
+
+    async def _dispatch(self, task_group: anyio.abc.TaskGroup, buffer: bytearray) -> None:
+        assert self.protocol is not None
+        limit = self.router.options.max_message_size
+        while True:
+            if buffer:
+                try:
+                    messages, consumed = self.protocol.parse(buffer, limit)
+                except RemoteProtocolError as exc:
+                    _log.info("client %s sent a bad message: %s", self.connection_id, exc)
+                    text = f"Connection closed with an error. {exc}"
+                    await self._send_message(CloseMessage(text))
+                    self._close_reason = text
+                    return
+                del buffer[:consumed]
+                for message in messages:
+                    if not self._handle(task_group, message):
+                        return
+            try:
+                buffer += await self._inbox.receive()
+            except anyio.EndOfStream:
+                return
+
+    def _handle(self, task_group: anyio.abc.TaskGroup, message: Any) -> bool:
+        if isinstance(message, InvocationMessage):
+            task_group.start_soon(self._invoke, message)
+        elif isinstance(message, StreamInvocationMessage):
+            scope = anyio.CancelScope()
+            self._streams[message.invocation_id] = scope
+            task_group.start_soon(self._stream, message, scope)
+        elif isinstance(message, CancelInvocationMessage):
+            stream = self._streams.get(message.invocation_id)
+            if stream is not None:
+                stream.cancel()
+        elif isinstance(message, CompletionMessage):
+            task_group.start_soon(self.router.client_completed, self, message)
+        elif isinstance(message, CloseMessage):
+            # The client is leaving; the service follows with CloseConnection.
+            return False
+        # Ping, StreamItem (upload streams are not supported), Ack, Sequence: nothing to do.
+        return True
+
+    def make_hub(self) -> Hub:
+        """A fresh hub instance bound to this connection."""
+        hub = self.router.hub_factory()
+        hub.context = self.context
+        hub.clients = HubCallerClients(self.router, self.connection_id)
+        hub.groups = GroupManager(self.router)
+        return hub
+
+    def _resolve(self, target: str, arguments: Sequence[Any], streaming: bool) -> tuple[Any, str]:
+        """The bound hub function for ``target``, or raise ``_InvocationError``."""
+        method = self.router.methods.find(target)
+        if method is None:
+            raise _InvocationError(f"Unknown hub method '{target}'")
+        if method.streaming and not streaming:
+            raise _InvocationError(
+                f"The client attempted to invoke the streaming '{target}' method with a "
+                "non-streaming invocation."
+            )
+        if streaming and not method.streaming:
+            raise _InvocationError(
+                f"The client attempted to invoke the non-streaming '{target}' method with a "
+                "streaming invocation."
+            )
+        try:
+            method.bind(arguments)
+        except TypeError as exc:
+            raise _InvocationError(
+                _error_text(
+                    f"Failed to invoke '{target}' due to an error on the server.",
+                    exc,
+                    self.router.options.enable_detailed_errors,
+                )
+            ) from None
+        hub = self.make_hub()
+        return getattr(hub, method.attribute), method.name
+
+    async def _invoke(self, message: InvocationMessage) -> None:
+        invocation_id = message.invocation_id
+        detailed = self.router.options.enable_detailed_errors
+        token = current_service_connection.set(self.service_connection)
+        try:
+            if message.stream_ids:
+                raise _InvocationError(
+                    f"Client sent {len(message.stream_ids)} stream(s), Hub method expects 0."
+                )
+            function, _name = self._resolve(message.target, message.arguments, False)
+            result = await function(*message.arguments)
+        except _InvocationError as exc:
+            reply = CompletionMessage(invocation_id or "", error=str(exc))
+        except Exception as exc:
+            if not isinstance(exc, HubException):
+                _log.exception("hub method %r failed", message.target)
+            reply = CompletionMessage(
+                invocation_id or "",
+                error=_error_text(
+                    f"An unexpected error occurred invoking '{message.target}' on the server.",
+                    exc,
+                    detailed,
+                ),
+            )
+        else:
+            reply = CompletionMessage(invocation_id or "", result=result, has_result=True)
+        finally:
+            current_service_connection.reset(token)
+        if invocation_id is None:
+            return  # non-blocking: never answered
+        assert self.protocol is not None
+        try:
+            data = self.protocol.write(reply)
+        except LocalProtocolError as exc:
+            data = self.protocol.write(
+                CompletionMessage(
+                    invocation_id,
+                    error=_error_text(
+                        f"An unexpected error occurred invoking '{message.target}' on the server.",
+                        exc,
+                        detailed,
+                    ),
+                )
+            )
+        try:
+            await self.send_bytes(data)
+        except ConnectionError as exc:
+            _log.debug("completion for %s dropped: %s", self.connection_id, exc)
+
+    async def _stream(self, message: StreamInvocationMessage, scope: anyio.CancelScope) -> None:
+        invocation_id = message.invocation_id
+        detailed = self.router.options.enable_detailed_errors
+        token = current_service_connection.set(self.service_connection)
+        error: str | None = None
+        try:
+            with scope:
+                try:
+                    if message.stream_ids:
+                        raise _InvocationError(
+                            f"Client sent {len(message.stream_ids)} stream(s), Hub method "
+                            "expects 0."
+                        )
+                    function, _name = self._resolve(message.target, message.arguments, True)
+                    generator = function(*message.arguments)
+                    try:
+                        async for item in generator:
+                            await self._send_message(StreamItemMessage(invocation_id, item))
+                    finally:
+                        await generator.aclose()
+                except _InvocationError as exc:
+                    error = str(exc)
+                except Exception as exc:
+                    if not isinstance(exc, HubException):
+                        _log.exception("streaming hub method %r failed", message.target)
+                    error = _error_text(
+                        f"An unexpected error occurred invoking '{message.target}' on the server.",
+                        exc,
+                        detailed,
+                    )
+            if scope.cancel_called:
+                return  # cancelled by the client (or it left): nothing more to send
+            await self._send_message(CompletionMessage(invocation_id, error=error))
+        finally:
+            current_service_connection.reset(token)
+            self._streams.pop(invocation_id, None)
+
+    async def _finish(self, connected: bool) -> None:
+        self._input_closed = True
+        self._inbox_send.close()
+        self._inbox.close()
+        # Shielded: on_disconnected runs even when the app server is shutting down.
+        with anyio.CancelScope(shield=True):
+            with anyio.move_on_after(self.router.options.shutdown_timeout):
+                if self._close_reason is not None and not self._scope.cancel_called:
+                    try:
+                        await self.service_connection.send(
+                            CloseConnectionMessage(self.connection_id, self._close_reason)
+                        )
+                    except ConnectionError:
+                        pass
+            self.router.client_gone(self)
+            if connected:
+                with anyio.move_on_after(self.router.options.client_close_timeout):
+                    hub = self.make_hub()
+                    try:
+                        await hub.on_disconnected(self._end_error)
+                    except Exception:
+                        _log.exception("on_disconnected failed for %s", self.connection_id)
+            self.done.set()
+
+
+class _InvocationError(Exception):
+    """An invocation failed before the hub method ran; the text goes to the client."""

@@ -1,0 +1,533 @@
+"""Hubs: the classes app authors write, and the proxies they send through.
+
+A ``Hub`` subclass's public ``async def`` methods are its hub methods. A hub instance is made for
+each invocation (and for ``on_connected``/``on_disconnected``), as ASP.NET Core does, with
+``context``, ``clients`` and ``groups`` set; state that must outlive one call belongs in
+``context.items``.
+
+Every proxy turns ``send(method, *args)`` into one service message (service-protocol §7) and
+hands it to the hub's router, which serialises the invocation once per hub protocol and writes
+it on one server connection of every online endpoint.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar, overload
+
+from relaycore.protocol import (
+    BroadcastDataMessage,
+    CheckUserInGroupWithAckMessage,
+    GroupBroadcastDataMessage,
+    JoinGroupWithAckMessage,
+    LeaveGroupWithAckMessage,
+    MultiConnectionDataMessage,
+    MultiGroupBroadcastDataMessage,
+    MultiUserDataMessage,
+    ServiceMessage,
+    UserDataMessage,
+    UserJoinGroupWithAckMessage,
+    UserLeaveGroupWithAckMessage,
+    is_valid_group_name,
+)
+
+if TYPE_CHECKING:
+    from ._client import ClientConnection
+
+__all__ = [
+    "ClientProxy",
+    "GroupManager",
+    "Hub",
+    "HubCallerClients",
+    "HubCallerContext",
+    "HubClients",
+    "HubContext",
+    "SingleClientProxy",
+    "UserGroupManager",
+    "hub_method",
+]
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+class _Router(Protocol):
+    """What proxies need from the server (implemented by ``_server._HubRouter``)."""
+
+    async def send(
+        self,
+        method: str,
+        args: tuple[Any, ...],
+        build: Callable[[dict[str, bytes]], ServiceMessage],
+        *,
+        connection_id: str | None = None,
+    ) -> None: ...
+
+    async def request_ack(
+        self, build: Callable[[int], ServiceMessage], *, connection_scoped: bool
+    ) -> bool: ...
+
+    async def invoke_client(
+        self, connection_id: str, method: str, args: tuple[Any, ...], timeout: float | None
+    ) -> Any: ...
+
+
+# --------------------------------------------------------------------------------------------
+# Proxies
+
+
+def _check_method(method: str) -> None:
+    if not isinstance(method, str) or not method:
+        raise ValueError(f"method must be a non-empty string, got {method!r}")
+
+
+def _ids(values: Iterable[str], what: str) -> tuple[str, ...]:
+    if isinstance(values, str):
+        raise TypeError(f"{what} must be a list of strings, not one string {values!r}")
+    result = tuple(values)
+    for value in result:
+        if not isinstance(value, str) or not value:
+            raise ValueError(f"{what} must hold non-empty strings, got {value!r}")
+    return result
+
+
+def _group(name: str) -> str:
+    if not isinstance(name, str) or not is_valid_group_name(name):
+        raise ValueError(
+            f"group name {name!r} is invalid; expected 1-1024 characters, not only whitespace"
+        )
+    return name
+
+
+class ClientProxy:
+    """A set of clients chosen through ``clients``; ``await proxy.send(method, *args)`` invokes
+    ``method`` on each of them (a non-blocking SignalR invocation: no result comes back)."""
+
+    __slots__ = ("_build", "_connection_id", "_router")
+
+    def __init__(
+        self,
+        router: _Router,
+        build: Callable[[dict[str, bytes]], ServiceMessage],
+        connection_id: str | None = None,
+    ) -> None:
+        self._router = router
+        self._build = build
+        self._connection_id = connection_id
+
+    async def send(self, method: str, *args: Any) -> None:
+        """Invoke the client method ``method`` with ``args`` on every client of this set.
+
+        Returns once the message is written to the service; raises
+        ``ServiceUnavailableError`` when no endpoint is online.
+        """
+        _check_method(method)
+        await self._router.send(method, args, self._build, connection_id=self._connection_id)
+
+
+class SingleClientProxy(ClientProxy):
+    """One client connection: ``send``, and ``invoke`` for a client result."""
+
+    __slots__ = ()
+
+    async def invoke(self, method: str, *args: Any, timeout: float | None = None) -> Any:
+        """Invoke ``method`` on the client and return the value its handler returned.
+
+        Uses ClientInvocation (service-protocol §2.5). Raises ``HubException`` with the
+        client's error text when the handler failed or is missing, or when the client went
+        away; ``TimeoutError`` after ``timeout`` seconds (``None``: wait until the client
+        answers or leaves)::
+
+            answer = await self.clients.caller.invoke("confirm", "Delete everything?", timeout=30)
+        """
+        _check_method(method)
+        assert self._connection_id is not None
+        return await self._router.invoke_client(self._connection_id, method, args, timeout)
+
+
+class HubClients:
+    """Chooses clients of one hub: everyone, connections, users or groups. Each choice is a
+    proxy whose ``send`` delivers to every matching client, on whichever pod or relay node it
+    is connected."""
+
+    __slots__ = ("_router",)
+
+    def __init__(self, router: _Router) -> None:
+        self._router = router
+
+    @property
+    def all(self) -> ClientProxy:
+        """Every client of the hub (BroadcastData)."""
+        return ClientProxy(self._router, lambda p: BroadcastDataMessage(p))
+
+    def all_except(self, excluded_connection_ids: Iterable[str]) -> ClientProxy:
+        """Every client but the listed connections (BroadcastData with an excluded list)."""
+        excluded = _ids(excluded_connection_ids, "excluded_connection_ids")
+        return ClientProxy(self._router, lambda p: BroadcastDataMessage(p, excluded))
+
+    def client(self, connection_id: str) -> SingleClientProxy:
+        """One connection (MultiConnectionData); also offers ``invoke`` for a client result."""
+        (connection_id,) = _ids([connection_id], "connection_id")
+        return SingleClientProxy(
+            self._router,
+            lambda p: MultiConnectionDataMessage((connection_id,), p),
+            connection_id,
+        )
+
+    def clients(self, connection_ids: Iterable[str]) -> ClientProxy:
+        """The listed connections (MultiConnectionData)."""
+        ids = _ids(connection_ids, "connection_ids")
+        return ClientProxy(self._router, lambda p: MultiConnectionDataMessage(ids, p))
+
+    def user(self, user_id: str) -> ClientProxy:
+        """Every connection of one user (UserData)."""
+        (user_id,) = _ids([user_id], "user_id")
+        return ClientProxy(self._router, lambda p: UserDataMessage(user_id, p))
+
+    def users(self, user_ids: Iterable[str]) -> ClientProxy:
+        """Every connection of the listed users (MultiUserData)."""
+        ids = _ids(user_ids, "user_ids")
+        return ClientProxy(self._router, lambda p: MultiUserDataMessage(ids, p))
+
+    def group(self, group_name: str) -> ClientProxy:
+        """Every connection in a group (GroupBroadcastData)."""
+        name = _group(group_name)
+        return ClientProxy(self._router, lambda p: GroupBroadcastDataMessage(name, p))
+
+    def groups(self, group_names: Iterable[str]) -> ClientProxy:
+        """Every connection in any of the groups, once each (MultiGroupBroadcastData)."""
+        names = tuple(_group(n) for n in _ids(group_names, "group_names"))
+        return ClientProxy(self._router, lambda p: MultiGroupBroadcastDataMessage(names, p))
+
+    def group_except(self, group_name: str, excluded_connection_ids: Iterable[str]) -> ClientProxy:
+        """Every connection in a group but the listed ones (GroupBroadcastData)."""
+        name = _group(group_name)
+        excluded = _ids(excluded_connection_ids, "excluded_connection_ids")
+        return ClientProxy(self._router, lambda p: GroupBroadcastDataMessage(name, p, excluded))
+
+
+class HubCallerClients(HubClients):
+    """``HubClients`` seen from a hub method, plus the choices relative to the caller."""
+
+    __slots__ = ("_caller",)
+
+    def __init__(self, router: _Router, caller_connection_id: str) -> None:
+        super().__init__(router)
+        self._caller = caller_connection_id
+
+    @property
+    def caller(self) -> SingleClientProxy:
+        """The connection that invoked the hub method."""
+        return self.client(self._caller)
+
+    @property
+    def others(self) -> ClientProxy:
+        """Every client but the caller."""
+        return self.all_except([self._caller])
+
+    def others_in_group(self, group_name: str) -> ClientProxy:
+        """Every connection in the group but the caller."""
+        return self.group_except(group_name, [self._caller])
+
+
+class GroupManager:
+    """Adds connections to groups and removes them (JoinGroupWithAck / LeaveGroupWithAck).
+
+    Each call waits for the service's Ack (``ServiceOptions.ack_timeout``, 10 s by default),
+    so a message sent to the group afterwards reaches the connection. A connection the service
+    does not know is not an error (the Ack says NotFound and nothing changes).
+    """
+
+    __slots__ = ("_router",)
+
+    def __init__(self, router: _Router) -> None:
+        self._router = router
+
+    async def add_to_group(self, connection_id: str, group_name: str) -> None:
+        """Add a connection to a group. Raises ``AckTimeoutError`` without an Ack in time."""
+        (connection_id,) = _ids([connection_id], "connection_id")
+        name = _group(group_name)
+        await self._router.request_ack(
+            lambda ack: JoinGroupWithAckMessage(connection_id, name, ack), connection_scoped=True
+        )
+
+    async def remove_from_group(self, connection_id: str, group_name: str) -> None:
+        """Remove a connection from a group."""
+        (connection_id,) = _ids([connection_id], "connection_id")
+        name = _group(group_name)
+        await self._router.request_ack(
+            lambda ack: LeaveGroupWithAckMessage(connection_id, name, ack), connection_scoped=True
+        )
+
+
+class UserGroupManager:
+    """Adds users to groups, with their current and future connections (UserJoinGroupWithAck
+    and friends, service-protocol §2.4). Each call waits for the service's Ack."""
+
+    __slots__ = ("_router",)
+
+    def __init__(self, router: _Router) -> None:
+        self._router = router
+
+    async def add_to_group(self, user_id: str, group_name: str, ttl: float | None = None) -> None:
+        """Add a user to a group for ``ttl`` seconds (``None``: no expiry; ``0``: only the
+        connections the user has now)."""
+        (user_id,) = _ids([user_id], "user_id")
+        name = _group(group_name)
+        ttl_seconds: int | None = None
+        if ttl is not None:
+            if ttl < 0:
+                raise ValueError(f"ttl must be >= 0 seconds, got {ttl!r}")
+            ttl_seconds = int(ttl)
+        await self._router.request_ack(
+            lambda ack: UserJoinGroupWithAckMessage(user_id, name, ack, ttl_seconds),
+            connection_scoped=False,
+        )
+
+    async def remove_from_group(self, user_id: str, group_name: str) -> None:
+        """Remove a user from a group."""
+        (user_id,) = _ids([user_id], "user_id")
+        name = _group(group_name)
+        await self._router.request_ack(
+            lambda ack: UserLeaveGroupWithAckMessage(user_id, name, ack), connection_scoped=False
+        )
+
+    async def remove_from_all_groups(self, user_id: str) -> None:
+        """Remove a user from every group (UserLeaveGroupWithAck with no group)."""
+        (user_id,) = _ids([user_id], "user_id")
+        await self._router.request_ack(
+            lambda ack: UserLeaveGroupWithAckMessage(user_id, None, ack), connection_scoped=False
+        )
+
+    async def is_user_in_group(self, user_id: str, group_name: str) -> bool:
+        """Whether the user is in the group (on any online endpoint)."""
+        (user_id,) = _ids([user_id], "user_id")
+        name = _group(group_name)
+        return await self._router.request_ack(
+            lambda ack: CheckUserInGroupWithAckMessage(user_id, name, ack),
+            connection_scoped=False,
+        )
+
+
+@dataclass(frozen=True)
+class HubContext:
+    """A hub's clients and groups for code outside hub methods (``HubServer.hub_context``):
+    a background job on any pod reaches every client, wherever it connected::
+
+        chat = server.hub_context("chat")
+        await chat.clients.user("alice").send("notify", "your report is ready")
+        await chat.user_groups.add_to_group("alice", "reports")
+    """
+
+    #: Who to send to.
+    clients: HubClients
+    #: Connection membership in groups.
+    groups: GroupManager
+    #: User membership in groups (applies to the user's later connections too).
+    user_groups: UserGroupManager
+
+
+# --------------------------------------------------------------------------------------------
+# The caller's context
+
+
+class HubCallerContext:
+    """The connection a hub method runs for.
+
+    ``items`` is a dict that lives as long as the connection: the place for per-connection
+    state, since hub instances live for one call only.
+    """
+
+    __slots__ = (
+        "_client",
+        "claims",
+        "connection_id",
+        "headers",
+        "items",
+        "query_string",
+        "user_id",
+    )
+
+    def __init__(
+        self,
+        client: ClientConnection,
+        connection_id: str,
+        user_id: str | None,
+        claims: Mapping[str, str],
+        headers: Mapping[str, Sequence[str]],
+        query_string: str,
+    ) -> None:
+        self._client = client
+        #: The SignalR connection id, the one the client sees.
+        self.connection_id = connection_id
+        #: ``asrs.s.uid`` from the client's token, else its name identifier; ``None`` when
+        #: anonymous.
+        self.user_id = user_id
+        #: The user's claims from the client's token, ``asrs.*`` and JWT system claims removed
+        #: (``asrs.u.<name>`` appears as ``<name>``).
+        self.claims = claims
+        #: The client's HTTP request headers as the service forwarded them.
+        self.headers = headers
+        #: The client's original query string.
+        self.query_string = query_string
+        #: Per-connection state, kept until the connection ends.
+        self.items: dict[Any, Any] = {}
+
+    @property
+    def protocol(self) -> str:
+        """The client's hub protocol name (``json`` or ``messagepack``); ``""`` before its
+        handshake."""
+        return self._client.protocol_name
+
+    def abort(self) -> None:
+        """Close the connection from the server side (the service closes the client)."""
+        self._client.abort()
+
+    def __repr__(self) -> str:
+        return f"HubCallerContext(connection_id={self.connection_id!r}, user_id={self.user_id!r})"
+
+
+# --------------------------------------------------------------------------------------------
+# Hubs
+
+
+class Hub:
+    """Base class of hubs. Subclass it; its public ``async def`` methods are hub methods::
+
+        class Chat(Hub):
+            async def send_message(self, text: str) -> None:      # answers "SendMessage"
+                await self.clients.all.send("newMessage", self.context.user_id, text)
+
+            @hub_method("Echo")
+            async def echo_back(self, value):                     # answers "Echo" only
+                return value
+
+            async def on_connected(self) -> None:
+                await self.groups.add_to_group(self.context.connection_id, "lobby")
+
+    Names match case-insensitively with underscores ignored (``send_message`` answers
+    ``SendMessage`` and ``sendMessage``). A return value becomes the completion result; an
+    ``async def`` generator is a streaming method (``connection.stream(...)`` on the client).
+    """
+
+    #: The connection this call runs for.
+    context: HubCallerContext
+    #: Who to send to, including ``caller`` and ``others``.
+    clients: HubCallerClients
+    #: Connection membership in groups.
+    groups: GroupManager
+
+    async def on_connected(self) -> None:
+        """Called when a client connected, after its handshake; may send and join groups."""
+
+    async def on_disconnected(self, error: BaseException | None) -> None:
+        """Called once the client is gone; ``error`` says why, ``None`` for a normal close."""
+
+
+_HUB_METHOD_ATTRIBUTE = "__relaycore_hub_method__"
+
+
+@overload
+def hub_method(name: _F, /) -> _F: ...
+@overload
+def hub_method(name: str | None = None, /) -> Callable[[_F], _F]: ...
+def hub_method(name: str | _F | None = None, /) -> _F | Callable[[_F], _F]:
+    """Name a hub method explicitly: it then answers that name (case-insensitively) only::
+
+        @hub_method("SendMessage")
+        async def post(self, text): ...
+
+    Also makes a method whose name starts with ``_`` a hub method.
+    """
+    if callable(name):
+        func = name
+        setattr(func, _HUB_METHOD_ATTRIBUTE, func.__name__)
+        return func
+
+    def decorate(func: _F) -> _F:
+        if name is not None and (not isinstance(name, str) or not name):
+            raise ValueError(f"hub method name must be a non-empty string, got {name!r}")
+        setattr(func, _HUB_METHOD_ATTRIBUTE, name or func.__name__)
+        return func
+
+    return decorate
+
+
+@dataclass(frozen=True)
+class HubMethod:
+    """One hub method as resolved from its class (internal, but handy in tests)."""
+
+    #: The name clients use in error messages: the explicit name or the attribute name.
+    name: str
+    #: The attribute holding the function.
+    attribute: str
+    #: An ``async def`` generator: results are streamed.
+    streaming: bool
+    signature: inspect.Signature
+
+    def bind(self, arguments: Sequence[Any]) -> None:
+        """Raise ``TypeError`` when ``arguments`` do not fit the method's parameters."""
+        self.signature.bind(None, *arguments)
+
+
+def _normalise(name: str) -> str:
+    return name.replace("_", "").lower()
+
+
+_BASE_NAMES = frozenset(vars(Hub))
+
+
+class HubMethodTable:
+    """The hub methods of a ``Hub`` subclass, looked up by invocation target."""
+
+    def __init__(self, hub_class: type[Hub]) -> None:
+        if not (isinstance(hub_class, type) and issubclass(hub_class, Hub)):
+            raise TypeError(f"expected a Hub subclass, got {hub_class!r}")
+        self.hub_class = hub_class
+        self._explicit: dict[str, HubMethod] = {}
+        self._derived: dict[str, HubMethod] = {}
+        seen: set[str] = set()
+        for klass in hub_class.__mro__:
+            if klass is Hub or not issubclass(klass, Hub):
+                continue
+            for attribute, value in vars(klass).items():
+                if attribute in seen:
+                    continue
+                seen.add(attribute)
+                self._add(attribute, value)
+
+    def _add(self, attribute: str, value: Any) -> None:
+        explicit = getattr(value, _HUB_METHOD_ATTRIBUTE, None)
+        if explicit is None and (attribute.startswith("_") or attribute in _BASE_NAMES):
+            return
+        streaming = inspect.isasyncgenfunction(value)
+        if not (inspect.iscoroutinefunction(value) or streaming):
+            if explicit is not None:
+                raise TypeError(
+                    f"{self.hub_class.__name__}.{attribute} is marked @hub_method but is not an "
+                    "'async def' function"
+                )
+            return
+        method = HubMethod(explicit or attribute, attribute, streaming, inspect.signature(value))
+        table, key = (
+            (self._explicit, explicit.lower())
+            if explicit
+            else (self._derived, _normalise(attribute))
+        )
+        other = table.get(key)
+        if other is not None:
+            raise TypeError(
+                f"{self.hub_class.__name__}: hub methods {other.attribute!r} and {attribute!r} "
+                f"both answer {method.name!r}; rename one or name it with @hub_method"
+            )
+        table[key] = method
+
+    def find(self, target: str) -> HubMethod | None:
+        """The method answering ``target``: explicit names first (case-insensitive), then
+        attribute names (case-insensitive, underscores ignored)."""
+        return self._explicit.get(target.lower()) or self._derived.get(_normalise(target))
+
+    def methods(self) -> list[HubMethod]:
+        """Every hub method, explicitly named ones first."""
+        return [*self._explicit.values(), *self._derived.values()]

@@ -1,0 +1,373 @@
+"""Service endpoints and the SDK's options, from code, the environment or a configuration dict.
+
+The configuration keys are those of the Azure SignalR SDK (service-protocol §8.2), read
+case-insensitively as .NET configuration is:
+
+=====================================================  =========================================
+``Azure:SignalR:ConnectionString``                     the default (primary) endpoint
+``ConnectionStrings:Azure:SignalR:ConnectionString``   the same, read when the first is absent
+``Azure:SignalR:ConnectionString:<name>[:<role>]``     a named endpoint; role ``primary``
+``ConnectionStrings:Azure:SignalR:ConnectionString:``  (default) or ``secondary``
+``<name>[:<role>]``
+``Azure:SignalR:Endpoints:<name>[:<role>]``            the same
+``Azure:SignalR:ApplicationName``                      ``ServiceOptions.application_name``
+=====================================================  =========================================
+
+In the environment ``__`` stands for ``:`` (``Azure__SignalR__ConnectionString``). Other
+``Azure:SignalR:*`` keys (``ServerStickyMode``, ``Enabled``, ...) are not used by this SDK and are
+ignored; a malformed endpoint key or connection string raises ``ValueError`` naming the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import os
+import random
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, Final
+from urllib.parse import urlsplit
+
+from relaycore.protocol import ConnectionString, is_valid_hub_name
+
+__all__ = [
+    "EndpointType",
+    "ServiceEndpoint",
+    "ServiceOptions",
+    "default_retry_delay",
+]
+
+
+class EndpointType(enum.IntEnum):
+    """The role of an endpoint (service-protocol §11.1)."""
+
+    #: Gets Default server connections that carry clients; negotiate prefers it.
+    PRIMARY = 0
+    #: Gets Weak server connections that only send; negotiate uses it when no primary is online.
+    SECONDARY = 1
+
+
+def _endpoint_type(value: Any, where: str) -> EndpointType:
+    if isinstance(value, EndpointType):
+        return value
+    if isinstance(value, str):
+        try:
+            return EndpointType[value.strip().upper()]
+        except KeyError:
+            pass
+    elif isinstance(value, int) and not isinstance(value, bool):
+        try:
+            return EndpointType(value)
+        except ValueError:
+            pass
+    raise ValueError(f"{where}: endpoint type {value!r} is invalid; expected primary or secondary")
+
+
+@dataclasses.dataclass(frozen=True)
+class ServiceEndpoint:
+    """One relay (or Azure SignalR) endpoint the app server connects to.
+
+    The connection string is parsed at construction; a bad one raises ``ValueError`` saying
+    what is wrong::
+
+        ServiceEndpoint("Endpoint=http://localhost:8080;AccessKey=...;Version=1.0;")
+        ServiceEndpoint(backup_string, EndpointType.SECONDARY, name="west")
+
+    ``str()`` and ``repr()`` never show the access key.
+    """
+
+    connection_string: str = dataclasses.field(repr=False)
+    type: EndpointType = EndpointType.PRIMARY
+    name: str = ""
+    #: The parsed connection string.
+    connection: ConnectionString = dataclasses.field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        where = f"endpoint {self.name!r}" if self.name else "endpoint"
+        object.__setattr__(self, "type", _endpoint_type(self.type, where))
+        if not isinstance(self.connection_string, str):
+            raise ValueError(
+                f"{where}: connection string must be a str, got "
+                f"{type(self.connection_string).__name__}"
+            )
+        try:
+            connection = ConnectionString.parse(self.connection_string)
+        except ValueError as exc:
+            raise ValueError(f"{where}: invalid connection string: {exc}") from None
+        if connection.access_key is None:
+            raise ValueError(
+                f"{where}: connection string has AuthType={connection.auth_type} but no "
+                "AccessKey; relaycore's SDK signs tokens with an access key (Entra mode is not "
+                "supported)"
+            )
+        object.__setattr__(self, "connection", connection)
+
+    @property
+    def endpoint(self) -> str:
+        """The ``Endpoint`` URI of the connection string (no trailing ``/``)."""
+        return self.connection.endpoint
+
+    @property
+    def access_key(self) -> str:
+        """The key that signs server and client tokens for this endpoint."""
+        assert self.connection.access_key is not None  # checked in __post_init__
+        return self.connection.access_key
+
+    @property
+    def identity(self) -> str:
+        """``{scheme}://{host}:{port}`` of the connection base: endpoints with the same
+        identity are one endpoint (§11.1)."""
+        parts = urlsplit(self.connection.server_base)
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        return f"{parts.scheme.lower()}://{(parts.hostname or '').lower()}:{port}"
+
+    def __str__(self) -> str:
+        role = self.type.name.lower()
+        return f"{self.name or '(default)'} {self.endpoint} [{role}]"
+
+
+#: §4.5: the delay after the n-th consecutive failure, n = 0..5; 60 s after that.
+_BACKOFF: Final = (1.0, 2.0, 4.0, 8.0, 16.0, 32.0)
+_MAX_BACKOFF: Final = 60.0
+
+
+def default_retry_delay(failures: int) -> float:
+    """Seconds to wait before reconnecting after ``failures`` consecutive failures (0-based):
+    1, 2, 4, 8, 16, 32 s, then 60 s, each plus a random 0-1 s (service-protocol §4.5)."""
+    base = _BACKOFF[failures] if 0 <= failures < len(_BACKOFF) else _MAX_BACKOFF
+    return base + random.random()
+
+
+@dataclasses.dataclass
+class ServiceOptions:
+    """How an app server reaches the service. Times are in seconds.
+
+    Give ``connection_string`` (one primary endpoint), ``endpoints``, or both::
+
+        options = ServiceOptions(connection_string=os.environ["RELAY"], application_name="shop")
+        options = ServiceOptions.from_env()              # Azure__SignalR__ConnectionString ...
+        options = ServiceOptions.from_config(settings)   # {"Azure:SignalR:Endpoints:east": ...}
+
+    The timers default to the Azure SDK's (service-protocol §4.1); tests shorten them.
+    """
+
+    connection_string: str | None = None
+    endpoints: Sequence[ServiceEndpoint] = ()
+    #: Prefixes hub names on the wire (``{app}_{hub}``) so that apps can share a relay.
+    application_name: str | None = None
+    #: Server connections per hub per endpoint (``InitialHubServerConnectionCount``).
+    connection_count: int = 5
+    #: Lifetime of client tokens made by ``negotiate`` and of server-connection tokens.
+    access_token_lifetime: float = 3600.0
+    #: Put exception types and messages into invocation errors sent to clients.
+    enable_detailed_errors: bool = False
+    #: This app server's id (``X-ASRS-Server-Id``, JWT ``nameid``); default
+    #: ``{hostname}_{random hex}``, new for each ``HubServer``.
+    server_id: str | None = None
+    #: Wait this long for the service's handshake response.
+    handshake_timeout: float = 15.0
+    #: Drop a server connection on which nothing was received for this long.
+    service_timeout: float = 30.0
+    #: On receiving, send a keep-alive ping when nothing was sent for this long.
+    keep_alive_interval: float = 5.0
+    #: Send ``status`` pings this often, on one connection per hub and endpoint.
+    status_interval: float = 10.0
+    #: Wait this long for the ``Ack`` of a ``...WithAck`` request.
+    ack_timeout: float = 10.0
+    #: On exit, wait this long for ``shutdown finack``.
+    shutdown_timeout: float = 5.0
+    #: A hub's connection task gets this long to finish after its client went away.
+    client_close_timeout: float = 30.0
+    #: A client that connected gets this long to send its SignalR handshake.
+    client_handshake_timeout: float = 15.0
+    #: Largest hub message accepted from a client, in bytes.
+    max_message_size: int = 1 << 20
+    #: Seconds before reconnect attempt after n consecutive failures (``default_retry_delay``).
+    retry_delay: Callable[[int], float] = default_retry_delay
+
+    def __post_init__(self) -> None:
+        if self.connection_string is not None:
+            ServiceEndpoint(self.connection_string)  # raises ValueError naming the problem
+        endpoints = []
+        for endpoint in self.endpoints:
+            if isinstance(endpoint, str):
+                endpoint = ServiceEndpoint(endpoint)
+            if not isinstance(endpoint, ServiceEndpoint):
+                raise ValueError(
+                    f"endpoints must hold ServiceEndpoint objects, got {type(endpoint).__name__}"
+                )
+            endpoints.append(endpoint)
+        self.endpoints = tuple(endpoints)
+        if self.application_name == "":
+            self.application_name = None
+        if self.application_name is not None and not is_valid_hub_name(self.application_name):
+            raise ValueError(
+                f"application_name {self.application_name!r} is invalid; expected a letter then "
+                "up to 127 letters, digits or _`,.[]"
+            )
+        if type(self.connection_count) is not int or self.connection_count < 0:
+            raise ValueError(
+                f"connection_count must be an integer >= 0, got {self.connection_count!r}"
+            )
+        for name in (
+            "access_token_lifetime",
+            "handshake_timeout",
+            "service_timeout",
+            "keep_alive_interval",
+            "status_interval",
+            "ack_timeout",
+            "shutdown_timeout",
+            "client_close_timeout",
+            "client_handshake_timeout",
+        ):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"{name} must be a number of seconds > 0, got {value!r}")
+        if type(self.max_message_size) is not int or self.max_message_size <= 0:
+            raise ValueError(
+                f"max_message_size must be an integer > 0, got {self.max_message_size!r}"
+            )
+
+    def all_endpoints(self) -> tuple[ServiceEndpoint, ...]:
+        """Every endpoint: ``connection_string`` first (primary, unnamed), then ``endpoints``,
+        de-duplicated by ``{scheme}://{host}:{port}`` preferring the primary (§11.1).
+
+        Raises ``ValueError`` when there is no endpoint or no primary one.
+        """
+        candidates: list[ServiceEndpoint] = []
+        if self.connection_string is not None:
+            candidates.append(ServiceEndpoint(self.connection_string))
+        candidates.extend(self.endpoints)
+        if not candidates:
+            raise ValueError(
+                "no endpoint configured; give ServiceOptions(connection_string=...) or "
+                "endpoints=[ServiceEndpoint(...)], or set Azure__SignalR__ConnectionString"
+            )
+        chosen: dict[str, ServiceEndpoint] = {}
+        for endpoint in candidates:
+            seen = chosen.get(endpoint.identity)
+            if seen is None or (
+                seen.type is EndpointType.SECONDARY and endpoint.type is EndpointType.PRIMARY
+            ):
+                chosen[endpoint.identity] = endpoint
+        endpoints = tuple(chosen.values())
+        if not any(e.type is EndpointType.PRIMARY for e in endpoints):
+            raise ValueError(
+                "no primary endpoint configured; at least one endpoint must be primary"
+            )
+        return endpoints
+
+    # Configuration -------------------------------------------------------------------------
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any], **overrides: Any) -> ServiceOptions:
+        """Options from a configuration mapping with the Azure SDK's keys (see the module doc).
+
+        Keys are ``:``-separated paths compared case-insensitively; nested mappings (as in an
+        ``appsettings.json``) are flattened. ``overrides`` set other fields::
+
+            ServiceOptions.from_config({
+                "Azure:SignalR:Endpoints:east": primary_string,
+                "Azure:SignalR:Endpoints:west:secondary": backup_string,
+            }, connection_count=2)
+
+        Raises ``ValueError`` naming the key of a malformed endpoint key, an unknown role or a
+        bad connection string.
+        """
+        connection_string: str | None = None
+        fallback: str | None = None
+        application_name: str | None = None
+        endpoints: list[ServiceEndpoint] = []
+        for key, value in _flatten(config):
+            parts = [p.strip() for p in key.split(":")]
+            lower = [p.lower() for p in parts]
+            if lower[:1] == ["connectionstrings"]:
+                rest, secondary_form = lower[1:], True
+            else:
+                rest, secondary_form = lower, False
+            if rest[:2] != ["azure", "signalr"]:
+                continue
+            if rest[2:] == ["connectionstring"]:
+                text = _config_string(key, value)
+                if text:
+                    if secondary_form:
+                        fallback = text
+                    else:
+                        connection_string = text
+                    _check_string(key, text)
+                continue
+            if not secondary_form and rest[2:] == ["applicationname"]:
+                application_name = _config_string(key, value) or None
+                continue
+            if rest[2:3] in (["connectionstring"], ["endpoints"]) and (
+                not secondary_form or rest[2] == "connectionstring"
+            ):
+                endpoint = _endpoint_from_key(key, parts[3 + secondary_form :], value)
+                if endpoint is not None:
+                    endpoints.append(endpoint)
+            # Other Azure:SignalR:* settings do not concern this SDK.
+        fields: dict[str, Any] = {
+            "connection_string": connection_string or fallback,
+            "endpoints": tuple(endpoints),
+        }
+        if application_name is not None:
+            fields["application_name"] = application_name
+        fields.update(overrides)
+        return cls(**fields)
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> ServiceOptions:
+        """Options from environment variables, ``__`` standing for ``:``
+        (``Azure__SignalR__ConnectionString``, ``Azure__SignalR__Endpoints__east__secondary``,
+        ...); ``env`` defaults to ``os.environ``. See ``from_config``."""
+        source = os.environ if env is None else env
+        return cls.from_config({k.replace("__", ":"): v for k, v in source.items()}, **overrides)
+
+
+def _flatten(config: Mapping[str, Any], prefix: str = "") -> Iterable[tuple[str, Any]]:
+    for key, value in config.items():
+        if not isinstance(key, str):
+            raise ValueError(f"configuration key {key!r} must be a string")
+        path = f"{prefix}:{key}" if prefix else key
+        if isinstance(value, Mapping):
+            yield from _flatten(value, path)
+        else:
+            yield path, value
+
+
+def _config_string(key: str, value: Any) -> str:
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise ValueError(
+            f"configuration key {key!r}: expected a string, got {type(value).__name__}"
+        )
+    return value.strip()
+
+
+def _check_string(key: str, text: str) -> None:
+    try:
+        ServiceEndpoint(text)
+    except ValueError as exc:
+        raise ValueError(f"configuration key {key!r}: {exc}") from None
+
+
+def _endpoint_from_key(key: str, tail: list[str], value: Any) -> ServiceEndpoint | None:
+    if len(tail) not in (1, 2) or not tail[0]:
+        raise ValueError(
+            f"configuration key {key!r} is malformed; expected "
+            "Azure:SignalR:Endpoints:<name>[:primary|:secondary]"
+        )
+    name = tail[0]
+    role = tail[1] if len(tail) == 2 else "primary"
+    if role.lower() not in ("primary", "secondary"):
+        raise ValueError(
+            f"configuration key {key!r}: role {role!r} is invalid; expected primary or secondary"
+        )
+    text = _config_string(key, value)
+    if not text:
+        return None
+    try:
+        return ServiceEndpoint(text, EndpointType[role.upper()], name)
+    except ValueError as exc:
+        raise ValueError(f"configuration key {key!r}: {exc}") from None
