@@ -99,11 +99,15 @@ class WebSocketConnection:
             if data:
                 await self._stream.send(data)
 
-    async def send(self, data: bytes) -> None:
-        """Send one binary message. Raises ``WebSocketClosed`` once the connection ended."""
+    async def send(self, data: bytes | str) -> None:
+        """Send one message: binary for ``bytes``, text for ``str``. Raises
+        ``WebSocketClosed`` once the connection ended."""
         if self._closed is not None:
             raise self._closed
-        self._ws.send_binary(data)
+        if isinstance(data, str):
+            self._ws.send_text(data)
+        else:
+            self._ws.send_binary(data)
         try:
             await self._flush()
         except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
