@@ -81,6 +81,10 @@ class Chat(Hub):
     async def ask_caller(self, question):
         return await self.clients.caller.invoke("answer", question, timeout=5)
 
+    async def leave(self):
+        self.context.abort()
+        return "bye"
+
     async def count(self, n):
         for i in range(n):
             yield i
@@ -557,6 +561,20 @@ def test_close_connection_runs_on_disconnected_and_forgets_the_client(backend):
         await conn.send(ConnectionDataMessage("c1", b"garbage"))
         await open_client(conn, "c2")
         assert (await invoke(conn, "add", 1, 2, connection_id="c2"))["result"] == 3
+
+    run(backend, lambda: serving(scenario))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_abort_closes_the_client_from_the_server_side(backend):
+    async def scenario(service, server):
+        conn = (await service.wait_connections(1))[0]
+        await open_client(conn)
+        assert (await invoke(conn, "leave"))["result"] == "bye"
+        close = await conn.next(CloseConnectionMessage)
+        assert (close.connection_id, close.error_message) == ("c1", "")
+        await wait_for(lambda: any(e[0] == "disconnected" for e in events))
+        assert events[-1] == ("disconnected", "c1", None)
 
     run(backend, lambda: serving(scenario))
 

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextvars
 import logging
+from collections import deque
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -144,7 +145,7 @@ class ClientConnection:
         self._migrated = header_for(open_message.headers, ASRS_MIGRATE_FROM_HEADER) is not None
         self.protocol: JsonHubProtocol | MessagePackHubProtocol | None = None
         self._announced_protocol = open_message.protocol
-        self._inbox_send, self._inbox = anyio.create_memory_object_stream[bytes](_INBOX_SIZE)
+        self._inbox = _Inbox(_INBOX_SIZE)
         self._scope = anyio.CancelScope()
         self._input_closed = False
         #: Why the input ended: None (normal close) or the error passed to on_disconnected.
@@ -169,10 +170,7 @@ class ClientConnection:
         """Hand over the bytes of one ConnectionData (waits while the inbox is full)."""
         if self._input_closed:
             return
-        try:
-            await self._inbox_send.send(payload)
-        except (anyio.BrokenResourceError, anyio.ClosedResourceError):
-            pass
+        await self._inbox.put(payload)
 
     def close_input(self, error: BaseException | None = None, *, lost: bool = False) -> None:
         """The client is gone (CloseConnection, ``error`` from its message), or with
@@ -183,12 +181,13 @@ class ClientConnection:
             return
         self._input_closed = True
         self._end_error = error
-        self._inbox_send.close()
+        self._inbox.close()
 
     def abort(self, reason: str = "") -> None:
         """End the connection from this side; the service is told with CloseConnection."""
         if self._close_reason is None:
             self._close_reason = reason
+        self._inbox.close(discard=True)
         self.close_input(None)
 
     # Output --------------------------------------------------------------------------------
@@ -251,10 +250,10 @@ class ClientConnection:
                 if len(buffer) > options.max_message_size:
                     await self._refuse_handshake("Handshake was canceled.")
                     return None
-                try:
-                    buffer += await self._inbox.receive()
-                except anyio.EndOfStream:
+                data = await self._inbox.get()
+                if data is None:
                     return None  # the client left before its handshake
+                buffer += data
             request, consumed = found
             try:
                 protocol = get_protocol(request.protocol)
@@ -318,10 +317,10 @@ class ClientConnection:
                 for message in messages:
                     if not self._handle(task_group, message):
                         return
-            try:
-                buffer += await self._inbox.receive()
-            except anyio.EndOfStream:
+            data = await self._inbox.get()
+            if data is None:
                 return
+            buffer += data
 
     def _handle(self, task_group: anyio.abc.TaskGroup, message: Any) -> bool:
         if isinstance(message, InvocationMessage):
@@ -466,7 +465,6 @@ class ClientConnection:
 
     async def _finish(self, connected: bool) -> None:
         self._input_closed = True
-        self._inbox_send.close()
         self._inbox.close()
         # Shielded: on_disconnected runs even when the app server is shutting down.
         with anyio.CancelScope(shield=True):
@@ -487,6 +485,47 @@ class ClientConnection:
                     except Exception:
                         _log.exception("on_disconnected failed for %s", self.connection_id)
             self.done.set()
+
+
+class _Inbox:
+    """A bounded FIFO of ConnectionData payloads between the server connection's reader and
+    the client's task. ``close`` lets the items queued so far be read, then ``get`` returns
+    ``None``; ``put`` after ``close`` drops the item. (Plain state and events rather than a
+    memory object stream: nothing to close when the client's task never ran.)"""
+
+    __slots__ = ("_changed", "_closed", "_items", "_limit")
+
+    def __init__(self, limit: int) -> None:
+        self._items: deque[bytes] = deque()
+        self._limit = limit
+        self._closed = False
+        self._changed = anyio.Event()
+
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = anyio.Event()
+
+    async def put(self, item: bytes) -> None:
+        while len(self._items) >= self._limit and not self._closed:
+            await self._changed.wait()
+        if not self._closed:
+            self._items.append(item)
+            self._notify()
+
+    async def get(self) -> bytes | None:
+        while not self._items:
+            if self._closed:
+                return None
+            await self._changed.wait()
+        item = self._items.popleft()
+        self._notify()
+        return item
+
+    def close(self, *, discard: bool = False) -> None:
+        self._closed = True
+        if discard:
+            self._items.clear()
+        self._notify()
 
 
 class _InvocationError(Exception):
