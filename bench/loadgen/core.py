@@ -1,0 +1,272 @@
+"""The open-loop generator: connections, a constant offered rate, deliveries and latency.
+
+Every message the generator sends is a text ``@B{step:03d}{t_us:015d}~xxxx...`` of the chosen
+payload size, where ``t_us`` is the time (``perf_counter``, microseconds) at which the open-loop
+schedule said it should leave, not when it actually left: a generator that falls behind shows
+up as latency, not as a gentler load (no coordinated omission). Whatever envelope a server puts
+around it (a SignalR invocation, a Socket.IO event, nothing), the receiving connection finds the
+marker ``@B{step}`` in the first bytes of a frame: one delivery of this step. One connection in
+``sample_every`` also reads the time and records the latency. Frames of an earlier step (late
+stragglers) are counted apart and never credited to the current one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import Callable
+from typing import Any
+
+from .wsclient import SourceAddresses, open_connection
+
+_perf_ns = time.perf_counter_ns
+MARK = b"@B"
+MARK_SCAN = 160  # the marker sits in the first bytes of a frame, after the envelope
+
+
+def now_us() -> int:
+    return _perf_ns() // 1000
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU of a process (all its threads) from ``/proc``."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def rss_bytes(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+class Meter:
+    """The sink of every measured connection: counts deliveries of the current step."""
+
+    def __init__(self, adapter: Any) -> None:
+        self.adapter = adapter
+        self.step = 0
+        self.marker = MARK + b"000"
+        self.count = 0
+        self.stale = 0
+        self.frames = 0
+        self.latencies: list[int] = []
+        self.closed = 0
+
+    def begin(self, step: int) -> None:
+        self.step = step
+        self.marker = MARK + b"%03d" % (step % 1000)
+        self.count = 0
+        self.stale = 0
+        self.latencies = []
+
+    def on_frame(self, conn: Any, payload: bytes) -> None:
+        self.frames += 1
+        i = payload.find(self.marker, 0, MARK_SCAN)
+        if i >= 0:
+            self.count += 1
+            if conn.sampled:
+                self.latencies.append(_perf_ns() // 1000 - int(payload[i + 5:i + 20]))
+            return
+        if payload.find(MARK, 0, MARK_SCAN) >= 0:
+            self.stale += 1
+            return
+        self.adapter.on_other(conn, payload)
+
+    def on_closed(self, conn: Any) -> None:
+        self.closed += 1
+        self.adapter.on_closed(conn)
+
+
+class QuietSink:
+    """The sink of connections that are not measured (churn): handshakes and pings only."""
+
+    def __init__(self, adapter: Any) -> None:
+        self.adapter = adapter
+
+    def on_frame(self, conn: Any, payload: bytes) -> None:
+        if payload.find(MARK, 0, MARK_SCAN) < 0:
+            self.adapter.on_other(conn, payload)
+
+    def on_closed(self, conn: Any) -> None:
+        self.adapter.on_closed(conn)
+
+
+def message_text(step: int, due_us: int, size: int) -> str:
+    head = f"@B{step % 1000:03d}{due_us:015d}~"
+    return head + "x" * max(0, size - len(head))
+
+
+def percentile(sorted_values: list[int], p: float) -> float | None:
+    if not sorted_values:
+        return None
+    return sorted_values[min(len(sorted_values) - 1, int(p * len(sorted_values)))] / 1000.0
+
+
+class Generator:
+    """Holds the measured connections to one target and runs open-loop steps against it."""
+
+    def __init__(self, adapter: Any, port: int, *, backend: str, host: str = "127.0.0.1",
+                 sources: SourceAddresses | None = None) -> None:
+        self.adapter = adapter
+        self.host = host
+        self.port = port
+        self.backend = backend
+        self.sources = sources or SourceAddresses()
+        self.meter = Meter(adapter)
+        self.quiet = QuietSink(adapter)
+        self.conns: list[Any] = []
+        self._step = 0
+        self._keepalive: asyncio.Task[None] | None = None
+
+    # -- connections ---------------------------------------------------------------------------
+
+    async def open_one(self, *, room: str | None = None, user: str | None = None,
+                       sampled: bool = False, measured: bool = True) -> Any:
+        path, headers = self.adapter.sub_path(room=room, user=user)
+        conn = await open_connection(self.backend, self.meter if measured else self.quiet,
+                                     self.host, self.port, path, source=self.sources(),
+                                     sampled=sampled, headers=headers)
+        await self.adapter.after_open(conn)
+        return conn
+
+    async def connect(self, count: int, *, room_of: Callable[[int], str | None] | None = None,
+                      user_of: Callable[[int], str | None] | None = None,
+                      sample_every: int = 10, concurrency: int = 64,
+                      timeout: float = 300.0) -> list[Any]:
+        """Open ``count`` more measured connections, ``concurrency`` at a time."""
+        start = len(self.conns)
+        conns: list[Any] = [None] * count
+        next_index = 0
+
+        async def worker() -> None:
+            nonlocal next_index
+            while next_index < count:
+                i = next_index
+                next_index += 1
+                n = start + i
+                for attempt in range(5):
+                    try:
+                        conns[i] = await self.open_one(
+                            room=room_of(n) if room_of else None,
+                            user=user_of(n) if user_of else None,
+                            sampled=n % sample_every == 0)
+                        break
+                    except (OSError, ConnectionError, asyncio.TimeoutError):
+                        if attempt == 4:
+                            raise
+                        await asyncio.sleep(0.2 * (attempt + 1))
+
+        await asyncio.wait_for(
+            asyncio.gather(*(worker() for _ in range(min(concurrency, count)))), timeout)
+        self.conns.extend(conns)
+        if self._keepalive is None and self.adapter.needs_keepalive:
+            self._keepalive = asyncio.get_running_loop().create_task(self._keep_alive())
+        return conns
+
+    async def _keep_alive(self) -> None:
+        """Send each connection the adapter's keep-alive every ``keepalive_interval`` seconds,
+        spread evenly over the interval."""
+        interval = self.adapter.keepalive_interval
+        slices = 20
+        k = 0
+        while True:
+            await asyncio.sleep(interval / slices)
+            conns = self.conns
+            for conn in conns[k % slices::slices]:
+                if not conn.closed:
+                    self.adapter.keepalive(conn)
+            k += 1
+
+    async def close_all(self) -> None:
+        if self._keepalive is not None:
+            self._keepalive.cancel()
+            self._keepalive = None
+        for conn in self.conns:
+            conn.abort()
+        self.conns = []
+        await asyncio.sleep(0.05)
+
+    # -- steps ---------------------------------------------------------------------------------
+
+    def new_step(self) -> int:
+        self._step += 1
+        return self._step
+
+    async def run_step(self, send: Callable[[int, str], None], *, rate: float, duration: float,
+                       payload: int, recipients: int, target_pid: int, grace: float = 3.0,
+                       label: dict[str, Any] | None = None,
+                       during: Callable[[], Any] | None = None) -> dict[str, Any]:
+        """Send ``rate * duration`` messages on an open-loop schedule, each reaching
+        ``recipients`` measured connections; wait up to ``grace`` s for the stragglers."""
+        step = self.new_step()
+        meter = self.meter
+        meter.begin(step)
+        count = max(1, int(rate * duration))
+        expected = count * recipients
+        loop = asyncio.get_running_loop()
+        side = loop.create_task(during()) if during is not None else None
+        tcpu0, gcpu0 = cpu_seconds(target_pid), time.process_time()
+        start_us = now_us()
+        start = start_us / 1e6
+        sent = 0
+        behind_max = 0.0
+        while sent < count:
+            now = time.perf_counter()
+            due = min(count, int((now - start) * rate) + 1)
+            if due > sent:
+                behind_max = max(behind_max, now - (start + sent / rate))
+            while sent < due:
+                send(sent, message_text(step, start_us + int(sent * 1e6 / rate), payload))
+                sent += 1
+            delay = start + sent / rate - time.perf_counter()
+            await asyncio.sleep(max(delay, 0.0005) if sent < count else 0)
+        sent_end = time.perf_counter()
+        deadline = sent_end + grace
+        while meter.count < expected and time.perf_counter() < deadline:
+            await asyncio.sleep(0.002)
+        done = time.perf_counter()
+        delivered = meter.count
+        tcpu = cpu_seconds(target_pid) - tcpu0
+        gcpu = time.process_time() - gcpu0
+        elapsed = max(done - start, duration)
+        latencies = sorted(meter.latencies)
+        if side is not None:
+            side.cancel()
+            try:
+                await side
+            except (asyncio.CancelledError, Exception):  # noqa: BLE001 - reported by its owner
+                pass
+        # let stragglers of this step drain before the next one starts
+        quiet_since, frames = time.perf_counter(), meter.frames
+        while time.perf_counter() - quiet_since < 0.25 and time.perf_counter() - done < 10:
+            await asyncio.sleep(0.05)
+            if meter.frames != frames:
+                quiet_since, frames = time.perf_counter(), meter.frames
+        gen_cpu = 100 * gcpu / (done - start)
+        return {
+            **(label or {}),
+            "offered_msgs_per_s": rate,
+            "offered_deliveries_per_s": rate * recipients,
+            "messages": count,
+            "expected": expected,
+            "delivered": delivered,
+            "delivered_per_s": delivered / elapsed,
+            "reach": delivered / expected,
+            "late_after_grace": meter.count - delivered,
+            "p50_ms": percentile(latencies, 0.50),
+            "p99_ms": percentile(latencies, 0.99),
+            "max_ms": latencies[-1] / 1000.0 if latencies else None,
+            "latency_samples": len(latencies),
+            "publisher_behind_max_ms": behind_max * 1000,
+            "target_cpu_s": tcpu,
+            "target_cpu_percent": 100 * tcpu / elapsed,
+            "target_cpu_s_per_1M_deliveries": tcpu / delivered * 1e6 if delivered else None,
+            "target_rss_bytes": rss_bytes(target_pid),
+            "generator_cpu_percent": gen_cpu,
+            "generator_bound": gen_cpu > 80.0,
+        }

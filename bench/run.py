@@ -1,0 +1,814 @@
+"""relaycore side by side with the relays people would pick instead, on one machine, in one run.
+
+Each target (relaycore, uWS.js, node ``ws``, node ``socket.io``, python ``websockets``,
+python-socketio on uvicorn) runs as its own process pinned to CPU 0 (``taskset -c 0``); this
+process is the load generator (``bench/loadgen``: open loop, uvloop, picows) pinned to CPU 1.
+Scenarios (see bench/README.md, "Side by side"):
+
+* S1 echo (relaycore: client -> relay -> app server -> relay -> client)
+* S2 broadcast to 1,000 subscribers, 32 B and 2 KB, a ladder of offered rates: the highest rate
+  with p99 <= 10 ms and reach 1.0
+* S3 small groups (5,000 connections, groups of 10)
+* S4 send to connection and to user at 1,000 and 15,000 connections (relaycore)
+* S5 15,000 idle connections with keep-alive: RSS per connection, idle CPU
+* S6 1,000 connects + 1,000 disconnects per second during S2
+* S8 relaycore's broadcast through the REST API beside the server connection
+
+    python bench/peers/setup.sh            # once: node peers (npm ci), python peers, picows
+    python bench/run.py                    # everything, three runs, bench/results/<date>-<commit>.*
+    python bench/run.py --smoke            # seconds, tiny counts, whatever peers are installed
+    python bench/run.py --targets relaycore uws --scenarios S2 --runs 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import json
+import os
+import platform
+import re
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+BENCH = Path(__file__).resolve().parent
+sys.path.insert(0, str(BENCH))
+
+from loadgen.adapters import (  # noqa: E402
+    ACCESS_KEY,
+    RawAdapter,
+    RestPublisher,
+    ServiceConnection,
+    SignalRAdapter,
+    SocketIOAdapter,
+)
+from loadgen.core import Generator, cpu_seconds, rss_bytes  # noqa: E402
+from loadgen.wsclient import HAVE_PICOWS, default_backend  # noqa: E402
+
+from relaycore import __version__ as RELAYCORE_VERSION  # noqa: E402
+from relaycore._accel import ACCELERATED  # noqa: E402
+from relaycore.protocol import ConnectionDataMessage, ConnectionType, write_service_message  # noqa: E402,I001
+
+PEERS = BENCH / "peers"
+PEERS_VENV = BENCH / ".venv-peers" / "bin" / "python"
+P99_BOUND_MS = 10.0
+SEND_BUFFER_LIMIT = 16 << 20  # the same per-connection send buffer everywhere it is a setting
+
+# -- targets ----------------------------------------------------------------------------------
+
+
+@dataclass
+class Target:
+    name: str
+    adapter: str  # signalr | raw | socketio
+    argv: Callable[[], list[str]]
+    check: Callable[[], str | None]  # None when it can run, else why not
+    version: Callable[[], str]
+    env: dict[str, str] = field(default_factory=dict)
+
+
+def _node_package_version(package: str) -> str:
+    try:
+        data = json.loads((PEERS / "node_modules" / package / "package.json").read_text())
+        return f"{package} {data['version']}, node {_node_version()}"
+    except OSError:
+        return "not installed"
+
+
+def _node_version() -> str:
+    node = shutil.which("node")
+    if not node:
+        return "?"
+    return subprocess.run([node, "--version"], capture_output=True, text=True).stdout.strip()
+
+
+def _node_check(package: str) -> Callable[[], str | None]:
+    def check() -> str | None:
+        if not shutil.which("node"):
+            return "node is not installed"
+        if not (PEERS / "node_modules" / package).is_dir():
+            return f"bench/peers/node_modules/{package} missing (run bench/peers/setup.sh)"
+        return None
+    return check
+
+
+def _py_peer_check(module: str) -> Callable[[], str | None]:
+    def check() -> str | None:
+        if not PEERS_VENV.exists():
+            return "bench/.venv-peers missing (run bench/peers/setup.sh)"
+        ok = subprocess.run([str(PEERS_VENV), "-c", f"import {module}"], capture_output=True)
+        return None if ok.returncode == 0 else f"{module} not importable in bench/.venv-peers"
+    return check
+
+
+def _py_peer_version(*dists: str) -> Callable[[], str]:
+    def version() -> str:
+        code = ("import importlib.metadata as m, platform; print(', '.join("
+                f"d + ' ' + m.version(d) for d in {list(dists)!r}) + ', CPython ' + "
+                "platform.python_version())")
+        out = subprocess.run([str(PEERS_VENV), "-c", code], capture_output=True, text=True)
+        return out.stdout.strip() or "?"
+    return version
+
+
+TARGETS: dict[str, Target] = {t.name: t for t in [
+    Target("relaycore", "signalr",
+           lambda: [sys.executable, "-m", "relaycore", "serve", "--port", "0", "--access-key",
+                    ACCESS_KEY, "--log-level", "WARNING"],
+           lambda: None,
+           lambda: f"relaycore {RELAYCORE_VERSION} (accelerated={ACCELERATED}), CPython "
+                   f"{platform.python_version()}",
+           env={"RELAYCORE_SEND_BUFFER_LIMIT": str(SEND_BUFFER_LIMIT)}),
+    Target("uws", "raw", lambda: ["node", str(PEERS / "uws_server.js"), "0"],
+           _node_check("@trufflesuite/uws-js-unofficial"),
+           lambda: _node_package_version("@trufflesuite/uws-js-unofficial"),
+           env={"BENCH_SEND_BUFFER_LIMIT": str(SEND_BUFFER_LIMIT)}),
+    Target("ws", "raw", lambda: ["node", str(PEERS / "ws_server.js"), "0"],
+           _node_check("ws"), lambda: _node_package_version("ws")),
+    Target("socket.io", "socketio", lambda: ["node", str(PEERS / "socketio_server.js"), "0"],
+           _node_check("socket.io"), lambda: _node_package_version("socket.io")),
+    Target("websockets", "raw",
+           lambda: [str(PEERS_VENV), str(PEERS / "websockets_server.py"), "0"],
+           _py_peer_check("websockets"), _py_peer_version("websockets")),
+    Target("python-socketio", "socketio",
+           lambda: [str(PEERS_VENV), str(PEERS / "socketio_server.py"), "0"],
+           _py_peer_check("socketio, uvicorn"),
+           _py_peer_version("python-socketio", "python-engineio", "uvicorn", "uvloop",
+                            "websockets")),
+]}
+
+
+class Running:
+    """A target process pinned to CPU 0."""
+
+    def __init__(self, target: Target) -> None:
+        self.target = target
+        argv = target.argv()
+        if shutil.which("taskset") and (os.cpu_count() or 1) > 1:
+            argv = ["taskset", "-c", "0", *argv]
+        self.log = open(f"/tmp/relaycore-bench-{target.name}.log", "w")  # noqa: SIM115
+        self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=self.log, text=True,
+                                     env={**os.environ, **target.env}, cwd=BENCH)
+        assert self.proc.stdout is not None
+        deadline = time.monotonic() + 30
+        self.port = 0
+        for line in self.proc.stdout:
+            match = re.search(r"listening on \S*:(\d+)", line)
+            if match:
+                self.port = int(match.group(1))
+                break
+            if time.monotonic() > deadline:
+                break
+        if not self.port:
+            self.stop()
+            raise RuntimeError(f"{target.name} did not start (see {self.log.name})")
+        self.pid = self.proc.pid
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+
+
+def adapter_for(target: Target, hub: str = "bench") -> Any:
+    if target.adapter == "signalr":
+        return SignalRAdapter(hub=hub)
+    return RawAdapter() if target.adapter == "raw" else SocketIOAdapter()
+
+
+# -- scenario helpers -------------------------------------------------------------------------
+
+
+def passes(step: dict[str, Any]) -> bool:
+    return (step["reach"] >= 1.0 and step["p99_ms"] is not None
+            and step["p99_ms"] <= P99_BOUND_MS)
+
+
+def show(step: dict[str, Any]) -> None:
+    p99 = step["p99_ms"]
+    print(f"    {step['target']:>15} {step['scenario']:<4} {step.get('variant', ''):<12}"
+          f"{step['payload']:>5} B {step['offered_deliveries_per_s']:>9,.0f}/s offered "
+          f"{step['delivered_per_s']:>9,.0f}/s delivered  reach {step['reach']:.4f}  "
+          f"p50 {step['p50_ms'] or 0:7.2f}  p99 {p99 if p99 is not None else float('nan'):7.2f}"
+          f"  max {step['max_ms'] or 0:7.1f} ms  target {step['target_cpu_percent']:3.0f}% "
+          f"{step['target_cpu_s_per_1M_deliveries'] or 0:5.2f} CPU-s/1M  "
+          f"gen {step['generator_cpu_percent']:3.0f}%"
+          f"{' GEN-BOUND' if step['generator_bound'] else ''}"
+          f"{'' if passes(step) else '  (fails p99/reach)'}", flush=True)
+
+
+async def ladder(ctx: Context, gen: Generator, send: Callable[[int, str], None],
+                 rates: list[float], *, recipients: int, payload: int, pid: int,
+                 label: dict[str, Any]) -> list[dict[str, Any]]:
+    """Steps of increasing offered deliveries/s until two in a row fail p99/reach."""
+    steps = []
+    fails = 0
+    for deliveries in rates:
+        step = await gen.run_step(send, rate=deliveries / recipients, duration=ctx.duration,
+                                  payload=payload, recipients=recipients, target_pid=pid,
+                                  label={**label, "payload": payload}, grace=ctx.grace)
+        step["pass"] = passes(step)
+        steps.append(step)
+        show(step)
+        fails = 0 if step["pass"] else fails + 1
+        if fails >= 2 or step["reach"] < 0.5:
+            break
+    return steps
+
+
+@dataclass
+class Context:
+    args: argparse.Namespace
+    backend: str
+    duration: float
+    grace: float
+    run: int = 0
+    records: list[dict[str, Any]] = field(default_factory=list)
+
+    def scale(self, full: int, smoke: int) -> int:
+        return smoke if self.args.smoke else full
+
+
+async def with_target(ctx: Context, target: Target, body: Callable[[Running], Any]) -> Any:
+    running = Running(target)
+    try:
+        await asyncio.sleep(0.3)
+        return await body(running)
+    finally:
+        running.stop()
+
+
+# -- scenarios --------------------------------------------------------------------------------
+
+
+async def s2_broadcast(ctx: Context, target: Target) -> None:
+    """S2 (and S8 for relaycore): broadcast to 1,000 subscribers."""
+    n = ctx.scale(1000, 20)
+
+    async def body(r: Running) -> None:
+        adapter = adapter_for(target)
+        gen = Generator(adapter, r.port, backend=ctx.backend)
+        rss0 = rss_bytes(r.pid)
+        await gen.connect(n)
+        await asyncio.sleep(0.5)
+        rss1 = rss_bytes(r.pid)
+        publishers = {"server": await adapter.open_publisher(r.port, ctx.backend)}
+        if target.name == "relaycore" and "S8" in ctx.args.scenarios:
+            publishers["rest"] = await RestPublisher(r.port, "bench").start()
+        label = {"scenario": "S2", "target": target.name, "run": ctx.run, "subscribers": n,
+                 "rss_per_connection": (rss1 - rss0) / n}
+        for payload in ctx.args.payloads:
+            for via, pub in publishers.items():
+                if via == "rest":
+                    rates = ctx.args.rest_rates
+                    lab = {**label, "scenario": "S8", "variant": "rest"}
+                else:
+                    rates = ctx.args.rates
+                    lab = {**label, "variant": "server" if target.name == "relaycore" else ""}
+                ctx.records += await ladder(
+                    ctx, gen, lambda i, t, pub=pub: pub.publish("all", t),
+                    [x * n / 1000 for x in rates], recipients=n, payload=payload,
+                    pid=r.pid, label=lab)
+        for pub in publishers.values():
+            await pub.aclose()
+        await gen.close_all()
+
+    await with_target(ctx, target, body)
+
+
+async def s1_echo(ctx: Context, target: Target) -> None:
+    """S1: echo. relaycore: client -> relay -> app server (service protocol) -> relay ->
+    client; peers: the server sends the message back to its sender."""
+    n = ctx.scale(1000, 20)
+
+    async def body(r: Running) -> None:
+        adapter = adapter_for(target, hub="echo")
+        app = None
+        if target.name == "relaycore":
+            app = await ServiceConnection.open(r.port, ctx.backend, hub="echo",
+                                               connection_type=ConnectionType.DEFAULT,
+                                               echo=True)
+        gen = Generator(adapter, r.port, backend=ctx.backend)
+        conns = await gen.connect(n)
+        label = {"scenario": "S1", "target": target.name, "run": ctx.run, "clients": n,
+                 "variant": "app server" if app else ""}
+        for payload in ctx.args.payloads:
+            ctx.records += await ladder(
+                ctx, gen, lambda i, t: adapter.send_echo(conns[i % n], t),
+                ctx.args.echo_rates, recipients=1, payload=payload, pid=r.pid, label=label)
+        await gen.close_all()
+        if app is not None:
+            await app.aclose()
+
+    await with_target(ctx, target, body)
+
+
+async def s3_groups(ctx: Context, target: Target) -> None:
+    """S3: 5,000 connections in groups of 10; each message goes to one group."""
+    n = ctx.scale(5000, 40)
+    size = 10
+    groups = n // size
+
+    async def body(r: Running) -> None:
+        adapter = adapter_for(target, hub="groups")
+        gen = Generator(adapter, r.port, backend=ctx.backend)
+        if target.name == "relaycore":
+            await gen.connect(n, user_of=lambda i: f"u{i}")
+        else:
+            await gen.connect(n, room_of=lambda i: f"g{i // size}")
+        pub = await adapter.open_publisher(r.port, ctx.backend)
+        if target.name == "relaycore":
+            await pub.join_users([(f"u{i}", f"g{i // size}") for i in range(n)])
+        label = {"scenario": "S3", "target": target.name, "run": ctx.run, "connections": n,
+                 "group_size": size}
+        for payload in ctx.args.payloads:
+            ctx.records += await ladder(
+                ctx, gen, lambda i, t: pub.publish(f"g{i % groups}", t), ctx.args.group_rates,
+                recipients=size, payload=payload, pid=r.pid, label=label)
+        await pub.aclose()
+        await gen.close_all()
+
+    await with_target(ctx, target, body)
+
+
+async def s4_targeted(ctx: Context, target: Target) -> None:
+    """S4 (relaycore): send to one connection (ConnectionData from the app server the client is
+    bound to) and to one user (UserData), at 1,000 and then 15,000 connections, same rate."""
+    if target.name != "relaycore":
+        return
+    sizes = [ctx.scale(1000, 20), ctx.scale(15000, 60)]
+
+    async def body(r: Running) -> None:
+        adapter = adapter_for(target, hub="direct")
+        app = await ServiceConnection.open(r.port, ctx.backend, hub="direct",
+                                           connection_type=ConnectionType.DEFAULT, echo=True)
+        gen = Generator(adapter, r.port, backend=ctx.backend)
+        for total in sizes:
+            await gen.connect(total - len(gen.conns), user_of=lambda i: f"u{i}",
+                              sample_every=max(1, total // 100))
+            ids = list(app.clients)
+            users = [f"u{i}" for i in range(total)]
+
+            def to_connection(i: int, text: str) -> None:
+                app.conn.send_binary(write_service_message(ConnectionDataMessage(
+                    ids[(i * 7919) % len(ids)],
+                    b'{"type":1,"target":"t","arguments":["%s"]}\x1e' % text.encode())))
+
+            def to_user(i: int, text: str) -> None:
+                app.send_to_user(users[(i * 7919) % total], text)
+
+            for variant, send in (("connection", to_connection), ("user", to_user)):
+                label = {"scenario": "S4", "target": target.name, "run": ctx.run,
+                         "connections": total, "variant": f"{variant} @{total}"}
+                step = await gen.run_step(send, rate=ctx.args.direct_rate, duration=ctx.duration,
+                                          payload=32, recipients=1, target_pid=r.pid,
+                                          label={**label, "payload": 32}, grace=ctx.grace)
+                step["pass"] = passes(step)
+                show(step)
+                ctx.records.append(step)
+        await gen.close_all()
+        await app.aclose()
+
+    await with_target(ctx, target, body)
+
+
+async def s5_idle(ctx: Context, target: Target) -> None:
+    """S5: 15,000 idle connections with keep-alive on: RSS per connection and idle CPU."""
+    n = ctx.scale(15000, 50)
+    idle = ctx.args.idle_seconds
+
+    async def body(r: Running) -> None:
+        adapter = adapter_for(target, hub="idle")
+        gen = Generator(adapter, r.port, backend=ctx.backend)
+        await asyncio.sleep(0.5)
+        rss0 = rss_bytes(r.pid)
+        t0 = time.perf_counter()
+        await gen.connect(n, sample_every=n + 1, concurrency=128)
+        connect_s = time.perf_counter() - t0
+        await asyncio.sleep(1.0)
+        cpu0, g0, t1 = cpu_seconds(r.pid), time.process_time(), time.perf_counter()
+        await asyncio.sleep(idle)
+        elapsed = time.perf_counter() - t1
+        cpu = cpu_seconds(r.pid) - cpu0
+        rss1 = rss_bytes(r.pid)
+        alive = sum(1 for c in gen.conns if not c.closed)
+        record = {"scenario": "S5", "target": target.name, "run": ctx.run, "connections": n,
+                  "alive_after_idle": alive, "connect_seconds": connect_s,
+                  "connects_per_s": n / connect_s, "idle_seconds": elapsed,
+                  "rss_before_bytes": rss0, "rss_after_bytes": rss1,
+                  "rss_per_connection": (rss1 - rss0) / n,
+                  "idle_cpu_percent": 100 * cpu / elapsed,
+                  "generator_cpu_percent": 100 * (time.process_time() - g0) / elapsed}
+        print(f"    {target.name:>15} S5   {n} idle connections ({n / connect_s:,.0f} "
+              f"connects/s): RSS {record['rss_per_connection']:,.0f} B/connection, idle CPU "
+              f"{record['idle_cpu_percent']:.2f}% of a core, {alive} alive after {elapsed:.0f} s",
+              flush=True)
+        ctx.records.append(record)
+        await gen.close_all()
+
+    await with_target(ctx, target, body)
+
+
+async def s6_churn(ctx: Context, target: Target) -> None:
+    """S6: S2 (1,000 subscribers, 32 B) while 1,000 other clients per second connect and
+    disconnect (each stays ``churn_life`` s)."""
+    n = ctx.scale(1000, 20)
+    per_s = ctx.scale(1000, 20)
+
+    async def body(r: Running) -> None:
+        adapter = adapter_for(target)
+        gen = Generator(adapter, r.port, backend=ctx.backend)
+        await gen.connect(n)
+        pub = await adapter.open_publisher(r.port, ctx.backend)
+        stats = {"opened": 0, "failed": 0}
+
+        async def one() -> None:
+            try:
+                conn = await gen.open_one(measured=False)
+            except (OSError, ConnectionError, asyncio.TimeoutError):
+                stats["failed"] += 1
+                return
+            stats["opened"] += 1
+            await asyncio.sleep(ctx.args.churn_life)
+            conn.close()
+
+        async def churn() -> None:
+            tasks = set()
+            start = time.perf_counter()
+            started = 0
+            try:
+                while True:
+                    due = int((time.perf_counter() - start) * per_s)
+                    while started < due:
+                        task = asyncio.get_running_loop().create_task(one())
+                        tasks.add(task)
+                        task.add_done_callback(tasks.discard)
+                        started += 1
+                    await asyncio.sleep(0.005)
+            finally:
+                for task in tasks:
+                    task.cancel()
+
+        for rate in ctx.args.churn_rates:
+            stats.update(opened=0, failed=0)
+            label = {"scenario": "S6", "target": target.name, "run": ctx.run, "subscribers": n,
+                     "payload": 32, "churn_per_s_offered": per_s}
+            step = await gen.run_step(lambda i, t: pub.publish("all", t), rate=rate / 1000,
+                                      duration=ctx.duration, payload=32, recipients=n,
+                                      target_pid=r.pid, label=label, grace=ctx.grace,
+                                      during=churn)
+            step["pass"] = passes(step)
+            step["churn_connects"] = stats["opened"]
+            step["churn_failed"] = stats["failed"]
+            step["churn_per_s"] = stats["opened"] / ctx.duration
+            show(step)
+            print(f"      churn: {stats['opened']} connects ({stats['opened'] / ctx.duration:,.0f}"
+                  f"/s), {stats['failed']} failed", flush=True)
+            ctx.records.append(step)
+        await pub.aclose()
+        await gen.close_all()
+
+    await with_target(ctx, target, body)
+
+
+SCENARIOS = {"S1": s1_echo, "S2": s2_broadcast, "S3": s3_groups, "S4": s4_targeted,
+             "S5": s5_idle, "S6": s6_churn}
+
+
+# -- summary ----------------------------------------------------------------------------------
+
+
+def _median_spread(values: list[float]) -> tuple[float, float, float]:
+    return statistics.median(values), min(values), max(values)
+
+
+def best_of_ladders(records: list[dict[str, Any]], scenario: str) -> dict[tuple, dict[str, Any]]:
+    """Per (target, variant, payload): each run's highest passing offered rate (and the step
+    there), then median and spread over the runs."""
+    runs: dict[tuple, dict[int, list[dict[str, Any]]]] = {}
+    for rec in records:
+        if rec.get("scenario") != scenario or "offered_deliveries_per_s" not in rec:
+            continue
+        key = (rec["target"], rec.get("variant", ""), rec["payload"])
+        runs.setdefault(key, {}).setdefault(rec["run"], []).append(rec)
+    out = {}
+    for key, by_run in runs.items():
+        bests = []
+        for steps in by_run.values():
+            steps = sorted(steps, key=lambda s: s["offered_deliveries_per_s"])
+            good = [s for s in steps if s["pass"]]
+            best = good[-1] if good else None
+            above = [s for s in steps if best is None
+                     or s["offered_deliveries_per_s"] > best["offered_deliveries_per_s"]]
+            bound = bool((best and best["generator_bound"]) or (above and above[0]["generator_bound"]))
+            bests.append((best["offered_deliveries_per_s"] if best else 0.0, best, bound,
+                          not above))
+        values = [b[0] for b in bests]
+        median, low, high = _median_spread(values)
+        mid = sorted(bests, key=lambda b: b[0])[len(bests) // 2]
+        out[key] = {"median": median, "low": low, "high": high, "step": mid[1],
+                    "generator_bound": any(b[2] for b in bests),
+                    "ladder_top_passed": any(b[3] for b in bests), "runs": len(bests)}
+    return out
+
+
+def _rate(v: float) -> str:
+    return f"{v / 1000:,.0f}k" if v >= 10000 else f"{v:,.0f}"
+
+
+def _fmt_best(b: dict[str, Any]) -> str:
+    text = _rate(b["median"])
+    if b["runs"] > 1:
+        text += f" ({_rate(b['low'])}–{_rate(b['high'])})"
+    if b["ladder_top_passed"]:
+        text += " ≥"
+    if b["generator_bound"]:
+        text += " †"
+    return text
+
+
+def markdown(facts: dict[str, Any], records: list[dict[str, Any]]) -> str:
+    lines = [f"Commit `{facts['commit']}`, {facts['date']}, {facts['machine']}; generator: "
+             f"{facts['generator']}; {facts['runs']} run(s) per figure, median "
+             "(lowest–highest).", ""]
+    lines += ["Versions: " + "; ".join(f"{k}: {v}" for k, v in facts["versions"].items()), ""]
+    legend = ("† generator-bound: the generator was above 80 % CPU at the best passing step or "
+              "the first failing one, so the figure is a floor for the target. "
+              "≥: the highest offered rate passed (the ladder ended before the target failed).")
+
+    s2 = best_of_ladders(records, "S2")
+    if s2:
+        lines += ["### S2: broadcast to 1,000 subscribers (highest offered deliveries/s with "
+                  f"p99 ≤ {P99_BOUND_MS:g} ms and reach 1.0)", "",
+                  "| target | payload | deliveries/s | p99 there | target CPU-s per 1M "
+                  "deliveries | RSS per connection | relaycore ÷ target | Azure units per core |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|"]
+        for (target, _variant, payload), b in sorted(s2.items(), key=lambda kv: (kv[0][2],
+                                                                                  -kv[1]["median"])):
+            rel = s2.get(("relaycore", "server", payload))
+            ratio = (f"{rel['median'] / b['median']:.2f}×" if rel and b["median"] and
+                     target != "relaycore" else "")
+            step = b["step"] or {}
+            cpu = step.get("target_cpu_s_per_1M_deliveries")
+            p99 = step.get("p99_ms")
+            rss = step.get("rss_per_connection")
+            units = f"{b['median'] / 2000:,.0f}" if payload >= 2048 else ""
+            lines.append(f"| {target} | {payload} B | {_fmt_best(b)} | "
+                         f"{f'{p99:.1f} ms' if p99 is not None else '–'} | "
+                         f"{f'{cpu:.2f}' if cpu else '–'} | "
+                         f"{f'{rss / 1024:,.1f} KB' if rss else '–'} | {ratio} | {units} |")
+        lines += ["", "Azure units per core = deliveries/s ÷ 2,000 (2 KB only). " + legend, ""]
+
+    for scenario, title, unit in (
+            ("S1", "S1: echo, 1,000 clients (highest offered echoes/s with p99 ≤ 10 ms and "
+                   "reach 1.0)", "echoes/s"),
+            ("S3", "S3: small groups, 5,000 connections in groups of 10 (highest offered "
+                   "deliveries/s with p99 ≤ 10 ms and reach 1.0)", "deliveries/s"),
+            ("S8", "S8: relaycore broadcast through the REST API (1,000 subscribers)",
+             "deliveries/s")):
+        best = best_of_ladders(records, scenario)
+        if not best:
+            continue
+        lines += [f"### {title}", "", f"| target | variant | payload | {unit} | p99 there | "
+                  f"target CPU-s per 1M | relaycore ÷ target |" + (
+                      " Azure units per core |" if scenario == "S1" else ""),
+                  "|---|---|---:|---:|---:|---:|---:|" + ("---:|" if scenario == "S1" else "")]
+        for (target, variant, payload), b in sorted(best.items(),
+                                                    key=lambda kv: (kv[0][2], -kv[1]["median"])):
+            rel = next((v for (t, _, p), v in best.items() if t == "relaycore" and p == payload),
+                       None)
+            ratio = (f"{rel['median'] / b['median']:.2f}×" if rel and b["median"]
+                     and target != "relaycore" else "")
+            step = b["step"] or {}
+            cpu = step.get("target_cpu_s_per_1M_deliveries")
+            p99 = step.get("p99_ms")
+            row = (f"| {target} | {variant} | {payload} B | {_fmt_best(b)} | "
+                   f"{f'{p99:.1f} ms' if p99 is not None else '–'} | "
+                   f"{f'{cpu:.2f}' if cpu else '–'} | {ratio} |")
+            if scenario == "S1":
+                row += f" {b['median'] / 1000:,.0f} |"
+            lines.append(row)
+        lines += ["", legend + (" Azure units per core = echoes/s ÷ 1,000." if scenario == "S1"
+                                else ""), ""]
+
+    s4 = [r for r in records if r.get("scenario") == "S4"]
+    if s4:
+        lines += ["### S4: relaycore send to one connection / one user (32 B, same offered "
+                  "rate)", "", "| variant | connections | offered/s | delivered/s | reach | p99 | "
+                  "relay CPU-s per 1M deliveries | generator CPU |", "|---|---:|---:|---:|---:|"
+                  "---:|---:|---:|"]
+        groups: dict[tuple, list[dict[str, Any]]] = {}
+        for r in s4:
+            groups.setdefault((r["variant"].split(" @")[0], r["connections"]), []).append(r)
+        for (variant, total), rs in sorted(groups.items()):
+            def med(k: str, rs: list[dict[str, Any]] = rs) -> float:
+                vals = [x[k] for x in rs if x.get(k) is not None]
+                return statistics.median(vals) if vals else float("nan")
+            lines.append(f"| {variant} | {total:,} | {med('offered_deliveries_per_s'):,.0f} | "
+                         f"{med('delivered_per_s'):,.0f} | {med('reach'):.4f} | "
+                         f"{med('p99_ms'):.1f} ms | {med('target_cpu_s_per_1M_deliveries'):.2f} | "
+                         f"{med('generator_cpu_percent'):.0f} % |")
+        lines.append("")
+
+    s5 = [r for r in records if r.get("scenario") == "S5"]
+    if s5:
+        lines += ["### S5: idle connections with keep-alive", "",
+                  "| target | connections | RSS per connection | idle CPU (% of a core) | "
+                  "connects/s while opening | relaycore ÷ target (RSS) | Azure units per core |",
+                  "|---|---:|---:|---:|---:|---:|---:|"]
+        by_target: dict[str, list[dict[str, Any]]] = {}
+        for r in s5:
+            by_target.setdefault(r["target"], []).append(r)
+        meds = {t: statistics.median(x["rss_per_connection"] for x in rs)
+                for t, rs in by_target.items()}
+        for t, rs in sorted(by_target.items(), key=lambda kv: meds[kv[0]]):
+            rss = [x["rss_per_connection"] for x in rs]
+            cpu = [x["idle_cpu_percent"] for x in rs]
+            m, lo, hi = _median_spread(rss)
+            ratio = (f"{meds['relaycore'] / m:.2f}×" if "relaycore" in meds and t != "relaycore"
+                     else "")
+            lines.append(f"| {t} | {rs[0]['connections']:,} | {m / 1024:.1f} KB "
+                         f"({lo / 1024:.1f}–{hi / 1024:.1f}) | {statistics.median(cpu):.2f} % | "
+                         f"{statistics.median(x['connects_per_s'] for x in rs):,.0f} | {ratio} | "
+                         f"{rs[0]['connections'] / 1000:,.0f} |")
+        lines.append("")
+
+    s6 = [r for r in records if r.get("scenario") == "S6"]
+    if s6:
+        lines += ["### S6: S2 (1,000 subscribers, 32 B) during connect/disconnect churn", "",
+                  "| target | offered deliveries/s | churn connects/s | reach | p50 | p99 | "
+                  "target CPU | generator CPU |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+        groups6: dict[tuple, list[dict[str, Any]]] = {}
+        for r in s6:
+            groups6.setdefault((r["target"], r["offered_deliveries_per_s"]), []).append(r)
+        for (t, offered), rs in sorted(groups6.items()):
+            def med6(k: str, rs: list[dict[str, Any]] = rs) -> float:
+                vals = [x[k] for x in rs if x.get(k) is not None]
+                return statistics.median(vals) if vals else float("nan")
+            lines.append(f"| {t} | {offered:,.0f} | {med6('churn_per_s'):,.0f} | "
+                         f"{med6('reach'):.4f} | {med6('p50_ms'):.1f} ms | {med6('p99_ms'):.1f} ms "
+                         f"| {med6('target_cpu_percent'):.0f} % | "
+                         f"{med6('generator_cpu_percent'):.0f} % |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+# -- main -------------------------------------------------------------------------------------
+
+
+def git_commit() -> str:
+    out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                         text=True, cwd=BENCH, check=False).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "--", "src"], capture_output=True,
+                           text=True, cwd=BENCH, check=False).stdout.strip()
+    return (out or "unknown") + ("-dirty-src" if dirty else "")
+
+
+def machine() -> str:
+    model = "?"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{os.cpu_count()} cores ({model}), Linux {platform.release()}"
+
+
+async def main_async(args: argparse.Namespace, targets: list[Target]) -> list[dict[str, Any]]:
+    ctx = Context(args, backend=args.backend, duration=args.duration, grace=args.grace)
+    for run in range(1, args.runs + 1):
+        ctx.run = run
+        for scenario in args.scenarios:
+            if scenario == "S8":
+                continue  # measured inside S2 (same connections, REST beside the server path)
+            for target in targets:
+                print(f"== run {run}/{args.runs}: {scenario} against {target.name}", flush=True)
+                try:
+                    await SCENARIOS[scenario](ctx, target)
+                except Exception as exc:  # noqa: BLE001 - one failing target must not stop all
+                    if args.smoke:
+                        raise
+                    print(f"    {target.name} {scenario} failed: {exc!r}", flush=True)
+                    ctx.records.append({"scenario": scenario, "target": target.name,
+                                        "run": run, "error": repr(exc)})
+    return ctx.records
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--smoke", action="store_true",
+                        help="tiny counts, seconds; relaycore and whatever peers are installed")
+    parser.add_argument("--targets", nargs="+", choices=list(TARGETS), default=list(TARGETS))
+    parser.add_argument("--scenarios", nargs="+", default=["S2", "S8", "S1", "S3", "S4", "S5",
+                                                           "S6"],
+                        choices=["S1", "S2", "S3", "S4", "S5", "S6", "S8"])
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--payloads", type=int, nargs="+", default=[32, 2048])
+    parser.add_argument("--duration", type=float, default=2.0, help="seconds per step")
+    parser.add_argument("--grace", type=float, default=2.0,
+                        help="seconds after a step's last send before what is missing is lost")
+    parser.add_argument("--rates", type=float, nargs="+",
+                        default=[25e3, 50e3, 100e3, 150e3, 200e3, 250e3, 300e3, 400e3, 500e3,
+                                 650e3, 800e3],
+                        help="S2 offered deliveries/s (at 1,000 subscribers)")
+    parser.add_argument("--rest-rates", type=float, nargs="+", default=[25e3, 50e3, 100e3, 200e3],
+                        help="S8 REST offered deliveries/s")
+    parser.add_argument("--echo-rates", type=float, nargs="+",
+                        default=[5e3, 10e3, 20e3, 30e3, 40e3, 50e3, 65e3, 80e3])
+    parser.add_argument("--group-rates", type=float, nargs="+",
+                        default=[25e3, 50e3, 100e3, 150e3, 200e3, 300e3])
+    parser.add_argument("--direct-rate", type=float, default=10e3,
+                        help="S4 sends per second (each to one connection or user)")
+    parser.add_argument("--churn-rates", type=float, nargs="+", default=[50e3],
+                        help="S6 offered broadcast deliveries/s during churn")
+    parser.add_argument("--churn-life", type=float, default=0.5,
+                        help="S6 seconds each churning client stays connected")
+    parser.add_argument("--idle-seconds", type=float, default=20.0)
+    parser.add_argument("--backend", choices=["picows", "own"], default=default_backend())
+    parser.add_argument("--out", help="result file stem (default bench/results/<date>-<commit>)")
+    args = parser.parse_args()
+
+    if args.smoke:
+        args.runs = 1
+        args.duration, args.grace, args.idle_seconds = 0.3, 2.0, 0.3
+        args.rates = [20000]
+        args.rest_rates = [10000]
+        args.echo_rates = [500]
+        args.group_rates = [1000]
+        args.direct_rate = 200
+        args.churn_rates = [20000]
+        args.churn_life = 0.1
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    if hasattr(os, "sched_setaffinity") and (os.cpu_count() or 1) > 1:
+        os.sched_setaffinity(0, {1})
+
+    targets, skipped = [], {}
+    for name in args.targets:
+        why = TARGETS[name].check()
+        if why is None:
+            targets.append(TARGETS[name])
+        else:
+            skipped[name] = why
+    commit = git_commit()
+    facts = {"commit": commit, "date": datetime.date.today().isoformat(), "machine": machine(),
+             "generator": f"loadgen on {'uvloop' if _uvloop() else 'asyncio'} + "
+                          f"{args.backend}, CPython {platform.python_version()}, pinned to CPU 1;"
+                          " targets pinned to CPU 0",
+             "runs": args.runs, "accelerated": ACCELERATED,
+             "versions": {t.name: t.version() for t in targets},
+             "skipped": skipped, "command": " ".join(["python", "bench/run.py", *sys.argv[1:]]),
+             "p99_bound_ms": P99_BOUND_MS, "send_buffer_limit": SEND_BUFFER_LIMIT}
+    print(f"relaycore side-by-side benchmark: commit {commit}, {facts['machine']}, "
+          f"Python {platform.python_version()}, accelerated={ACCELERATED}, "
+          f"generator {facts['generator']}", flush=True)
+    for name, version in facts["versions"].items():
+        print(f"  {name}: {version}")
+    for name, why in skipped.items():
+        print(f"  SKIPPED {name}: {why}")
+    runner = _uvloop()
+    if runner is not None:
+        records = runner(main_async(args, targets))
+    else:
+        records = asyncio.run(main_async(args, targets))
+    table = markdown(facts, records)
+    print()
+    print(table)
+    if args.smoke:
+        errors = [r for r in records if "error" in r]
+        if skipped:
+            print(f"smoke: skipped {', '.join(skipped)} (not installed)")
+        sys.exit(1 if errors else 0)
+    stem = Path(args.out) if args.out else BENCH / "results" / f"{facts['date']}-{commit}"
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    stem.with_suffix(".json").write_text(json.dumps({**facts, "records": records}, indent=1))
+    stem.with_suffix(".md").write_text(table + "\n")
+    print(f"written {stem.with_suffix('.json')} and .md")
+
+
+def _uvloop() -> Any:
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    return uvloop.run
+
+
+if __name__ == "__main__":
+    main()
