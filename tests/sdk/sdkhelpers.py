@@ -18,6 +18,7 @@ from urllib.parse import parse_qs, urlsplit
 import anyio
 import anyio.abc
 import h11
+import pytest
 
 from relaycore.protocol import (
     AckStatus,
@@ -37,7 +38,8 @@ from relaycore.protocol import (
     write_service_message,
 )
 
-BACKENDS = ["asyncio", "trio"]
+#: Every SDK scenario runs on each: asyncio, asyncio with uvloop's loop, trio.
+BACKENDS = ["asyncio", "uvloop", "trio"]
 KEY = "sdk-test-access-key-0123456789"
 RS = b"\x1e"
 
@@ -52,13 +54,17 @@ _ACKED = (
 
 
 def run(backend: str, scenario: Callable[[], Awaitable[None]], timeout: float = 15) -> None:
-    """Run ``scenario`` on ``backend`` under a deadline."""
+    """Run ``scenario`` on ``backend`` (a name of ``BACKENDS``) under a deadline."""
 
     async def main() -> None:
         with anyio.fail_after(timeout):
             await scenario()
 
-    anyio.run(main, backend=backend)
+    if backend == "uvloop":
+        pytest.importorskip("uvloop")
+        anyio.run(main, backend="asyncio", backend_options={"use_uvloop": True})
+    else:
+        anyio.run(main, backend=backend)
 
 
 def connection_string(port: int, key: str = KEY) -> str:
