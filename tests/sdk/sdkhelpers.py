@@ -105,6 +105,14 @@ class FakeServerConnection:
                 self.ws.send_binary(write_service_message(message))
             await self.stream.send(self.ws.data_to_send())
 
+    async def send_raw(self, *chunks: bytes) -> None:
+        """Send each chunk as one binary WebSocket message (service frames may be split
+        across messages or share one)."""
+        async with self.lock:
+            for chunk in chunks:
+                self.ws.send_binary(chunk)
+            await self.stream.send(self.ws.data_to_send())
+
     async def next(self, kind: type | None = None, timeout: float = 5) -> Any:
         """The first message received and not yet taken (of ``kind``; others stay queued for
         later calls). Without ``kind``, pings are passed over."""

@@ -355,6 +355,21 @@ def test_secondary_endpoint_gets_weak_connections(backend):
     run(backend, scenario)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_server_reads_the_socket_as_a_byte_stream(backend):
+    async def scenario(service, server):
+        conn = (await service.wait_connections(1))[0]
+        from relaycore.protocol import write_service_message
+        opened = write_service_message(OpenConnectionMessage("c1", {}, protocol="json"))
+        data = write_service_message(ConnectionDataMessage("c1", HANDSHAKE))
+        both = opened + data
+        # one frame split over three messages, then the rest glued to the next frame
+        await conn.send_raw(both[:1], both[1:4], both[4:len(opened) + 2], both[len(opened) + 2:])
+        assert await conn.client_data("c1") == b"{}" + RS
+
+    run(backend, lambda: serving(scenario))
+
+
 # --- the logical client ------------------------------------------------------------------
 
 
