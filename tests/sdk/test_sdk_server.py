@@ -186,6 +186,25 @@ def test_server_exit_sends_shutdown_fin_and_waits_for_finack(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_server_runs_once_and_needs_a_hub(backend):
+    async def scenario():
+        async with anyio.create_task_group() as tg:
+            service = await FakeService().start(tg)
+            server = HubServer(options(service))
+            with pytest.raises(RuntimeError, match="no hub is mapped"):
+                await server.__aenter__()
+            server.map_hub("chat", Chat)
+            async with server:
+                with pytest.raises(RuntimeError, match="before entering"):
+                    server.map_hub("other", Chat)
+            with pytest.raises(RuntimeError, match="runs once"):
+                await server.__aenter__()
+            tg.cancel_scope.cancel()
+
+    run(backend, scenario)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_server_exit_without_finack_gives_up_after_shutdown_timeout(backend):
     async def scenario():
         async with anyio.create_task_group() as tg:

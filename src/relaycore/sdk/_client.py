@@ -212,6 +212,7 @@ class ClientConnection:
         """Serve the client until it leaves; runs ``on_connected`` and ``on_disconnected``."""
         options = self.router.options
         connected = False
+        hurried = False
         try:
             with self._scope:
                 buffer = await self._handshake()
@@ -232,8 +233,11 @@ class ClientConnection:
                             task_group.cancel_scope.deadline,
                             anyio.current_time() + options.client_close_timeout,
                         )
+        except anyio.get_cancelled_exc_class():
+            hurried = True  # the app server is shutting down
+            raise
         finally:
-            await self._finish(connected)
+            await self._finish(connected, hurried or self._scope.cancel_called)
 
     async def _handshake(self) -> bytearray | None:
         options = self.router.options
@@ -269,7 +273,10 @@ class ClientConnection:
             self.protocol = protocol
             if not self._migrated:
                 # A migrated client already had its handshake answered by its first server.
-                await self.send_bytes(write_handshake_response())
+                try:
+                    await self.send_bytes(write_handshake_response())
+                except ConnectionError:
+                    return None
             del buffer[:consumed]
             return buffer
         await self._refuse_handshake("Handshake was canceled.")
@@ -463,10 +470,17 @@ class ClientConnection:
             current_service_connection.reset(token)
             self._streams.pop(invocation_id, None)
 
-    async def _finish(self, connected: bool) -> None:
+    async def _finish(self, connected: bool, hurried: bool) -> None:
         self._input_closed = True
         self._inbox.close()
-        # Shielded: on_disconnected runs even when the app server is shutting down.
+        options = self.router.options
+        # Shielded: on_disconnected runs even when the app server is shutting down, then
+        # within ``shutdown_timeout`` rather than the usual ``client_close_timeout``.
+        grace = (
+            min(options.shutdown_timeout, options.client_close_timeout)
+            if hurried
+            else (options.client_close_timeout)
+        )
         with anyio.CancelScope(shield=True):
             with anyio.move_on_after(self.router.options.shutdown_timeout):
                 if self._close_reason is not None and not self._scope.cancel_called:
@@ -478,7 +492,7 @@ class ClientConnection:
                         pass
             self.router.client_gone(self)
             if connected:
-                with anyio.move_on_after(self.router.options.client_close_timeout):
+                with anyio.move_on_after(grace):
                     hub = self.make_hub()
                     try:
                         await hub.on_disconnected(self._end_error)

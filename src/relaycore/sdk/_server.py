@@ -409,6 +409,7 @@ class HubServer:
         self._invocation_ids = itertools.count(1)
         self._task_group: anyio.abc.TaskGroup | None = None
         self._running = False
+        self._entered = False
 
     # Configuration -------------------------------------------------------------------------
 
@@ -462,8 +463,9 @@ class HubServer:
     async def __aenter__(self) -> HubServer:
         if not self._routers:
             raise RuntimeError("no hub is mapped; call server.map_hub(name, HubClass) first")
-        if self._running:
-            raise RuntimeError("this HubServer is already running")
+        if self._entered:
+            raise RuntimeError("a HubServer runs once; make a new one to start again")
+        self._entered = True
         task_group = anyio.create_task_group()
         await task_group.__aenter__()
         self._task_group = task_group
