@@ -17,7 +17,7 @@ from relayclient import JsonHubClient, negotiate_with_app, relay_process
 from sdkhelpers import BACKENDS, KEY, connection_string, run, wait_for
 
 from relaycore.relay import RelayConfig, serve_relay
-from relaycore.sdk import Hub, HubException, HubServer, ServiceOptions
+from relaycore.sdk import Hub, HubException, HubServer, ServiceEndpoint, ServiceOptions
 
 RS = "\x1e"
 
@@ -44,7 +44,7 @@ class Chat(Hub):
         return await self.clients.caller.invoke("answer", x, timeout=5)
 
 
-def pod(name: str, connection: str, **overrides: Any) -> HubServer:
+def pod(name: str, connection: str | None, **overrides: Any) -> HubServer:
     settings: dict[str, Any] = dict(connection_string=connection, connection_count=2,
                                     retry_delay=lambda n: 0.1)
     settings.update(overrides)
@@ -134,6 +134,36 @@ def test_pod_reconnects_when_the_relay_comes_back(backend):
                 tg.cancel_scope.cancel()
         finally:
             await server.__aexit__(None, None, None)
+
+    run(backend, scenario, timeout=40)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_two_endpoints_negotiate_spreads_clients_and_sends_reach_both(backend):
+    async def scenario():
+        async with relay_process() as east, relay_process() as west, \
+                anyio.create_task_group() as tg:
+            endpoints = [ServiceEndpoint(east.connection_string, name="east"),
+                         ServiceEndpoint(west.connection_string, name="west")]
+            server = pod("pod1", east.connection_string, connection_string=None,
+                         endpoints=endpoints)
+            async with server:
+                assert len(server.online_endpoints("chat")) == 2
+                clients: dict[int, JsonHubClient] = {}
+                # Negotiate picks one endpoint at random; keep going until both have a client.
+                with anyio.fail_after(10):
+                    while len(clients) < 2:
+                        doc = await negotiate_with_app(server.asgi(), user="erin")
+                        port = int(doc["url"].split(":")[2].split("/")[0])
+                        if port not in clients:
+                            clients[port] = await JsonHubClient.connect(doc, tg)
+                assert set(clients) == {east.port, west.port}
+                await server.hub_context("chat").clients.user("erin").send("notify", "both")
+                for client in clients.values():
+                    assert await client.next_invocation("notify") == ["both"]
+                    assert (await client.invoke("add", 1, 1))["result"] == 2
+                    await client.aclose()
+            tg.cancel_scope.cancel()
 
     run(backend, scenario, timeout=40)
 
