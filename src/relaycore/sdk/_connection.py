@@ -185,7 +185,10 @@ class ServiceConnection:
         parser = ServiceProtocolParser()
         with anyio.fail_after(self.options.handshake_timeout):
             ws = await connect_websocket(
-                url, headers, max_message_size=DEFAULT_MAX_SERVICE_MESSAGE_SIZE
+                url,
+                headers,
+                max_message_size=DEFAULT_MAX_SERVICE_MESSAGE_SIZE,
+                write_timeout=self.options.service_timeout,
             )
             try:
                 await ws.send(

@@ -29,6 +29,7 @@ from relaycore.protocol import (
     CloseCode,
     CloseReceived,
     Role,
+    State,
     TextMessage,
     WebSocketProtocol,
     accept_key,
@@ -65,10 +66,17 @@ class WebSocketConnection:
     """An open client WebSocket. Use ``send`` and ``receive`` from any tasks, one reader."""
 
     def __init__(
-        self, stream: anyio.abc.ByteStream, protocol: WebSocketProtocol, pending: bytes = b""
+        self,
+        stream: anyio.abc.ByteStream,
+        protocol: WebSocketProtocol,
+        pending: bytes = b"",
+        *,
+        write_timeout: float = 30.0,
     ) -> None:
         self._stream = stream
         self._ws = protocol
+        #: Seconds one write may take before the connection is given up (see ``_flush``).
+        self.write_timeout = write_timeout
         self._send_lock = anyio.Lock()
         self._messages: list[bytes | str] = []
         self._closed: WebSocketClosed | None = None
@@ -93,11 +101,24 @@ class WebSocketConnection:
         if self._ws.close_expected() and self._closed is None:
             self._closed = WebSocketClosed(self._ws.close_code or 1006, self._ws.close_reason)
 
-    async def _flush(self) -> None:
+    async def _flush(self, timeout: float | None = None) -> None:
+        write_timeout = self.write_timeout if timeout is None else timeout
         async with self._send_lock:
             data = self._ws.data_to_send()
-            if data:
-                await self._stream.send(data)
+            if not data:
+                return
+            # A write cut short by a cancellation would leave half a frame on the wire and
+            # corrupt the stream for every later message: writes are shielded, and one that
+            # does not finish within ``write_timeout`` ends the connection instead.
+            with anyio.CancelScope(shield=True):
+                with anyio.move_on_after(write_timeout) as timer:
+                    await self._stream.send(data)
+                if timer.cancelled_caught:
+                    self._closed = self._closed or WebSocketClosed(
+                        1006, f"a write did not finish within {write_timeout} s"
+                    )
+                    await anyio.aclose_forcefully(self._stream)
+                    raise self._closed
 
     async def send(self, data: bytes | str) -> None:
         """Send one message: binary for ``bytes``, text for ``str``. Raises
@@ -145,10 +166,10 @@ class WebSocketConnection:
         """Send a Close frame (if none was sent) and close the TCP connection without waiting
         for the peer's answer: after a clean shutdown there is nothing left to read."""
         with anyio.CancelScope(shield=True), anyio.move_on_after(1.0):
-            if not self._ws.close_expected() and self._ws.state.name == "OPEN":
+            if not self._ws.close_expected() and self._ws.state is State.OPEN:
                 self._ws.send_close(code, reason)
                 try:
-                    await self._flush()
+                    await self._flush(timeout=1.0)
                 except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
                     pass
             self._closed = self._closed or WebSocketClosed(code, reason)
@@ -161,11 +182,13 @@ async def connect_websocket(
     *,
     max_message_size: int | None = None,
     ssl_context: ssl.SSLContext | None = None,
+    write_timeout: float = 30.0,
 ) -> WebSocketConnection:
     """Open a client WebSocket to ``url`` (``ws``/``wss``, or ``http``/``https`` for the same).
 
     Raises ``OSError`` when the TCP connection fails and ``WebSocketHandshakeError`` when the
     server does not accept the upgrade. The caller bounds the time (``anyio.fail_after``).
+    A write that takes longer than ``write_timeout`` seconds ends the connection.
     """
     parts = urlsplit(url)
     scheme = parts.scheme.lower()
@@ -194,7 +217,7 @@ async def connect_websocket(
     protocol = WebSocketProtocol(
         Role.CLIENT, max_message_size=max_message_size, mask_key=lambda: os.urandom(4)
     )
-    return WebSocketConnection(stream, protocol, pending)
+    return WebSocketConnection(stream, protocol, pending, write_timeout=write_timeout)
 
 
 async def _upgrade(
