@@ -324,7 +324,7 @@ class ServiceConnection:
         elif isinstance(message, ServiceErrorMessage):
             raise _SessionEnded(f"the service reported an error: {message.error_message}")
         elif isinstance(message, ServiceEventMessage):
-            _log.warning("service event on %s: %s", self.endpoint, message)
+            _log.info("service event on %s: %s", self.endpoint, message)
         # Anything else (ServiceMapping, flow control, ...) needs no action here.
         return True
 
