@@ -130,11 +130,11 @@ def parse_request(headers: Mapping[str, str], body: bytes, *,
             connection_id, lower.get("x-asrs-signature"), access_keys):
         raise UpstreamError(401, "the X-ASRS-Signature header is missing or matches no key")
     content_type = lower.get("content-type", "").split(";")[0].strip().lower()
-    common = dict(connection_id=connection_id, hub=hub, category=category, event=event,
-                  user_id=lower.get("x-asrs-user-id") or None,
-                  claims=_parse_claims(lower.get("x-asrs-user-claims")),
-                  query=dict(parse_qsl(lower.get("x-asrs-client-query", "").lstrip("?"))),
-                  headers=lower)
+    base = UpstreamEvent(connection_id=connection_id, hub=hub, category=category, event=event,
+                         user_id=lower.get("x-asrs-user-id") or None,
+                         claims=_parse_claims(lower.get("x-asrs-user-claims")),
+                         query=dict(parse_qsl(lower.get("x-asrs-client-query", "").lstrip("?"))),
+                         headers=lower)
     if category == "connections":
         error = None
         if event == "disconnected" and body:
@@ -144,7 +144,7 @@ def parse_request(headers: Mapping[str, str], body: bytes, *,
                 raise UpstreamError(400, "the disconnected event's body is not a JSON "
                                          "object") from None
             error = fields.get("error") or None
-        return UpstreamEvent(**common, error=error)
+        return dataclasses.replace(base, error=error)
     if category != "messages":
         raise UpstreamError(400, f"unknown upstream category {category!r}")
     if content_type == _JSON:
@@ -164,7 +164,7 @@ def parse_request(headers: Mapping[str, str], body: bytes, *,
     if invocation.target.lower() != event.lower():
         raise UpstreamError(400, f"X-ASRS-Event {event!r} does not match the invocation's "
                                  f"target {invocation.target!r}")
-    return UpstreamEvent(**common, protocol=protocol, invocation=invocation)
+    return dataclasses.replace(base, protocol=protocol, invocation=invocation)
 
 
 def completion_reply(event: UpstreamEvent, result: Any = None, *, error: str | None = None
@@ -225,11 +225,11 @@ class UpstreamHandler:
                 await func(event)
             return 200, b"", None
         assert event.invocation is not None
-        func = self._messages.get(event.invocation.target.lower())
-        if func is None:
+        answer = self._messages.get(event.invocation.target.lower())
+        if answer is None:
             return 404, b"", None
         try:
-            result = func(event, *event.invocation.arguments)
+            result = answer(event, *event.invocation.arguments)
             if inspect.isawaitable(result):
                 result = await result
         except Exception as exc:  # noqa: BLE001 - every failure becomes a completion error
