@@ -276,6 +276,12 @@ class WebSocketProtocol:
             the protocol.
     """
 
+    __slots__ = (
+        "role", "max_message_size", "_mask_key", "close_code", "close_reason", "error",
+        "_close_sent", "_close_rcvd", "_close_unflushed", "_eof", "_input_done", "_buf",
+        "_events", "_out", "_msg_opcode", "_msg_len", "_msg_parts", "_msg_decoder",
+    )
+
     def __init__(
         self,
         role: Role,

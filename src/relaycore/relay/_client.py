@@ -64,6 +64,9 @@ _MAX_HUB_VERSION = 2
 class ClientConnection(Peer):
     """A SignalR client connected to a hub of this relay."""
 
+    __slots__ = ("id", "hub", "claims", "user_id", "query", "headers", "groups",
+                 "protocol_name", "protocol", "server", "close_reason", "_limit", "_inbox")
+
     def __init__(
         self,
         relay: Relay,

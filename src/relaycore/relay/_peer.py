@@ -12,9 +12,11 @@ A ``Peer`` owns one accepted, upgraded TCP stream and a sans-I/O ``WebSocketProt
   task that, once the current task yields, writes every marked peer with one non-blocking
   ``write()`` each: one system call per peer per scheduling round however many frames were
   queued, and no task switch per peer.
-* The **writer** task only takes over what the socket did not accept at once (it waits until the
-  socket is writable), and sends the rest when the reader ends. While it holds bytes in flight
-  the flusher leaves the peer alone, so bytes always leave in order.
+* A **writer** task exists only while the peer is behind: it takes over what the socket did not
+  accept at once and waits until the socket is writable. While it owns the send side the
+  flusher leaves the peer alone, so bytes always leave in order. When the reader ends, what is
+  still queued is sent before the stream is closed. An idle connection therefore costs one task
+  (its reader) and no writer.
 
 States: ``HANDSHAKE`` (not routable) -> ``OPEN`` -> ``CLOSING`` (close frame queued; the peer has
 ``close_timeout`` to answer before the whole connection is cancelled) -> ``CLOSED`` (the stream is
@@ -70,6 +72,9 @@ class Flusher:
 class Peer:
     """One upgraded WebSocket stream with an unbounded-in-time, buffered, coalescing writer."""
 
+    __slots__ = ("relay", "stream", "ws", "state", "created", "last_receive", "last_send",
+                 "_out", "_fd", "_scope", "_writing")
+
     def __init__(
         self, relay: Relay, stream: trio.SocketStream, *, max_message_size: int, now: float
     ) -> None:
@@ -81,11 +86,11 @@ class Peer:
         self.last_receive = now
         self.last_send = now
         self._out = bytearray()
-        self._lot = trio.lowlevel.ParkingLot()
         self._fd = stream.socket.fileno()
         self._scope: trio.CancelScope | None = None
-        self._writer_busy = False
-        self._drain = False
+        #: Set while a writer task owns the socket's send side (the socket was full); it is
+        #: the ``Event`` that task sets when it is done.
+        self._writing: trio.Event | None = None
 
     # -- outbound ------------------------------------------------------------------------------
 
@@ -97,10 +102,11 @@ class Peer:
             self._out += data
 
     def flush(self, now: float) -> None:
-        """Write what is queued with one non-blocking system call; the writer task takes over
-        whatever the socket does not accept."""
+        """Write what is queued with one non-blocking system call. What the socket does not
+        accept is handed to a writer task that waits until the socket is writable; a
+        connection only has such a task while it is behind."""
         out = self._out
-        if not out or self._writer_busy or self.state is ConnState.CLOSED:
+        if not out or self._writing is not None or self.state is ConnState.CLOSED:
             return
         try:
             sent = os.write(self._fd, out)
@@ -111,7 +117,22 @@ class Peer:
             self.last_send = now
             return
         del out[:sent]
-        self._lot.unpark()
+        self._writing = trio.Event()
+        self.relay.spawn(self._write_rest)
+
+    async def _write_rest(self) -> None:
+        try:
+            while self._out and self.state is not ConnState.CLOSED:
+                data, self._out = self._out, bytearray()
+                await self.stream.send_all(data)
+                self.last_send = trio.current_time()
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            if self._scope is not None:
+                self._scope.cancel()
+        finally:
+            assert self._writing is not None
+            self._writing.set()
+            self._writing = None
 
     def _send_close_frame(self, code: int, reason: str = "") -> None:
         if self.ws.state is State.OPEN:
@@ -127,38 +148,24 @@ class Peer:
     # -- the connection's life ----------------------------------------------------------------
 
     async def run(self, initial: bytes) -> None:
+        """Read until the connection ends, then send what is still queued (within the close
+        timer's deadline, when one is running) and close the stream."""
         try:
             with trio.CancelScope() as self._scope:
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(self._writer)
-                    await self._reader(initial)
-                    self._drain = True
-                    if self._lot:
-                        self._lot.unpark()
+                await self._reader(initial)
+            with trio.CancelScope(deadline=self._scope.deadline):
+                if self._writing is not None:
+                    await self._writing.wait()
+                if self._out:
+                    data, self._out = self._out, bytearray()
+                    await self.stream.send_all(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
         finally:
             self._ended()
             self.state = ConnState.CLOSED
             with trio.CancelScope(shield=True):
                 await aclose_quietly(self.stream)
-
-    async def _writer(self) -> None:
-        while True:
-            if not self._out:
-                if self._drain:
-                    return
-                await self._lot.park()
-                continue
-            data, self._out = self._out, bytearray()
-            self._writer_busy = True
-            try:
-                await self.stream.send_all(data)
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                if self._scope is not None:
-                    self._scope.cancel()
-                return
-            finally:
-                self._writer_busy = False
-            self.last_send = trio.current_time()
 
     async def _reader(self, initial: bytes) -> None:
         ws = self.ws

@@ -60,6 +60,14 @@ class RelayStats:
     upstream_dropped: int = 0
 
 
+#: Request headers a client connection does not keep (credentials, and the upgrade's own):
+#: what is left is what app servers get in OpenConnection (service-protocol §6.2).
+_NOT_FORWARDED = frozenset({
+    "authorization", "cookie", "upgrade", "connection", "sec-websocket-key",
+    "sec-websocket-version", "sec-websocket-extensions", "sec-websocket-protocol",
+})
+
+
 @dataclasses.dataclass
 class _Pending:
     connection_id: str
@@ -94,6 +102,7 @@ class Relay:
         self.rest = RestApi(self)
         self._shutting_down = False
         self._all_gone: trio.Event | None = None
+        self._nursery: trio.Nursery | None = None
 
     # -- public helpers ------------------------------------------------------------------------
 
@@ -110,6 +119,11 @@ class Relay:
 
     def now(self) -> float:
         return trio.current_time()
+
+    def spawn(self, task: Any) -> None:
+        """Run ``task()`` in the relay's nursery (writers of connections that fell behind)."""
+        assert self._nursery is not None
+        self._nursery.start_soon(task)
 
     # -- the operations of the REST API --------------------------------------------------
 
@@ -330,31 +344,41 @@ class Relay:
     # -- HTTP front -------------------------------------------------------------------------
 
     async def handle_stream(self, stream: trio.abc.Stream) -> None:
-        http = HttpConnection(stream, max_head=self.config.max_request_head,
-                              max_body=self.config.max_request_body)
-        request: Request | None = None
         try:
-            while True:
-                try:
-                    request = await http.read_request()
-                    if request is None:
-                        return
-                    if request.is_websocket_upgrade:
-                        await self._upgrade(http, request)
-                        return
-                    response = await self.route(request)
-                except HttpError as exc:
-                    await http.send_response(self._with_cors(request, Response.error(exc)),
-                                             close=True)
-                    return
-                await http.send_response(self._with_cors(request, response))
-                if not http.can_continue():
-                    return
+            upgraded = await self._serve_http(stream)
+            if upgraded is not None:
+                # From here on an open connection holds its peer alone: no HTTP state, no
+                # request (idle connections are the relay's memory).
+                peer, trailing = upgraded
+                self._live.add(peer)
+                await peer.run(trailing)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             return
         finally:
             with trio.CancelScope(shield=True):
                 await aclose_quietly(stream)
+
+    async def _serve_http(self, stream: trio.abc.Stream) -> tuple[Peer, bytes] | None:
+        """Answer HTTP requests until the connection closes or is upgraded to a WebSocket
+        (then return the peer to run and the bytes already read past the upgrade)."""
+        http = HttpConnection(stream, max_head=self.config.max_request_head,
+                              max_body=self.config.max_request_body)
+        request: Request | None = None
+        while True:
+            try:
+                request = await http.read_request()
+                if request is None:
+                    return None
+                if request.is_websocket_upgrade:
+                    return await self._upgrade(http, request)
+                response = await self.route(request)
+            except HttpError as exc:
+                await http.send_response(self._with_cors(request, Response.error(exc)),
+                                         close=True)
+                return None
+            await http.send_response(self._with_cors(request, response))
+            if not http.can_continue():
+                return None
 
     async def route(self, request: Request) -> Response:
         path = request.path
@@ -410,7 +434,8 @@ class Relay:
             connection_id, token if version >= 1 else None, version,
             transports=TRANSPORTS_WEBSOCKETS_ONLY))
 
-    async def _upgrade(self, http: HttpConnection, request: Request) -> None:
+    async def _upgrade(self, http: HttpConnection, request: Request
+                       ) -> tuple[Peer, bytes] | None:
         kind = request.path.strip("/")
         try:
             if kind not in ("client", "server"):
@@ -428,9 +453,8 @@ class Relay:
             if kind == "server":
                 server_id = (request.headers.get("x-asrs-server-id")
                              or user_id_from_claims(claims) or secrets.token_hex(8))
-                await self._accept(http, key, ServerConnection(
+                return await self._accept(http, key, ServerConnection(
                     self, http.stream, hub=hub, server_id=server_id, now=self.now()))
-                return
             token = request.arg("id")
             if token is not None:
                 pending = self._pending.pop(token, None)
@@ -445,20 +469,21 @@ class Relay:
                 raise HttpError(429, f"hub '{hub}' has reached its limit of {limit} connections")
         except HttpError as exc:
             await http.send_response(self._with_cors(request, Response.error(exc)), close=True)
-            return
+            return None
         query = "&".join(f"{k}={v}" for k, v in request.query
                          if k.lower() not in ("access_token", "id"))
-        await self._accept(http, key, ClientConnection(
+        headers = {k: v for k, v in request.headers.items() if k not in _NOT_FORWARDED}
+        return await self._accept(http, key, ClientConnection(
             self, http.stream, connection_id=connection_id, hub=hub, claims=claims,
             user_id=user_id_from_claims(claims), query=f"?{query}" if query else "",
-            headers=request.headers, now=self.now()))
+            headers=headers, now=self.now()))
 
-    async def _accept(self, http: HttpConnection, key: str, peer: Peer) -> None:
+    @staticmethod
+    async def _accept(http: HttpConnection, key: str, peer: Peer) -> tuple[Peer, bytes]:
         trailing = await http.send_switching_protocols(
             {"Upgrade": "websocket", "Connection": "Upgrade",
              "Sec-WebSocket-Accept": accept_key(key)})
-        self._live.add(peer)
-        await peer.run(trailing)
+        return peer, trailing
 
     # -- background ----------------------------------------------------------------------------
 
@@ -510,6 +535,7 @@ async def serve_relay(
     listeners = await trio.open_tcp_listeners(config.port, host=config.host or None)
     relay.port = listeners[0].socket.getsockname()[1]
     async with trio.open_nursery() as nursery:
+        relay._nursery = nursery
         nursery.start_soon(relay._ticker)
         nursery.start_soon(relay.flusher.run)
         await nursery.start(relay.upstream.run)

@@ -96,18 +96,6 @@ log = logging.getLogger("relaycore.relay.server")
 _SYSTEM_CLAIMS = frozenset(
     {"aud", "exp", "iat", "nbf", "iss", "jti", "nonce", "actort", "acr", "azp", "c_hash"}
 )
-#: Client request headers not forwarded to the app server.
-_PRIVATE_HEADERS = frozenset(
-    {
-        "authorization",
-        "cookie",
-        "sec-websocket-key",
-        "upgrade",
-        "connection",
-        "sec-websocket-version",
-        "sec-websocket-extensions",
-    }
-)
 
 
 def _claims_for_server(claims: dict[str, Any]) -> dict[str, str]:
@@ -129,6 +117,8 @@ def _claims_for_server(claims: dict[str, Any]) -> dict[str, str]:
 
 class ServerConnection(Peer):
     """An app server's connection to one hub of this relay."""
+
+    __slots__ = ("hub", "server_id", "connection_type", "accepting", "clients", "_parser")
 
     def __init__(
         self, relay: Relay, stream: trio.SocketStream, *, hub: str, server_id: str, now: float
@@ -161,7 +151,7 @@ class ServerConnection(Peer):
 
     def client_opened(self, client: ClientConnection, handshake: bytes) -> None:
         headers: dict[str, list[str]] = {
-            name: [value] for name, value in client.headers.items() if name not in _PRIVATE_HEADERS
+            name: [value] for name, value in client.headers.items()
         }
         headers[ASRS_INSTANCE_ID_HEADER] = [self.relay.instance_id]
         self.clients[client.id] = client
