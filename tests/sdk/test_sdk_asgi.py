@@ -130,10 +130,10 @@ def test_asgi_preflight_errors_and_custom_user_provider(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_asgi_negotiate_without_an_online_endpoint_is_500(backend):
+def test_asgi_negotiate_without_an_online_endpoint_is_503(backend):
     async def scenario(service, server):
         response = await post(server.asgi(), "/hubs/chat/negotiate")
-        assert response.status_code == 500
+        assert response.status_code == 503
         assert response.json() == {
             "error": "Azure SignalR Service is not connected yet, please try again later."}
 

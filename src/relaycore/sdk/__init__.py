@@ -15,10 +15,22 @@ anything a hub sends reaches its clients through the relay, whichever pod they c
     server.map_hub("chat", Chat)
     async with server:
         ...                                           # serve server.asgi() for negotiate
+
+Several endpoints (regions), primary or secondary, are configured in code
+(``ServiceOptions(endpoints=[ServiceEndpoint(...), ...])``), from the environment or from a
+watched JSON/TOML file (``ServiceOptions.from_file``); an ``EndpointRouter`` subclass changes
+where clients and messages go. See ``docs/endpoints.md``.
 """
 
 from ._asgi import NegotiateApp, UserIdProvider, default_user_id_provider
-from ._errors import AckTimeoutError, HubException, ServiceError, ServiceUnavailableError
+from ._endpoints import EndpointEvents, EndpointMetrics, EndpointStatusEvent, HubServiceEndpoint
+from ._errors import (
+    AckTimeoutError,
+    HubException,
+    NegotiateError,
+    ServiceError,
+    ServiceUnavailableError,
+)
 from ._hub import (
     ClientProxy,
     GroupManager,
@@ -32,11 +44,16 @@ from ._hub import (
     hub_method,
 )
 from ._options import EndpointType, ServiceEndpoint, ServiceOptions, default_retry_delay
+from ._router import EndpointRouter, NegotiateRequest
 from ._server import HubServer
 
 __all__ = [
     "AckTimeoutError",
     "ClientProxy",
+    "EndpointEvents",
+    "EndpointMetrics",
+    "EndpointRouter",
+    "EndpointStatusEvent",
     "EndpointType",
     "GroupManager",
     "Hub",
@@ -46,7 +63,10 @@ __all__ = [
     "HubContext",
     "HubException",
     "HubServer",
+    "HubServiceEndpoint",
     "NegotiateApp",
+    "NegotiateError",
+    "NegotiateRequest",
     "ServiceEndpoint",
     "ServiceError",
     "ServiceOptions",

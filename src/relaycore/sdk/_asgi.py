@@ -19,8 +19,7 @@ from urllib.parse import parse_qsl, urlencode
 
 import orjson
 
-from ._errors import ServiceUnavailableError
-from ._server import NOT_CONNECTED_MESSAGE
+from ._errors import NOT_CONNECTED_MESSAGE, NegotiateError, ServiceUnavailableError
 
 if TYPE_CHECKING:
     from ._server import HubServer
@@ -70,8 +69,10 @@ class NegotiateApp:
     * 200 ``{"url", "accessToken"}``: the redirect, with ``asrs.op`` = the hub path and the
       request's query (except ``negotiateVersion``) appended to the relay URL;
     * 404 for an unknown hub or path, 405 for a method other than POST or OPTIONS;
-    * 500 ``Azure SignalR Service is not connected yet, please try again later.`` when no
-      endpoint is online;
+    * 503 ``{"error": "Azure SignalR Service is not connected yet, please try again later."}``
+      when no endpoint is online (the .NET SDK answers 500; 503 says "try again later");
+    * a ``NegotiateError``'s status (e.g. 400) with ``{"error": message}`` when the endpoint
+      router or the user id provider refused the request;
     * CORS preflights (``OPTIONS``) for origins in ``cors_origins`` (``"*"``: any origin).
 
     It does not run the ``HubServer``: enter ``async with server`` in the application's
@@ -145,20 +146,33 @@ class NegotiateApp:
             )
             return
         hub = parts[0]
-        user = self.user_id_provider(scope)
-        if inspect.isawaitable(user):
-            user = await user
         query = bytes(scope.get("query_string", b"")).decode("latin-1")
         kept = [
             (k, v) for k, v in parse_qsl(query, keep_blank_values=True) if k != "negotiateVersion"
         ]
         hub_path = (root or "") + "/" + hub
+        request_headers = {
+            bytes(k).decode("latin-1").lower(): bytes(v).decode("latin-1")
+            for k, v in scope.get("headers", ())
+        }
         try:
+            user = self.user_id_provider(scope)
+            if inspect.isawaitable(user):
+                user = await user
             document = await self.server.negotiate(
-                hub, user_id=user, path=hub_path, query=urlencode(kept) if kept else None
+                hub,
+                user_id=user,
+                path=hub_path,
+                query=urlencode(kept) if kept else None,
+                headers=request_headers,
+                scope=scope,
             )
-        except ServiceUnavailableError:
-            await _json(send, 500, {"error": NOT_CONNECTED_MESSAGE}, cors)
+        except NegotiateError as exc:
+            await _json(send, exc.status_code, {"error": exc.message}, cors)
+            return
+        except ServiceUnavailableError as exc:
+            _log.warning("negotiate for hub %s refused: %s", hub, exc)
+            await _json(send, 503, {"error": NOT_CONNECTED_MESSAGE}, cors)
             return
         await _json(send, 200, document, cors)
 

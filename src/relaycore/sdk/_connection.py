@@ -25,6 +25,19 @@ Every hub gets, on every endpoint, an ``EndpointHub`` holding ``connection_count
 Writers (hub methods, background jobs, acks) call ``send`` from any task; the WebSocket
 serialises them. ``EndpointHub.run`` also sends ``status`` pings every ``status_interval``
 (10 s) on one connected slot, and keeps the endpoint metrics the service reports in pings.
+
+An ``EndpointHub`` is in one of three states (service-protocol §11.3), moved by the
+``HubServer`` only:
+
+* STAGING: added at run time; its connections are coming up. Messages go to it (it is in the
+  routing store) but negotiate does not offer it yet.
+* ACTIVE: offered to new clients and sent messages.
+* REMOVING: no longer offered; every session (including one that reconnects) has told the
+  service ``shutdown fin:0`` so that it binds no new client to it; messages still go to it
+  until the service says it holds no more clients of ours, then the server stops it.
+
+Whenever a slot connects or disconnects, the container recomputes ``online`` and, when it
+changed, publishes an ``EndpointStatusEvent`` through the server.
 """
 
 from __future__ import annotations
@@ -35,7 +48,7 @@ import random
 import time
 import uuid
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Final, Literal
 from urllib.parse import quote
 
 import anyio
@@ -67,6 +80,7 @@ from relaycore.protocol import (
 )
 
 from ._client import ClientConnection
+from ._endpoints import EndpointMetrics, EndpointStatusEvent, HubServiceEndpoint
 from ._errors import AckTimeoutError, ServiceUnavailableError
 from ._options import EndpointType, ServiceEndpoint
 from ._websocket import WebSocketClosed, WebSocketConnection, connect_websocket
@@ -77,6 +91,12 @@ if TYPE_CHECKING:
 __all__ = ["EndpointHub", "ServiceConnection"]
 
 _log = logging.getLogger("relaycore.sdk")
+
+#: ``EndpointHub.state`` values (see the module doc).
+STAGING: Final = "staging"
+ACTIVE: Final = "active"
+REMOVING: Final = "removing"
+EndpointState = Literal["staging", "active", "removing"]
 
 _USER_AGENT: Final = (
     f"relaycore-sdk/0.1 (Python {platform.python_version()}; {platform.system()}; "
@@ -105,10 +125,14 @@ class ServiceConnection:
         self.container = container
         self.router = container.router
         self.options = container.router.options
-        self.endpoint = container.endpoint
         self.index = index
         #: Whether a session is established (handshake done, not yet dropped).
         self.connected = False
+        #: The service's last ``status`` answer on this session: whether it still holds
+        #: clients bound to this connection (``None``: not asked yet).
+        self.has_clients: bool | None = None
+        #: ``status`` answers received (the server waits for a fresh one).
+        self.status_replies = 0
         #: The ``cid`` of the current or last session.
         self.cid = ""
         #: Consecutive failures, for the backoff.
@@ -127,6 +151,16 @@ class ServiceConnection:
     def __repr__(self) -> str:
         state = "connected" if self.connected else "disconnected"
         return f"<ServiceConnection {self.router.wire_name}#{self.index} {self.endpoint} {state}>"
+
+    @property
+    def endpoint(self) -> ServiceEndpoint:
+        """The endpoint (its container's: a renamed endpoint keeps its connections)."""
+        return self.container.endpoint
+
+    def _set_connected(self, connected: bool) -> None:
+        if self.connected != connected:
+            self.connected = connected
+            self.container.connection_changed()
 
     @property
     def connection_type(self) -> ConnectionType:
@@ -203,11 +237,18 @@ class ServiceConnection:
                 raise
         self._ws = ws
         self._finack = anyio.Event()
-        self.connected = True
+        self.has_clients = None
         self.failures = 0
         self.sessions += 1
+        self._set_connected(True)
         self.first_attempt.set()
         _log.info("server connection %s to %s is up (cid %s)", self.index, self.endpoint, self.cid)
+        if self.container.state == REMOVING:
+            # Reconnected while the endpoint drains: the service must not bind clients to it.
+            try:
+                await self.send(ServicePing.of({PingKey.SHUTDOWN: "fin:0"}))
+            except ServiceUnavailableError:
+                pass  # the read loop sees the socket closed
         lost = ServiceUnavailableError(f"the server connection to {self.endpoint} was lost")
         ended: str | None = None
         try:
@@ -222,7 +263,7 @@ class ServiceConnection:
                     _log.exception("server connection %s failed", self.index)
                     ended = f"{type(exc).__name__}: {exc}"
                 finally:
-                    self.connected = False
+                    self._set_connected(False)
                     self._ws = None
                     for client in list(self.clients.values()):
                         client.close_input(lost, lost=True)
@@ -230,7 +271,7 @@ class ServiceConnection:
                         waiter.lost = True
                         waiter.done.set()
         finally:
-            self.connected = False
+            self._set_connected(False)
             self._ws = None
             self._task_group = None
             await ws.aclose()
@@ -347,6 +388,7 @@ class ServiceConnection:
         finally:
             self.clients.pop(client.connection_id, None)
             self.router.client_gone(client)
+            self.container.notify()
 
     async def _ping(self, ping: ServicePing) -> None:
         if ping.is_keep_alive:
@@ -364,10 +406,18 @@ class ServiceConnection:
         if ping.get(PingKey.SHUTDOWN) == PingKey.FIN_ACK:
             self._finack.set()
             return
+        # §4.4: metrics from any ping, then status, else servers.
         self.container.read_metrics(ping)
         status = ping.get(PingKey.STATUS)
         if status is not None:
-            self.container.has_clients = status == "1"
+            self.has_clients = status == "1"
+            self.status_replies += 1
+            self.container.has_clients = self.has_clients
+            self.container.notify()
+            return
+        servers = ping.get(PingKey.SERVERS)
+        if servers is not None:
+            self.container.servers_reply(servers)
 
     # Used by the router and the server ------------------------------------------------------
 
@@ -423,26 +473,124 @@ class ServiceConnection:
 
 class EndpointHub:
     """The server connections of one hub on one endpoint, and what the service reported
-    about that endpoint (service-protocol §11.1 "container")."""
+    about that endpoint (service-protocol §11.1 "container"; states in the module doc)."""
 
-    def __init__(self, router: HubRouter, endpoint: ServiceEndpoint) -> None:
+    def __init__(
+        self, router: HubRouter, endpoint: ServiceEndpoint, state: EndpointState = ACTIVE
+    ) -> None:
         self.router = router
         self.endpoint = endpoint
+        self.state: EndpointState = state
+        #: What routers see: the endpoint with this hub's status.
+        self.hub_endpoint = HubServiceEndpoint(endpoint, router.name, self)
         self.connections = [
             ServiceConnection(self, i) for i in range(router.options.connection_count)
         ]
         #: From the service's pings (§4.4): used to weigh negotiate (§11.2).
-        self.client_count = 0
-        self.server_count = 0
-        self.capacity = 0
+        self.metrics = EndpointMetrics()
         #: The last ``status`` reply: whether the service still has clients for this server.
         self.has_clients: bool | None = None
+        #: The server ids of the last ``servers`` reply (lower case), and how many came.
+        self.servers: str | None = None
+        self.servers_replies = 0
+        self._servers_time = -1
         self.ready = anyio.Event()
+        self._changed = anyio.Event()
+        self._online = False
+        self._scope: anyio.CancelScope | None = None
+        self._stopping = False
+        self.stopped = anyio.Event()
+
+    def __repr__(self) -> str:
+        return f"<EndpointHub {self.router.name} {self.endpoint} {self.state}>"
+
+    # Status ----------------------------------------------------------------------------------
 
     @property
     def online(self) -> bool:
         """Whether at least one server connection is up (§11.1)."""
         return any(c.connected for c in self.connections)
+
+    @property
+    def client_count(self) -> int:
+        """The hub's clients on this endpoint, as last reported (``metrics``)."""
+        return self.metrics.client_connection_count
+
+    @property
+    def server_count(self) -> int:
+        """The hub's server connections to this endpoint, as last reported."""
+        return self.metrics.server_connection_count
+
+    @property
+    def capacity(self) -> int:
+        """The endpoint's connection quota, as last reported (0: unknown)."""
+        return self.metrics.connection_capacity
+
+    def notify(self) -> None:
+        """Wake the tasks in ``wait_until`` (something about this container changed)."""
+        self._changed.set()
+        self._changed = anyio.Event()
+
+    async def wait_until(self, predicate: Callable[[EndpointHub], bool]) -> None:
+        """Wait until ``predicate(self)`` holds, re-checking on every change (the caller
+        bounds the wait)."""
+        while not predicate(self):
+            await self._changed.wait()
+
+    def connection_changed(self) -> None:
+        """A slot connected or disconnected: publish the endpoint's status when it changed."""
+        online = self.online
+        if online != self._online:
+            self._online = online
+            self.router.server.publish_status(
+                EndpointStatusEvent(self.router.name, self.hub_endpoint, online)
+            )
+        self.notify()
+
+    def swap(self, endpoint: ServiceEndpoint) -> None:
+        """Take a renamed (or re-typed, or re-keyed) configuration of the same endpoint: its
+        connections stay; a new role applies to their connection type from their next
+        session on, as the Azure SDK does (§11.3)."""
+        self.endpoint = endpoint
+        self.hub_endpoint = HubServiceEndpoint(endpoint, self.router.name, self)
+
+    def read_metrics(self, ping: ServicePing) -> None:
+        """Update the metrics from any ping that carries them."""
+        values = {}
+        for key, field in (
+            (PingKey.CLIENT_COUNT, "client_connection_count"),
+            (PingKey.SERVER_COUNT, "server_connection_count"),
+            (PingKey.CAPACITY, "connection_capacity"),
+        ):
+            value = ping.get(key)
+            if value is not None and value.isdigit():
+                values[field] = int(value)
+        if values:
+            metrics = self.metrics
+            self.metrics = EndpointMetrics(
+                values.get("client_connection_count", metrics.client_connection_count),
+                values.get("server_connection_count", metrics.server_connection_count),
+                values.get("connection_capacity", metrics.connection_capacity),
+            )
+
+    def servers_reply(self, value: str) -> None:
+        """A ``servers`` reply ``"<timestamp>:<id1>;<id2>..."`` (§4.4); the newest one wins."""
+        stamp, colon, ids = value.partition(":")
+        if not colon:
+            _log.warning("ignoring a servers reply without ':' from %s: %r", self.endpoint, value)
+            return
+        try:
+            timestamp = int(stamp)
+        except ValueError:
+            timestamp = self._servers_time
+        if timestamp < self._servers_time:
+            return
+        self._servers_time = timestamp
+        self.servers = ids.lower()
+        self.servers_replies += 1
+        self.notify()
+
+    # Choosing a connection -------------------------------------------------------------------
 
     def pick(self, preferred: ServiceConnection | None = None) -> ServiceConnection | None:
         """The connection to write on: ``preferred`` when it belongs here and is up, else the
@@ -454,31 +602,89 @@ class EndpointHub:
                 return connection
         return None
 
-    def read_metrics(self, ping: ServicePing) -> None:
-        """Update the metrics from any ping that carries them."""
-        for key, attribute in (
-            (PingKey.CLIENT_COUNT, "client_count"),
-            (PingKey.SERVER_COUNT, "server_count"),
-            (PingKey.CAPACITY, "capacity"),
-        ):
-            value = ping.get(key)
-            if value is not None and value.isdigit():
-                setattr(self, attribute, int(value))
+    # Lifetime --------------------------------------------------------------------------------
 
     async def run(self) -> None:
-        """Run every slot; ``ready`` is set once each made its first attempt. Sends the
-        ``status`` ping every ``status_interval`` on one random connected slot."""
-        async with anyio.create_task_group() as task_group:
-            for connection in self.connections:
-                task_group.start_soon(connection.run)
-            for connection in self.connections:
-                await connection.first_attempt.wait()
+        """Run every slot until ``stop()`` or cancellation; ``ready`` is set once each made
+        its first attempt. Sends the ``status`` ping every ``status_interval`` on one random
+        connected slot."""
+        try:
+            with anyio.CancelScope() as scope:
+                self._scope = scope
+                if self._stopping:
+                    scope.cancel()
+                async with anyio.create_task_group() as task_group:
+                    for connection in self.connections:
+                        task_group.start_soon(connection.run)
+                    for connection in self.connections:
+                        await connection.first_attempt.wait()
+                    self.ready.set()
+                    while True:
+                        await anyio.sleep(self.router.options.status_interval)
+                        connected = [c for c in self.connections if c.connected]
+                        if connected:
+                            try:
+                                await random.choice(connected).send(
+                                    ServicePing.of({PingKey.STATUS: "1"})
+                                )
+                            except ServiceUnavailableError:
+                                pass
+        finally:
             self.ready.set()
-            while True:
-                await anyio.sleep(self.router.options.status_interval)
-                connected = [c for c in self.connections if c.connected]
-                if connected:
+            self.stopped.set()
+
+    def stop(self) -> None:
+        """End ``run``: every session closes (their clients end with them)."""
+        self._stopping = True
+        if self._scope is not None:
+            self._scope.cancel()
+
+    async def ask(self, key: str) -> None:
+        """Send ``[3, key, ""/"1"]`` on one connected slot (``servers`` or ``status``)."""
+        connection = self.pick()
+        if connection is not None:
+            try:
+                await connection.send(ServicePing.of({key: "1" if key == PingKey.STATUS else ""}))
+            except ServiceUnavailableError:
+                pass
+
+    async def send_fin(self) -> None:
+        """Tell the service on every session that this server leaves the endpoint
+        (``shutdown fin:0``): it binds no new client to them (§11.3 Remove, step 1)."""
+        for connection in self.connections:
+            if connection.connected:
+                try:
+                    await connection.send(ServicePing.of({PingKey.SHUTDOWN: "fin:0"}))
+                except ServiceUnavailableError:
+                    pass
+
+    async def drain(self, interval: float) -> None:
+        """Return once no session holds clients: the service answers ``status`` "0" on every
+        connected slot, and the local clients have finished (§11.3 Remove, step 2). Polls
+        every ``interval``; the caller bounds the wait."""
+
+        def quiet(connection: ServiceConnection, asked: int) -> bool:
+            if not connection.connected:
+                return not connection.clients
+            return (
+                connection.status_replies > asked
+                and connection.has_clients is False
+                and not connection.clients
+            )
+
+        while True:
+            asked: dict[ServiceConnection, int] = {}
+
+            def settled(_: EndpointHub, asked: dict[ServiceConnection, int] = asked) -> bool:
+                return all(quiet(c, n) for c, n in asked.items())
+
+            for connection in self.connections:
+                asked[connection] = connection.status_replies
+                if connection.connected:
                     try:
-                        await random.choice(connected).send(ServicePing.of({PingKey.STATUS: "1"}))
+                        await connection.send(ServicePing.of({PingKey.STATUS: "1"}))
                     except ServiceUnavailableError:
                         pass
+            with anyio.move_on_after(interval):
+                await self.wait_until(settled)
+                return

@@ -15,7 +15,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol, TypeVar, overload
+from typing import TYPE_CHECKING, Any, Final, Protocol, TypeVar, overload
 
 from relaycore.protocol import (
     BroadcastDataMessage,
@@ -52,8 +52,30 @@ __all__ = [
 _F = TypeVar("_F", bound=Callable[..., Any])
 
 
+@dataclass(frozen=True)
+class Route:
+    """Who a message is for, as the endpoint router sees it (internal): ``kind`` is one of
+    the constants below and ``keys`` the user ids, groups or connection ids; for
+    ``USER_GROUP``, ``(user_id, group)`` or ``(user_id,)`` for every group."""
+
+    kind: str
+    keys: tuple[str, ...] = ()
+
+
+#: Route kinds: ``EndpointRouter.get_endpoints_for_broadcast``, ``_for_user`` (one call per
+#: user), ``_for_group`` (per group), ``_for_connection`` (per connection), and the
+#: intersection of the user's and the group's endpoints for a user's group membership.
+ALL: Final = "all"
+USERS: Final = "users"
+GROUPS: Final = "groups"
+CONNECTIONS: Final = "connections"
+USER_GROUP: Final = "user_group"
+
+_BROADCAST: Final = Route(ALL)
+
+
 class _Router(Protocol):
-    """What proxies need from the server (implemented by ``_server._HubRouter``)."""
+    """What proxies need from the server (implemented by ``_server.HubRouter``)."""
 
     async def send(
         self,
@@ -62,10 +84,15 @@ class _Router(Protocol):
         build: Callable[[dict[str, bytes]], ServiceMessage],
         *,
         connection_id: str | None = None,
+        route: Route = _BROADCAST,
     ) -> None: ...
 
     async def request_ack(
-        self, build: Callable[[int], ServiceMessage], *, connection_scoped: bool
+        self,
+        build: Callable[[int], ServiceMessage],
+        *,
+        connection_scoped: bool,
+        route: Route = _BROADCAST,
     ) -> bool: ...
 
     async def invoke_client(
@@ -104,17 +131,19 @@ class ClientProxy:
     """A set of clients chosen through ``clients``; ``await proxy.send(method, *args)`` invokes
     ``method`` on each of them (a non-blocking SignalR invocation: no result comes back)."""
 
-    __slots__ = ("_build", "_connection_id", "_router")
+    __slots__ = ("_build", "_connection_id", "_route", "_router")
 
     def __init__(
         self,
         router: _Router,
         build: Callable[[dict[str, bytes]], ServiceMessage],
         connection_id: str | None = None,
+        route: Route = _BROADCAST,
     ) -> None:
         self._router = router
         self._build = build
         self._connection_id = connection_id
+        self._route = route
 
     async def send(self, method: str, *args: Any) -> None:
         """Invoke the client method ``method`` with ``args`` on every client of this set.
@@ -123,7 +152,9 @@ class ClientProxy:
         ``ServiceUnavailableError`` when no endpoint is online.
         """
         _check_method(method)
-        await self._router.send(method, args, self._build, connection_id=self._connection_id)
+        await self._router.send(
+            method, args, self._build, connection_id=self._connection_id, route=self._route
+        )
 
 
 class SingleClientProxy(ClientProxy):
@@ -173,38 +204,57 @@ class HubClients:
             self._router,
             lambda p: MultiConnectionDataMessage((connection_id,), p),
             connection_id,
+            Route(CONNECTIONS, (connection_id,)),
         )
 
     def clients(self, connection_ids: Iterable[str]) -> ClientProxy:
         """The listed connections (MultiConnectionData)."""
         ids = _ids(connection_ids, "connection_ids")
-        return ClientProxy(self._router, lambda p: MultiConnectionDataMessage(ids, p))
+        return ClientProxy(
+            self._router,
+            lambda p: MultiConnectionDataMessage(ids, p),
+            route=Route(CONNECTIONS, ids),
+        )
 
     def user(self, user_id: str) -> ClientProxy:
         """Every connection of one user (UserData)."""
         (user_id,) = _ids([user_id], "user_id")
-        return ClientProxy(self._router, lambda p: UserDataMessage(user_id, p))
+        return ClientProxy(
+            self._router, lambda p: UserDataMessage(user_id, p), route=Route(USERS, (user_id,))
+        )
 
     def users(self, user_ids: Iterable[str]) -> ClientProxy:
         """Every connection of the listed users (MultiUserData)."""
         ids = _ids(user_ids, "user_ids")
-        return ClientProxy(self._router, lambda p: MultiUserDataMessage(ids, p))
+        return ClientProxy(
+            self._router, lambda p: MultiUserDataMessage(ids, p), route=Route(USERS, ids)
+        )
 
     def group(self, group_name: str) -> ClientProxy:
         """Every connection in a group (GroupBroadcastData)."""
         name = _group(group_name)
-        return ClientProxy(self._router, lambda p: GroupBroadcastDataMessage(name, p))
+        return ClientProxy(
+            self._router, lambda p: GroupBroadcastDataMessage(name, p), route=Route(GROUPS, (name,))
+        )
 
     def groups(self, group_names: Iterable[str]) -> ClientProxy:
         """Every connection in any of the groups, once each (MultiGroupBroadcastData)."""
         names = tuple(_group(n) for n in _ids(group_names, "group_names"))
-        return ClientProxy(self._router, lambda p: MultiGroupBroadcastDataMessage(names, p))
+        return ClientProxy(
+            self._router,
+            lambda p: MultiGroupBroadcastDataMessage(names, p),
+            route=Route(GROUPS, names),
+        )
 
     def group_except(self, group_name: str, excluded_connection_ids: Iterable[str]) -> ClientProxy:
         """Every connection in a group but the listed ones (GroupBroadcastData)."""
         name = _group(group_name)
         excluded = _ids(excluded_connection_ids, "excluded_connection_ids")
-        return ClientProxy(self._router, lambda p: GroupBroadcastDataMessage(name, p, excluded))
+        return ClientProxy(
+            self._router,
+            lambda p: GroupBroadcastDataMessage(name, p, excluded),
+            route=Route(GROUPS, (name,)),
+        )
 
 
 class HubCallerClients(HubClients):
@@ -249,7 +299,9 @@ class GroupManager:
         (connection_id,) = _ids([connection_id], "connection_id")
         name = _group(group_name)
         await self._router.request_ack(
-            lambda ack: JoinGroupWithAckMessage(connection_id, name, ack), connection_scoped=True
+            lambda ack: JoinGroupWithAckMessage(connection_id, name, ack),
+            connection_scoped=True,
+            route=Route(CONNECTIONS, (connection_id,)),
         )
 
     async def remove_from_group(self, connection_id: str, group_name: str) -> None:
@@ -257,7 +309,9 @@ class GroupManager:
         (connection_id,) = _ids([connection_id], "connection_id")
         name = _group(group_name)
         await self._router.request_ack(
-            lambda ack: LeaveGroupWithAckMessage(connection_id, name, ack), connection_scoped=True
+            lambda ack: LeaveGroupWithAckMessage(connection_id, name, ack),
+            connection_scoped=True,
+            route=Route(CONNECTIONS, (connection_id,)),
         )
 
 
@@ -283,6 +337,7 @@ class UserGroupManager:
         await self._router.request_ack(
             lambda ack: UserJoinGroupWithAckMessage(user_id, name, ack, ttl_seconds),
             connection_scoped=False,
+            route=Route(USER_GROUP, (user_id, name)),
         )
 
     async def remove_from_group(self, user_id: str, group_name: str) -> None:
@@ -290,14 +345,18 @@ class UserGroupManager:
         (user_id,) = _ids([user_id], "user_id")
         name = _group(group_name)
         await self._router.request_ack(
-            lambda ack: UserLeaveGroupWithAckMessage(user_id, name, ack), connection_scoped=False
+            lambda ack: UserLeaveGroupWithAckMessage(user_id, name, ack),
+            connection_scoped=False,
+            route=Route(USER_GROUP, (user_id, name)),
         )
 
     async def remove_from_all_groups(self, user_id: str) -> None:
         """Remove a user from every group (UserLeaveGroupWithAck with no group)."""
         (user_id,) = _ids([user_id], "user_id")
         await self._router.request_ack(
-            lambda ack: UserLeaveGroupWithAckMessage(user_id, None, ack), connection_scoped=False
+            lambda ack: UserLeaveGroupWithAckMessage(user_id, None, ack),
+            connection_scoped=False,
+            route=Route(USER_GROUP, (user_id,)),
         )
 
     async def is_user_in_group(self, user_id: str, group_name: str) -> bool:
@@ -307,6 +366,7 @@ class UserGroupManager:
         return await self._router.request_ack(
             lambda ack: CheckUserInGroupWithAckMessage(user_id, name, ack),
             connection_scoped=False,
+            route=Route(USER_GROUP, (user_id, name)),
         )
 
 

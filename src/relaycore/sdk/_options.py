@@ -13,28 +13,44 @@ case-insensitively as .NET configuration is:
 ``Azure:SignalR:ApplicationName``                      ``ServiceOptions.application_name``
 =====================================================  =========================================
 
-In the environment ``__`` stands for ``:`` (``Azure__SignalR__ConnectionString``). Other
-``Azure:SignalR:*`` keys (``ServerStickyMode``, ``Enabled``, ...) are not used by this SDK and are
-ignored; a malformed endpoint key or connection string raises ``ValueError`` naming the key.
+In the environment ``__`` stands for ``:`` (``Azure__SignalR__ConnectionString``). In a JSON or
+TOML file (``ServiceOptions.from_file``) the keys may be nested objects or tables, or flat
+``"Azure:SignalR:Endpoints:east"`` keys::
+
+    [Azure.SignalR.Endpoints]
+    east = "Endpoint=https://east.example;AccessKey=...;Version=1.0;"
+    "west:secondary" = "Endpoint=https://west.example;AccessKey=...;Version=1.0;"
+
+Other ``Azure:SignalR:*`` keys (``ServerStickyMode``, ``Enabled``, ...) are not used by this SDK
+and are ignored; a malformed endpoint key, a bad connection string or two endpoints with the same
+name raise ``ValueError`` naming the key.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import enum
+import json
 import os
 import random
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any, Final
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Final
 from urllib.parse import urlsplit
 
 from relaycore.protocol import ConnectionString, is_valid_hub_name
+
+if TYPE_CHECKING:
+    from ._endpoints import EndpointStatusEvent
+    from ._router import EndpointRouter
 
 __all__ = [
     "EndpointType",
     "ServiceEndpoint",
     "ServiceOptions",
     "default_retry_delay",
+    "load_config_file",
+    "select_endpoints",
 ]
 
 
@@ -184,6 +200,23 @@ class ServiceOptions:
     max_message_size: int = 1 << 20
     #: Seconds before reconnect attempt after n consecutive failures (``default_retry_delay``).
     retry_delay: Callable[[int], float] = default_retry_delay
+    #: Chooses endpoints for negotiate and for messages (default: ``EndpointRouter()``).
+    endpoint_router: EndpointRouter | None = None
+    #: Called with every ``EndpointStatusEvent`` (an endpoint went online or offline for a
+    #: hub), from the task that saw the change: it must not block.
+    on_endpoint_status: Callable[[EndpointStatusEvent], object] | None = None
+    #: An endpoint added at run time is offered to clients once it is staged, or after this
+    #: long (an error is logged); a removed one is closed once its clients left, or after
+    #: this long (``ServiceScaleTimeout``, §11.3).
+    server_scale_timeout: float = 300.0
+    #: While an endpoint is being added or removed, ask the service this often for its
+    #: ``servers`` list or its ``status`` (§4.1: 5 s).
+    scale_poll_interval: float = 5.0
+    #: A configuration file (JSON or TOML, see ``from_file``) watched while the server runs:
+    #: when it changes, its endpoints replace the server's (``HubServer.set_endpoints``).
+    config_file: str | os.PathLike[str] | None = None
+    #: How often the ``config_file`` is checked for changes.
+    config_reload_interval: float = 1.0
 
     def __post_init__(self) -> None:
         if self.connection_string is not None:
@@ -219,6 +252,9 @@ class ServiceOptions:
             "shutdown_timeout",
             "client_close_timeout",
             "client_handshake_timeout",
+            "server_scale_timeout",
+            "scale_poll_interval",
+            "config_reload_interval",
         ):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
@@ -227,6 +263,17 @@ class ServiceOptions:
             raise ValueError(
                 f"max_message_size must be an integer > 0, got {self.max_message_size!r}"
             )
+        from ._router import EndpointRouter
+
+        if self.endpoint_router is not None and not isinstance(
+            self.endpoint_router, EndpointRouter
+        ):
+            raise ValueError(
+                "endpoint_router must be an EndpointRouter (or a subclass) instance, got "
+                f"{type(self.endpoint_router).__name__}"
+            )
+        if self.on_endpoint_status is not None and not callable(self.on_endpoint_status):
+            raise ValueError("on_endpoint_status must be callable")
 
     def all_endpoints(self) -> tuple[ServiceEndpoint, ...]:
         """Every endpoint: ``connection_string`` first (primary, unnamed), then ``endpoints``,
@@ -238,24 +285,7 @@ class ServiceOptions:
         if self.connection_string is not None:
             candidates.append(ServiceEndpoint(self.connection_string))
         candidates.extend(self.endpoints)
-        if not candidates:
-            raise ValueError(
-                "no endpoint configured; give ServiceOptions(connection_string=...) or "
-                "endpoints=[ServiceEndpoint(...)], or set Azure__SignalR__ConnectionString"
-            )
-        chosen: dict[str, ServiceEndpoint] = {}
-        for endpoint in candidates:
-            seen = chosen.get(endpoint.identity)
-            if seen is None or (
-                seen.type is EndpointType.SECONDARY and endpoint.type is EndpointType.PRIMARY
-            ):
-                chosen[endpoint.identity] = endpoint
-        endpoints = tuple(chosen.values())
-        if not any(e.type is EndpointType.PRIMARY for e in endpoints):
-            raise ValueError(
-                "no primary endpoint configured; at least one endpoint must be primary"
-            )
-        return endpoints
+        return select_endpoints(candidates)
 
     # Configuration -------------------------------------------------------------------------
 
@@ -278,6 +308,11 @@ class ServiceOptions:
         fallback: str | None = None
         application_name: str | None = None
         endpoints: list[ServiceEndpoint] = []
+        names: dict[str, str] = {}
+        if not isinstance(config, Mapping):
+            raise ValueError(
+                f"configuration must be a mapping of keys to values, got {type(config).__name__}"
+            )
         for key, value in _flatten(config):
             parts = [p.strip() for p in key.split(":")]
             lower = [p.lower() for p in parts]
@@ -304,6 +339,12 @@ class ServiceOptions:
             ):
                 endpoint = _endpoint_from_key(key, parts[3 + secondary_form :], value)
                 if endpoint is not None:
+                    other = names.setdefault(endpoint.name.lower(), key)
+                    if other != key:
+                        raise ValueError(
+                            f"configuration keys {other!r} and {key!r} both name endpoint "
+                            f"{endpoint.name!r}; endpoint names must be unique"
+                        )
                     endpoints.append(endpoint)
             # Other Azure:SignalR:* settings do not concern this SDK.
         fields: dict[str, Any] = {
@@ -316,12 +357,92 @@ class ServiceOptions:
         return cls(**fields)
 
     @classmethod
+    def from_file(
+        cls, path: str | os.PathLike[str], *, watch: bool = True, **overrides: Any
+    ) -> ServiceOptions:
+        """Options from a JSON (``.json``) or TOML (``.toml``) file holding the configuration
+        keys (see the module doc and ``from_config``).
+
+        With ``watch`` (the default) the file is also the server's ``config_file``: while
+        the server runs, a change of the file adds, removes or renames endpoints without a
+        restart (a file that does not load is logged and ignored until it changes again).
+
+        Raises ``ValueError`` naming the file, and the key when a key is at fault.
+        """
+        document = load_config_file(path)
+        if watch:
+            overrides.setdefault("config_file", os.fspath(path))
+        try:
+            return cls.from_config(document, **overrides)
+        except ValueError as exc:
+            raise ValueError(f"configuration file {os.fspath(path)!r}: {exc}") from None
+
+    @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> ServiceOptions:
         """Options from environment variables, ``__`` standing for ``:``
         (``Azure__SignalR__ConnectionString``, ``Azure__SignalR__Endpoints__east__secondary``,
         ...); ``env`` defaults to ``os.environ``. See ``from_config``."""
         source = os.environ if env is None else env
         return cls.from_config({k.replace("__", ":"): v for k, v in source.items()}, **overrides)
+
+
+def select_endpoints(candidates: Iterable[ServiceEndpoint]) -> tuple[ServiceEndpoint, ...]:
+    """De-duplicate endpoints by ``{scheme}://{host}:{port}``, preferring the primary
+    (§11.1); raise ``ValueError`` when none is left or none is primary."""
+    chosen: dict[str, ServiceEndpoint] = {}
+    for endpoint in candidates:
+        if not isinstance(endpoint, ServiceEndpoint):
+            raise ValueError(f"expected ServiceEndpoint objects, got {type(endpoint).__name__}")
+        seen = chosen.get(endpoint.identity)
+        if seen is None or (
+            seen.type is EndpointType.SECONDARY and endpoint.type is EndpointType.PRIMARY
+        ):
+            chosen[endpoint.identity] = endpoint
+    if not chosen:
+        raise ValueError(
+            "no endpoint configured; give ServiceOptions(connection_string=...) or "
+            "endpoints=[ServiceEndpoint(...)], or set Azure__SignalR__ConnectionString"
+        )
+    endpoints = tuple(chosen.values())
+    if not any(e.type is EndpointType.PRIMARY for e in endpoints):
+        raise ValueError("no primary endpoint configured; at least one endpoint must be primary")
+    return endpoints
+
+
+def load_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The document in a ``.json`` or ``.toml`` file, as a dict; ``ValueError`` naming the
+    file (and the line, for a syntax error) when it cannot be read."""
+    where = f"configuration file {os.fspath(path)!r}"
+    suffix = Path(path).suffix.lower()
+    if suffix not in (".json", ".toml"):
+        raise ValueError(f"{where}: unknown format {suffix or '(none)'!r}; expected .json or .toml")
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise ValueError(f"{where}: cannot be read: {exc.strerror or exc}") from None
+    try:
+        if suffix == ".json":
+            document = json.loads(data)
+        else:
+            document = _toml_loads(data.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{where}: not UTF-8 text: {exc}") from None
+    except ValueError as exc:  # json.JSONDecodeError and tomllib.TOMLDecodeError are both
+        raise ValueError(f"{where}: invalid {suffix[1:].upper()}: {exc}") from None
+    if not isinstance(document, dict):
+        raise ValueError(f"{where}: expected an object of keys, got {type(document).__name__}")
+    return document
+
+
+def _toml_loads(text: str) -> dict[str, Any]:
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        try:
+            import tomli as tomllib  # type: ignore[no-redef, import-not-found, unused-ignore]
+        except ModuleNotFoundError:
+            raise ValueError("TOML needs Python 3.11 or the tomli package") from None
+    return tomllib.loads(text)
 
 
 def _flatten(config: Mapping[str, Any], prefix: str = "") -> Iterable[tuple[str, Any]]:

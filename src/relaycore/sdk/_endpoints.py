@@ -1,0 +1,209 @@
+"""Endpoints at run time: what one hub of this app server knows about each endpoint.
+
+``ServiceEndpoint`` is configuration (a connection string, a role, a name). Once a hub is mapped,
+every endpoint gets, for that hub, a ``HubServiceEndpoint``: the same endpoint plus what is true
+right now, which is what an ``EndpointRouter`` decides on (service-protocol §11):
+
+* ``online``: at least one of the hub's server connections to it is up (§11.1);
+* ``metrics``: the ``EndpointMetrics`` the service last reported in a ping (§4.4);
+* ``holds_connection(id)``: whether a client of this app server is connected through it.
+
+Every change of ``online`` is logged and published as an ``EndpointStatusEvent``: to the
+``ServiceOptions.on_endpoint_status`` callback and to every ``HubServer.endpoint_events()``
+iterator.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections import deque
+from collections.abc import Callable
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Final
+
+import anyio
+
+from ._options import ServiceEndpoint
+
+if TYPE_CHECKING:
+    from ._connection import EndpointHub
+
+__all__ = ["EndpointEvents", "EndpointMetrics", "EndpointStatusEvent", "HubServiceEndpoint"]
+
+_log = logging.getLogger("relaycore.sdk")
+
+#: Events an ``EndpointEvents`` iterator holds for a consumer that does not keep up; older ones
+#: are dropped beyond this (with a warning), so that a forgotten iterator cannot grow forever.
+_EVENT_BUFFER: Final = 1024
+
+
+@dataclasses.dataclass(frozen=True)
+class EndpointMetrics:
+    """What the service reports about one hub on one endpoint, from the ``clientcount``,
+    ``servercount`` and ``capacity`` keys of its pings (service-protocol §4.4).
+
+    All zero until the service reports them; relaycore's relay reports them when a server
+    connection comes up and in every ``status`` reply, and ``capacity`` only when started
+    with ``--capacity``. The default router weighs negotiate with them (§11.2).
+    """
+
+    #: Clients of the hub connected to the endpoint (from every app server).
+    client_connection_count: int = 0
+    #: Server connections of the hub to the endpoint (from every app server).
+    server_connection_count: int = 0
+    #: The endpoint's connection quota; 0 when unknown.
+    connection_capacity: int = 0
+
+
+class HubServiceEndpoint(ServiceEndpoint):
+    """An endpoint as one hub of this app server sees it: the configured ``ServiceEndpoint``
+    (``name``, ``type``, ``endpoint``, ...) plus ``hub``, ``online`` and ``metrics``, always
+    current. ``EndpointRouter`` methods receive these::
+
+        def get_negotiate_endpoint(self, request, endpoints):
+            online = [e for e in endpoints if e.online]
+            return min(online, key=lambda e: e.metrics.client_connection_count)
+
+    It equals the ``ServiceEndpoint`` it was configured from; two of them are equal only
+    when they are the same object (there is one per hub and endpoint).
+    """
+
+    # Not a dataclass itself: it adds run-time state to a frozen ServiceEndpoint, which a
+    # frozen dataclass allows on subclasses for names that are not its fields.
+    hub: str
+    _container: EndpointHub
+
+    def __init__(self, endpoint: ServiceEndpoint, hub: str, container: EndpointHub) -> None:
+        super().__init__(endpoint.connection_string, endpoint.type, endpoint.name)
+        object.__setattr__(self, "hub", hub)
+        object.__setattr__(self, "_container", container)
+
+    def __eq__(self, other: object) -> bool:
+        # One object per hub and endpoint; equal to the ServiceEndpoint it was configured
+        # from, so that ``endpoint in server.online_endpoints(hub)`` works with either.
+        if isinstance(other, HubServiceEndpoint):
+            return self is other
+        if isinstance(other, ServiceEndpoint):
+            return (self.connection_string, self.type, self.name) == (
+                other.connection_string,
+                other.type,
+                other.name,
+            )
+        return NotImplemented
+
+    def __hash__(self) -> int:
+        return hash((self.connection_string, self.type, self.name))
+
+    @property
+    def online(self) -> bool:
+        """Whether at least one of this hub's server connections to the endpoint is up."""
+        return self._container.online
+
+    @property
+    def metrics(self) -> EndpointMetrics:
+        """The last metrics the endpoint reported for this hub."""
+        return self._container.metrics
+
+    def holds_connection(self, connection_id: str) -> bool:
+        """Whether the client ``connection_id`` is connected to this app server through this
+        endpoint (a client of another app server is not known here)."""
+        client = self._container.router.local_clients.get(connection_id)
+        return client is not None and client.service_connection.container is self._container
+
+    def __repr__(self) -> str:
+        state = "online" if self.online else "offline"
+        return f"<HubServiceEndpoint {self} hub={self.hub!r} {state}>"
+
+
+@dataclasses.dataclass(frozen=True)
+class EndpointStatusEvent:
+    """An endpoint went online or offline for a hub (its first server connection came up, or
+    its last one went down)."""
+
+    #: The hub, as mapped.
+    hub: str
+    #: The endpoint (live: its ``online`` may have changed again since).
+    endpoint: HubServiceEndpoint
+    #: The new status.
+    online: bool
+
+
+class EndpointEvents:
+    """The ``EndpointStatusEvent``\\ s of a ``HubServer`` from the moment this was made, as an
+    async iterator (``HubServer.endpoint_events()``)::
+
+        async with server.endpoint_events() as events:
+            async for event in events:
+                print(event.hub, event.endpoint.name, "online" if event.online else "offline")
+
+    It ends when the server stops or on ``close()``. A consumer that falls more than 1024
+    events behind loses the oldest ones (a warning is logged).
+    """
+
+    def __init__(self, unsubscribe: Callable[[EndpointEvents], None]) -> None:
+        self._unsubscribe = unsubscribe
+        self._events: deque[EndpointStatusEvent] = deque()
+        self._arrived = anyio.Event()
+        self._closed = False
+        self._dropped = 0
+
+    def publish(self, event: EndpointStatusEvent) -> None:
+        """Queue an event (called by the server)."""
+        if self._closed:
+            return
+        if len(self._events) >= _EVENT_BUFFER:
+            self._events.popleft()
+            self._dropped += 1
+            if self._dropped == 1 or self._dropped % _EVENT_BUFFER == 0:
+                _log.warning("endpoint events: a consumer is behind; %d dropped", self._dropped)
+        self._events.append(event)
+        self._arrived.set()
+
+    def close(self) -> None:
+        """Stop receiving events; iteration ends after the ones already queued."""
+        if not self._closed:
+            self._closed = True
+            self._unsubscribe(self)
+            self._arrived.set()
+
+    def __aiter__(self) -> EndpointEvents:
+        return self
+
+    async def __anext__(self) -> EndpointStatusEvent:
+        while not self._events:
+            if self._closed:
+                raise StopAsyncIteration
+            await self._arrived.wait()
+            self._arrived = anyio.Event()
+        return self._events.popleft()
+
+    async def __aenter__(self) -> EndpointEvents:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+def publish_status(
+    listeners: list[EndpointEvents],
+    callback: Callable[[EndpointStatusEvent], Any] | None,
+    event: EndpointStatusEvent,
+) -> None:
+    """Log a status change and hand it to the callback and every listener."""
+    if event.online:
+        _log.info("endpoint %s is online for hub %s", event.endpoint, event.hub)
+    else:
+        _log.warning("endpoint %s is offline for hub %s", event.endpoint, event.hub)
+    if callback is not None:
+        try:
+            callback(event)
+        except Exception:
+            _log.exception("the on_endpoint_status callback failed")
+    for listener in list(listeners):
+        listener.publish(event)
