@@ -1,11 +1,13 @@
 """End-to-end fixtures: the real relay as a subprocess (``relay``, ``relay_factory``), a signed
 REST client (``rest``) and a Node.js agent driving the official ``@microsoft/signalr`` client
-(``node_agent``). The agent's tests are skipped when ``node`` or the npm packages are missing,
-unless ``CI`` is set, when that is a failure. See harness.py for the machinery.
+(``node_agent``), and the pods of ``examples/two-pods`` as app server processes
+(``pod_factory``, see pods.py). The agent's tests are skipped when ``node`` or the npm packages
+are missing, unless ``CI`` is set, when that is a failure. See harness.py for the machinery.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import secrets
 import shutil
@@ -27,6 +29,7 @@ from .harness import (
     open_rest,
     relay_env,
 )
+from .pods import PodFactory, PodProcess, pod_env
 
 
 @pytest.fixture
@@ -109,3 +112,34 @@ async def node_agent_factory(node_available: str) -> AsyncIterator[NodeAgentFact
 @pytest.fixture
 async def node_agent(node_agent_factory: NodeAgentFactory, relay: RelayProcess) -> NodeAgent:
     return await node_agent_factory(relay)
+
+
+@pytest.fixture
+async def pod_factory() -> AsyncIterator[PodFactory]:
+    """``await pod_factory("pod 1", relay.connection_string)`` or ``await pod_factory("pod 2",
+    no_relay=True)``: a pod of ``examples/two-pods`` (see pods.py), online when returned.
+    Every pod is stopped (SIGTERM, clean exit insisted on) at teardown, unless it was killed.
+    Skipped (failed under CI) without fastapi and uvicorn (the dev extra)."""
+    missing = [m for m in ("fastapi", "uvicorn") if importlib.util.find_spec(m) is None]
+    if missing:
+        message = f"the two-pods example needs {' and '.join(missing)}: pip install -e '.[dev]'"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    pods: list[PodProcess] = []
+    async with trio.open_nursery() as nursery:
+
+        async def start(name: str, connection_string: str | None = None, *,
+                        no_relay: bool = False) -> PodProcess:
+            pod = PodProcess(name, pod_env(connection_string))
+            pods.append(pod)
+            await pod.start(nursery, no_relay=no_relay)
+            return pod
+
+        try:
+            yield start
+            for pod in pods:
+                await pod.stop()
+        finally:
+            for pod in pods:
+                await pod.reap()
