@@ -732,8 +732,12 @@ def markdown(facts: dict[str, Any], records: list[dict[str, Any]]) -> str:
 def git_commit() -> str:
     out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                          text=True, cwd=BENCH, check=False).stdout.strip()
-    dirty = subprocess.run(["git", "status", "--porcelain", "--", "src"], capture_output=True,
-                           text=True, cwd=BENCH, check=False).stdout.strip()
+    # what the relay runs: its own code, the protocol and the fast path (not the SDK)
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--",
+                            "../src/relaycore/relay", "../src/relaycore/protocol",
+                            "../src/relaycore/_accel.py", "../src/relaycore/_fastpath.pyx",
+                            "../src/relaycore/__main__.py"],
+                           capture_output=True, text=True, cwd=BENCH, check=False).stdout.strip()
     return (out or "unknown") + ("-dirty-src" if dirty else "")
 
 
