@@ -156,9 +156,11 @@ class Peer:
             with trio.CancelScope(deadline=self._scope.deadline):
                 if self._writing is not None:
                     await self._writing.wait()
-                if self._out:
-                    data, self._out = self._out, bytearray()
-                    await self.stream.send_all(data)
+                elif self._out:
+                    # Own the send side (as a writer task would) so that the flusher cannot
+                    # write in the middle of this last send.
+                    self._writing = trio.Event()
+                    await self._write_rest()
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
         finally:

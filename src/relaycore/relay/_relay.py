@@ -30,6 +30,7 @@ from ..protocol._negotiate import (
     negotiate_response,
     parse_negotiate_version,
 )
+from ..protocol._service import ConnectionType
 from ..protocol._websocket import Opcode, accept_key, frame, is_valid_client_key
 from ._client import ClientConnection
 from ._config import RelayConfig
@@ -66,6 +67,13 @@ _NOT_FORWARDED = frozenset({
     "authorization", "cookie", "upgrade", "connection", "sec-websocket-key",
     "sec-websocket-version", "sec-websocket-extensions", "sec-websocket-protocol",
 })
+
+
+def _connection_type_name(value: int) -> str:
+    try:
+        return ConnectionType(value).name.lower()
+    except ValueError:
+        return f"type {value}"
 
 
 @dataclasses.dataclass
@@ -302,7 +310,7 @@ class Relay:
         server.state = ConnState.OPEN
         self.table.shard(server.hub).servers.append(server)
         log.info("app server %s connected to hub %s (%s connection)", server.server_id,
-                 server.hub, server.connection_type)
+                 server.hub, _connection_type_name(server.connection_type))
 
     def _remove_server(self, server: ServerConnection) -> None:
         shard = self.table.get(server.hub)
