@@ -413,3 +413,20 @@ async def test_client_leaving_fails_its_pending_invocations(relay, app_server, r
     error = await caller.next(ErrorCompletionMessage)
     assert error.invocation_id == "inv2" and "disconnected" in error.error
 
+
+
+async def test_oversized_client_message_closes_the_client_with_the_reason(nursery, app_server,
+                                                                        raw_client):
+    relay = await nursery.start(serve_relay, RelayConfig(port=0, access_keys=[KEY],
+                                                         max_message_size=1000, close_timeout=1))
+    server = await app_server(relay)
+    client, opened = await bind_client(relay, server, raw_client)
+    await client.ws.send_message("x" * 2000)
+    with trio.fail_after(5):
+        message = await client.next_message()
+    assert message["type"] == 7 and "1000" in message["error"]
+    with pytest.raises(ConnectionClosed) as info, trio.fail_after(5):
+        await client.ws.get_message()
+    assert info.value.reason.code == 1009
+    closed = await server.next(CloseConnectionMessage)
+    assert closed.connection_id == opened.connection_id
