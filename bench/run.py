@@ -121,6 +121,28 @@ def _py_peer_version(*dists: str) -> Callable[[], str]:
     return version
 
 
+_SNAPSHOT: Path | None = None
+
+
+def snapshot_relay() -> str:
+    """Copy the committed relay (``git archive HEAD src``, plus the built extension) to a
+    temporary directory and run it from there: other people edit ``src/`` while a long run
+    goes on, and every start of the relay must measure the same commit."""
+    global _SNAPSHOT
+    import tempfile
+    root = BENCH.parent
+    import atexit
+    dest = Path(tempfile.mkdtemp(prefix="relaycore-bench-"))
+    atexit.register(shutil.rmtree, dest, True)
+    archive = subprocess.run(["git", "archive", "HEAD", "src/relaycore"], cwd=root,
+                             capture_output=True, check=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
+    for built in (root / "src" / "relaycore").glob("_fastpath*.so"):
+        shutil.copy2(built, dest / "src" / "relaycore" / built.name)
+    _SNAPSHOT = dest / "src"
+    return str(_SNAPSHOT)
+
+
 def _relay_argv() -> list[str]:
     variant = os.environ.get("BENCH_RELAY_VARIANT", "none")
     prefix = ([str(BENCH / "profile" / "relay_variant.py"), variant] if variant != "none"
@@ -161,11 +183,14 @@ class Running:
     def __init__(self, target: Target) -> None:
         self.target = target
         argv = target.argv()
+        env = {**os.environ, **target.env}
+        if target.name == "relaycore" and _SNAPSHOT is not None:
+            env["PYTHONPATH"] = str(_SNAPSHOT)
         if shutil.which("taskset") and (os.cpu_count() or 1) > 1:
             argv = ["taskset", "-c", "0", *argv]
         self.log = open(f"/tmp/relaycore-bench-{target.name}.log", "w")  # noqa: SIM115
         self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=self.log, text=True,
-                                     env={**os.environ, **target.env}, cwd=BENCH)
+                                     env=env, cwd=BENCH)
         assert self.proc.stdout is not None
         deadline = time.monotonic() + 30
         self.port = 0
@@ -829,6 +854,9 @@ def main() -> None:
     parser.add_argument("--relay-variant", choices=["none", "gc-off", "gc-tuned"],
                         default="none", help="run relaycore through bench/profile/"
                         "relay_variant.py (what a proposed change would buy)")
+    parser.add_argument("--working-tree", action="store_true",
+                        help="run the relay from the working tree instead of a snapshot of "
+                             "the committed HEAD")
     parser.add_argument("--backend", choices=["picows", "own"], default=default_backend())
     parser.add_argument("--out", help="result file stem (default bench/results/<date>-<commit>)")
     args = parser.parse_args()
@@ -857,6 +885,9 @@ def main() -> None:
         else:
             skipped[name] = why
     commit = git_commit()
+    if not args.working_tree:
+        snapshot_relay()
+        commit = commit.replace("-dirty-src", "")
     facts = {"commit": commit, "date": datetime.date.today().isoformat(), "machine": machine(),
              "generator": f"loadgen on {'uvloop' if _uvloop() else 'asyncio'} + "
                           f"{args.backend}, CPython {platform.python_version()}, pinned to CPU 1;"
