@@ -31,14 +31,22 @@ RS = "\x1e"
 class RelayProcess:
     port: int
     connection_string: str
+    process: Any = None
+
+    async def kill(self) -> None:
+        """SIGKILL: the relay vanishes at once (the kernel closes its sockets)."""
+        self.process.kill()
+        await self.process.wait()
 
 
 @contextlib.asynccontextmanager
-async def relay_process(key: str = KEY, port: int = 0) -> AsyncIterator[RelayProcess]:
-    """``python -m relaycore serve --port {port}`` until the block ends (SIGTERM, then kill)."""
+async def relay_process(key: str = KEY, port: int = 0,
+                        args: tuple[str, ...] = ()) -> AsyncIterator[RelayProcess]:
+    """``python -m relaycore serve --port {port} {args}`` until the block ends (SIGTERM, then
+    kill)."""
     process = await anyio.open_process(
         [sys.executable, "-m", "relaycore", "serve", "--port", str(port), f"--access-key={key}",
-         "--log-level", "WARNING"],
+         "--log-level", "WARNING", *args],
         stdout=subprocess.PIPE,
         stderr=None,
     )
@@ -54,11 +62,12 @@ async def relay_process(key: str = KEY, port: int = 0) -> AsyncIterator[RelayPro
                 port = int(line.split(" listening on ")[1].split()[0].rsplit(":", 1)[1])
         assert port, buffer
         yield RelayProcess(
-            port, f"Endpoint=http://127.0.0.1;Port={port};AccessKey={key};Version=1.0;"
+            port, f"Endpoint=http://127.0.0.1;Port={port};AccessKey={key};Version=1.0;", process
         )
     finally:
         with anyio.CancelScope(shield=True):
-            process.terminate()
+            if process.returncode is None:
+                process.terminate()
             with anyio.move_on_after(5) as scope:
                 await process.wait()
             if scope.cancelled_caught:

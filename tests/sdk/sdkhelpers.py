@@ -180,7 +180,14 @@ class FakeServerConnection:
             return
         if isinstance(message, ServicePing):
             if message.get(PingKey.STATUS) is not None:
-                await self.send(ServicePing.of(status="0", clientcount=0, servercount=1))
+                service.status_pings += 1
+                await self.send(ServicePing.of({PingKey.STATUS: service.status_for(self),
+                                                **service.metrics}))
+            elif message.get(PingKey.SERVERS) is not None:
+                service.servers_pings += 1
+                if service.answer_servers:
+                    await self.send(ServicePing.servers_reply(
+                        int(time.monotonic() * 1000), service.server_ids()))
             fin = message.get(PingKey.SHUTDOWN)
             if fin is not None and service.answer_fin:
                 service.fins.append(fin)
@@ -210,7 +217,27 @@ class FakeService:
         self.ack_status = AckStatus.OK
         self.answer_fin = True
         self.fins: list[str] = []
+        #: The ``status`` reply: a value, or a function of the connection asking.
+        self.status: str | Callable[[FakeServerConnection], str] = "0"
+        #: Metrics added to every ``status`` reply.
+        self.metrics: dict[str, int] = {"clientcount": 0, "servercount": 1}
+        #: The ids in ``servers`` replies (None: the server ids of the open connections).
+        self.servers: list[str] | None = None
+        self.answer_servers = True
+        self.status_pings = 0
+        self.servers_pings = 0
         self._validator = TokenValidator([key])
+
+    def status_for(self, connection: FakeServerConnection) -> str:
+        return self.status(connection) if callable(self.status) else self.status
+
+    def server_ids(self) -> list[str]:
+        if self.servers is not None:
+            return sorted(self.servers)
+        return sorted({c.headers.get("x-asrs-server-id", "") for c in self.open_connections()})
+
+    def open_connections(self) -> list[FakeServerConnection]:
+        return [c for c in self.connections if not c.closed.is_set()]
 
     @property
     def connection_string(self) -> str:
@@ -283,3 +310,27 @@ class FakeService:
                     for message in upgraded.parser.messages_received():
                         await upgraded._handle(message)
         return upgraded
+
+
+async def sent_to(service: FakeService, server: Any, index: int, hub: str = "chat") -> list[str]:
+    """The type names of the messages ``server`` wrote to ``service`` (its endpoint number
+    ``index`` for ``hub``) since the last call, pings and handshakes left out.
+
+    A marker ping is written on the same server connection after them, so that once it has
+    arrived, everything written before it has too.
+    """
+    container = server._router(hub).containers[index]
+    connection = container.pick()
+    assert connection is not None, f"endpoint {index} of {hub} is offline"
+    marker = f"marker-{id(connection)}-{connection.sessions}-{len(service.connections)}"
+    conn = next(c for c in service.open_connections()
+                if c.query.get("cid") == connection.cid)
+    await connection.send(ServicePing.of({"marker": marker}))
+    while (await conn.next(ServicePing)).get("marker") != marker:
+        pass
+    start = getattr(conn, "drained", 0)
+    end = next(i for i, m in enumerate(conn.received)
+               if isinstance(m, ServicePing) and m.get("marker") == marker)
+    conn.drained = end + 1  # type: ignore[attr-defined]
+    return [type(m).__name__ for m in conn.received[start:end]
+            if not isinstance(m, (ServicePing, ServiceHandshakeRequest))]

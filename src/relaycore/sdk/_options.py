@@ -139,7 +139,8 @@ class ServiceEndpoint:
 
     def __str__(self) -> str:
         role = self.type.name.lower()
-        return f"{self.name or '(default)'} {self.endpoint} [{role}]"
+        # The connection base (with Port=), so that two relays on one host read apart.
+        return f"{self.name or '(default)'} {self.connection.server_base.rstrip('/')} [{role}]"
 
 
 #: §4.5: the delay after the n-th consecutive failure, n = 0..5; 60 s after that.

@@ -660,8 +660,9 @@ class HubServer:
             with anyio.move_on_after(self.options.handshake_timeout + 1):
                 for container in containers:
                     await container.ready.wait()
-            if self.options.config_file is not None:
-                task_group.start_soon(self._watch_config, self.options.config_file)
+            config_file = self.options.config_file
+            if config_file is not None:
+                task_group.start_soon(self._watch_config, config_file, _file_signature(config_file))
         except BaseException:
             self._running = False
             task_group.cancel_scope.cancel()
@@ -987,10 +988,11 @@ class HubServer:
             _log.info("endpoint %s removed", endpoint)
         return drained
 
-    async def _watch_config(self, path: str | os.PathLike[str]) -> None:
-        """Apply the endpoints of ``path`` whenever it changes (polling its modification
-        time, size and inode every ``config_reload_interval``)."""
-        last = _file_signature(path)
+    async def _watch_config(
+        self, path: str | os.PathLike[str], last: tuple[int, int, int] | None
+    ) -> None:
+        """Apply the endpoints of ``path`` whenever it changes from ``last`` (polling its
+        modification time, size and inode every ``config_reload_interval``)."""
         while True:
             await anyio.sleep(self.options.config_reload_interval)
             signature = _file_signature(path)
