@@ -442,3 +442,26 @@ def test_config_file_changes_add_and_remove_endpoints_and_bad_files_are_ignored(
 
     run(backend, scenario)
     assert "configuration not reloaded" in caplog.text
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_add_endpoint_returns_when_the_server_stops_during_staging(backend):
+    async def scenario():
+        async with anyio.create_task_group() as tg:
+            a = await FakeService().start(tg)
+            b = await FakeService().start(tg)
+            b.reject_status = 503                 # its connections never come up
+            server = make_server(ServiceEndpoint(a.connection_string, name="a"))
+            result: list[bool] = []
+            async with server:
+
+                async def add():
+                    result.append(await server.add_endpoint(
+                        ServiceEndpoint(b.connection_string, name="b")))
+
+                tg.start_soon(add)
+                await wait_for(lambda: len(b.attempts) >= 2)
+            await wait_for(lambda: result == [False], timeout=2)
+            tg.cancel_scope.cancel()
+
+    run(backend, scenario)

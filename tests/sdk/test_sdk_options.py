@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from relaycore.sdk import EndpointType, ServiceEndpoint, ServiceOptions, default_retry_delay
@@ -169,3 +171,104 @@ def test_default_retry_delay_follows_the_sdk_schedule_with_jitter():
     for failures, base in [(0, 1), (1, 2), (2, 4), (3, 8), (4, 16), (5, 32), (6, 60), (50, 60)]:
         delay = default_retry_delay(failures)
         assert base <= delay <= base + 1
+
+
+# --- configuration files --------------------------------------------------------------------
+
+
+JSON_DOC = {"Azure": {"SignalR": {"Endpoints": {"east": A, "west:secondary": B},
+                                  "ApplicationName": "shop"}},
+            "Logging": {"LogLevel": {"Default": "Information"}}}
+TOML_DOC = f"""
+[Azure.SignalR]
+ApplicationName = "shop"
+
+[Azure.SignalR.Endpoints]
+east = "{A}"
+"west:secondary" = "{B}"
+
+[Logging.LogLevel]
+Default = "Information"
+"""
+
+
+@pytest.mark.parametrize("suffix", [".json", ".toml", ".JSON"])
+def test_from_file_reads_json_and_toml_and_watches_the_file(tmp_path, suffix):
+    path = tmp_path / f"appsettings{suffix}"
+    path.write_text(TOML_DOC if suffix == ".toml" else json.dumps(JSON_DOC))
+    options = ServiceOptions.from_file(path, connection_count=3)
+    assert options.config_file == str(path)
+    assert options.application_name == "shop" and options.connection_count == 3
+    assert [(e.name, e.type) for e in options.all_endpoints()] == [
+        ("east", EndpointType.PRIMARY), ("west", EndpointType.SECONDARY)]
+    assert ServiceOptions.from_file(path, watch=False).config_file is None
+
+
+def test_from_file_reads_flat_keys(tmp_path):
+    path = tmp_path / "relay.toml"
+    path.write_text(f'"Azure:SignalR:Endpoints:east" = "{A}"\n'
+                    f'"Azure:SignalR:ConnectionString:backup:secondary" = "{B}"\n')
+    options = ServiceOptions.from_file(path)
+    assert sorted((e.name, e.type) for e in options.endpoints) == [
+        ("backup", EndpointType.SECONDARY), ("east", EndpointType.PRIMARY)]
+
+
+@pytest.mark.parametrize(
+    ("name", "text", "message"),
+    [
+        ("relay.toml", "[Azure.SignalR\n", r"invalid TOML: .*line 1"),
+        ("relay.json", '{"Azure": ', r"invalid JSON: .*line 1"),
+        ("relay.json", "[1, 2]", "expected an object of keys, got list"),
+        ("relay.yaml", "a: b", "unknown format '.yaml'; expected .json or .toml"),
+        ("relay.toml", '[Azure.SignalR.Endpoints.east]\ntertiary = "x"\n',
+         "key 'Azure:SignalR:Endpoints:east:tertiary': role 'tertiary' is invalid"),
+        ("relay.json", '{"Azure": {"SignalR": {"Endpoints": {"east": "Endpoint=nope"}}}}',
+         "key 'Azure:SignalR:Endpoints:east': endpoint 'east': invalid connection string"),
+        ("relay.json", '{"Azure": {"SignalR": {"Endpoints": {"east": 5}}}}',
+         "key 'Azure:SignalR:Endpoints:east': expected a string, got int"),
+    ],
+)
+def test_from_file_names_the_file_and_the_key_of_a_problem(tmp_path, name, text, message):
+    path = tmp_path / name
+    path.write_text(text)
+    with pytest.raises(ValueError, match=message) as info:
+        ServiceOptions.from_file(path)
+    assert str(info.value).startswith(f"configuration file {str(path)!r}: ")
+
+
+def test_from_file_names_a_missing_file(tmp_path):
+    with pytest.raises(ValueError, match="cannot be read: No such file"):
+        ServiceOptions.from_file(tmp_path / "missing.toml")
+
+
+def test_from_config_refuses_two_endpoints_with_one_name():
+    with pytest.raises(ValueError, match="both name endpoint 'East'") as info:
+        ServiceOptions.from_config({"Azure:SignalR:Endpoints:east": A,
+                                    "Azure:SignalR:ConnectionString:East:secondary": B})
+    assert "'Azure:SignalR:Endpoints:east'" in str(info.value)
+    assert "'Azure:SignalR:ConnectionString:East:secondary'" in str(info.value)
+
+
+def test_from_config_refuses_what_is_not_a_mapping():
+    with pytest.raises(ValueError, match="configuration must be a mapping"):
+        ServiceOptions.from_config([("Azure:SignalR:ConnectionString", A)])  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("server_scale_timeout", 0, "server_scale_timeout must be a number of seconds > 0"),
+        ("scale_poll_interval", -1, "scale_poll_interval"),
+        ("config_reload_interval", "1", "config_reload_interval"),
+        ("on_endpoint_status", "print", "on_endpoint_status must be callable"),
+    ],
+)
+def test_options_refuse_bad_endpoint_settings(field, value, message):
+    with pytest.raises(ValueError, match=message):
+        ServiceOptions(**{"connection_string": A, field: value})
+
+
+def test_endpoint_str_shows_the_port_of_the_connection():
+    endpoint = ServiceEndpoint("Endpoint=http://localhost;Port=8888;AccessKey=k;Version=1.0;",
+                               name="dev")
+    assert str(endpoint) == "dev http://localhost:8888 [primary]"

@@ -696,6 +696,9 @@ class HubServer:
             finally:
                 for listener in list(self._listeners):
                     listener.close()
+                for router in self._routers.values():
+                    for container in router.containers:
+                        container.notify()  # wake a staging that waits for them
         return None
 
     # Status --------------------------------------------------------------------------------
@@ -886,14 +889,16 @@ class HubServer:
             with anyio.move_on_after(self.options.server_scale_timeout):
                 for container in containers:
                     waiting_for = f"the server connections of hub {container.router.name}"
-                    await container.wait_until(lambda c: all(x.connected for x in c.connections))
+                    await container.wait_until(
+                        lambda c: not self._running or all(x.connected for x in c.connections)
+                    )
                 for container in containers:
                     waiting_for = (
                         f"the servers of hub {container.router.name} on it to match those on "
                         "the other endpoints"
                     )
                     await self._servers_agree(container)
-                staged = True
+                staged = self._running
         finally:
             # Offered to clients even when the staging did not finish, as the Azure SDK
             # does: nothing more can be done from this side.
@@ -902,6 +907,8 @@ class HubServer:
                 container.state = ACTIVE
         if staged:
             _log.info("endpoint %s added: offered to new clients", endpoint)
+        elif not self._running:
+            _log.info("adding endpoint %s: the server stopped", endpoint)
         else:
             _log.error(
                 "adding endpoint %s: staging did not finish within server_scale_timeout "
@@ -918,7 +925,7 @@ class HubServer:
         the hub's other online endpoints (§11.3 Add, step 4): every app server of the hub
         is connected to it. Asks every ``scale_poll_interval``; the caller bounds it."""
         interval = self.options.scale_poll_interval
-        while True:
+        while self._running:
             others = [c for c in new.router.containers if c is not new and c.online]
             if not others:
                 return
