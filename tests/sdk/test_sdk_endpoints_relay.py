@@ -254,3 +254,38 @@ def test_fewest_clients_router_on_the_counts_two_relays_report(backend):
             tg.cancel_scope.cancel()
 
     run(backend, scenario, timeout=30)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_new_endpoint_is_offered_only_once_every_app_server_is_connected_to_it(backend):
+    async def scenario():
+        async with relay_process() as relay_a, relay_process() as relay_b:
+            pod1 = app_server("pod1", [ServiceEndpoint(relay_a.connection_string, name="a")],
+                              scale_poll_interval=0.1)
+            pod2 = app_server("pod2", [ServiceEndpoint(relay_a.connection_string, name="a")],
+                              scale_poll_interval=0.1)
+            b = ServiceEndpoint(relay_b.connection_string, name="b")
+            async with pod1, pod2, anyio.create_task_group() as tg:
+                added: list[str] = []
+
+                async def add(pod: HubServer, name: str) -> None:
+                    assert await pod.add_endpoint(b)
+                    added.append(name)
+
+                tg.start_soon(add, pod1, "pod1")
+                # pod1 is connected to b, but pod2 is not: b's servers differ from a's, so
+                # pod1 keeps b out of negotiate (a client there would miss pod2's messages).
+                await wait_for(lambda: [e.online for e in pod1.hub_endpoints("chat")]
+                               == [True, True])
+                # Two rounds of servers pings answered by both relays, and still staging.
+                await wait_for(lambda: pod1._router("chat").containers[1].servers_replies >= 2)
+                for _ in range(20):
+                    assert await negotiated_port(pod1) == relay_a.port
+                assert added == []
+                tg.start_soon(add, pod2, "pod2")
+                await wait_for(lambda: sorted(added) == ["pod1", "pod2"], timeout=10)
+                with anyio.fail_after(10):
+                    while await negotiated_port(pod1) != relay_b.port:
+                        pass
+
+    run(backend, scenario, timeout=40)
