@@ -128,6 +128,23 @@ def test_an_iterator_closed_early_stops_receiving_and_a_failing_callback_is_logg
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_an_async_status_callback_is_refused_with_a_hint(backend, caplog):
+    async def on_status(event):
+        pass
+
+    async def scenario():
+        async with anyio.create_task_group() as tg:
+            a = await FakeService().start(tg)
+            async with make_server(ServiceEndpoint(a.connection_string),
+                                   on_endpoint_status=on_status):
+                pass
+            tg.cancel_scope.cancel()
+
+    run(backend, scenario)
+    assert "iterate HubServer.endpoint_events() from a task" in caplog.text
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_metrics_come_from_any_ping_of_the_service(backend):
     async def scenario():
         async with anyio.create_task_group() as tg:

@@ -16,6 +16,7 @@ iterator.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import logging
 from collections import deque
 from collections.abc import Callable
@@ -202,7 +203,13 @@ def publish_status(
         _log.warning("endpoint %s is offline for hub %s", event.endpoint, event.hub)
     if callback is not None:
         try:
-            callback(event)
+            result = callback(event)
+            if inspect.iscoroutine(result):
+                result.close()
+                raise TypeError(
+                    "on_endpoint_status must be a plain function (it is called inline); "
+                    "iterate HubServer.endpoint_events() from a task for async code"
+                )
         except Exception:
             _log.exception("the on_endpoint_status callback failed")
     for listener in list(listeners):
