@@ -430,3 +430,37 @@ async def test_oversized_client_message_closes_the_client_with_the_reason(nurser
     assert info.value.reason.code == 1009
     closed = await server.next(CloseConnectionMessage)
     assert closed.connection_id == opened.connection_id
+
+
+async def test_fault_injection_refuses_drops_silences_and_heals(relay, app_server, raw_client):
+    import httpx
+
+    from relayhelpers import rest_token
+
+    server = await app_server(relay)
+    client, _ = await bind_client(relay, server, raw_client)
+
+    async def set_fault(mode):
+        path = "/api/admin/faults"
+        async with httpx.AsyncClient() as http:
+            r = await http.put(f"http://127.0.0.1:{relay.port}{path}",
+                               params={"serverConnections": mode},
+                               headers={"Authorization": f"Bearer {rest_token(path)}"})
+        assert r.status_code == 200 and r.json() == {"serverConnections": mode}
+
+    await set_fault("drop")
+    with trio.fail_after(5):
+        message = await client.next_message()
+    assert message["type"] == 7 and message["allowReconnect"] is True
+    with pytest.raises(EOFError):
+        await server.next(ServiceHandshakeResponse)
+    status, body = await app_server(relay, server_id="again")
+    assert status == 503 and b"fault injection" in body
+    await set_fault("none")
+    healed = await app_server(relay, server_id="healed")
+    await set_fault("silence")
+    await healed.send(ServicePing.of(status="1"))
+    with pytest.raises(trio.TooSlowError), trio.fail_after(1):
+        while (await healed.next(ServicePing, skip_pings=False)).get(PingKey.STATUS) is None:
+            pass  # pings queued before the fault may still arrive; a status reply must not
+    await set_fault("none")

@@ -79,6 +79,31 @@ def _token(args: argparse.Namespace) -> int:
     return 0
 
 
+def _fault(args: argparse.Namespace) -> int:
+    import httpx
+
+    from .protocol._auth import ConnectionString, generate_access_token
+    from .relay import RelayConfig
+
+    try:
+        if args.connection_string:
+            cs = ConnectionString.parse(args.connection_string)
+        else:
+            config = RelayConfig.load(overrides={"port": args.port, "access_key": args.access_key})
+            cs = ConnectionString.parse(config.connection_string())
+    except ValueError as exc:
+        print(f"relaycore fault: {exc}", file=sys.stderr)
+        return 2
+    path = "/api/admin/faults"
+    token = generate_access_token(cs.access_key or "", cs.audience_base.rstrip("/") + path,
+                                  now=time.time())
+    response = httpx.put(cs.server_base.rstrip("/") + path,
+                         params={"serverConnections": args.server_connections},
+                         headers={"Authorization": f"Bearer {token}"})
+    print(response.text)
+    return 0 if response.status_code == 200 else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m relaycore", description=(
         "relaycore: a self-hosted relay wire-compatible with Azure SignalR Service."))
@@ -117,6 +142,15 @@ def build_parser() -> argparse.ArgumentParser:
     token.add_argument("--access-key")
     token.add_argument("--public-endpoint")
     token.set_defaults(func=_token)
+
+    fault = sub.add_parser("fault", help="rehearse an outage: make a running relay refuse, drop "
+                                         "or ignore app-server connections (none heals)")
+    fault.add_argument("--server-connections", required=True,
+                       choices=["none", "refuse", "drop", "silence"])
+    fault.add_argument("--connection-string", help="default: the local development relay")
+    fault.add_argument("--port", type=int)
+    fault.add_argument("--access-key")
+    fault.set_defaults(func=_fault)
     return parser
 
 

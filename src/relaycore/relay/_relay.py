@@ -111,6 +111,8 @@ class Relay:
         self._shutting_down = False
         self._all_gone: trio.Event | None = None
         self._nursery: trio.Nursery | None = None
+        #: The fault-injection switch (``inject_fault``); ``none`` in normal operation.
+        self.fault_mode = "none"
 
     # -- public helpers ------------------------------------------------------------------------
 
@@ -265,6 +267,18 @@ class Relay:
         if self._all_gone is not None and not any(
                 isinstance(p, ClientConnection) for p in self._live):
             self._all_gone.set()
+
+    def inject_fault(self, mode: str) -> None:
+        """Make server connections fail as in an outage, to rehearse failover: ``refuse``
+        new ones (503), ``drop`` the existing ones too (no goodbye), or go ``silence``
+        (existing ones get and send nothing; new ones hang), or ``none`` to heal."""
+        log.warning("fault injection: server connections -> %s", mode)
+        self.fault_mode = mode
+        for peer in list(self._live):
+            if isinstance(peer, ServerConnection):
+                if mode == "drop":
+                    peer.abort()
+                peer.silenced = mode == "silence"
 
     # -- app servers ---------------------------------------------------------------------------
 
@@ -458,6 +472,10 @@ class Relay:
                 raise HttpError(400, "missing or malformed Sec-WebSocket-Key")
             if self._shutting_down:
                 raise HttpError(503, "the relay is shutting down")
+            if kind == "server" and self.fault_mode in ("refuse", "drop"):
+                raise HttpError(503, "server connections are refused (fault injection)")
+            if kind == "server" and self.fault_mode == "silence":
+                await trio.sleep_forever()  # a blocked port: the upgrade is never answered
             if kind == "server":
                 server_id = (request.headers.get("x-asrs-server-id")
                              or user_id_from_claims(claims) or secrets.token_hex(8))

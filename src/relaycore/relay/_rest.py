@@ -20,6 +20,11 @@ from ..protocol._auth import is_valid_group_name, wire_hub_name
 from ._http import HttpError, Request, Response, bearer_token
 from ._message import OutboundMessage
 
+#: What the fault-injection switch can do to server connections: nothing; refuse new ones
+#: (503); drop the existing ones (TCP closed, no goodbye) and refuse new ones; or go silent
+#: (existing ones get and send nothing, new ones are never answered): a blocked port.
+FAULT_MODES = ("none", "refuse", "drop", "silence")
+
 if TYPE_CHECKING:
     from ._relay import Relay
 
@@ -87,6 +92,9 @@ class RestApi:
                    operation: Operation, status: int, versioned: bool) -> Response:
         if operation is RestApi.health:
             return Response(200)
+        if operation is RestApi.faults:
+            self._authenticate(request, raw_path)
+            return await self.faults(request)
         if versioned and request.arg("api-version") is None:
             raise HttpError(400, f"missing the 'api-version' query parameter "
                                  f"(expected api-version={API_VERSION})")
@@ -122,6 +130,17 @@ class RestApi:
 
     async def health(self, call: Call) -> Response:  # answered before auth in _run
         return Response(200)
+
+    async def faults(self, request: Request) -> Response:
+        """``GET``/``PUT /api/admin/faults?serverConnections=none|refuse|drop|silence``: the
+        fault-injection switch, to rehearse a failover without touching the network."""
+        if request.method == "PUT":
+            mode = request.arg("serverConnections")
+            if mode not in FAULT_MODES:
+                raise HttpError(400, f"serverConnections must be one of {', '.join(FAULT_MODES)}, "
+                                     f"got {mode!r}")
+            self.relay.inject_fault(mode)
+        return Response.json(200, {"serverConnections": self.relay.fault_mode})
 
     async def send_to_all(self, call: Call) -> Response:
         return _sent(await self.relay.send_to_all(call.hub, _message(call.request),
@@ -300,6 +319,7 @@ _CHECK = {"HEAD", "GET"}
 #: (methods, path shape after /api/, operation, success status) for api-version 2022-06-01.
 _ROUTES: list[tuple[set[str], tuple[str, ...], Operation, int]] = [
     (_CHECK, ("health",), _R.health, 200),
+    ({"GET", "PUT"}, ("admin", "faults"), _R.faults, 200),  # type: ignore[list-item]
     ({"POST"}, ("hubs", "{hub}", ":send"), _R.send_to_all, 202),
     ({"POST"}, ("hubs", "{hub}", "users", "{user}", ":send"), _R.send_to_user, 202),
     ({"POST"}, ("hubs", "{hub}", "connections", "{connection}", ":send"),

@@ -118,7 +118,8 @@ def _claims_for_server(claims: dict[str, Any]) -> dict[str, str]:
 class ServerConnection(Peer):
     """An app server's connection to one hub of this relay."""
 
-    __slots__ = ("hub", "server_id", "connection_type", "accepting", "clients", "_parser")
+    __slots__ = ("hub", "server_id", "connection_type", "accepting", "clients", "_parser",
+                 "silenced")
 
     def __init__(
         self, relay: Relay, stream: trio.SocketStream, *, hub: str, server_id: str, now: float
@@ -132,6 +133,8 @@ class ServerConnection(Peer):
         self.accepting = True
         self.clients: dict[str, ClientConnection] = {}
         self._parser = ServiceProtocolParser(max_message_size=config.max_service_message_size)
+        #: Fault injection: while True nothing is sent or handled (a silent network).
+        self.silenced = False
 
     @property
     def carries_clients(self) -> bool:
@@ -142,6 +145,8 @@ class ServerConnection(Peer):
         )
 
     def send(self, message: Any) -> None:
+        if self.silenced:
+            return
         if self.state is ConnState.OPEN or isinstance(
             message, (ServiceHandshakeResponse, ServiceErrorMessage)
         ):
@@ -228,7 +233,15 @@ class ServerConnection(Peer):
 
     # -- inbound -------------------------------------------------------------------------------
 
+    def abort(self) -> None:
+        """Drop the connection without a goodbye (fault injection)."""
+        self._out.clear()
+        if self._scope is not None:
+            self._scope.cancel()
+
     def _handle_events(self, events: list[Any]) -> None:
+        if self.silenced:
+            return
         for event in events:
             if isinstance(event, BinaryMessage):
                 if self.state >= ConnState.CLOSING:
