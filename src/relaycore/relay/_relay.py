@@ -37,6 +37,7 @@ from ._config import RelayConfig
 from ._http import HttpConnection, HttpError, Request, Response, bearer_token
 from ._message import OutboundMessage, fan_out
 from ._peer import ConnState, Flusher, Peer, aclose_quietly
+from ._rest import RestApi
 from ._server import ClientInvocations, ServerConnection
 from ._table import ConnectionTable
 from ._upstream import Upstream, parse_rules
@@ -46,7 +47,7 @@ log = logging.getLogger("relaycore.relay")
 
 @dataclasses.dataclass
 class RelayStats:
-    """Counters the relay keeps (exported as metrics by a later layer)."""
+    """Counters the relay keeps (``relay.stats``)."""
 
     connections_opened: int = 0
     connections_closed: int = 0
@@ -105,8 +106,6 @@ class Relay:
                         get_protocol(name).write(PingMessage()))
             for name in ("json", "messagepack")
         }
-        from ._rest import RestApi  # the REST layer calls back into the relay
-
         self.rest = RestApi(self)
         self._shutting_down = False
         self._all_gone: trio.Event | None = None
