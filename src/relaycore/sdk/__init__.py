@@ -20,6 +20,11 @@ Several endpoints (regions), primary or secondary, are configured in code
 (``ServiceOptions(endpoints=[ServiceEndpoint(...), ...])``), from the environment or from a
 watched JSON/TOML file (``ServiceOptions.from_file``); an ``EndpointRouter`` subclass changes
 where clients and messages go. See ``docs/endpoints.md``.
+
+An app without server connections (serverless) uses a ``ServiceManager`` instead: negotiate,
+sends, groups, existence checks and closing connections, over REST calls (TRANSIENT) or Weak
+server connections (PERSISTENT); its clients' events reach it as upstream webhooks
+(``relaycore.sdk.upstream``). See ``docs/serverless.md``.
 """
 
 from ._asgi import NegotiateApp, UserIdProvider, default_user_id_provider
@@ -43,15 +48,35 @@ from ._hub import (
     UserGroupManager,
     hub_method,
 )
+from ._manager import (
+    ClientManager,
+    EndpointNegotiation,
+    NegotiationResponse,
+    ServiceClientProxy,
+    ServiceHubClients,
+    ServiceHubContext,
+    ServiceManager,
+    TransportType,
+)
 from ._options import EndpointType, ServiceEndpoint, ServiceOptions, default_retry_delay
+from ._restclient import (
+    RetryOptions,
+    ServiceInvalidArgumentError,
+    ServiceNotFoundError,
+    ServiceRequestError,
+    ServiceRuntimeError,
+    ServiceUnauthorizedError,
+)
 from ._router import EndpointRouter, NegotiateRequest
 from ._server import HubServer
 
 __all__ = [
     "AckTimeoutError",
+    "ClientManager",
     "ClientProxy",
     "EndpointEvents",
     "EndpointMetrics",
+    "EndpointNegotiation",
     "EndpointRouter",
     "EndpointStatusEvent",
     "EndpointType",
@@ -67,11 +92,23 @@ __all__ = [
     "NegotiateApp",
     "NegotiateError",
     "NegotiateRequest",
+    "NegotiationResponse",
+    "RetryOptions",
+    "ServiceClientProxy",
     "ServiceEndpoint",
     "ServiceError",
+    "ServiceHubClients",
+    "ServiceHubContext",
+    "ServiceInvalidArgumentError",
+    "ServiceManager",
+    "ServiceNotFoundError",
     "ServiceOptions",
+    "ServiceRequestError",
+    "ServiceRuntimeError",
+    "ServiceUnauthorizedError",
     "ServiceUnavailableError",
     "SingleClientProxy",
+    "TransportType",
     "UserGroupManager",
     "UserIdProvider",
     "default_retry_delay",

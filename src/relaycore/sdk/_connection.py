@@ -164,8 +164,10 @@ class ServiceConnection:
 
     @property
     def connection_type(self) -> ConnectionType:
-        """Default on a primary endpoint; Weak (never given clients) on a secondary one."""
-        if self.endpoint.type is EndpointType.SECONDARY:
+        """Default on a primary endpoint; Weak (never given clients) on a secondary one, and
+        on every endpoint of a server that carries no clients (``HubServer.weak_connections``:
+        the management SDK's persistent transport)."""
+        if self.endpoint.type is EndpointType.SECONDARY or self.router.server.weak_connections:
             return ConnectionType.WEAK
         return ConnectionType.DEFAULT
 

@@ -564,6 +564,10 @@ class HubServer:
     is in ``hub_endpoints(hub)``, and its changes come out of ``endpoint_events()``.
     """
 
+    #: Make every server connection Weak, so that the service binds no client to this server
+    #: (a subclass sets it: the management SDK's persistent transport only sends).
+    weak_connections: bool = False
+
     def __init__(self, options: ServiceOptions) -> None:
         self.options = options
         #: Chooses endpoints for negotiate and for messages.
@@ -1040,6 +1044,7 @@ class HubServer:
         query: str | None = None,
         headers: Mapping[str, str] | None = None,
         scope: Mapping[str, Any] | None = None,
+        endpoint: ServiceEndpoint | None = None,
     ) -> dict[str, Any]:
         """The negotiate redirect for a client of ``hub``: ``{"url", "accessToken"}``.
 
@@ -1050,7 +1055,8 @@ class HubServer:
         ``lifetime`` seconds (default ``access_token_lifetime``). ``path`` (the app's hub
         path, sent as ``asrs.op``) and ``query`` (the negotiate request's query) are appended
         to the URL as the Azure SDK does; ``headers`` and ``scope`` (the HTTP request's)
-        are only for the router (``NegotiateRequest``).
+        are only for the router (``NegotiateRequest``). ``endpoint`` (one of the hub's)
+        bypasses the router: the redirect is to that endpoint, online or not.
 
         Raises ``ServiceUnavailableError`` when no endpoint is online (or the router chose
         none), and whatever the router raises (``NegotiateError`` to refuse the request).
@@ -1065,12 +1071,15 @@ class HubServer:
             headers=dict(headers or {}),
             scope=scope,
         )
-        offered = [c.hub_endpoint for c in router.containers if c.state == ACTIVE]
-        chosen = await _resolve(self.endpoint_router.get_negotiate_endpoint(request, offered))
-        if chosen is None:
-            raise ServiceUnavailableError(
-                f"the endpoint router chose no endpoint for a client of hub {hub!r}"
-            )
+        if endpoint is None:
+            offered = [c.hub_endpoint for c in router.containers if c.state == ACTIVE]
+            chosen = await _resolve(self.endpoint_router.get_negotiate_endpoint(request, offered))
+            if chosen is None:
+                raise ServiceUnavailableError(
+                    f"the endpoint router chose no endpoint for a client of hub {hub!r}"
+                )
+        else:
+            chosen = endpoint
         endpoint = router.container_for(chosen).endpoint
         connection = endpoint.connection
         url = connection.client_url(router.wire_name)
