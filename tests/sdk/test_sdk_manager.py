@@ -441,3 +441,33 @@ def test_persistent_manager_connections_are_weak_and_never_carry_clients(backend
                 tg.cancel_scope.cancel()
 
     run(backend, scenario)
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
+    "relay: the service protocol's CloseUser/Group/ConnectionsWithAck (types 31-33) close "
+    "clients with allowReconnect=true, the REST API's :closeConnections without it"))
+def test_closing_connections_looks_the_same_to_clients_over_either_transport():
+    async def scenario():
+        async with relay_process() as relay, anyio.create_task_group() as tg:
+            seen: dict[TransportType, list[dict]] = {}
+            for transport in TRANSPORTS:
+                async with manager_for(relay.connection_string, transport) as manager:
+                    chat = await manager.create_hub_context("chat")
+                    manage = chat.client_manager
+                    seen[transport] = []
+                    for kind in ("one", "user", "group", "all"):
+                        client = await connect(chat, tg, "u")
+                        await chat.groups.add_to_group(client.connection_id, "g")
+                        if kind == "one":
+                            await manage.close_connection(client.connection_id, "r")
+                        elif kind == "user":
+                            await manage.close_user_connections("u", "r")
+                        elif kind == "group":
+                            await manage.close_group_connections("g", "r")
+                        else:
+                            await manage.close_connections("r")
+                        seen[transport].append(await closed_with(client))
+            tg.cancel_scope.cancel()
+        assert seen[TransportType.PERSISTENT] == seen[TransportType.TRANSIENT]
+
+    run("trio", scenario)
