@@ -545,3 +545,22 @@ def test_invalid_names_are_refused_before_any_request(backend):
     run(backend, scenario)
 
 
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_one_failed_user_of_several_does_not_stop_the_others(backend):
+    def answer(request: httpx.Request) -> httpx.Response:
+        if "/users/b/" in request.url.path:
+            return httpx.Response(400, json={"message": "not b"})
+        return default_answer(request)
+
+    async def scenario():
+        service = FakeService(answer)
+        manager, chat = await hub(service)
+        async with manager:
+            with pytest.raises(ServiceInvalidArgumentError, match="send to user 'b' failed"):
+                await chat.clients.users(["a", "b", "c"]).send("m", report=True)
+        assert service.calls() == [("POST", "east.example", f"/users/{u}/:send")
+                                   for u in "abc"]
+
+    run(backend, scenario)

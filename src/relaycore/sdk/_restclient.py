@@ -492,15 +492,21 @@ class RestChannel:
         recipients and a failure go to its ``CallState`` (the other endpoints' calls go on);
         outside one, a failure is raised."""
         state = current_call.get()
-        try:
-            for request in _send_requests(message):
+        errors: list[ServiceError] = []
+        for request in _send_requests(message):
+            # One failed user (group, connection) of several does not keep the others from
+            # getting the message.
+            try:
                 response = await self._run(request)
-                if state is not None and request.send and response is not None:
-                    state.recipients.append(_recipients(response))
-        except ServiceError as exc:
+            except ServiceError as exc:
+                errors.append(exc)
+                continue
+            if state is not None and request.send and response is not None:
+                state.recipients.append(_recipients(response))
+        if errors:
             if state is None:
-                raise
-            state.errors.append(exc)
+                raise errors[0]
+            state.errors.extend(errors)
 
     async def request_ack(
         self, message_for: Callable[[int], ServiceMessage], ack_id: int
@@ -713,11 +719,10 @@ class EndpointHealth:
         if online == self.online:
             return
         self.online = online
-        if not online:
-            _log.warning("endpoint %s does not answer its health probe: offline", self.endpoint)
-        else:
-            _log.info("endpoint %s answers its health probe again: online", self.endpoint)
+        _log.debug("health probe of %s: %s", self.endpoint, "online" if online else "offline")
         for container in self.containers:
+            # Logged and published per hub (ServiceOptions.on_endpoint_status), as for
+            # server connections.
             container.connection_changed()
 
 
