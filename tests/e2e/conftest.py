@@ -13,6 +13,7 @@ import secrets
 import shutil
 import subprocess
 from collections.abc import AsyncIterator, Mapping, Sequence
+from pathlib import Path
 
 import pytest
 import trio
@@ -29,7 +30,7 @@ from .harness import (
     open_rest,
     relay_env,
 )
-from .pods import PodFactory, PodProcess, pod_env
+from .pods import APP, PodFactory, PodProcess, pod_env
 
 
 @pytest.fixture
@@ -118,6 +119,8 @@ async def node_agent(node_agent_factory: NodeAgentFactory, relay: RelayProcess) 
 async def pod_factory() -> AsyncIterator[PodFactory]:
     """``await pod_factory("pod 1", relay.connection_string)`` or ``await pod_factory("pod 2",
     no_relay=True)``: a pod of ``examples/two-pods`` (see pods.py), online when returned.
+    ``app=`` runs another script with the same command line (region_app.py), ``env=`` adds
+    to its environment.
     Every pod is stopped (SIGTERM, clean exit insisted on) at teardown, unless it was killed.
     Skipped (failed under CI) without fastapi and uvicorn (the dev extra)."""
     missing = [m for m in ("fastapi", "uvicorn") if importlib.util.find_spec(m) is None]
@@ -130,8 +133,9 @@ async def pod_factory() -> AsyncIterator[PodFactory]:
     async with trio.open_nursery() as nursery:
 
         async def start(name: str, connection_string: str | None = None, *,
-                        no_relay: bool = False) -> PodProcess:
-            pod = PodProcess(name, pod_env(connection_string))
+                        no_relay: bool = False, app: Path | None = None,
+                        env: Mapping[str, str] | None = None) -> PodProcess:
+            pod = PodProcess(name, {**pod_env(connection_string), **(env or {})}, app or APP)
             pods.append(pod)
             await pod.start(nursery, no_relay=no_relay)
             return pod

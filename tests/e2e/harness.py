@@ -221,6 +221,17 @@ class RelayProcess:
         if self.process is not None and self.process.returncode is None:
             self.process.kill()
 
+    async def crash(self, timeout: float = WAIT) -> None:
+        """SIGKILL, as a crash (the kernel closes its sockets), and wait until it is dead; its
+        teardown then does not insist on a clean exit."""
+        process = self.process
+        assert process is not None
+        self.stopped = True
+        self.kill()
+        await self.changes.wait_for(lambda: process.returncode is not None,
+                                    what="the killed relay to exit", describe=self.describe,
+                                    timeout=timeout)
+
 
 def relay_env(overrides: Mapping[str, str] | None) -> dict[str, str]:
     env = dict(os.environ)

@@ -35,9 +35,11 @@ _RUNNING = re.compile(rb"Uvicorn running on http://([\d.]+):(\d+)")
 class PodProcess:
     """One pod (a uvicorn process serving the example app)."""
 
-    def __init__(self, name: str, env: Mapping[str, str]) -> None:
+    def __init__(self, name: str, env: Mapping[str, str], app: Path = APP) -> None:
         self.name = name
         self.env = dict(env)
+        #: The app server script (another than the example's: a test-only one, same CLI).
+        self.app = app
         self.host = "127.0.0.1"
         self.port = 0
         self.lines: list[str] = []
@@ -85,12 +87,12 @@ class PodProcess:
         self.changes.notify()
 
     async def start(self, nursery: trio.Nursery, *, no_relay: bool = False) -> None:
-        cmd = [sys.executable, str(APP), "--name", self.name, "--port", "0"]
+        cmd = [sys.executable, str(self.app), "--name", self.name, "--port", "0"]
         if no_relay:
             cmd.append("--no-relay")
         self.process = await trio.lowlevel.open_process(
             cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            env=self.env, cwd=str(EXAMPLE_DIR), start_new_session=True)
+            env=self.env, cwd=str(self.app.parent), start_new_session=True)
         assert self.process.stdout is not None and self.process.stderr is not None
         nursery.start_soon(self._pump, self.process.stdout)
         nursery.start_soon(self._pump, self.process.stderr)
