@@ -331,10 +331,6 @@ def test_connection_strings_of_the_readme_parse() -> None:
 # -- images -------------------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "relaycore.relay imports httpx (relay/_upstream.py) at import time but pyproject.toml "
-    "does not declare it: the relay image (deploy/Dockerfile installs the wheel and its "
-    "declared dependencies only) cannot start"))
 def test_the_relay_imports_with_its_declared_dependencies_only() -> None:
     """Block every package of the ``dev`` extra that is not a declared dependency, then
     import what the relay image runs."""
