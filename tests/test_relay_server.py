@@ -464,3 +464,24 @@ async def test_fault_injection_refuses_drops_silences_and_heals(relay, app_serve
         while (await healed.next(ServicePing, skip_pings=False)).get(PingKey.STATUS) is None:
             pass  # pings queued before the fault may still arrive; a status reply must not
     await set_fault("none")
+
+
+async def test_status_says_whether_the_hub_has_clients_whichever_server_holds_them(
+        relay, app_server, raw_client):
+    holder = await app_server(relay, server_id="holder")
+    other = await app_server(relay, server_id="other", connection_type=ConnectionType.WEAK)
+
+    async def status(server):
+        await server.send(ServicePing.of(status="1"))
+        reply = await server.next(ServicePing, skip_pings=False)
+        while reply.get(PingKey.STATUS) is None:
+            reply = await server.next(ServicePing, skip_pings=False)
+        return reply.get(PingKey.STATUS)
+
+    assert await status(other) == "0"
+    client, _ = await bind_client(relay, holder, raw_client)
+    # An app server removing this endpoint keeps sending until no client could miss it.
+    assert await status(other) == "1"
+    await client.ws.aclose()
+    await holder.next(CloseConnectionMessage)
+    assert await status(other) == "0"

@@ -300,13 +300,20 @@ class ServerConnection(Peer):
     def _ack(self, ack_id: int, ok: bool, message: str = "") -> None:
         self.send(ServiceAckMessage(ack_id, AckStatus.OK if ok else AckStatus.NOT_FOUND, message))
 
+    def _hub_has_clients(self) -> bool:
+        """The ``status`` answer: whether this hub still has clients on this relay, whichever
+        app server they are bound to. An app server removing this endpoint waits for "0", so
+        it keeps sending here until no client of the hub could miss its messages."""
+        shard = self._shard()
+        return bool(shard.connections) or any(s.clients for s in shard.servers)
+
     def _on_ping(self, ping: ServicePing) -> None:
         status = ping.get(PingKey.STATUS)
         if status is not None:
             self.send(
                 ServicePing.of(
                     {
-                        PingKey.STATUS: "1" if self.clients else "0",
+                        PingKey.STATUS: "1" if self._hub_has_clients() else "0",
                         **self.relay.hub_metrics(self.hub),
                     }
                 )
