@@ -152,10 +152,11 @@ async def test_a_send_to_a_user_who_went_offline_reports_zero_recipients(
     async with hub_context(relay, transport) as chat:
         await connect(node_agent, chat, "carol", "carol", "json")
         assert await chat.clients.user("carol").send("m", "online?", report=True) == 1
+        assert [m.args for m in await node_agent.wait_messages("carol", 1)] == [["online?"]]
+        node_agent.take("carol")
         await node_agent.stop("carol")
         # stop() resolves without waiting for the relay to read the close: ask until it did.
         with trio.fail_after(WAIT):
             while await chat.client_manager.user_exists("carol"):
                 await trio.sleep(0.02)
         assert await chat.clients.user("carol").send("m", "anyone?", report=True) == 0
-        assert [m.args for m in node_agent.take("carol")] == [["online?"]]

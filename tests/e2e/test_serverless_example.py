@@ -70,6 +70,10 @@ async def test_example_chat_round_trip_with_the_node_client(
         # redirects to the relay.
         await node_agent.connect(name, f"{app.url}/api?user={user}", None,
                                  methods=["newMessage", "system"])
+    await node_agent.wait_for(
+        lambda: ("system", ["bob joined"]) in [(m.method, m.args)
+                                               for m in node_agent.messages["alice"]],
+        what="alice told that bob joined")
     result = await node_agent.invoke("alice", "broadcast", "hello from node")
     assert result == {"delivered": 2}
     for name in ("alice", "bob"):
@@ -77,10 +81,6 @@ async def test_example_chat_round_trip_with_the_node_client(
             lambda n=name: ("newMessage", ["alice", "hello from node"]) in [
                 (m.method, m.args) for m in node_agent.messages.get(n, [])],
             what=f"the broadcast on {name}")
-    await node_agent.wait_for(
-        lambda: ("system", ["bob joined"]) in [(m.method, m.args)
-                                               for m in node_agent.messages["alice"]],
-        what="alice told that bob joined")
     await node_agent.stop("bob")
     await node_agent.wait_for(
         lambda: ("system", ["bob left"]) in [(m.method, m.args)

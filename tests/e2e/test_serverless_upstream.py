@@ -130,6 +130,10 @@ async def test_upstream_gets_signed_events_and_invocation_results_come_back(
         await agent.stop("b")
         await upstream.wait_for(lambda: len(upstream.events("disconnected")) == 1,
                                 what="b's disconnected event")
+        # A call is recorded once answered: the last broadcast may still be finishing.
+        await upstream.wait_for(lambda: len([c for c in upstream.calls
+                                             if c.category == "messages"]) == 5,
+                                what="the five invocations")
     finally:
         await manager.aclose()
 
