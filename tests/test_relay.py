@@ -313,7 +313,8 @@ async def test_rest_close_connection_sends_close_message_with_reason(relay, rest
                         params={"reason": "bye now"})
     assert r.status_code == 200
     with trio.fail_after(3):
-        assert await client.next_message() == {"type": 7, "error": "bye now"}
+        assert await client.next_message() == {"type": 7, "error": "bye now",
+                                               "allowReconnect": True}
 
 
 async def test_rest_v1_routes_send_to_application_prefixed_hub(relay, connect):
@@ -439,3 +440,9 @@ async def test_slow_consumer_is_closed_and_counted_while_others_get_everything(n
     assert not await relay.user_exists("chat", "stalled")
     await assert_still_receives(Rest(relay), healthy)
     await stalled.aclose()
+
+
+async def test_rest_body_far_over_the_limit_gets_413_not_a_reset(relay, rest):
+    r = await rest.call("POST", "/api/hubs/chat/:send", content=b"x" * (16 << 20),
+                        headers={"Content-Type": "application/json"})
+    assert r.status_code == 413 and "2048" in r.json()["message"]

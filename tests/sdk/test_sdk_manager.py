@@ -443,9 +443,6 @@ def test_persistent_manager_connections_are_weak_and_never_carry_clients(backend
     run(backend, scenario)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "relay: the service protocol's CloseUser/Group/ConnectionsWithAck (types 31-33) close "
-    "clients with allowReconnect=true, the REST API's :closeConnections without it"))
 def test_closing_connections_looks_the_same_to_clients_over_either_transport():
     async def scenario():
         async with relay_process() as relay, anyio.create_task_group() as tg:

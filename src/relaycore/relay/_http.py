@@ -188,6 +188,23 @@ class HttpConnection:
         trailing, _closed = self.conn.trailing_data
         return bytes(trailing)
 
+    async def linger(self, *, max_bytes: int, timeout: float = 2.0) -> None:
+        """After an error answer that closes the connection: stop sending, then read and
+        drop what the client is still sending (a refused body), up to ``max_bytes`` and
+        ``timeout``, so that closing does not reset the connection before the client has
+        read the answer."""
+        with trio.move_on_after(timeout):
+            try:
+                await self.stream.send_eof()  # type: ignore[attr-defined]
+                received = 0
+                while received < max_bytes:
+                    data = await self.stream.receive_some(_READ_SIZE)
+                    if not data:
+                        return
+                    received += len(data)
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                return
+
     def can_continue(self) -> bool:
         """True when the connection may carry another request (HTTP keep-alive)."""
         if self.conn.our_state is h11.DONE and self.conn.their_state is h11.DONE:

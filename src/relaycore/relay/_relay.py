@@ -210,7 +210,7 @@ class Relay:
         conn = self._connection(hub, connection_id)
         if conn is None:
             return False
-        conn.close(reason)
+        self._close_each((conn,), reason)
         return True
 
     async def close_all_connections(self, hub: str, reason: str | None = None,
@@ -240,9 +240,12 @@ class Relay:
 
     @staticmethod
     def _close_each(targets: Iterable[Any], reason: str | None) -> int:
+        """Close connections as an operation (REST, library or service protocol alike): a
+        Close message with the reason and ``allowReconnect`` (as Microsoft's emulator does;
+        the app's negotiate decides whether the client may come back)."""
         count = 0
         for conn in list(targets):
-            conn.close(reason)
+            conn.close(reason, allow_reconnect=True)
             count += 1
         return count
 
@@ -396,6 +399,7 @@ class Relay:
             except HttpError as exc:
                 await http.send_response(self._with_cors(request, Response.error(exc)),
                                          close=True)
+                await http.linger(max_bytes=4 * self.config.max_request_body)
                 return None
             await http.send_response(self._with_cors(request, response))
             if not http.can_continue():

@@ -341,8 +341,8 @@ class ServerConnection(Peer):
             client.close_from_server(message.error_message or None)
         else:  # a client of another server connection: close it as an operation
             conn = self.relay._connection(self.hub, message.connection_id)
-            if conn is not None:
-                conn.close(message.error_message or None)
+            self.relay._close_each(() if conn is None else (conn,),
+                                   message.error_message or None)
 
     def _send(self, targets: Any, payloads: dict[str, bytes]) -> None:
         self.relay._deliver(targets, OutboundMessage(payloads=payloads))
@@ -412,10 +412,6 @@ class ServerConnection(Peer):
             shard.remove_user_from_group(user_id, group)
         self.relay.table.prune(self.hub)
 
-    def _close_each(self, targets: Any, reason: str | None) -> None:
-        for conn in list(targets):
-            conn.close(reason, allow_reconnect=True)
-
     def _on_client_invocation(self, m: ClientInvocationMessage) -> None:
         self.relay.invocations.invoke(self, m)
 
@@ -424,26 +420,25 @@ class ServerConnection(Peer):
 
 
 def _close_connections(s: ServerConnection, m: CloseConnectionsWithAckMessage) -> None:
-    s._close_each(s._shard().all_targets(m.excluded_connection_ids), m.reason)
+    s.relay._close_each(s._shard().all_targets(m.excluded_connection_ids), m.reason)
     s._ack(m.ack_id, True)
 
 
 def _close_user(s: ServerConnection, m: CloseUserConnectionsWithAckMessage) -> None:
     excluded = set(m.excluded_connection_ids)
     targets = [c for c in s._shard().user_targets(m.user_id) if c.id not in excluded]
-    s._close_each(targets, m.reason)
+    s.relay._close_each(targets, m.reason)
     s._ack(m.ack_id, True)
 
 
 def _close_group(s: ServerConnection, m: CloseGroupConnectionsWithAckMessage) -> None:
-    s._close_each(s._shard().group_targets(m.group_name, m.excluded_connection_ids), m.reason)
+    s.relay._close_each(s._shard().group_targets(m.group_name, m.excluded_connection_ids), m.reason)
     s._ack(m.ack_id, True)
 
 
 def _close_one(s: ServerConnection, m: CloseConnectionWithAckMessage) -> None:
     conn = s.relay._connection(s.hub, m.connection_id)
-    if conn is not None:
-        conn.close(m.reason, allow_reconnect=True)
+    s.relay._close_each(() if conn is None else (conn,), m.reason)
     s._ack(m.ack_id, conn is not None)
 
 
