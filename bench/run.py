@@ -52,7 +52,7 @@ from loadgen.adapters import (  # noqa: E402
     SocketIOAdapter,
 )
 from loadgen.core import Generator, PublisherThread, cpu_seconds, rss_bytes  # noqa: E402
-from loadgen.wsclient import HAVE_PICOWS, default_backend  # noqa: E402
+from loadgen.wsclient import default_backend  # noqa: E402
 
 from relaycore import __version__ as RELAYCORE_VERSION  # noqa: E402
 from relaycore._accel import ACCELERATED  # noqa: E402
@@ -239,7 +239,8 @@ def show(step: dict[str, Any]) -> None:
           f"p50 {step['p50_ms'] or 0:7.2f}  p99 {p99 if p99 is not None else float('nan'):7.2f}"
           f"  max {step['max_ms'] or 0:7.1f} ms  target {step['target_cpu_percent']:3.0f}% "
           f"{step['target_cpu_s_per_1M_deliveries'] or 0:5.2f} CPU-s/1M  "
-          f"gen {step['generator_cpu_percent']:3.0f}% (late {step['publisher_behind_max_ms']:.0f} ms)"
+          f"gen {step['generator_cpu_percent']:3.0f}% "
+          f"(late {step['publisher_behind_max_ms']:.0f} ms)"
           f" other {step['foreign_cpu_percent']:3.0f}%"
           f"{' GEN-BOUND' if step['generator_bound'] else ''}"
           f"{'' if passes(step) else '  (fails p99/reach)'}", flush=True)
@@ -423,13 +424,13 @@ async def s4_targeted(ctx: Context, target: Target, running: Running) -> None:
             ids = list(app.clients)
             users = [f"u{i}" for i in range(total)]
 
-            def to_connection(i: int, text: str) -> None:
+            def to_connection(i: int, text: str, ids: list[str] = ids) -> None:
                 app.conn.send_binary(write_service_message(ConnectionDataMessage(
                     ids[(i * 7919) % len(ids)],
                     b'{"type":1,"target":"t","arguments":["%s"]}\x1e' % text.encode())))
 
-            def to_user(i: int, text: str) -> None:
-                app.send_to_user(users[(i * 7919) % total], text)
+            def to_user(i: int, text: str, users: list[str] = users) -> None:
+                app.send_to_user(users[(i * 7919) % len(users)], text)
 
             for variant, send in (("connection", to_connection), ("user", to_user)):
                 label = {"scenario": "S4", "target": target.name, "run": ctx.run,
@@ -586,7 +587,8 @@ def best_of_ladders(records: list[dict[str, Any]], scenario: str,
             best = good[-1] if good else None
             above = [s for s in steps if best is None
                      or s["offered_deliveries_per_s"] > best["offered_deliveries_per_s"]]
-            bound = bool((best and best["generator_bound"]) or (above and above[0]["generator_bound"]))
+            bound = bool((best and best["generator_bound"])
+                         or (above and above[0]["generator_bound"]))
             bests.append((best["offered_deliveries_per_s"] if best else 0.0, best, bound,
                           not above))
         values = [b[0] for b in bests]
@@ -622,72 +624,68 @@ def markdown(facts: dict[str, Any], records: list[dict[str, Any]]) -> str:
               "the first failing one, so the figure is a floor for the target. "
               "≥: the highest offered rate passed (the ladder ended before the target failed).")
 
-    s2 = best_of_ladders(records, "S2")
-    cap2 = best_of_ladders(records, "S2", capacity_ok)
-    if s2:
-        lines += ["### S2: broadcast to 1,000 subscribers (highest offered deliveries/s with "
-                  f"p99 ≤ {P99_BOUND_MS:g} ms and reach 1.0)", "",
-                  "| target | payload | deliveries/s | p99 there | target CPU-s per 1M "
-                  "deliveries | RSS per connection | relaycore ÷ target | Azure units per core "
-                  "| capacity: reach 1.0, p99 ≤ 50 ms | relaycore ÷ target (capacity) |",
-                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-        for (target, _variant, payload), b in sorted(s2.items(), key=lambda kv: (kv[0][2],
-                                                                                  -kv[1]["median"])):
-            rel = s2.get(("relaycore", "server", payload))
-            ratio = (f"{rel['median'] / b['median']:.2f}×" if rel and b["median"] and
-                     target != "relaycore" else "")
-            step = b["step"] or {}
-            cpu = step.get("target_cpu_s_per_1M_deliveries")
-            p99 = step.get("p99_ms")
-            rss = step.get("rss_per_connection")
-            units = f"{b['median'] / 2000:,.0f}" if payload >= 2048 else ""
-            cap = cap2.get((target, _variant, payload))
-            rel_cap = cap2.get(("relaycore", "server", payload))
-            cap_text = "–"
-            if cap:
-                cap_step = cap["step"] or {}
-                cap_text = _fmt_best(cap) + (f" (p99 {cap_step['p99_ms']:.0f} ms)"
-                                             if cap_step else "")
-            cap_ratio = (f"{rel_cap['median'] / cap['median']:.2f}×" if cap and rel_cap
-                         and cap["median"] and target != "relaycore" else "")
-            lines.append(f"| {target} | {payload} B | {_fmt_best(b)} | "
-                         f"{f'{p99:.1f} ms' if p99 is not None else '–'} | "
-                         f"{f'{cpu:.2f}' if cpu else '–'} | "
-                         f"{f'{rss / 1024:,.1f} KB' if rss else '–'} | {ratio} | {units} | "
-                         f"{cap_text} | {cap_ratio} |")
-        lines += ["", "Azure units per core = deliveries/s ÷ 2,000 (2 KB only). " + legend, ""]
-
     for scenario, title, unit in (
-            ("S1", "S1: echo, 1,000 clients (highest offered echoes/s with p99 ≤ 10 ms and "
-                   "reach 1.0)", "echoes/s"),
-            ("S3", "S3: small groups, 5,000 connections in groups of 10 (highest offered "
-                   "deliveries/s with p99 ≤ 10 ms and reach 1.0)", "deliveries/s"),
-            ("S8", "S8: relaycore broadcast through the REST API (1,000 subscribers)",
-             "deliveries/s")):
-        best = best_of_ladders(records, scenario)
-        if not best:
+            ("S2", "S2: broadcast to 1,000 subscribers", "deliveries/s"),
+            ("S8", "S8: relaycore broadcast through the REST API beside the server connection "
+                   "(1,000 subscribers)", "deliveries/s"),
+            ("S1", "S1: echo, 1,000 clients", "echoes/s"),
+            ("S3", "S3: small groups, 5,000 connections in groups of 10", "deliveries/s")):
+        strict = best_of_ladders(records, scenario)
+        cap = best_of_ladders(records, scenario, capacity_ok)
+        if scenario == "S8":  # the server-connection rows of S2, for the comparison
+            strict.update({k: v for k, v in best_of_ladders(records, "S2").items()
+                           if k[0] == "relaycore"})
+            cap.update({k: v for k, v in best_of_ladders(records, "S2", capacity_ok).items()
+                        if k[0] == "relaycore"})
+        if not cap:
             continue
-        lines += [f"### {title}", "", f"| target | variant | payload | {unit} | p99 there | "
-                  f"target CPU-s per 1M | relaycore ÷ target |" + (
-                      " Azure units per core |" if scenario == "S1" else ""),
-                  "|---|---|---:|---:|---:|---:|---:|" + ("---:|" if scenario == "S1" else "")]
-        for (target, variant, payload), b in sorted(best.items(),
-                                                    key=lambda kv: (kv[0][2], -kv[1]["median"])):
-            rel = next((v for (t, _, p), v in best.items() if t == "relaycore" and p == payload),
-                       None)
-            ratio = (f"{rel['median'] / b['median']:.2f}×" if rel and b["median"]
-                     and target != "relaycore" else "")
-            step = b["step"] or {}
-            cpu = step.get("target_cpu_s_per_1M_deliveries")
+        low = {}
+        for rec in records:
+            if rec.get("scenario") in (scenario, "S2" if scenario == "S8" else scenario) and \
+                    rec.get("p99_ms") is not None and "offered_deliveries_per_s" in rec:
+                key = (rec["target"], rec.get("variant", ""), rec["payload"])
+                if key in cap and (key not in low or rec["offered_deliveries_per_s"]
+                                   < low[key]["offered_deliveries_per_s"]):
+                    low[key] = rec
+        units_col = scenario in ("S1", "S2")
+        lines += [f"### {title}", "",
+                  f"| target | variant | payload | {unit} with p99 ≤ {P99_BOUND_MS:g} ms | "
+                  f"capacity: {unit} with p99 ≤ {CAPACITY_P99_MS:g} ms | p99 there | target "
+                  "CPU-s per 1M there | relaycore ÷ target (capacity) | lowest rate: p99 |"
+                  + (" Azure units per core |" if units_col else "")
+                  + (" RSS per connection |" if scenario == "S2" else ""),
+                  "|---|---|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" if units_col else "")
+                  + ("---:|" if scenario == "S2" else "")]
+        for key, c in sorted(cap.items(), key=lambda kv: (kv[0][2], -kv[1]["median"])):
+            target, variant, payload = key
+            st = strict.get(key)
+            rel = next((v for (t, var, p), v in cap.items() if t == "relaycore" and p == payload
+                        and var in ("server", "app server", "")), None)
+            ratio = (f"{rel['median'] / c['median']:.2f}×" if rel and c["median"]
+                     and target != "relaycore" else ("n/a (peer 0)" if target != "relaycore"
+                                                     and rel else ""))
+            step = c["step"] or {}
             p99 = step.get("p99_ms")
-            row = (f"| {target} | {variant} | {payload} B | {_fmt_best(b)} | "
-                   f"{f'{p99:.1f} ms' if p99 is not None else '–'} | "
-                   f"{f'{cpu:.2f}' if cpu else '–'} | {ratio} |")
-            if scenario == "S1":
-                row += f" {b['median'] / 1000:,.0f} |"
+            cpu = step.get("target_cpu_s_per_1M_deliveries")
+            lo = low.get(key)
+            lo_text = (f"{_rate(lo['offered_deliveries_per_s'])}/s: {lo['p99_ms']:.1f} ms"
+                       if lo else "–")
+            row = (f"| {target} | {variant} | {payload} B | {_fmt_best(st) if st else '–'} | "
+                   f"{_fmt_best(c)} | {f'{p99:.1f} ms' if p99 is not None else '–'} | "
+                   f"{f'{cpu:.2f}' if cpu else '–'} | {ratio} | {lo_text} |")
+            if units_col:
+                per = 2000 if scenario == "S2" else 1000
+                row += (f" {c['median'] / per:,.0f} |" if scenario == "S1" or payload >= 2048
+                        else " |")
+            if scenario == "S2":
+                rss = next((r.get("rss_per_connection") for r in records
+                            if r.get("scenario") == "S2" and r["target"] == target
+                            and r.get("rss_per_connection")), None)
+                row += f" {rss / 1024:,.1f} KB |" if rss else " – |"
             lines.append(row)
-        lines += ["", legend + (" Azure units per core = echoes/s ÷ 1,000." if scenario == "S1"
-                                else ""), ""]
+        lines += ["", legend + (" Azure units per core: deliveries/s ÷ 2,000 at 2 KB." if
+                                scenario == "S2" else " Azure units per core: echoes/s ÷ 1,000."
+                                if scenario == "S1" else ""), ""]
 
     s4 = [r for r in records if r.get("scenario") == "S4"]
     if s4:
@@ -859,8 +857,15 @@ def main() -> None:
                              "the committed HEAD")
     parser.add_argument("--backend", choices=["picows", "own"], default=default_backend())
     parser.add_argument("--out", help="result file stem (default bench/results/<date>-<commit>)")
+    parser.add_argument("--report", help="rebuild the Markdown tables from a result JSON file")
     args = parser.parse_args()
 
+    if args.report:
+        data = json.loads(Path(args.report).read_text())
+        table = markdown(data, data["records"])
+        Path(args.report).with_suffix(".md").write_text(table + "\n")
+        print(table)
+        return
     if args.smoke:
         args.runs = 1
         args.duration, args.grace, args.idle_seconds = 0.3, 2.0, 0.3
@@ -892,11 +897,13 @@ def main() -> None:
              "generator": f"loadgen on {'uvloop' if _uvloop() else 'asyncio'} + "
                           f"{args.backend}, CPython {platform.python_version()}, pinned to CPU 1;"
                           " targets pinned to CPU 0",
-             "runs": args.runs, "other_runs": args.runs if args.other_runs is None else args.other_runs,
+             "runs": args.runs,
+             "other_runs": args.runs if args.other_runs is None else args.other_runs,
              "accelerated": ACCELERATED,
              "versions": {t.name: t.version() for t in targets},
              "skipped": skipped, "command": " ".join(["python", "bench/run.py", *sys.argv[1:]]),
-             "p99_bound_ms": P99_BOUND_MS, "relay_variant": args.relay_variant, "send_buffer_limit": SEND_BUFFER_LIMIT}
+             "p99_bound_ms": P99_BOUND_MS, "relay_variant": args.relay_variant,
+             "send_buffer_limit": SEND_BUFFER_LIMIT}
     print(f"relaycore side-by-side benchmark: commit {commit}, {facts['machine']}, "
           f"Python {platform.python_version()}, accelerated={ACCELERATED}, "
           f"generator {facts['generator']}", flush=True)

@@ -100,7 +100,7 @@ def _set_ready(conn: Any, error: str | None = None) -> None:
 class SignalRAdapter(Adapter):
     name = "signalr"
     needs_keepalive = True
-    keepalive_interval = 10.0  # the relay's client timeout is 30 s
+    keepalive_interval = 15.0  # as the SignalR clients (the relay times a client out at 30 s)
 
     def __init__(self, hub: str = "bench", protocol: str = "json",
                  key: str = ACCESS_KEY) -> None:

@@ -155,7 +155,7 @@ async def _schedule(send: Callable[[int, str], None], rate: float, count: int, s
             sent += 1
         delay = start + sent / rate - time.perf_counter()
         if sent < count:
-            await asyncio.sleep(max(delay, 0.0002))
+            await asyncio.sleep(max(delay, 0.001))  # libuv timers tick in whole ms
     return behind_max
 
 
