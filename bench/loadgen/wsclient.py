@@ -80,6 +80,7 @@ class OwnConnection(asyncio.Protocol, _ConnMixin):
         self.closed = True
         if not self._opened.done():
             self._opened.set_exception(ConnectionError(f"closed during the upgrade: {exc}"))
+            self._opened.exception()  # retrieved: nobody may be waiting any more (churn)
         self.sink.on_closed(self)
 
     def data_received(self, data: bytes) -> None:
