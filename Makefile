@@ -41,10 +41,13 @@ test-pure: $(STAMP) $(NODE_MODULES)
 bench: $(STAMP)
 	$(PY) -m pytest bench/bench_fastpath.py --benchmark-only -q
 	$(PY) bench/fanout.py
+	sh bench/peers/setup.sh
+	$(PY) bench/run.py
 
 bench-smoke: $(STAMP)
 	$(PY) -m pytest bench/bench_fastpath.py --benchmark-disable -q
 	$(PY) bench/fanout.py --smoke
+	$(PY) bench/run.py --smoke
 
 lint: $(STAMP)
 	$(PY) -m ruff check src tests bench
