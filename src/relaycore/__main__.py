@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import signal
 import sys
 import time
@@ -24,10 +25,16 @@ def _serve(args: argparse.Namespace) -> int:
             "public_endpoint": args.public_endpoint, "log_level": args.log_level,
             "upstreams": args.upstream, "service_mode": args.service_mode,
             "capacity": args.capacity,
+            # the CLI owns its process: tune the collector unless RELAYCORE_TUNE_GC says no
+            "tune_gc": None if "RELAYCORE_TUNE_GC" in os.environ else True,
         })
     except (ValueError, OSError) as exc:
         print(f"relaycore: bad configuration: {exc}", file=sys.stderr)
         return 2
+    if config.tune_gc:
+        import gc
+
+        gc.set_threshold(50_000, 50, 1000)
     logging.basicConfig(level=config.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 

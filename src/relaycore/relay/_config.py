@@ -83,6 +83,11 @@ class RelayConfig:
     #: Origins allowed for browser CORS requests; ``["*"]`` echoes any Origin.
     cors_origins: list[str] = dataclasses.field(default_factory=lambda: ["*"])
     log_level: str = "INFO"
+    #: Tune the garbage collector for many long-lived connections: a larger first-generation
+    #: threshold, and the connections' objects frozen out of the collector as they grow in
+    #: number. Process-wide, so off for a relay embedded in another program; the CLI turns
+    #: it on.
+    tune_gc: bool = False
 
     def __post_init__(self) -> None:
         if not self.access_keys or not all(self.access_keys):
