@@ -3,13 +3,24 @@
 from __future__ import annotations
 
 import json
+import os
 import time
+from pathlib import Path
+from typing import Any
 
 import trio
 
 from relaycore.protocol._auth import generate_access_token
 
 KEY = "test-access-key-for-the-relay-suite"
+
+
+def load_vectors(name: str) -> dict[str, Any]:
+    """A file of the shared byte vectors (``RELAYCORE_VECTORS_DIR``, else ``shared/vectors``
+    beside the repository)."""
+    folder = os.environ.get("RELAYCORE_VECTORS_DIR") or (
+        Path(__file__).resolve().parents[1].parent / "shared" / "vectors")
+    return json.loads((Path(folder) / name).read_text(encoding="utf-8"))
 RS = "\x1e"
 
 

@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import datetime
 import json
-import os
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import msgpack
@@ -47,19 +45,9 @@ from relaycore.protocol._hub import (
     write_handshake_request,
     write_handshake_response,
 )
+from relayhelpers import load_vectors
 
-
-def _vectors_dir() -> Path:
-    override = os.environ.get("RELAYCORE_VECTORS_DIR")
-    if override:
-        return Path(override)
-    # The repository is checked out next to shared/.
-    return Path(__file__).resolve().parents[1].parent / "shared" / "vectors"
-
-
-VECTORS: dict[str, Any] = json.loads(
-    (_vectors_dir() / "hub-protocol.json").read_text(encoding="utf-8")
-)
+VECTORS: dict[str, Any] = load_vectors("hub-protocol.json")
 
 JSON = JsonHubProtocol()
 MSGPACK = MessagePackHubProtocol()

@@ -9,9 +9,6 @@ back is the current form, which must parse to the same message.
 
 from __future__ import annotations
 
-import json
-import os
-from pathlib import Path
 from typing import Any
 
 import msgpack
@@ -79,19 +76,9 @@ from relaycore.protocol._service import (
     write_message,
     write_messages,
 )
+from relayhelpers import load_vectors
 
-
-def _vectors_dir() -> Path:
-    override = os.environ.get("RELAYCORE_VECTORS_DIR")
-    if override:
-        return Path(override)
-    # The repository is checked out next to shared/.
-    return Path(__file__).resolve().parents[1].parent / "shared" / "vectors"
-
-
-VECTORS: dict[str, Any] = json.loads(
-    (_vectors_dir() / "service-protocol.json").read_text(encoding="utf-8")
-)
+VECTORS: dict[str, Any] = load_vectors("service-protocol.json")
 ALL = VECTORS["vectors"]
 CURRENT = [v for v in ALL if v["id"].startswith("current-")]
 COMPAT = [v for v in ALL if v["id"].startswith("compat-")]
