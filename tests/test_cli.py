@@ -75,3 +75,15 @@ def test_config_rejects_unknown_toml_key(tmp_path):
     path.write_text("prot = 1\n")
     with pytest.raises(ValueError, match="prot"):
         RelayConfig.load(toml_path=str(path), env={})
+
+
+def test_the_documented_configuration_file_loads(tmp_path):
+    import re
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "configuration.md").read_text()
+    path = tmp_path / "relay.toml"
+    path.write_text(re.search(r"```toml\n(.*?)```", doc, re.S).group(1))
+    config = RelayConfig.load(toml_path=str(path), env={})
+    assert config.access_keys == ["primary-key", "secondary-key"]
+    assert config.upstreams[0]["category_pattern"] == "connections,messages"
