@@ -98,14 +98,18 @@ def _tail(lines: Sequence[str], count: int = 60) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# The relay
+# A server process watched by its output
 
 
-class RelayProcess:
-    """A ``python -m relaycore serve`` subprocess."""
+class WatchedProcess:
+    """A server subprocess whose stdout and stderr are read line by line (kept for failure
+    messages) and whose listening address is read from the line ``listening`` matches."""
 
-    def __init__(self, access_key: str, env: Mapping[str, str]) -> None:
-        self.access_key = access_key
+    #: Matches the line that gives the listening address: (host, port) groups.
+    listening: re.Pattern[bytes]
+
+    def __init__(self, label: str, env: Mapping[str, str]) -> None:
+        self.label = label
         self.env = dict(env)
         self.host = "127.0.0.1"
         self.port = 0
@@ -114,6 +118,71 @@ class RelayProcess:
         self.process: trio.Process | None = None
         self.stopped = False
         self._pumps_done = 0
+
+    def output(self) -> str:
+        return _tail(self.lines)
+
+    def describe(self) -> str:
+        state = "running"
+        if self.process is not None and self.process.returncode is not None:
+            state = f"exited with {self.process.returncode}"
+        return f"--- {self.label} on port {self.port} ({state}); its output:\n{self.output()}"
+
+    def _on_line(self, raw: bytes) -> None:
+        self.lines.append(raw.decode("utf-8", "replace").rstrip("\r"))
+        if not self.port:
+            match = self.listening.search(raw)
+            if match:
+                self.host = match.group(1).decode()
+                self.port = int(match.group(2))
+        self.changes.notify()
+
+    async def _pump(self, stream: trio.abc.ReceiveStream) -> None:
+        await _pump_lines(stream, self._on_line)
+        self._pumps_done += 1
+        self.changes.notify()
+
+    async def _watch_exit(self) -> None:
+        assert self.process is not None
+        await self.process.wait()
+        self.changes.notify()
+
+    async def _launch(self, nursery: trio.Nursery, cmd: Sequence[str], what: str,
+                      **popen: Any) -> None:
+        """Start ``cmd`` and wait (30 s at most) for its listening line, ``what``."""
+        self.process = await trio.lowlevel.open_process(
+            list(cmd), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, env=self.env, **popen)
+        assert self.process.stdout is not None and self.process.stderr is not None
+        nursery.start_soon(self._pump, self.process.stdout)
+        nursery.start_soon(self._pump, self.process.stderr)
+        nursery.start_soon(self._watch_exit)
+        process = self.process
+        await self.changes.wait_for(
+            lambda: bool(self.port) or process.returncode is not None,
+            what=what, describe=self.describe, timeout=30)
+        if not self.port:
+            self.stopped = True  # nothing to stop; this is the failure to report
+            raise AssertionError(f"{self.label} did not start\n{self.describe()}")
+
+    async def _wait_last_output(self) -> None:
+        """Let the pumps read the last lines before the output is judged."""
+        await self.changes.wait_for(lambda: self._pumps_done == 2,
+                                    what=f"{self.label}'s last output", describe=self.describe)
+
+
+# ---------------------------------------------------------------------------------------------
+# The relay
+
+
+class RelayProcess(WatchedProcess):
+    """A ``python -m relaycore serve`` subprocess."""
+
+    listening = _LISTENING
+
+    def __init__(self, access_key: str, env: Mapping[str, str]) -> None:
+        super().__init__("relay", env)
+        self.access_key = access_key
 
     # -- addresses and tokens --------------------------------------------------------------
 
@@ -143,53 +212,12 @@ class RelayProcess:
 
     # -- life --------------------------------------------------------------------------------
 
-    def output(self) -> str:
-        return _tail(self.lines)
-
-    def describe(self) -> str:
-        state = "running"
-        if self.process is not None and self.process.returncode is not None:
-            state = f"exited with {self.process.returncode}"
-        return f"--- relay on port {self.port} ({state}); its output:\n{self.output()}"
-
-    def _on_line(self, raw: bytes) -> None:
-        self.lines.append(raw.decode("utf-8", "replace").rstrip("\r"))
-        if not self.port:
-            match = _LISTENING.search(raw)
-            if match:
-                self.host = match.group(1).decode()
-                self.port = int(match.group(2))
-        self.changes.notify()
-
-    async def _pump(self, stream: trio.abc.ReceiveStream) -> None:
-        await _pump_lines(stream, self._on_line)
-        self._pumps_done += 1
-        self.changes.notify()
-
-    async def _watch_exit(self) -> None:
-        assert self.process is not None
-        await self.process.wait()
-        self.changes.notify()
-
     async def start(self, nursery: trio.Nursery, args: Sequence[str]) -> None:
         # "--access-key=KEY": a random key may begin with "-", which argparse would take for
         # an option.
         cmd = [sys.executable, "-m", "relaycore", "serve", "--host", "127.0.0.1", "--port", "0",
                f"--access-key={self.access_key}", *args]
-        self.process = await trio.lowlevel.open_process(
-            cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            env=self.env)
-        assert self.process.stdout is not None and self.process.stderr is not None
-        nursery.start_soon(self._pump, self.process.stdout)
-        nursery.start_soon(self._pump, self.process.stderr)
-        nursery.start_soon(self._watch_exit)
-        process = self.process
-        await self.changes.wait_for(
-            lambda: bool(self.port) or process.returncode is not None,
-            what="the relay's 'listening on' line", describe=self.describe, timeout=30)
-        if not self.port:
-            self.stopped = True  # nothing to stop; this is the failure to report
-            raise AssertionError(f"the relay did not start\n{self.describe()}")
+        await self._launch(nursery, cmd, "the relay's 'listening on' line")
 
     async def stop(self, timeout: float = WAIT) -> None:
         """SIGTERM (a graceful drain), then insist on a clean exit within ``timeout``."""
@@ -209,9 +237,7 @@ class RelayProcess:
             raise AssertionError(
                 f"the relay did not exit within {timeout:g} s of SIGTERM\n{self.describe()}"
             ) from None
-        # Let the pumps read the last lines before judging the output.
-        await self.changes.wait_for(lambda: self._pumps_done == 2, what="the relay's last output",
-                                    describe=self.describe)
+        await self._wait_last_output()
         assert process.returncode == 0, (
             f"the relay exited with status {process.returncode} after SIGTERM\n{self.describe()}")
         tracebacks = [line for line in self.lines if "Traceback" in line]

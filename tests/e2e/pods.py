@@ -13,7 +13,6 @@ import contextlib
 import os
 import re
 import signal
-import subprocess
 import sys
 from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
@@ -22,7 +21,7 @@ from typing import Any
 import httpx
 import trio
 
-from .harness import NODE_DIR, WAIT, Changes, RelayProcess, _pump_lines, _tail, relay_env
+from .harness import NODE_DIR, WAIT, RelayProcess, WatchedProcess, relay_env
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLE_DIR = REPO / "examples" / "two-pods"
@@ -32,23 +31,18 @@ SIGNALR_JS = NODE_DIR / "node_modules/@microsoft/signalr/dist/browser/signalr.js
 _RUNNING = re.compile(rb"Uvicorn running on http://([\d.]+):(\d+)")
 
 
-class PodProcess:
+class PodProcess(WatchedProcess):
     """One pod (a uvicorn process serving the example app)."""
 
+    listening = _RUNNING
+
     def __init__(self, name: str, env: Mapping[str, str], app: Path = APP) -> None:
+        super().__init__(name, env)
         self.name = name
-        self.env = dict(env)
         #: The app server script (another than the example's: a test-only one, same CLI).
         self.app = app
-        self.host = "127.0.0.1"
-        self.port = 0
-        self.lines: list[str] = []
-        self.changes = Changes()
-        self.process: trio.Process | None = None
         self.http: httpx.AsyncClient | None = None
-        self.stopped = False
         self.killed = False
-        self._pumps_done = 0
 
     @property
     def url(self) -> str:
@@ -59,50 +53,14 @@ class PodProcess:
         url = f"{self.url}/hubs/{hub}"
         return url if user is None else f"{url}?user={user}"
 
-    def describe(self) -> str:
-        state = "running"
-        if self.process is not None and self.process.returncode is not None:
-            state = f"exited with {self.process.returncode}"
-        return f"--- {self.name} on port {self.port} ({state}); its output:\n{_tail(self.lines)}"
-
     # -- life --------------------------------------------------------------------------------
-
-    def _on_line(self, raw: bytes) -> None:
-        self.lines.append(raw.decode("utf-8", "replace").rstrip("\r"))
-        if not self.port:
-            match = _RUNNING.search(raw)
-            if match:
-                self.host = match.group(1).decode()
-                self.port = int(match.group(2))
-        self.changes.notify()
-
-    async def _pump(self, stream: trio.abc.ReceiveStream) -> None:
-        await _pump_lines(stream, self._on_line)
-        self._pumps_done += 1
-        self.changes.notify()
-
-    async def _watch_exit(self) -> None:
-        assert self.process is not None
-        await self.process.wait()
-        self.changes.notify()
 
     async def start(self, nursery: trio.Nursery, *, no_relay: bool = False) -> None:
         cmd = [sys.executable, str(self.app), "--name", self.name, "--port", "0"]
         if no_relay:
             cmd.append("--no-relay")
-        self.process = await trio.lowlevel.open_process(
-            cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            env=self.env, cwd=str(self.app.parent), start_new_session=True)
-        assert self.process.stdout is not None and self.process.stderr is not None
-        nursery.start_soon(self._pump, self.process.stdout)
-        nursery.start_soon(self._pump, self.process.stderr)
-        nursery.start_soon(self._watch_exit)
-        process = self.process
-        await self.changes.wait_for(
-            lambda: bool(self.port) or process.returncode is not None,
-            what=f"{self.name}'s 'Uvicorn running on' line", describe=self.describe, timeout=30)
-        if not self.port:
-            raise AssertionError(f"{self.name} did not start\n{self.describe()}")
+        await self._launch(nursery, cmd, f"{self.name}'s 'Uvicorn running on' line",
+                           cwd=str(self.app.parent), start_new_session=True)
         self.http = httpx.AsyncClient(base_url=self.url, timeout=WAIT)
         await self.wait_online()
 
@@ -167,8 +125,7 @@ class PodProcess:
             raise AssertionError(
                 f"{self.name} did not exit within {timeout:g} s of SIGTERM\n{self.describe()}"
             ) from None
-        await self.changes.wait_for(lambda: self._pumps_done == 2,
-                                    what=f"{self.name}'s last output", describe=self.describe)
+        await self._wait_last_output()
         # uvicorn re-raises the signal it handled once shut down: -SIGTERM is its clean exit.
         assert process.returncode in (0, -signal.SIGTERM), (
             f"{self.name} exited with status {process.returncode}\n{self.describe()}")
