@@ -20,7 +20,7 @@ $(NODE_MODULES): tests/e2e/node/package.json tests/e2e/node/package-lock.json
 	touch $(NODE_MODULES)
 
 build: $(STAMP)
-	RELAYCORE_BUILD_EXTENSION=yes $(PY) -m pip install --quiet --no-build-isolation -e .
+	RELAYCORE_BUILD_EXTENSION=yes $(PY) -m pip install --quiet -e .
 
 run: $(STAMP)
 	$(PY) -m relaycore serve

@@ -25,8 +25,6 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any
 
-import trio
-
 from .._accel import encode_varint, split_records, split_varint_frames
 from ..protocol._errors import RemoteProtocolError
 from ..protocol._hub import (
@@ -70,7 +68,6 @@ class ClientConnection(Peer):
     def __init__(
         self,
         relay: Relay,
-        stream: trio.SocketStream,
         *,
         connection_id: str,
         hub: str,
@@ -80,7 +77,7 @@ class ClientConnection(Peer):
         headers: dict[str, str],
         now: float,
     ) -> None:
-        super().__init__(relay, stream, max_message_size=relay.config.max_message_size, now=now)
+        super().__init__(relay, max_message_size=relay.config.max_message_size, now=now)
         self.id = connection_id
         self.hub = hub
         self.claims = claims

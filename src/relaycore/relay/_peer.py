@@ -1,32 +1,43 @@
-"""The WebSocket I/O shared by client and server connections: a read-feed-flush loop.
+"""The WebSocket I/O shared by client and server connections: one poller, one flusher.
 
 Theory of operation
 -------------------
-A ``Peer`` owns one accepted, upgraded TCP stream and a sans-I/O ``WebSocketProtocol``.
+A ``Peer`` owns one accepted, upgraded TCP socket (its file descriptor only) and a sans-I/O
+``WebSocketProtocol``. No task belongs to a connection, idle or busy:
 
-* The **reader** (``run``) feeds received bytes to the protocol and hands the events to the
-  subclass (``_handle_events``). It ends on EOF, on a completed close handshake, or on a
-  WebSocket protocol error (``_on_protocol_error``).
+* The relay's ``Poller`` is a single task that keeps every open connection's socket in one
+  epoll set, waits (through trio) until that set is ready, and then reads each readable socket
+  once with a non-blocking ``read()`` and hands the bytes to its peer (``receive``): the
+  protocol parses them and the subclass handles the events (``_handle_events``). A burst of
+  messages on many connections is handled in one go, and what it queues leaves in the
+  flusher's writes of the next round (one ``write()`` to an app server for a hundred clients'
+  messages, say).
 * Outbound bytes are appended to one buffer (``_push``); they never wait for the socket. The
   first bytes put into an empty buffer ``mark`` the peer with the relay's ``Flusher``, a single
   task that, once the current task yields, writes every marked peer with one non-blocking
   ``write()`` each: one system call per peer per scheduling round however many frames were
   queued, and no task switch per peer.
-* A **writer** task exists only while the peer is behind: it takes over what the socket did not
-  accept at once and waits until the socket is writable. While it owns the send side the
-  flusher leaves the peer alone, so bytes always leave in order. When the reader ends, what is
-  still queued is sent before the stream is closed. An idle connection therefore costs one task
-  (its reader) and no writer.
+* A socket that does not take everything makes its peer **blocked**: the poller also waits
+  for it to become writable and then writes the rest (``writable``); meanwhile the flusher
+  leaves the peer alone, so bytes always leave in order.
+* When reading ends (EOF, a completed close handshake or a protocol error) what is still
+  queued is sent before the socket is closed; a closing peer has ``close_timeout`` to finish,
+  after which the relay's ticker drops it (``close_due``).
+
+An idle connection therefore costs its objects and an epoll registration, not a task.
 
 States: ``HANDSHAKE`` (not routable) -> ``OPEN`` -> ``CLOSING`` (close frame queued; the peer has
-``close_timeout`` to answer before the whole connection is cancelled) -> ``CLOSED`` (the stream is
-closed and its file descriptor must never be written again).
+``close_timeout`` to answer before the socket is dropped) -> ``CLOSED`` (the socket is closed and
+its file descriptor must never be used again).
 """
 
 from __future__ import annotations
 
 import enum
+import logging
+import math
 import os
+import select
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -36,7 +47,16 @@ from ..protocol._websocket import Role, State, WebSocketProtocol
 if TYPE_CHECKING:
     from ._relay import Relay
 
+log = logging.getLogger("relaycore.relay")
+
 _READ_SIZE = 65536
+#: Ready sockets handled per wake-up of the poller; the rest wait for the next round, so the
+#: flusher writes what the first ones queued without waiting for every socket of a big burst.
+_POLL_BATCH = 256
+_IN = select.EPOLLIN
+_OUT = select.EPOLLOUT
+_IN_OR_ERROR = select.EPOLLIN | select.EPOLLERR | select.EPOLLHUP
+_OUT_OR_ERROR = select.EPOLLOUT | select.EPOLLERR | select.EPOLLHUP
 
 
 class ConnState(enum.IntEnum):
@@ -69,28 +89,79 @@ class Flusher:
                 peer.flush(now)
 
 
+class Poller:
+    """One epoll set for every open connection, served by one task (see above): the inbound
+    twin of ``Flusher``, and the waiting room of connections whose socket is full."""
+
+    def __init__(self) -> None:
+        self._epoll = select.epoll()
+        self._peers: dict[int, Peer] = {}
+
+    def __len__(self) -> int:
+        return len(self._peers)
+
+    def add(self, peer: Peer) -> None:
+        self._peers[peer._fd] = peer
+        self._epoll.register(peer._fd, _IN)
+
+    def watch(self, peer: Peer, mask: int) -> None:
+        """Wait for ``mask`` (``_IN``, ``_OUT``, both or nothing) on the peer's socket."""
+        if self._peers.get(peer._fd) is peer:
+            self._epoll.modify(peer._fd, mask)
+
+    def remove(self, peer: Peer) -> None:
+        if self._peers.get(peer._fd) is peer:
+            del self._peers[peer._fd]
+            try:
+                self._epoll.unregister(peer._fd)
+            except OSError:
+                pass
+
+    async def run(self) -> None:
+        epoll = self._epoll
+        peers = self._peers
+        try:
+            while True:
+                await trio.lowlevel.wait_readable(epoll.fileno())
+                now = trio.current_time()
+                for fd, events in epoll.poll(0, _POLL_BATCH):
+                    peer = peers.get(fd)
+                    if peer is None:
+                        continue
+                    if events & _OUT_OR_ERROR and peer._blocked:
+                        peer.writable(now)
+                    if events & _IN_OR_ERROR and peer._reading:
+                        peer.readable(now)
+        finally:
+            # The relay is stopping (cancelled): drop every connection still open.
+            for peer in list(peers.values()):
+                peer.drop()
+            peers.clear()
+            epoll.close()
+
+
 class Peer:
     """One upgraded WebSocket stream with an unbounded-in-time, buffered, coalescing writer."""
 
-    __slots__ = ("relay", "stream", "ws", "state", "created", "last_receive", "last_send",
-                 "_out", "_fd", "_scope", "_writing")
+    __slots__ = ("relay", "ws", "state", "created", "last_receive", "last_send",
+                 "_out", "_fd", "_reading", "_blocked", "_close_deadline")
 
-    def __init__(
-        self, relay: Relay, stream: trio.SocketStream, *, max_message_size: int, now: float
-    ) -> None:
+    def __init__(self, relay: Relay, *, max_message_size: int, now: float) -> None:
         self.relay = relay
-        self.stream = stream
         self.ws = WebSocketProtocol(Role.SERVER, max_message_size=max_message_size)
         self.state = ConnState.HANDSHAKE
         self.created = now
         self.last_receive = now
         self.last_send = now
         self._out = bytearray()
-        self._fd = stream.socket.fileno()
-        self._scope: trio.CancelScope | None = None
-        #: Set while a writer task owns the socket's send side (the socket was full); it is
-        #: the ``Event`` that task sets when it is done.
-        self._writing: trio.Event | None = None
+        #: The socket, owned as a bare file descriptor once the connection starts.
+        self._fd = -1
+        #: Whether the socket is still read (until EOF, a close handshake or an error).
+        self._reading = False
+        #: Whether the socket did not take everything: the poller waits until it is writable,
+        #: and the flusher leaves the peer alone meanwhile.
+        self._blocked = False
+        self._close_deadline = math.inf
 
     # -- outbound ------------------------------------------------------------------------------
 
@@ -103,36 +174,33 @@ class Peer:
 
     def flush(self, now: float) -> None:
         """Write what is queued with one non-blocking system call. What the socket does not
-        accept is handed to a writer task that waits until the socket is writable; a
-        connection only has such a task while it is behind."""
+        accept waits until the poller sees the socket writable."""
         out = self._out
-        if not out or self._writing is not None or self.state is ConnState.CLOSED:
+        if not out or self._blocked or self.state is ConnState.CLOSED:
             return
         try:
             sent = os.write(self._fd, out)
-        except OSError:  # EAGAIN, or a dead socket: the writer meets the error and ends it
+        except BlockingIOError:
             sent = 0
+        except OSError:  # the peer is gone (EPIPE, ECONNRESET)
+            self.drop()
+            return
         if sent == len(out):
             out.clear()
             self.last_send = now
+            if not self._reading:
+                self.drop()  # reading was over and the last bytes are out
             return
         del out[:sent]
-        self._writing = trio.Event()
-        self.relay.spawn(self._write_rest)
+        self._blocked = True
+        self.relay.poller.watch(self, _IN | _OUT if self._reading else _OUT)
 
-    async def _write_rest(self) -> None:
-        try:
-            while self._out and self.state is not ConnState.CLOSED:
-                data, self._out = self._out, bytearray()
-                await self.stream.send_all(data)
-                self.last_send = trio.current_time()
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            if self._scope is not None:
-                self._scope.cancel()
-        finally:
-            assert self._writing is not None
-            self._writing.set()
-            self._writing = None
+    def writable(self, now: float) -> None:
+        """The poller saw the full socket writable again: write what waits."""
+        self._blocked = False
+        self.flush(now)
+        if not self._blocked and self.state is not ConnState.CLOSED:
+            self.relay.poller.watch(self, _IN if self._reading else 0)
 
     def _send_close_frame(self, code: int, reason: str = "") -> None:
         if self.ws.state is State.OPEN:
@@ -140,56 +208,88 @@ class Peer:
             self._push(self.ws.data_to_send())
 
     def _start_close_timer(self) -> None:
-        if self._scope is not None:
-            self._scope.deadline = min(
-                self._scope.deadline, trio.current_time() + self.relay.config.close_timeout
-            )
+        """The peer has ``close_timeout`` from now to finish; then the ticker drops it."""
+        self._close_deadline = min(
+            self._close_deadline, trio.current_time() + self.relay.config.close_timeout
+        )
+
+    def close_due(self, now: float) -> bool:
+        """Drop the peer if its close timer has run out; True if it did."""
+        if now < self._close_deadline:
+            return False
+        self.drop()
+        return True
 
     # -- the connection's life ----------------------------------------------------------------
 
-    async def run(self, initial: bytes) -> None:
-        """Read until the connection ends, then send what is still queued (within the close
-        timer's deadline, when one is running) and close the stream."""
-        try:
-            with trio.CancelScope() as self._scope:
-                await self._reader(initial)
-            with trio.CancelScope(deadline=self._scope.deadline):
-                if self._writing is not None:
-                    await self._writing.wait()
-                elif self._out:
-                    # Own the send side (as a writer task would) so that the flusher cannot
-                    # write in the middle of this last send.
-                    self._writing = trio.Event()
-                    await self._write_rest()
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass
-        finally:
-            self._ended()
-            self.state = ConnState.CLOSED
-            with trio.CancelScope(shield=True):
-                await aclose_quietly(self.stream)
+    def start(self, stream: trio.SocketStream, initial: bytes) -> None:
+        """The upgrade is done: take the socket out of ``stream`` and read from now on
+        (``initial``: bytes already read past the upgrade)."""
+        self._fd = stream.socket.detach()
+        self._reading = True
+        self.relay.poller.add(self)
+        if initial:
+            self.receive(initial, trio.current_time())
 
-    async def _reader(self, initial: bytes) -> None:
+    def readable(self, now: float) -> None:
+        """The poller saw the socket readable: read once and handle what came."""
+        try:
+            data = os.read(self._fd, _READ_SIZE)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        self.receive(data, now)
+
+    def receive(self, data: bytes, now: float) -> None:
+        """Handle bytes from the socket (``b""``: end of stream). A bug met while handling one
+        connection's input ends that connection, never the poller."""
+        if not self._reading:
+            return
         ws = self.ws
-        data = initial
-        while True:
-            if data:
-                self.last_receive = trio.current_time()
-                ws.receive_data(data)
-                self._handle_events(ws.events_received())
-                if ws.error is not None:
-                    self._on_protocol_error(str(ws.error), ws.close_code)
-                self._push(ws.data_to_send())
-                if ws.close_expected():
-                    return
-            try:
-                data = await self.stream.receive_some(_READ_SIZE)
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                data = b""
+        try:
             if not data:
                 ws.receive_eof()
                 ws.events_received()
+                self._finish()
                 return
+            self.last_receive = now
+            ws.receive_data(data)
+            self._handle_events(ws.events_received())
+            if ws.error is not None:
+                self._on_protocol_error(str(ws.error), ws.close_code)
+            self._push(ws.data_to_send())
+            if ws.close_expected():
+                self._finish()
+        except Exception:
+            log.exception("dropping a connection after an internal error")
+            self.drop()
+
+    def _finish(self) -> None:
+        """Reading is over: send what is still queued (within the close timer), then close."""
+        self._reading = False
+        if self.state is ConnState.CLOSED:
+            return
+        if not self._out:
+            self.drop()
+            return
+        self._start_close_timer()
+        self.relay.poller.watch(self, _OUT if self._blocked else 0)
+
+    def drop(self) -> None:
+        """Close the socket now (what is queued is lost) and leave every table; idempotent."""
+        if self.state is ConnState.CLOSED:
+            return
+        self._reading = False
+        self.relay.poller.remove(self)
+        try:
+            self._ended()
+        finally:
+            self.state = ConnState.CLOSED
+            self._out.clear()
+            if self._fd >= 0:
+                os.close(self._fd)
+                self._fd = -1
 
     # -- for subclasses ------------------------------------------------------------------------
 

@@ -37,7 +37,7 @@ from ._client import ClientConnection
 from ._config import RelayConfig
 from ._http import HttpConnection, HttpError, Request, Response, bearer_token
 from ._message import OutboundMessage, fan_out
-from ._peer import ConnState, Flusher, Peer, aclose_quietly
+from ._peer import ConnState, Flusher, Peer, Poller, aclose_quietly
 from ._rest import RestApi
 from ._server import ClientInvocations, ServerConnection
 from ._table import ConnectionTable
@@ -99,7 +99,9 @@ class Relay:
         self.port: int = config.port
         #: every upgraded connection, client or server, until its stream is closed
         self._live: set[Peer] = set()
+        self._live_clients = 0
         self.flusher = Flusher()
+        self.poller = Poller()
         self.invocations = ClientInvocations(self)
         self.upstream = Upstream(self, parse_rules(config.upstreams))
         #: this node's id, as ``Asrs-Instance-Id`` tells app servers (service-protocol §6.2)
@@ -132,11 +134,6 @@ class Relay:
 
     def now(self) -> float:
         return trio.current_time()
-
-    def spawn(self, task: Any) -> None:
-        """Run ``task()`` in the relay's nursery (writers of connections that fell behind)."""
-        assert self._nursery is not None
-        self._nursery.start_soon(task)
 
     # -- the operations of the REST API --------------------------------------------------
 
@@ -269,10 +266,13 @@ class Relay:
         self.stats.connections_closed += 1
 
     def _forget(self, peer: Peer) -> None:
-        self._live.discard(peer)
-        if self._all_gone is not None and not any(
-                isinstance(p, ClientConnection) for p in self._live):
-            self._all_gone.set()
+        if peer not in self._live:
+            return
+        self._live.remove(peer)
+        if isinstance(peer, ClientConnection):
+            self._live_clients -= 1
+            if self._all_gone is not None and not self._live_clients:
+                self._all_gone.set()
 
     def inject_fault(self, mode: str) -> None:
         """Make server connections fail as in an outage, to rehearse failover: ``refuse``
@@ -371,20 +371,25 @@ class Relay:
 
     # -- HTTP front -------------------------------------------------------------------------
 
-    async def handle_stream(self, stream: trio.abc.Stream) -> None:
+    async def handle_stream(self, stream: trio.SocketStream) -> None:
+        upgraded = None
         try:
             upgraded = await self._serve_http(stream)
-            if upgraded is not None:
-                # From here on an open connection holds its peer alone: no HTTP state, no
-                # request (idle connections are the relay's memory).
-                peer, trailing = upgraded
-                self._live.add(peer)
-                await peer.run(trailing)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
-            return
+            pass
         finally:
-            with trio.CancelScope(shield=True):
-                await aclose_quietly(stream)
+            if upgraded is None:
+                with trio.CancelScope(shield=True):
+                    await aclose_quietly(stream)
+        if upgraded is not None:
+            # From here on an open connection is its peer alone: a file descriptor in the
+            # poller's epoll set, no task, no HTTP state (idle connections are the relay's
+            # memory). This task ends.
+            peer, trailing = upgraded
+            self._live.add(peer)
+            if isinstance(peer, ClientConnection):
+                self._live_clients += 1
+            peer.start(stream, trailing)
 
     async def _serve_http(self, stream: trio.abc.Stream) -> tuple[Peer, bytes] | None:
         """Answer HTTP requests until the connection closes or is upgraded to a WebSocket
@@ -487,7 +492,7 @@ class Relay:
                 server_id = (request.headers.get("x-asrs-server-id")
                              or user_id_from_claims(claims) or secrets.token_hex(8))
                 return await self._accept(http, key, ServerConnection(
-                    self, http.stream, hub=hub, server_id=server_id, now=self.now()))
+                    self, hub=hub, server_id=server_id, now=self.now()))
             token = request.arg("id")
             if token is not None:
                 pending = self._pending.pop(token, None)
@@ -507,7 +512,7 @@ class Relay:
                          if k.lower() not in ("access_token", "id"))
         headers = {k: v for k, v in request.headers.items() if k not in _NOT_FORWARDED}
         return await self._accept(http, key, ClientConnection(
-            self, http.stream, connection_id=connection_id, hub=hub, claims=claims,
+            self, connection_id=connection_id, hub=hub, claims=claims,
             user_id=user_id_from_claims(claims), query=f"?{query}" if query else "",
             headers=headers, now=self.now()))
 
@@ -524,7 +529,8 @@ class Relay:
         config = self.config
         interval = min(1.0, config.keep_alive_interval / 3, config.client_timeout / 3,
                        config.handshake_timeout / 3, config.negotiate_timeout / 3,
-                       config.server_keep_alive_interval / 3, config.server_timeout / 3)
+                       config.server_keep_alive_interval / 3, config.server_timeout / 3,
+                       config.close_timeout / 3)
         frozen_at = 0
         while True:
             await trio.sleep(interval)
@@ -537,7 +543,8 @@ class Relay:
                     await trio.lowlevel.checkpoint()
                     now = self.now()
                 for conn in live[start:start + _TICK_SLICE]:
-                    conn.tick(now)
+                    if not conn.close_due(now):
+                        conn.tick(now)
             if self.config.tune_gc and len(live) > 2 * frozen_at + 1000:
                 # The connections' long-lived objects leave the collector's generations, so
                 # collections stop rescanning them (idle CPU, latency spikes at scale).
@@ -584,6 +591,7 @@ async def serve_relay(
         relay._nursery = nursery
         nursery.start_soon(relay._ticker)
         nursery.start_soon(relay.flusher.run)
+        nursery.start_soon(relay.poller.run)
         await nursery.start(relay.upstream.run)
         nursery.start_soon(trio.serve_listeners, relay.handle_stream, listeners)
         task_status.started(relay)

@@ -122,10 +122,10 @@ class ServerConnection(Peer):
                  "silenced")
 
     def __init__(
-        self, relay: Relay, stream: trio.SocketStream, *, hub: str, server_id: str, now: float
+        self, relay: Relay, *, hub: str, server_id: str, now: float
     ) -> None:
         config = relay.config
-        super().__init__(relay, stream, max_message_size=config.max_service_message_size, now=now)
+        super().__init__(relay, max_message_size=config.max_service_message_size, now=now)
         self.hub = hub
         self.server_id = server_id
         self.connection_type = ConnectionType.DEFAULT
@@ -235,9 +235,7 @@ class ServerConnection(Peer):
 
     def abort(self) -> None:
         """Drop the connection without a goodbye (fault injection)."""
-        self._out.clear()
-        if self._scope is not None:
-            self._scope.cancel()
+        self.drop()
 
     def _handle_events(self, events: list[Any]) -> None:
         if self.silenced:
