@@ -124,17 +124,19 @@ def _py_peer_version(*dists: str) -> Callable[[], str]:
 _SNAPSHOT: Path | None = None
 
 
-def snapshot_relay() -> str:
+def snapshot_relay(commit: str = "HEAD") -> str:
     """Copy the committed relay (``git archive HEAD src``, plus the built extension) to a
     temporary directory and run it from there: other people edit ``src/`` while a long run
-    goes on, and every start of the relay must measure the same commit."""
+    goes on, and every start of the relay must measure the same commit. ``commit`` names an
+    earlier one for before/after figures (the extension built from the working tree is
+    used as long as the fast path's functions that commit calls still exist)."""
     global _SNAPSHOT
     import tempfile
     root = BENCH.parent
     import atexit
     dest = Path(tempfile.mkdtemp(prefix="relaycore-bench-"))
     atexit.register(shutil.rmtree, dest, True)
-    archive = subprocess.run(["git", "archive", "HEAD", "src/relaycore"], cwd=root,
+    archive = subprocess.run(["git", "archive", commit, "src/relaycore"], cwd=root,
                              capture_output=True, check=True).stdout
     subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
     for built in (root / "src" / "relaycore").glob("_fastpath*.so"):
@@ -831,7 +833,7 @@ def main() -> None:
     parser.add_argument("--rest-rates", type=float, nargs="+", default=[25e3, 50e3, 100e3, 200e3],
                         help="S8 REST offered deliveries/s")
     parser.add_argument("--echo-rates", type=float, nargs="+",
-                        default=[5e3, 10e3, 20e3, 40e3, 60e3])
+                        default=[5e3, 10e3, 20e3, 30e3, 40e3, 50e3, 60e3])
     parser.add_argument("--group-rates", type=float, nargs="+",
                         default=[25e3, 50e3, 100e3, 200e3, 300e3])
     parser.add_argument("--direct-rate", type=float, default=10e3,
@@ -855,6 +857,8 @@ def main() -> None:
     parser.add_argument("--working-tree", action="store_true",
                         help="run the relay from the working tree instead of a snapshot of "
                              "the committed HEAD")
+    parser.add_argument("--relay-commit", metavar="REV",
+                        help="run the relay as of an earlier commit (before/after figures)")
     parser.add_argument("--backend", choices=["picows", "own"], default=default_backend())
     parser.add_argument("--out", help="result file stem (default bench/results/<date>-<commit>)")
     parser.add_argument("--report", help="rebuild the Markdown tables from a result JSON file")
@@ -890,7 +894,12 @@ def main() -> None:
         else:
             skipped[name] = why
     commit = git_commit()
-    if not args.working_tree:
+    if args.relay_commit:
+        snapshot_relay(args.relay_commit)
+        commit = subprocess.run(["git", "rev-parse", "--short", args.relay_commit],
+                                cwd=BENCH.parent, capture_output=True, text=True,
+                                check=True).stdout.strip()
+    elif not args.working_tree:
         snapshot_relay()
         commit = commit.replace("-dirty-src", "")
     facts = {"commit": commit, "date": datetime.date.today().isoformat(), "machine": machine(),

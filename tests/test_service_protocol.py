@@ -73,6 +73,8 @@ from relaycore.protocol._service import (
     parse_message_body,
     payload_for,
     upstream_signature,
+    connection_data_prefix,
+    write_connection_data,
     write_message,
     write_messages,
 )
@@ -386,6 +388,20 @@ SAMPLE: list[ServiceMessage] = [
     BroadcastDataMessage({"json": b"x" * 200, "messagepack": b"y" * 3}, ["c2"]),
     ServicePing.of(status="1"),
 ]
+
+
+@pytest.mark.parametrize("connection_id", ["c1", "x" * 31, "y" * 32, "z" * 300])
+@pytest.mark.parametrize("size", [0, 1, 255, 256, 65535, 65536, 70000])
+def test_connection_data_writer_matches_write_message(connection_id: str, size: int) -> None:
+    # The relay's hot path writes ConnectionData without the dataclass; it must be the same
+    # bytes as the general writer at every msgpack length boundary (fixstr/str8/str16 ids,
+    # bin8/bin16/bin32 payloads).
+    payload = bytes(range(256)) * (size // 256) + bytes(size % 256)
+    fast = write_connection_data(connection_data_prefix(connection_id), payload)
+    assert fast == write_message(ConnectionDataMessage(connection_id, payload))
+    parser = ServiceProtocolParser()
+    parser.receive_data(fast)
+    assert parser.messages_received() == [ConnectionDataMessage(connection_id, payload)]
 
 
 def test_parser_yields_every_message_whatever_the_split_point() -> None:

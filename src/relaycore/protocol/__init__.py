@@ -118,9 +118,11 @@ from ._service import (
     UserJoinGroupWithAckMessage,
     UserLeaveGroupMessage,
     UserLeaveGroupWithAckMessage,
+    connection_data_prefix,
     header_for,
     payload_for,
     upstream_signature,
+    write_connection_data,
 )
 from ._service import (
     parse_message_body as parse_service_message_body,
@@ -247,6 +249,7 @@ __all__ = [
     "WebSocketProtocol",
     "accept_key",
     "audience_matches",
+    "connection_data_prefix",
     "frame",
     "generate_access_token",
     "get_protocol",
@@ -267,6 +270,7 @@ __all__ = [
     "upstream_signature",
     "user_id_from_claims",
     "wire_hub_name",
+    "write_connection_data",
     "write_handshake_request",
     "write_handshake_response",
     "write_service_message",

@@ -63,7 +63,8 @@ class ClientConnection(Peer):
     """A SignalR client connected to a hub of this relay."""
 
     __slots__ = ("id", "hub", "claims", "user_id", "query", "headers", "groups",
-                 "protocol_name", "protocol", "server", "close_reason", "_limit", "_inbox")
+                 "protocol_name", "protocol", "server", "close_reason", "data_prefix", "_limit",
+                 "_inbox")
 
     def __init__(
         self,
@@ -88,6 +89,8 @@ class ClientConnection(Peer):
         self.protocol_name = ""
         self.protocol: Any = None
         self.server: ServerConnection | None = None
+        #: The start of every ``ConnectionData`` body for this client (set when bound).
+        self.data_prefix = b""
         self.close_reason: str | None = None
         self._limit = relay.config.send_buffer_limit
         self._inbox = bytearray()  # bytes received but not yet handled
@@ -255,6 +258,7 @@ class ClientConnection(Peer):
             self._handshake_failed(f"No app server is connected to hub '{self.hub}'.")
             return
         del self._inbox[:consumed]
+        self.headers = {}  # only an app server is ever told them
         self._push(self._frame(write_handshake_response(None)))
         self.relay._add_connection(self)
 

@@ -72,6 +72,8 @@ from ..protocol._service import (
     UserJoinGroupWithAckMessage,
     UserLeaveGroupMessage,
     UserLeaveGroupWithAckMessage,
+    connection_data_prefix,
+    write_connection_data,
     write_message,
 )
 from ..protocol._websocket import (
@@ -159,6 +161,8 @@ class ServerConnection(Peer):
             name: [value] for name, value in client.headers.items()
         }
         headers[ASRS_INSTANCE_ID_HEADER] = [self.relay.instance_id]
+        client.headers = {}  # sent once, never needed again: idle connections are memory
+        client.data_prefix = connection_data_prefix(client.id)
         self.clients[client.id] = client
         self.send(
             OpenConnectionMessage(
@@ -169,10 +173,13 @@ class ServerConnection(Peer):
                 protocol=client.protocol_name,
             )
         )
-        self.send(ConnectionDataMessage(client.id, handshake))
+        self.client_data(client, handshake)
 
     def client_data(self, client: ClientConnection, data: bytes) -> None:
-        self.send(ConnectionDataMessage(client.id, data))
+        """Forward a client's bytes as ``ConnectionData`` (written without building the
+        message: this is every client message's path to its app server)."""
+        if self.state is ConnState.OPEN and not self.silenced:
+            self._push(frame(Opcode.BINARY, write_connection_data(client.data_prefix, data)))
 
     def client_closed(self, client: ClientConnection, error: str | None) -> None:
         if self.clients.pop(client.id, None) is not None:
