@@ -69,3 +69,47 @@ def test_fastpath(benchmark: Any, case: str, impl: str) -> None:
     result = benchmark(fn, *args)
     # The result must be the twin's, so a fast wrong answer cannot pass as a speed-up.
     assert result == getattr(relaycore._fastpath_py, name)(*args)
+
+
+class _Conn:
+    """A client connection as a broadcast sees it; the relay's have ``__slots__`` too."""
+
+    __slots__ = ("state", "protocol_name", "_out")
+
+    def __init__(self, state: object) -> None:
+        self.state = state
+        # Its own string object, as the relay's ``request.protocol.lower()`` gives each client.
+        self.protocol_name = "JSON".lower()
+        self._out = bytearray()
+
+
+_OPEN = object()
+#: A JSON hub-protocol record in a server text frame: 2 bytes of header and 30 of payload.
+BROADCAST_FRAME = (
+    relaycore._fastpath_py.encode_frame_header(0x1, 30) + b'{"type":1,"target":"updated"}\x1e'
+)
+BROADCAST_FRAMES: dict[str, bytes | None] = {"json": BROADCAST_FRAME, "messagepack": None}
+BROADCAST_LIMIT = 1 << 20
+
+
+@pytest.mark.parametrize("impl", ["py", "c"])
+def test_fastpath_queue_frame(benchmark: Any, impl: str) -> None:
+    """One broadcast of a 32-byte frame to 1,000 idle open connections: every buffer starts
+    empty (the setup clears them, untimed), so every connection also lands on the dirty list."""
+    fn: Callable[..., Any] = _load(impl).queue_frame
+    conns = [_Conn(_OPEN) for _ in range(1000)]
+
+    def setup() -> tuple[tuple[Any, ...], dict[str, Any]]:
+        for conn in conns:
+            conn._out.clear()
+        return (conns, BROADCAST_FRAMES, _OPEN, BROADCAST_LIMIT, []), {}
+
+    benchmark.group = "queue_frame-1000x32B"
+    result = benchmark.pedantic(fn, setup=setup, rounds=2000, warmup_rounds=20)
+    twin_conns = [_Conn(_OPEN) for _ in range(1000)]
+    expected = relaycore._fastpath_py.queue_frame(
+        twin_conns, BROADCAST_FRAMES, _OPEN, BROADCAST_LIMIT, []
+    )
+    assert result == (1000, []) == expected
+    assert len(BROADCAST_FRAME) == 32
+    assert all(conn._out == BROADCAST_FRAME for conn in conns)

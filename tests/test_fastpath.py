@@ -6,9 +6,12 @@ extension even when ``RELAYCORE_NO_EXTENSIONS=1`` makes ``relaycore._accel`` pic
 
 from __future__ import annotations
 
+import collections
 import importlib
 import inspect
 import os
+import types
+from collections.abc import Callable
 from types import ModuleType
 from typing import Any
 
@@ -373,6 +376,421 @@ def test_split_varint_frames_over_max_size_raises(fastpath: ModuleType) -> None:
         fastpath.split_varint_frames(b"\x80\x80\x01", max_size=1000)
     with pytest.raises(ValueError, match="exceeds the limit"):
         fastpath.split_varint_frames(b"\x00", max_size=-1)
+
+
+class Conn:
+    """A relay connection as ``queue_frame`` sees it; the relay's have ``__slots__`` too."""
+
+    __slots__ = ("name", "state", "protocol_name", "_out")
+
+    def __init__(self, name: str, protocol_name: str, state: object, out: bytes) -> None:
+        self.name = name
+        self.protocol_name = protocol_name
+        self.state = state
+        self._out = bytearray(out)
+
+    def __repr__(self) -> str:
+        return f"Conn({self.name!r})"
+
+
+OPEN = "open"
+#: Equal to OPEN but not the same object: ``queue_frame`` compares states by identity.
+OPEN_LOOKALIKE = "".join(["op", "en"])
+CLOSED = "closed"
+#: A JSON hub-protocol invocation in a text frame, and its MessagePack twin in a binary frame.
+JSON_FRAME = b'\x81\x2a{"type":1,"target":"send","arguments":[]}\x1e'
+MSGPACK_FRAME = b"\x82\x0e\x0d\x95\x01\x80\xc0\xa4send\x90\x90"
+FRAMES = {"json": JSON_FRAME, "messagepack": MSGPACK_FRAME}
+BIG = 1 << 20
+
+
+def make_conns(specs: list[tuple[str, str, object, bytes]]) -> list[Conn]:
+    return [Conn(*spec) for spec in specs]
+
+
+def target_forms(conns: list[Conn]) -> list[Any]:
+    """``conns`` as every iterable a caller may pass: the list, a tuple, a dict's values view, a
+    generator."""
+    return [
+        conns,
+        tuple(conns),
+        {conn.name: conn for conn in conns}.values(),
+        (conn for conn in conns),
+    ]
+
+
+QUEUE_FRAME_CASES = [
+    # (connections as (name, protocol, state, buffer), frames, limit, served, over, dirty)
+    pytest.param([], FRAMES, BIG, [], [], [], id="no-targets"),
+    pytest.param(
+        [("a", "json", OPEN, b""), ("b", "messagepack", OPEN, b"")],
+        FRAMES,
+        BIG,
+        ["a", "b"],
+        [],
+        ["a", "b"],
+        id="json-and-messagepack",
+    ),
+    pytest.param(
+        [("a", "json", OPEN, b""), ("b", "json", CLOSED, b""), ("c", "json", OPEN_LOOKALIKE, b"")],
+        FRAMES,
+        BIG,
+        ["a"],
+        [],
+        ["a"],
+        id="only-the-open-state-object",
+    ),
+    pytest.param(
+        [("a", "xml", OPEN, b""), ("b", "json", OPEN, b"")],
+        FRAMES,
+        BIG,
+        ["b"],
+        [],
+        ["b"],
+        id="protocol-missing",
+    ),
+    pytest.param(
+        [("a", "json", OPEN, b""), ("b", "messagepack", OPEN, b"")],
+        {"json": JSON_FRAME, "messagepack": None},
+        BIG,
+        ["a"],
+        [],
+        ["a"],
+        id="frame-none",
+    ),
+    pytest.param(
+        [("a", "json", OPEN, b"x" * 10)],
+        FRAMES,
+        10 + len(JSON_FRAME),
+        ["a"],
+        [],
+        [],
+        id="exactly-at-limit",
+    ),
+    pytest.param(
+        [("a", "json", OPEN, b"x" * 11)],
+        FRAMES,
+        10 + len(JSON_FRAME),
+        [],
+        ["a"],
+        [],
+        id="one-byte-over-limit",
+    ),
+    pytest.param(
+        [("a", "json", OPEN, b""), ("b", "messagepack", OPEN, b"")],
+        FRAMES,
+        len(MSGPACK_FRAME),
+        ["b"],
+        ["a"],
+        ["b"],
+        id="empty-buffer-frame-over-limit",
+    ),
+    pytest.param(
+        [("a", "json", OPEN, b""), ("b", "json", OPEN, b"queued"), ("c", "messagepack", OPEN, b"")],
+        FRAMES,
+        BIG,
+        ["a", "b", "c"],
+        [],
+        ["a", "c"],
+        id="dirty-only-when-empty-before",
+    ),
+    pytest.param(
+        [
+            ("a", "json", OPEN, b"x" * 60),
+            ("b", "json", OPEN, b""),
+            ("c", "json", CLOSED, b"x" * 60),
+            ("d", "messagepack", OPEN, b"x" * 60),
+        ],
+        FRAMES,
+        64,
+        ["b"],
+        ["a", "d"],
+        ["b"],
+        id="over-in-iteration-order",
+    ),
+    pytest.param(
+        [("a", "json", OPEN, b""), ("b", "json", OPEN, b"x")],
+        {"json": b""},
+        BIG,
+        ["a", "b"],
+        [],
+        ["a"],
+        id="empty-frame-counts",
+    ),
+    pytest.param([("a", "json", OPEN, b"")], FRAMES, -1, [], ["a"], [], id="negative-limit"),
+    pytest.param([("a", "json", OPEN, b"")], FRAMES, 2**80, ["a"], [], ["a"], id="huge-limit"),
+]
+
+
+@pytest.mark.parametrize(("specs", "frames", "limit", "served", "over", "dirty"), QUEUE_FRAME_CASES)
+def test_queue_frame_examples_append_to_open_connections(
+    fastpath: ModuleType,
+    specs: list[tuple[str, str, object, bytes]],
+    frames: dict[str, bytes | None],
+    limit: int,
+    served: list[str],
+    over: list[str],
+    dirty: list[str],
+) -> None:
+    for form in range(len(target_forms([]))):
+        conns = make_conns(specs)
+        buffers_before = [conn._out for conn in conns]
+        already = Conn("already-dirty", "json", OPEN, b"")
+        dirty_list: list[Any] = [already]
+        count, got_over = fastpath.queue_frame(
+            target_forms(conns)[form], frames, OPEN, limit, dirty_list
+        )
+        assert count == len(served)
+        assert type(got_over) is list
+        assert [conn.name for conn in got_over] == over
+        assert dirty_list[0] is already
+        assert [conn.name for conn in dirty_list[1:]] == dirty
+        for conn, (name, protocol, _, before), buffer in zip(
+            conns, specs, buffers_before, strict=True
+        ):
+            assert conn._out is buffer
+            assert type(conn._out) is bytearray
+            frame = frames[protocol] if name in served else None
+            assert conn._out == before + (frame or b"")
+
+
+def test_queue_frame_same_connection_twice_is_dirty_once(fastpath: ModuleType) -> None:
+    conn = Conn("a", "json", OPEN, b"")
+    dirty: list[Any] = []
+    assert fastpath.queue_frame([conn, conn], FRAMES, OPEN, BIG, dirty) == (2, [])
+    assert dirty == [conn]
+    assert conn._out == JSON_FRAME * 2
+    # The second append would pass the limit: the first stays, the connection is over once.
+    conn._out.clear()
+    dirty.clear()
+    limit = len(JSON_FRAME) * 2 - 1
+    assert fastpath.queue_frame([conn, conn], FRAMES, OPEN, limit, dirty) == (1, [conn])
+    assert conn._out == JSON_FRAME
+
+
+def test_queue_frame_subclassed_dict_and_list_use_their_base_behaviour(
+    fastpath: ModuleType,
+) -> None:
+    class Defaulting(dict[str, Any]):
+        def __missing__(self, key: str) -> bytes:
+            return b"default"
+
+        def get(self, key: str, default: Any = None) -> Any:
+            return b"default"
+
+    class Recording(list[Any]):
+        def append(self, item: Any) -> None:
+            raise AssertionError("list.append is used, not an override")
+
+    conns = make_conns([("a", "xml", OPEN, b""), ("b", "json", OPEN, b"")])
+    dirty = Recording()
+    frames = Defaulting(FRAMES)
+    assert fastpath.queue_frame(conns, frames, OPEN, BIG, dirty) == (1, [])
+    assert list(dirty) == conns[1:]
+    assert conns[0]._out == b""
+    # Other dict and list subclasses are dicts and lists too.
+    assert fastpath.queue_frame(conns, collections.OrderedDict(FRAMES), OPEN, BIG, []) == (1, [])
+
+
+@pytest.mark.parametrize(
+    ("frames", "limit", "dirty", "match"),
+    [
+        pytest.param(list(FRAMES.items()), BIG, [], "frames must be a dict, got list", id="pairs"),
+        pytest.param(types.MappingProxyType(FRAMES), BIG, [], "frames must be a dict", id="proxy"),
+        pytest.param(None, BIG, [], "frames must be a dict, got NoneType", id="frames-none"),
+        pytest.param(FRAMES, BIG, (), "dirty must be a list, got tuple", id="dirty-tuple"),
+        pytest.param(FRAMES, BIG, None, "dirty must be a list, got NoneType", id="dirty-none"),
+        pytest.param(FRAMES, 1e6, [], "integer", id="limit-float"),
+        pytest.param(FRAMES, "1000", [], "integer", id="limit-str"),
+        pytest.param(FRAMES, None, [], "integer", id="limit-none"),
+    ],
+)
+def test_queue_frame_bad_arguments_raise_before_touching_a_connection(
+    fastpath: ModuleType, frames: Any, limit: Any, dirty: Any, match: str
+) -> None:
+    conns = make_conns([("a", "json", OPEN, b"")])
+    for targets in [conns, (conn for conn in conns), []]:
+        with pytest.raises(TypeError, match=match):
+            fastpath.queue_frame(targets, frames, OPEN, limit, dirty)
+        assert conns[0]._out == b""
+
+
+class Bytes(bytes):
+    pass
+
+
+class ByteArray(bytearray):
+    pass
+
+
+@pytest.mark.parametrize(
+    ("frame", "make_out", "match"),
+    [
+        pytest.param(
+            "text", bytearray, r"frames\['json'\] must be bytes or None, got str", id="str"
+        ),
+        pytest.param(b"x".decode, bytearray, "must be bytes or None, got builtin", id="callable"),
+        pytest.param(bytearray(b"x"), bytearray, "must be bytes or None, got bytearray", id="ba"),
+        pytest.param(memoryview(b"x"), bytearray, "or None, got memoryview", id="memoryview"),
+        pytest.param(Bytes(b"x"), bytearray, "must be bytes or None, got Bytes", id="bytes-sub"),
+        pytest.param(b"x", bytes, "_out must be a bytearray, got bytes", id="out-bytes"),
+        pytest.param(b"x", lambda: None, "_out must be a bytearray, got NoneType", id="out-none"),
+        pytest.param(b"x", list, "_out must be a bytearray, got list", id="out-list"),
+        pytest.param(b"x", ByteArray, "_out must be a bytearray, got ByteArray", id="out-sub"),
+    ],
+)
+def test_queue_frame_bad_frame_or_buffer_raises_after_the_earlier_connections(
+    fastpath: ModuleType, frame: Any, make_out: Callable[[], Any], match: str
+) -> None:
+    good = Conn("good", "messagepack", OPEN, b"")
+    bad = Conn("bad", "json", OPEN, b"")
+    bad._out = make_out()
+    after = Conn("after", "messagepack", OPEN, b"")
+    dirty: list[Any] = []
+    frames = {"json": frame, "messagepack": MSGPACK_FRAME}
+    with pytest.raises(TypeError, match=match):
+        fastpath.queue_frame([good, bad, after], frames, OPEN, BIG, dirty)
+    assert good._out == MSGPACK_FRAME
+    assert dirty == [good]
+    assert after._out == b""
+    # A closed connection, or one without a frame, is not looked at closer.
+    bad.state = CLOSED
+    assert fastpath.queue_frame([bad, after], frames, OPEN, BIG, dirty) == (1, [])
+
+
+class DictConn:
+    """A connection without ``__slots__``: its attributes live in the instance ``__dict__``."""
+
+    def __init__(self, name: str, protocol_name: str, state: object, out: bytes) -> None:
+        self.name = name
+        self.protocol_name = protocol_name
+        self.state = state
+        self._out = bytearray(out)
+
+
+class WiderConn(Conn):
+    """A subclass with slots of its own besides those it inherits."""
+
+    __slots__ = ("extra", "more")
+
+    def __init__(self, name: str, protocol_name: str, state: object, out: bytes) -> None:
+        self.extra = self.more = None
+        super().__init__(name, protocol_name, state, out)
+
+
+class PropertyConn:
+    """``state`` is a property and ``protocol_name`` comes from ``__getattr__``."""
+
+    __slots__ = ("name", "_state", "_out")
+
+    def __init__(self, name: str, protocol_name: str, state: object, out: bytes) -> None:
+        self.name = name
+        self._state = state
+        self._out = bytearray(out)
+
+    @property
+    def state(self) -> object:
+        return self._state
+
+    def __getattr__(self, attribute: str) -> str:
+        if attribute == "protocol_name":
+            return "messagepack"
+        raise AttributeError(attribute)
+
+
+def test_queue_frame_any_connection_class_is_read_through_its_attributes(
+    fastpath: ModuleType,
+) -> None:
+    conns: list[Any] = [
+        Conn("slots", "json", OPEN, b""),
+        DictConn("dict", "json", OPEN, b"q"),
+        WiderConn("wider", "messagepack", OPEN, b""),
+        PropertyConn("property", "json", OPEN, b""),
+        Conn("slots-again", "messagepack", OPEN, b""),
+        WiderConn("wider-closed", "json", CLOSED, b""),
+        DictConn("dict-closed", "json", CLOSED, b""),
+        PropertyConn("property-closed", "json", CLOSED, b""),
+    ]
+    dirty: list[Any] = []
+    assert fastpath.queue_frame(conns, FRAMES, OPEN, BIG, dirty) == (5, [])
+    assert [conn.name for conn in dirty] == ["slots", "wider", "property", "slots-again"]
+    assert [bytes(conn._out) for conn in conns] == [
+        JSON_FRAME,
+        b"q" + JSON_FRAME,
+        MSGPACK_FRAME,
+        MSGPACK_FRAME,
+        MSGPACK_FRAME,
+        b"",
+        b"",
+        b"",
+    ]
+
+
+@pytest.mark.parametrize("attribute", ["state", "protocol_name", "_out"])
+def test_queue_frame_unset_slot_raises_attribute_error(
+    fastpath: ModuleType, attribute: str
+) -> None:
+    conn = Conn("a", "json", OPEN, b"")
+    delattr(conn, attribute)
+    with pytest.raises(AttributeError, match=attribute):
+        fastpath.queue_frame([conn], FRAMES, OPEN, BIG, [])
+    # Attributes after the deciding one are not read: a closed connection needs no _out.
+    if attribute != "state":
+        conn.state = CLOSED
+        assert fastpath.queue_frame([conn], FRAMES, OPEN, BIG, []) == (0, [])
+
+
+def test_queue_frame_targets_not_iterable_or_connection_without_attributes_raise(
+    fastpath: ModuleType,
+) -> None:
+    with pytest.raises(TypeError):
+        fastpath.queue_frame(42, FRAMES, OPEN, BIG, [])
+    with pytest.raises(AttributeError, match="state"):
+        fastpath.queue_frame([object()], FRAMES, OPEN, BIG, [])
+    with pytest.raises(TypeError, match="unhashable"):
+        fastpath.queue_frame([Conn("a", [], OPEN, b"")], FRAMES, OPEN, BIG, [])  # type: ignore[arg-type]
+
+
+def test_queue_frame_buffer_with_a_live_view_raises_buffer_error(fastpath: ModuleType) -> None:
+    conn = Conn("a", "json", OPEN, b"queued")
+    with memoryview(conn._out):
+        with pytest.raises(BufferError):
+            fastpath.queue_frame([conn], FRAMES, OPEN, BIG, [])
+    assert conn._out == b"queued"
+    assert fastpath.queue_frame([conn], FRAMES, OPEN, BIG, []) == (1, [])
+
+
+class Meddling:
+    """A connection whose buffer attribute drops the frames and grows the target list: the loop
+    must neither use a freed frame nor run past the list's end."""
+
+    __slots__ = ("state", "protocol_name", "frames", "targets")
+
+    def __init__(self, frames: dict[str, bytes | None], targets: list[Any]) -> None:
+        self.state = OPEN
+        self.protocol_name = "json"
+        self.frames = frames
+        self.targets = targets
+
+    @property
+    def _out(self) -> bytearray:
+        self.frames.clear()
+        self.targets.append(Conn("late", "json", OPEN, b""))
+        return bytearray()
+
+
+def test_queue_frame_connection_changing_frames_and_targets_mid_loop(
+    fastpath: ModuleType,
+) -> None:
+    # Built at run time, so the dict holds the only reference to the frame.
+    frames: dict[str, bytes | None] = {"json": bytes(JSON_FRAME[:-1]) + b"\x1e"}
+    targets: list[Any] = []
+    targets.append(Meddling(frames, targets))
+    dirty: list[Any] = []
+    assert fastpath.queue_frame(targets, frames, OPEN, BIG, dirty) == (1, [])
+    assert dirty == targets[:1]
+    assert [type(t).__name__ for t in targets] == ["Meddling", "Conn"]
+    assert targets[1]._out == b""
 
 
 def test_fastpath_modules_export_the_same_functions_and_signatures() -> None:

@@ -248,3 +248,107 @@ def test_varint_frames_cross_round_trip(bodies: list[bytes], tail: bytes) -> Non
         got, consumed = splitter.split_varint_frames(stream)
         assert got == bodies
         assert consumed == len(stream)
+
+
+class Conn:
+    """A relay connection as ``queue_frame`` sees it (the relay's have ``__slots__`` too)."""
+
+    __slots__ = ("state", "protocol_name", "_out")
+
+    def __init__(self, state: object, protocol_name: str, out: Any) -> None:
+        self.state = state
+        self.protocol_name = protocol_name
+        self._out = out
+
+
+class WiderConn(Conn):
+    """A subclass with a slot of its own besides those it inherits from ``Conn``."""
+
+    __slots__ = ("extra",)
+
+
+class DictConn:
+    """No ``__slots__``: the attributes live in the instance ``__dict__``."""
+
+    def __init__(self, state: object, protocol_name: str, out: Any) -> None:
+        self.state = state
+        self.protocol_name = protocol_name
+        self._out = out
+
+
+CLASSES = [Conn, WiderConn, DictConn]
+OPEN = "open"
+#: Open, closed, and equal to OPEN but another object (states are compared by identity).
+STATES = [OPEN, "closed", "".join(["op", "en"])]
+#: Mostly good values, sometimes one that either module must reject the same way.
+frame_values = st.one_of(
+    st.binary(max_size=40),
+    st.none(),
+    st.sampled_from(["text", bytearray(b"ba"), memoryview(b"mv")]),
+)
+buffer_values = st.one_of(st.binary(max_size=40).map(bytearray), st.binary(max_size=4))
+
+
+@st.composite
+def broadcasts(draw: st.DrawFn) -> dict[str, Any]:
+    """The arguments of one ``queue_frame`` call, as plain data both modules can be given."""
+    good = draw(st.booleans())
+    conns = draw(
+        st.lists(
+            st.tuples(
+                st.sampled_from(range(len(CLASSES))),
+                st.sampled_from([0, 0, 0, 1, 2]),  # mostly open
+                st.sampled_from(["json", "messagepack", "xml"]),
+                st.binary(max_size=40).map(bytearray) if good else buffer_values,
+            ),
+            max_size=12,
+        )
+    )
+    value = (st.binary(max_size=40) | st.none()) if good else frame_values
+    frames = draw(
+        st.fixed_dictionaries({"json": st.binary(max_size=40)}, optional={"messagepack": value})
+        | st.fixed_dictionaries({}, optional={"json": value, "messagepack": value})
+    )
+    return {
+        "conns": conns,
+        "frames": frames if good or draw(st.booleans()) else list(frames.items()),
+        "limit": draw(
+            st.one_of(st.integers(-2, 90), st.sampled_from([2**63, 2**80, -(2**80)]))
+            if good
+            else st.one_of(st.integers(0, 90), st.sampled_from([1.5, "9", None]))
+        ),
+        "dirty": draw(st.just("list") if good else st.sampled_from(["list", "tuple"])),
+        "form": draw(st.sampled_from(["list", "tuple", "values", "generator"])),
+    }
+
+
+def queue_frame_outcome(module: Any, case: dict[str, Any]) -> Any:
+    """Run ``queue_frame`` on fresh connections; what it returned or raised, and what it did to
+    the buffers and the dirty list, with connections named by their index."""
+    conns = [CLASSES[k](STATES[s], p, type(out)(out)) for k, s, p, out in case["conns"]]
+    buffers_before = [conn._out for conn in conns]
+    index = {id(conn): i for i, conn in enumerate(conns)}
+    dirty: Any = [] if case["dirty"] == "list" else ()
+    targets: Any = {
+        "list": lambda: conns,
+        "tuple": lambda: tuple(conns),
+        "values": lambda: dict(enumerate(conns)).values(),
+        "generator": lambda: (conn for conn in conns),
+    }[case["form"]]()
+    try:
+        count, over = module.queue_frame(targets, case["frames"], OPEN, case["limit"], dirty)
+        result: Any = ("returned", count, type(over), [index[id(conn)] for conn in over])
+    except Exception as exc:  # noqa: BLE001 - the type is what is compared
+        result = ("raised", type(exc))
+    effects = (
+        [index[id(conn)] for conn in dirty],
+        [bytes(conn._out) if isinstance(conn._out, bytearray) else None for conn in conns],
+        all(conn._out is before for conn, before in zip(conns, buffers_before, strict=True)),
+    )
+    return result, effects
+
+
+@EXAMPLES
+@given(case=broadcasts())
+def test_queue_frame_matches_twin(case: dict[str, Any]) -> None:
+    assert queue_frame_outcome(c, case) == queue_frame_outcome(py, case)

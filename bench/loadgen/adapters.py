@@ -37,7 +37,9 @@ from relaycore.protocol import (
     ServiceProtocolParser,
     UserDataMessage,
     UserJoinGroupWithAckMessage,
+    connection_data_prefix,
     generate_access_token,
+    write_connection_data,
     write_service_message,
 )
 
@@ -179,6 +181,7 @@ class ServiceConnection:
         self.acks: dict[int, asyncio.Future[int]] = {}
         self._next_ack = 1
         self.clients: dict[str, str] = {}  # connection id -> protocol
+        self._prefixes: dict[str, bytes] = {}  # connection id -> ConnectionData prefix
         self.echoes = 0
         self._ping_task: asyncio.Task[None] | None = None
 
@@ -217,6 +220,7 @@ class ServiceConnection:
                 self.clients[m.connection_id] = m.protocol or "json"
             elif isinstance(m, CloseConnectionMessage):
                 self.clients.pop(m.connection_id, None)
+                self._prefixes.pop(m.connection_id, None)
             elif isinstance(m, ServiceAckMessage):
                 future = self.acks.pop(m.ack_id, None)
                 if future is not None and not future.done():
@@ -234,8 +238,11 @@ class ServiceConnection:
     def _echo(self, m: ConnectionDataMessage) -> bytes:
         """What a hub's ``echo(text)`` method that answers ``Clients.Caller`` sends."""
         data = bytes(m.payload)
+        prefix = self._prefixes.get(m.connection_id)
+        if prefix is None:
+            prefix = self._prefixes[m.connection_id] = connection_data_prefix(m.connection_id)
         if data.startswith(b'{"protocol"'):  # the client's handshake: the hub accepts it
-            return write_service_message(ConnectionDataMessage(m.connection_id, b"{}\x1e"))
+            return write_connection_data(prefix, b"{}\x1e")
         replies = []
         for record in data.split(b"\x1e")[:-1]:
             message = orjson.loads(record)
@@ -244,7 +251,7 @@ class ServiceConnection:
                 self.echoes += 1
         if not replies:
             return b""
-        return write_service_message(ConnectionDataMessage(m.connection_id, b"".join(replies)))
+        return write_connection_data(prefix, b"".join(replies))
 
     def on_closed(self, conn: Any) -> None:
         self.closed = True

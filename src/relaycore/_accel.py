@@ -18,6 +18,7 @@ if os.environ.get("RELAYCORE_NO_EXTENSIONS", "") not in ("", "0"):
         encode_frame_header,
         encode_varint,
         parse_frame_header,
+        queue_frame,
         split_records,
         split_varint_frames,
     )
@@ -29,6 +30,7 @@ else:
             encode_frame_header,
             encode_varint,
             parse_frame_header,
+            queue_frame,
             split_records,
             split_varint_frames,
         )
@@ -41,6 +43,7 @@ else:
             encode_frame_header,
             encode_varint,
             parse_frame_header,
+            queue_frame,
             split_records,
             split_varint_frames,
         )
@@ -52,6 +55,7 @@ __all__ = [
     "encode_frame_header",
     "encode_varint",
     "parse_frame_header",
+    "queue_frame",
     "split_records",
     "split_varint_frames",
 ]

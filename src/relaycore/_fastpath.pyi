@@ -1,5 +1,18 @@
 """Type stubs for the Cython fast path; they mirror ``_fastpath_py.py``, its specification."""
 
+from collections.abc import Iterable
+from typing import Protocol, TypeVar
+
+class _Connection(Protocol):
+    @property
+    def state(self) -> object: ...
+    @property
+    def protocol_name(self) -> str: ...
+    @property
+    def _out(self) -> bytearray: ...
+
+_C = TypeVar("_C", bound=_Connection)
+
 __all__ = [
     "parse_frame_header",
     "encode_frame_header",
@@ -8,6 +21,7 @@ __all__ = [
     "decode_varint",
     "split_records",
     "split_varint_frames",
+    "queue_frame",
 ]
 
 def parse_frame_header(
@@ -23,3 +37,10 @@ def split_records(data: bytes | bytearray | memoryview) -> tuple[list[bytes], in
 def split_varint_frames(
     data: bytes | bytearray | memoryview, max_size: int = 2147483647
 ) -> tuple[list[bytes], int]: ...
+def queue_frame(
+    targets: Iterable[_C],
+    frames: dict[str, bytes | None],
+    open_state: object,
+    limit: int,
+    dirty: list[_C],
+) -> tuple[int, list[_C]]: ...

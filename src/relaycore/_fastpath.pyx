@@ -10,12 +10,29 @@ Inputs are read through the buffer protocol (``bytes``, ``bytearray``, ``memoryv
 is fine). A non-contiguous memoryview is copied once, as the twin's slicing would.
 ``binding=True`` makes these real function objects, so ``inspect.signature`` can compare them
 with the twin's.
+
+``queue_frame`` is the one function that touches objects beyond its arguments' bytes: the
+per-recipient loop of a broadcast, it appends in place to the send buffers of the connections it
+is given. It still keeps no state of its own.
 """
 
 from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release
-from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_CheckExact, PyBytes_FromStringAndSize
+from cpython.bytearray cimport (
+    PyByteArray_AS_STRING,
+    PyByteArray_CheckExact,
+    PyByteArray_GET_SIZE,
+    PyByteArray_Resize,
+)
+from cpython.bytes cimport (
+    PyBytes_AS_STRING,
+    PyBytes_CheckExact,
+    PyBytes_FromStringAndSize,
+    PyBytes_GET_SIZE,
+)
+from cpython.dict cimport PyDict_GetItemWithError
 from cpython.exc cimport PyErr_Clear, PyErr_ExceptionMatches
 from cpython.long cimport PyLong_AsLongLongAndOverflow
+from cpython.object cimport PyObject
 from libc.stdint cimport uint32_t, uint64_t
 from libc.string cimport memchr, memcpy
 
@@ -33,6 +50,7 @@ __all__ = [
     "decode_varint",
     "split_records",
     "split_varint_frames",
+    "queue_frame",
 ]
 
 cdef enum:
@@ -369,3 +387,61 @@ def split_varint_frames(data, max_size=0x7FFFFFFF):
         return bodies, pos
     finally:
         PyBuffer_Release(&view)
+
+
+def queue_frame(targets, frames, open_state, limit, dirty):
+    """Append a shared frame to the send buffer of every open target connection.
+
+    ``targets`` is any iterable of connections with ``state``, ``protocol_name`` and ``_out``
+    (exactly a ``bytearray``); ``frames`` maps a protocol name to its frame (``bytes``) or
+    ``None``. A connection is served when its ``state`` *is* ``open_state`` and its protocol has a
+    frame; one whose buffer would grow past ``limit`` is collected in ``over`` instead, and one
+    whose buffer was empty is appended to ``dirty``. Returns ``(count, over)``. Raises
+    ``TypeError`` for a ``frames`` that is not a ``dict``, a ``dirty`` that is not a ``list``, a
+    non-integer ``limit``, a frame that is not ``bytes`` or an ``_out`` that is not a
+    ``bytearray``. See ``_fastpath_py.queue_frame``.
+    """
+    cdef long long lim
+    cdef Py_ssize_t count = 0, size, n
+    cdef PyObject *found
+    cdef list over = []
+    cdef object conn, name, data, out
+    if not isinstance(frames, dict):
+        raise TypeError(f"frames must be a dict, got {type(frames).__name__}")
+    if not isinstance(dirty, list):
+        raise TypeError(f"dirty must be a list, got {type(dirty).__name__}")
+    # Clamped is fine: no buffer is near 2**63 bytes, so a clamped limit answers the same.
+    _as_long_long(limit, &lim)
+    # Cython indexes a list or tuple directly and falls back to the iterator protocol for the
+    # rest (a dict's values, a generator). The three attributes are plain getattrs (with
+    # interned names), so slots, an instance __dict__, properties and __getattr__ all work as
+    # in the twin. The loop allocates nothing per connection: the buffer grows in place
+    # (amortised, as ``+=`` does).
+    for conn in targets:
+        if conn.state is not open_state:
+            continue
+        name = conn.protocol_name
+        # Borrowed, and held as ``data`` before any other Python code can run.
+        found = PyDict_GetItemWithError(frames, name)
+        if found == NULL:
+            continue
+        data = <object>found
+        if data is None:
+            continue
+        if not PyBytes_CheckExact(data):
+            raise TypeError(f"frames[{name!r}] must be bytes or None, got {type(data).__name__}")
+        out = conn._out
+        if not PyByteArray_CheckExact(out):
+            raise TypeError(f"a connection's _out must be a bytearray, got {type(out).__name__}")
+        size = PyByteArray_GET_SIZE(out)
+        n = PyBytes_GET_SIZE(data)
+        if size + n > lim:
+            over.append(conn)
+            continue
+        if size == 0:
+            (<list>dirty).append(conn)
+        # Raises BufferError while a memoryview of the buffer is alive, as ``+=`` does.
+        PyByteArray_Resize(out, size + n)
+        memcpy(PyByteArray_AS_STRING(out) + size, PyBytes_AS_STRING(data), n)
+        count += 1
+    return count, over

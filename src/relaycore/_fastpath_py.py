@@ -5,10 +5,31 @@ in the Cython extension. Nothing here holds state; nothing here does I/O. Import
 ``relaycore._accel``, which picks the extension when it is loaded.
 
 Inputs may be ``bytes``, ``bytearray`` or ``memoryview``; outputs are always ``bytes`` (or
-tuples of ints and bytes).
+tuples of ints and bytes). The one exception is ``queue_frame``, the per-recipient loop of a
+broadcast: it appends to the send buffers of the connection objects it is given (it keeps no
+state of its own either).
 """
 
 from __future__ import annotations
+
+import operator
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable
+    from typing import Protocol, TypeVar
+
+    class _Connection(Protocol):
+        """What ``queue_frame`` reads of a connection (the relay's have ``__slots__``)."""
+
+        @property
+        def state(self) -> object: ...
+        @property
+        def protocol_name(self) -> str: ...
+        @property
+        def _out(self) -> bytearray: ...
+
+    _C = TypeVar("_C", bound=_Connection)
 
 __all__ = [
     "parse_frame_header",
@@ -18,6 +39,7 @@ __all__ = [
     "decode_varint",
     "split_records",
     "split_varint_frames",
+    "queue_frame",
 ]
 
 #: RFC 6455 §5.2: 7-bit lengths up to 125; 126 announces a 16-bit length, 127 a 64-bit one.
@@ -205,3 +227,60 @@ def split_varint_frames(
         bodies.append(bytes(data[pos + n : pos + n + size]))
         pos += n + size
     return bodies, pos
+
+
+def queue_frame(
+    targets: Iterable[_C],
+    frames: dict[str, bytes | None],
+    open_state: object,
+    limit: int,
+    dirty: list[_C],
+) -> tuple[int, list[_C]]:
+    """Append a shared frame to the send buffer of every open target connection.
+
+    ``targets`` is any iterable of connections; each has ``state``, ``protocol_name`` (a
+    ``str``) and ``_out`` (its send buffer, exactly a ``bytearray``). ``frames`` maps a protocol
+    name to the complete frame for clients of that protocol (``bytes``) or ``None``. A
+    connection is served when its ``state`` *is* ``open_state`` and ``frames`` has a frame for
+    its protocol; the others are skipped silently.
+
+    A connection whose ``len(_out) + len(frame)`` would exceed ``limit`` is left alone and
+    collected in ``over``. Otherwise the frame is appended to ``_out`` in place (the buffer stays
+    the same object), and a connection whose buffer was empty is appended to ``dirty`` (the
+    relay's list of connections to flush).
+
+    Returns ``(count, over)``: how many buffers got the frame, and the connections skipped for
+    the limit, in iteration order. Raises ``TypeError`` when ``frames`` is not a ``dict``,
+    ``dirty`` not a ``list``, ``limit`` not an integer, or when a served connection's frame is
+    not ``bytes`` or its ``_out`` not a ``bytearray`` (buffers appended to before that keep the
+    frame).
+    """
+    if not isinstance(frames, dict):
+        raise TypeError(f"frames must be a dict, got {type(frames).__name__}")
+    if not isinstance(dirty, list):
+        raise TypeError(f"dirty must be a list, got {type(dirty).__name__}")
+    limit = operator.index(limit)
+    count = 0
+    over: list[_C] = []
+    for conn in targets:
+        if conn.state is not open_state:
+            continue
+        # dict's and list's own methods, as in the extension: a subclass's overrides (get,
+        # __missing__, append) are not consulted.
+        name = conn.protocol_name
+        data = dict.get(frames, name)
+        if data is None:
+            continue
+        if type(data) is not bytes:
+            raise TypeError(f"frames[{name!r}] must be bytes or None, got {type(data).__name__}")
+        out = conn._out
+        if type(out) is not bytearray:
+            raise TypeError(f"a connection's _out must be a bytearray, got {type(out).__name__}")
+        if len(out) + len(data) > limit:
+            over.append(conn)
+            continue
+        if not out:
+            list.append(dirty, conn)
+        out += data
+        count += 1
+    return count, over

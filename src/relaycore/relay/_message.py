@@ -10,8 +10,10 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+from .._accel import queue_frame
 from ..protocol._hub import get_protocol
 from ..protocol._websocket import Opcode, frame
+from ._peer import ConnState, Flusher
 
 #: WebSocket opcode per hub protocol: JSON travels in text frames, MessagePack in binary ones
 #: (client-protocol §2.1: .NET sends all MessagePack output as binary frames).
@@ -62,20 +64,31 @@ class OutboundMessage:
         return data
 
 
-def fan_out(targets: Iterable[Any], message: OutboundMessage) -> int:
-    """Queue ``message`` on every target connection; returns how many accepted it.
+def fan_out(targets: Iterable[Any], message: OutboundMessage, flusher: Flusher,
+            limit: int) -> int:
+    """Queue ``message`` on every open target connection; returns how many accepted it.
 
-    Never awaits: each ``enqueue`` appends the shared frame to that connection's buffer and
-    wakes its writer, which sends everything queued in this scheduling round in one call.
+    Never awaits. The per-recipient loop is the fast path's ``queue_frame``: it appends the
+    shared frame to each open connection's send buffer and lists the buffers that were empty
+    with the flusher, which sends everything queued in this scheduling round with one
+    ``write()`` per connection. Connections that would pass ``limit`` get nothing and go
+    through ``enqueue``, which closes them as slow consumers.
     """
-    frames: dict[str, bytes | None] = {}
+    if isinstance(targets, tuple) and len(targets) <= 2:
+        return _fan_out_few(targets, message)
+    frames = {name: message.frame(name) for name in _OPCODES}
+    delivered, over = queue_frame(targets, frames, ConnState.OPEN, limit, flusher.dirty)
+    flusher.wake()
+    for conn in over:
+        conn.enqueue(frames[conn.protocol_name])
+    return delivered
+
+
+def _fan_out_few(targets: Sequence[Any], message: OutboundMessage) -> int:
+    """One or two targets: encode only for the protocols they use."""
     delivered = 0
     for conn in targets:
-        name = conn.protocol_name
-        try:
-            data = frames[name]
-        except KeyError:
-            data = frames[name] = message.frame(name)
+        data = message.frame(conn.protocol_name)
         if data is not None and conn.enqueue(data):
             delivered += 1
     return delivered

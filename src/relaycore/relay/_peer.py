@@ -70,20 +70,25 @@ class Flusher:
     """Writes every peer that got bytes in this scheduling round, once each (see above)."""
 
     def __init__(self) -> None:
-        self._dirty: list[Peer] = []
+        #: Peers to write in the next round; ``fan_out`` appends to it directly, then wakes.
+        self.dirty: list[Peer] = []
         self._lot = trio.lowlevel.ParkingLot()
 
     def mark(self, peer: Peer) -> None:
-        self._dirty.append(peer)
+        self.dirty.append(peer)
         if self._lot:
+            self._lot.unpark()
+
+    def wake(self) -> None:
+        if self.dirty and self._lot:
             self._lot.unpark()
 
     async def run(self) -> None:
         while True:
-            if not self._dirty:
+            if not self.dirty:
                 await self._lot.park()
                 continue
-            dirty, self._dirty = self._dirty, []
+            dirty, self.dirty = self.dirty, []
             now = trio.current_time()
             for peer in dirty:
                 peer.flush(now)

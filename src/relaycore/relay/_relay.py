@@ -234,7 +234,7 @@ class Relay:
         return self.table.view(hub).connections.get(connection_id)
 
     def _deliver(self, targets: Iterable[Any], message: OutboundMessage) -> int:
-        reached = fan_out(targets, message)
+        reached = fan_out(targets, message, self.flusher, self.config.send_buffer_limit)
         self.stats.messages_sent += 1
         self.stats.deliveries += reached
         return reached
