@@ -149,8 +149,15 @@ def _relay_argv() -> list[str]:
     variant = os.environ.get("BENCH_RELAY_VARIANT", "none")
     prefix = ([str(BENCH / "profile" / "relay_variant.py"), variant] if variant != "none"
               else ["-m", "relaycore"])
-    return [sys.executable, *prefix, "serve", "--port", "0", "--access-key", ACCESS_KEY,
+    argv = [sys.executable, *prefix, "serve", "--port", "0", "--access-key", ACCESS_KEY,
             "--log-level", "WARNING"]
+    profile = os.environ.get("BENCH_RELAY_PROFILE")
+    if profile:  # py-spy's raw samples of the relay, for profiling (not for figures)
+        # py-spy writes its file when --duration ends (the relay is killed, not stopped).
+        argv = [str(Path(sys.executable).parent / "py-spy"), "record", "--rate", "200",
+                "--duration", os.environ.get("BENCH_RELAY_PROFILE_SECONDS", "30"),
+                "--nonblocking", "--format", "raw", "--output", profile, "--", *argv]
+    return argv
 
 
 TARGETS: dict[str, Target] = {t.name: t for t in [

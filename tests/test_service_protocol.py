@@ -404,6 +404,38 @@ def test_connection_data_writer_matches_write_message(connection_id: str, size: 
     assert parser.messages_received() == [ConnectionDataMessage(connection_id, payload)]
 
 
+def test_parser_raw_connection_data_gives_tuples_in_stream_order() -> None:
+    # The relay's hot path: plain ConnectionData comes out as (connection id, payload), in its
+    # place among the other messages; data with ext hints still comes out as a message.
+    hinted = ConnectionDataMessage("c2", b"x", tracing_id=7)
+    stream = write_messages([
+        OpenConnectionMessage("c1", {}),
+        ConnectionDataMessage("c1", b"{}\x1e"),
+        hinted,
+        CloseConnectionMessage("c1", ""),
+        ConnectionDataMessage("c3", b"\x00" * 300),
+    ])
+    parser = ServiceProtocolParser(raw_connection_data=True)
+    parser.receive_data(stream)
+    assert parser.messages_received() == [
+        OpenConnectionMessage("c1", {}),
+        ("c1", b"{}\x1e"),
+        hinted,
+        CloseConnectionMessage("c1", ""),
+        ("c3", b"\x00" * 300),
+    ]
+    plain = ServiceProtocolParser()
+    plain.receive_data(stream)
+    assert [type(m) for m in plain.messages_received()].count(ConnectionDataMessage) == 3
+
+
+def test_parser_raw_connection_data_still_names_a_malformed_field() -> None:
+    body = msgpack.packb([6, 42, b"payload", {}])  # connectionId is not a string
+    parser = ServiceProtocolParser(raw_connection_data=True)
+    with pytest.raises(RemoteProtocolError, match="connectionId"):
+        parser.receive_data(encode_varint(len(body)) + body)
+
+
 def test_parser_yields_every_message_whatever_the_split_point() -> None:
     stream = write_messages(SAMPLE)
     assert len(stream) > 300  # some prefixes take two bytes

@@ -172,7 +172,7 @@ class ServiceConnection:
 
     def __init__(self, echo: bool) -> None:
         self.conn: Any = None
-        self.parser = ServiceProtocolParser()
+        self.parser = ServiceProtocolParser(raw_connection_data=True)
         self.echo = echo
         self.sampled = False
         self.state = None
@@ -213,9 +213,12 @@ class ServiceConnection:
         self.parser.receive_data(payload)
         out = []
         for m in self.parser.messages_received():
-            if isinstance(m, ConnectionDataMessage):
+            if type(m) is tuple:  # ConnectionData (connection id, payload)
                 if self.echo:
-                    out.append(self._echo(m))
+                    out.append(self._echo(*m))
+            elif isinstance(m, ConnectionDataMessage):
+                if self.echo:
+                    out.append(self._echo(m.connection_id, m.payload))
             elif isinstance(m, OpenConnectionMessage):
                 self.clients[m.connection_id] = m.protocol or "json"
             elif isinstance(m, CloseConnectionMessage):
@@ -235,12 +238,11 @@ class ServiceConnection:
         if out:
             self.conn.send_binary(b"".join(out))
 
-    def _echo(self, m: ConnectionDataMessage) -> bytes:
+    def _echo(self, connection_id: str, data: bytes) -> bytes:
         """What a hub's ``echo(text)`` method that answers ``Clients.Caller`` sends."""
-        data = bytes(m.payload)
-        prefix = self._prefixes.get(m.connection_id)
+        prefix = self._prefixes.get(connection_id)
         if prefix is None:
-            prefix = self._prefixes[m.connection_id] = connection_data_prefix(m.connection_id)
+            prefix = self._prefixes[connection_id] = connection_data_prefix(connection_id)
         if data.startswith(b'{"protocol"'):  # the client's handshake: the hub accepts it
             return write_connection_data(prefix, b"{}\x1e")
         replies = []

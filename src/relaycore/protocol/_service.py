@@ -2228,6 +2228,10 @@ def _too_big(size: int, limit: int) -> RemoteProtocolError:
     )
 
 
+#: The first byte of a 3- or 4-element array: how a ConnectionData body starts (then 0x06).
+_DATA_HEADS: Final = (b"\x93", b"\x94")
+
+
 class ServiceProtocolParser:
     """Turns the bytes of a server connection into service messages.
 
@@ -2248,11 +2252,21 @@ class ServiceProtocolParser:
     [ServicePing(values=())]
     """
 
-    __slots__ = ("_buffer", "_error", "_max_message_size", "_messages")
+    __slots__ = ("_buffer", "_error", "_max_message_size", "_messages", "_raw_data")
 
-    def __init__(self, max_message_size: int = DEFAULT_MAX_SERVICE_MESSAGE_SIZE) -> None:
+    def __init__(
+        self,
+        max_message_size: int = DEFAULT_MAX_SERVICE_MESSAGE_SIZE,
+        *,
+        raw_connection_data: bool = False,
+    ) -> None:
+        """``raw_connection_data``: hand out each plain ``ConnectionData`` (no ``ext`` hints)
+        as a ``(connection_id, payload)`` tuple instead of a ``ConnectionDataMessage``, in
+        its place among the other messages: the relay's hot path, where most messages are
+        client data and building a frozen message object for each one is measurable."""
         if not 0 < max_message_size <= _MAX_FRAME:
             raise ValueError(f"max_message_size must be 1..2**31-1, got {max_message_size}")
+        self._raw_data = raw_connection_data
         self._max_message_size = max_message_size
         self._buffer = bytearray()
         self._messages: list[ServiceMessage] = []
@@ -2285,6 +2299,13 @@ class ServiceProtocolParser:
             bodies, consumed, self._error = self._split_until_error(stream)
         try:
             for body in bodies:
+                if self._raw_data and body[1:2] == b"\x06" and body[:1] in _DATA_HEADS:
+                    array = _unpack(body)
+                    if (len(array) == 3 or (len(array) == 4 and array[3] == {})) and type(
+                        array[1]
+                    ) is str and type(array[2]) is bytes:
+                        self._messages.append((array[1], array[2]))
+                        continue
                 message = parse_message_body(body)
                 if message is not None:
                     self._messages.append(message)

@@ -134,7 +134,8 @@ class ServerConnection(Peer):
         #: False after the server said it is leaving (``shutdown fin:*``): no new clients.
         self.accepting = True
         self.clients: dict[str, ClientConnection] = {}
-        self._parser = ServiceProtocolParser(max_message_size=config.max_service_message_size)
+        self._parser = ServiceProtocolParser(max_message_size=config.max_service_message_size,
+                                             raw_connection_data=True)
         #: Fault injection: while True nothing is sent or handled (a silent network).
         self.silenced = False
 
@@ -257,9 +258,18 @@ class ServerConnection(Peer):
                 except RemoteProtocolError as exc:
                     self.fail(f"malformed service message: {exc}")
                     return
+                clients = self.clients
                 for message in messages:
-                    if self.state >= ConnState.CLOSING:
-                        return
+                    if self.state is not ConnState.OPEN:
+                        if self.state >= ConnState.CLOSING:
+                            return
+                        if type(message) is tuple:  # data before the handshake
+                            message = ConnectionDataMessage(*message)
+                    elif type(message) is tuple:  # ConnectionData: the hot path
+                        client = clients.get(message[0])
+                        if client is not None:
+                            client.server_data(message[1])
+                        continue
                     self._dispatch(message)
             elif isinstance(event, TextMessage):
                 self.fail("the service protocol is binary; got a text frame")
