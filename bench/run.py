@@ -31,6 +31,7 @@ import platform
 import re
 import resource
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -149,15 +150,8 @@ def _relay_argv() -> list[str]:
     variant = os.environ.get("BENCH_RELAY_VARIANT", "none")
     prefix = ([str(BENCH / "profile" / "relay_variant.py"), variant] if variant != "none"
               else ["-m", "relaycore"])
-    argv = [sys.executable, *prefix, "serve", "--port", "0", "--access-key", ACCESS_KEY,
+    return [sys.executable, *prefix, "serve", "--port", "0", "--access-key", ACCESS_KEY,
             "--log-level", "WARNING"]
-    profile = os.environ.get("BENCH_RELAY_PROFILE")
-    if profile:  # py-spy's raw samples of the relay, for profiling (not for figures)
-        # py-spy writes its file when --duration ends (the relay is killed, not stopped).
-        argv = [str(Path(sys.executable).parent / "py-spy"), "record", "--rate", "200",
-                "--duration", os.environ.get("BENCH_RELAY_PROFILE_SECONDS", "30"),
-                "--nonblocking", "--format", "raw", "--output", profile, "--", *argv]
-    return argv
 
 
 TARGETS: dict[str, Target] = {t.name: t for t in [
@@ -214,8 +208,20 @@ class Running:
             self.stop()
             raise RuntimeError(f"{target.name} did not start (see {self.log.name})")
         self.pid = self.proc.pid
+        self.spy: subprocess.Popen[bytes] | None = None
+        profile = os.environ.get("BENCH_RELAY_PROFILE")
+        if profile and target.name == "relaycore":
+            # py-spy's raw samples of the relay for as long as it runs, for profiling (the
+            # sampler shares the relay's CPU: not for figures).
+            self.spy = subprocess.Popen(
+                [str(Path(sys.executable).parent / "py-spy"), "record", "--pid", str(self.pid),
+                 "--rate", "200", "--nonblocking", "--format", "raw", "--output", profile],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
     def stop(self) -> None:
+        if self.spy is not None:
+            self.spy.send_signal(signal.SIGINT)  # py-spy writes its file on SIGINT
+            self.spy.wait(timeout=30)
         if self.proc.poll() is None:
             self.proc.terminate()
             try:

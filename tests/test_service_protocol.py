@@ -417,7 +417,7 @@ def test_parser_raw_connection_data_gives_tuples_in_stream_order() -> None:
     ])
     parser = ServiceProtocolParser(raw_connection_data=True)
     parser.receive_data(stream)
-    assert parser.messages_received() == [
+    assert parser.items_received() == [
         OpenConnectionMessage("c1", {}),
         ("c1", b"{}\x1e"),
         hinted,
@@ -427,6 +427,8 @@ def test_parser_raw_connection_data_gives_tuples_in_stream_order() -> None:
     plain = ServiceProtocolParser()
     plain.receive_data(stream)
     assert [type(m) for m in plain.messages_received()].count(ConnectionDataMessage) == 3
+    with pytest.raises(TypeError, match="items_received"):
+        parser.messages_received()  # typed as messages only: a raw parser must say so
 
 
 def test_parser_raw_connection_data_still_names_a_malformed_field() -> None:

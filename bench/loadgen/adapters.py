@@ -212,7 +212,7 @@ class ServiceConnection:
     def on_frame(self, conn: Any, payload: bytes) -> None:
         self.parser.receive_data(payload)
         out = []
-        for m in self.parser.messages_received():
+        for m in self.parser.items_received():
             if type(m) is tuple:  # ConnectionData (connection id, payload)
                 if self.echo:
                     out.append(self._echo(*m))

@@ -1449,7 +1449,8 @@ def write_message(message: ServiceMessage) -> bytes:
 def connection_data_prefix(connection_id: str) -> bytes:
     """The bytes every ``ConnectionData`` frame of one connection starts its body with (the
     array header, the type and the connection id), for ``write_connection_data``."""
-    return b"\x94\x06" + msgpack.packb(connection_id)
+    packed: bytes = msgpack.packb(connection_id)
+    return b"\x94\x06" + packed
 
 
 def write_connection_data(prefix: bytes, payload: bytes) -> bytes:
@@ -2269,7 +2270,7 @@ class ServiceProtocolParser:
         self._raw_data = raw_connection_data
         self._max_message_size = max_message_size
         self._buffer = bytearray()
-        self._messages: list[ServiceMessage] = []
+        self._messages: list[ServiceMessage | tuple[str, bytes]] = []
         self._error: RemoteProtocolError | None = None
 
     @property
@@ -2358,7 +2359,17 @@ class ServiceProtocolParser:
             )
 
     def messages_received(self) -> list[ServiceMessage]:
-        """The messages completed since the last call, in order; the list is handed over."""
+        """The messages completed since the last call, in order; the list is handed over.
+        A parser made with ``raw_connection_data`` hands out with ``items_received``."""
+        if self._raw_data:
+            raise TypeError("this parser hands out raw ConnectionData: call items_received()")
+        messages = self._messages
+        self._messages = []
+        return messages  # type: ignore[return-value]  # no tuples without raw_connection_data
+
+    def items_received(self) -> list[ServiceMessage | tuple[str, bytes]]:
+        """As ``messages_received``, with plain ``ConnectionData`` as ``(connection_id,
+        payload)`` tuples when the parser was made with ``raw_connection_data``."""
         messages = self._messages
         self._messages = []
         return messages

@@ -254,7 +254,7 @@ class ServerConnection(Peer):
                     continue
                 try:
                     self._parser.receive_data(event.data)
-                    messages = self._parser.messages_received()
+                    messages = self._parser.items_received()
                 except RemoteProtocolError as exc:
                     self.fail(f"malformed service message: {exc}")
                     return
