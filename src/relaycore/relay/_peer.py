@@ -9,14 +9,16 @@ A ``Peer`` owns one accepted, upgraded TCP socket (its file descriptor only) and
   epoll set, waits (through trio) until that set is ready, and then reads each readable socket
   once with a non-blocking ``read()`` and hands the bytes to its peer (``receive``): the
   protocol parses them and the subclass handles the events (``_handle_events``). A burst of
-  messages on many connections is handled in one go, and what it queues leaves in the
-  flusher's writes of the next round (one ``write()`` to an app server for a hundred clients'
-  messages, say).
+  messages on many connections is handled in one go, and what it queues leaves at the end of
+  the batch, one ``write()`` per peer (one ``write()`` to an app server for a hundred clients'
+  messages, say). While busy the poller only yields between batches; it sleeps in trio when
+  nothing is ready.
 * Outbound bytes are appended to one buffer (``_push``); they never wait for the socket. The
   first bytes put into an empty buffer ``mark`` the peer with the relay's ``Flusher``, a single
   task that, once the current task yields, writes every marked peer with one non-blocking
   ``write()`` each: one system call per peer per scheduling round however many frames were
-  queued, and no task switch per peer.
+  queued, and no task switch per peer. (Bytes queued by the poller's own batch are written by
+  the poller at the end of the batch instead.)
 * A socket that does not take everything makes its peer **blocked**: the poller also waits
   for it to become writable and then writes the rest (``writable``); meanwhile the flusher
   leaves the peer alone, so bytes always leave in order.
@@ -72,35 +74,43 @@ class Flusher:
     def __init__(self) -> None:
         #: Peers to write in the next round; ``fan_out`` appends to it directly, then wakes.
         self.dirty: list[Peer] = []
+        #: True while the poller handles a batch: it flushes at the end of the batch itself,
+        #: so the flusher task is not woken for what the batch queues.
+        self.held = False
         self._lot = trio.lowlevel.ParkingLot()
 
     def mark(self, peer: Peer) -> None:
         self.dirty.append(peer)
-        if self._lot:
+        if self._lot and not self.held:
             self._lot.unpark()
 
     def wake(self) -> None:
-        if self.dirty and self._lot:
+        if self.dirty and self._lot and not self.held:
             self._lot.unpark()
+
+    def flush_all(self, now: float) -> None:
+        """Write every marked peer once (and any that writing them marks in turn)."""
+        while self.dirty:
+            dirty, self.dirty = self.dirty, []
+            for peer in dirty:
+                peer.flush(now)
 
     async def run(self) -> None:
         while True:
             if not self.dirty:
                 await self._lot.park()
                 continue
-            dirty, self.dirty = self.dirty, []
-            now = trio.current_time()
-            for peer in dirty:
-                peer.flush(now)
+            self.flush_all(trio.current_time())
 
 
 class Poller:
     """One epoll set for every open connection, served by one task (see above): the inbound
     twin of ``Flusher``, and the waiting room of connections whose socket is full."""
 
-    def __init__(self) -> None:
+    def __init__(self, flusher: Flusher) -> None:
         self._epoll = select.epoll()
         self._peers: dict[int, Peer] = {}
+        self._flusher = flusher
 
     def __len__(self) -> int:
         return len(self._peers)
@@ -125,18 +135,32 @@ class Poller:
     async def run(self) -> None:
         epoll = self._epoll
         peers = self._peers
+        flusher = self._flusher
         try:
             while True:
-                await trio.lowlevel.wait_readable(epoll.fileno())
+                ready = epoll.poll(0, _POLL_BATCH)
+                if not ready:
+                    # Nothing is ready: sleep in trio until something is. (While busy, the
+                    # loop below only yields, which spares trio re-arming the epoll fd.)
+                    await trio.lowlevel.wait_readable(epoll.fileno())
+                    continue
                 now = trio.current_time()
-                for fd, events in epoll.poll(0, _POLL_BATCH):
-                    peer = peers.get(fd)
-                    if peer is None:
-                        continue
-                    if events & _OUT_OR_ERROR and peer._blocked:
-                        peer.writable(now)
-                    if events & _IN_OR_ERROR and peer._reading:
-                        peer.readable(now)
+                flusher.held = True
+                try:
+                    for fd, events in ready:
+                        peer = peers.get(fd)
+                        if peer is None:
+                            continue
+                        if events & _OUT_OR_ERROR and peer._blocked:
+                            peer.writable(now)
+                        if events & _IN_OR_ERROR and peer._reading:
+                            peer.readable(now)
+                finally:
+                    flusher.held = False
+                # What the batch queued leaves now, one write() per peer, without a task
+                # switch to the flusher.
+                flusher.flush_all(now)
+                await trio.lowlevel.checkpoint()
         finally:
             # The relay is stopping (cancelled): drop every connection still open.
             for peer in list(peers.values()):

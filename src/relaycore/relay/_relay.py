@@ -101,7 +101,7 @@ class Relay:
         self._live: set[Peer] = set()
         self._live_clients = 0
         self.flusher = Flusher()
-        self.poller = Poller()
+        self.poller = Poller(self.flusher)
         self.invocations = ClientInvocations(self)
         self.upstream = Upstream(self, parse_rules(config.upstreams))
         #: this node's id, as ``Asrs-Instance-Id`` tells app servers (service-protocol §6.2)
