@@ -11,8 +11,8 @@ A ``Peer`` owns one accepted, upgraded TCP socket (its file descriptor only) and
   protocol parses them and the subclass handles the events (``_handle_events``). A burst of
   messages on many connections is handled in one go, and what it queues leaves at the end of
   the batch, one ``write()`` per peer (one ``write()`` to an app server for a hundred clients'
-  messages, say). While busy the poller only yields between batches; it sleeps in trio when
-  nothing is ready.
+  messages, say). After a full batch the poller only yields before the next one; otherwise it
+  sleeps in trio until something is ready.
 * Outbound bytes are appended to one buffer (``_push``); they never wait for the socket. The
   first bytes put into an empty buffer ``mark`` the peer with the relay's ``Flusher``, a single
   task that, once the current task yields, writes every marked peer with one non-blocking
@@ -136,14 +136,17 @@ class Poller:
         epoll = self._epoll
         peers = self._peers
         flusher = self._flusher
+        ready: list[tuple[int, int]] = []
         try:
             while True:
-                ready = epoll.poll(0, _POLL_BATCH)
-                if not ready:
-                    # Nothing is ready: sleep in trio until something is. (While busy, the
-                    # loop below only yields, which spares trio re-arming the epoll fd.)
+                if len(ready) < _POLL_BATCH:
+                    # The last batch took everything that was ready: sleep in trio until
+                    # something is. (After a full batch the loop only yields, which spares
+                    # trio re-arming the epoll fd while the relay is busy.)
                     await trio.lowlevel.wait_readable(epoll.fileno())
-                    continue
+                else:
+                    await trio.lowlevel.checkpoint()
+                ready = epoll.poll(0, _POLL_BATCH)
                 now = trio.current_time()
                 flusher.held = True
                 try:
@@ -160,7 +163,6 @@ class Poller:
                 # What the batch queued leaves now, one write() per peer, without a task
                 # switch to the flusher.
                 flusher.flush_all(now)
-                await trio.lowlevel.checkpoint()
         finally:
             # The relay is stopping (cancelled): drop every connection still open.
             for peer in list(peers.values()):
