@@ -231,6 +231,34 @@ async def test_silent_client_is_closed_after_the_client_timeout(nursery, connect
     assert message["type"] == 7 and "timeout" in message["error"]
 
 
+@pytest.mark.parametrize("protocol", ["json", "messagepack"])
+async def test_a_client_that_only_pings_stays_open_past_the_client_timeout(
+        nursery, connect, protocol):
+    # Pings take a shortcut (they are most of what idle clients send); they must still count
+    # as hearing from the client. The silent client beside it is the control.
+    config = RelayConfig(port=0, access_keys=[KEY], keep_alive_interval=0.2, client_timeout=0.6)
+    relay = await nursery.start(serve_relay, config)
+    pinging = await connect(relay, user="pinging", protocol=protocol)
+    silent = await connect(relay, user="silent")
+    ping = '{"type":6}' + RS if protocol == "json" else b"\x02\x91\x06"
+
+    async def keep_pinging() -> None:
+        while True:
+            await pinging.ws.send_message(ping)
+            await trio.sleep(0.1)  # the client's ping interval
+
+    async with trio.open_nursery() as pings:
+        pings.start_soon(keep_pinging)
+        with trio.fail_after(5):
+            message = await silent.next_message()
+            while message.get("type") != 7:
+                message = await silent.next_message()
+        await trio.sleep(0.6)  # one more client timeout for the pinging client
+        assert await relay.user_exists("chat", "pinging")
+        assert not await relay.user_exists("chat", "silent")
+        pings.cancel_scope.cancel()
+
+
 def masked_text_frame(text: str) -> bytes:
     """A client text frame with an all-zero mask (so the payload reads as is); < 126 bytes."""
     data = text.encode()

@@ -54,6 +54,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("relaycore.relay.client")
 
+#: A whole WebSocket message that is one Ping hub message, as the official clients send it
+#: (JSON ``{"type":6}`` + record separator; MessagePack ``[6]`` with its varint length).
+_PINGS = frozenset({b'{"type":6}\x1e', b"\x02\x91\x06"})
+
 #: Hub protocol versions a client may ask for (client-protocol §3.1: accept version <= 2;
 #: 2 only turns on stateful reconnect, which the relay does not negotiate).
 _MAX_HUB_VERSION = 2
@@ -212,6 +216,8 @@ class ClientConnection(Peer):
                 if self.server is not None and self.protocol is not None:
                     self.server.client_data(self, data)
                     continue
+                if data in _PINGS and not self._inbox and self.state is ConnState.OPEN:
+                    continue  # a keep-alive ping, the most common message: nothing to do
                 self._inbox += data
                 if self.protocol is None:
                     self._try_handshake()
