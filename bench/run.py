@@ -447,12 +447,23 @@ async def s4_targeted(ctx: Context, target: Target, running: Running) -> None:
             def to_user(i: int, text: str, users: list[str] = users) -> None:
                 app.send_to_user(users[(i * 7919) % len(users)], text)
 
+            # What the relay burns with these connections open and nothing sent (keep-alive,
+            # timers), so that the routing cost per delivery can be told apart from it.
+            await asyncio.sleep(0.5)
+            cpu0, t0 = cpu_seconds(r.pid), time.perf_counter()
+            await asyncio.sleep(ctx.duration)
+            idle_cpu = (cpu_seconds(r.pid) - cpu0) / (time.perf_counter() - t0)
             for variant, send in (("connection", to_connection), ("user", to_user)):
                 label = {"scenario": "S4", "target": target.name, "run": ctx.run,
                          "connections": total, "variant": f"{variant} @{total}"}
                 step = await gen.run_step(send, rate=ctx.args.direct_rate, duration=ctx.duration,
                                           payload=32, recipients=1, target_pid=r.pid,
                                           label={**label, "payload": 32}, grace=ctx.grace)
+                elapsed = step["target_cpu_s"] / max(step["target_cpu_percent"] / 100, 1e-9)
+                step["idle_cpu_percent"] = 100 * idle_cpu
+                step["marginal_cpu_s_per_1M_deliveries"] = (
+                    (step["target_cpu_s"] - idle_cpu * elapsed) / step["delivered"] * 1e6
+                    if step["delivered"] else None)
                 step["pass"] = passes(step)
                 show(step)
                 ctx.records.append(step)
@@ -706,8 +717,9 @@ def markdown(facts: dict[str, Any], records: list[dict[str, Any]]) -> str:
     if s4:
         lines += ["### S4: relaycore send to one connection / one user (32 B, same offered "
                   "rate)", "", "| variant | connections | offered/s | delivered/s | reach | p99 | "
-                  "relay CPU-s per 1M deliveries | generator CPU |", "|---|---:|---:|---:|---:|"
-                  "---:|---:|---:|"]
+                  "relay CPU-s per 1M deliveries | relay idle CPU with these connections | "
+                  "the same minus idle (routing cost) | generator CPU |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         groups: dict[tuple, list[dict[str, Any]]] = {}
         for r in s4:
             groups.setdefault((r["variant"].split(" @")[0], r["connections"]), []).append(r)
@@ -718,6 +730,8 @@ def markdown(facts: dict[str, Any], records: list[dict[str, Any]]) -> str:
             lines.append(f"| {variant} | {total:,} | {med('offered_deliveries_per_s'):,.0f} | "
                          f"{med('delivered_per_s'):,.0f} | {med('reach'):.4f} | "
                          f"{med('p99_ms'):.1f} ms | {med('target_cpu_s_per_1M_deliveries'):.2f} | "
+                         f"{med('idle_cpu_percent'):.1f} % | "
+                         f"{med('marginal_cpu_s_per_1M_deliveries'):.2f} | "
                          f"{med('generator_cpu_percent'):.0f} % |")
         lines.append("")
 
