@@ -470,6 +470,27 @@ async def test_slow_consumer_is_closed_and_counted_while_others_get_everything(n
     await stalled.aclose()
 
 
+async def test_a_client_that_stops_reading_gets_everything_in_order_when_it_reads_again(
+        nursery, connect):
+    # Far more than the socket buffers hold, under the send buffer limit: the relay keeps the
+    # rest, waits until the socket is writable again, and loses or reorders nothing.
+    config = RelayConfig(port=0, access_keys=[KEY], send_buffer_limit=64 << 20)
+    relay = await nursery.start(serve_relay, config)
+    client = await connect(relay, user="reader")  # reads only when asked (queue of one)
+    conn = next(iter(relay.table.get("chat").connections.values()))
+    payload = "z" * 60000
+    count = 400  # 24 MB
+    for i in range(count):
+        await relay.send_to_user("chat", "reader", OutboundMessage.invocation("n", i, payload))
+    await wait_for(lambda: conn._blocked)  # the socket refused part of it
+    with trio.fail_after(30):
+        for i in range(count):
+            message = await client.next_message()
+            assert message["arguments"] == [i, payload]
+    await wait_for(lambda: not conn._blocked and not conn._out)
+    assert await relay.user_exists("chat", "reader")
+
+
 async def test_rest_body_far_over_the_limit_gets_413_not_a_reset(relay, rest):
     r = await rest.call("POST", "/api/hubs/chat/:send", content=b"x" * (16 << 20),
                         headers={"Content-Type": "application/json"})

@@ -227,11 +227,16 @@ class Peer:
         self.relay.poller.watch(self, _IN | _OUT if self._reading else _OUT)
 
     def writable(self, now: float) -> None:
-        """The poller saw the full socket writable again: write what waits."""
-        self._blocked = False
-        self.flush(now)
-        if not self._blocked and self.state is not ConnState.CLOSED:
-            self.relay.poller.watch(self, _IN if self._reading else 0)
+        """The poller saw the full socket writable again: write what waits. (A bug met here
+        ends this connection, never the poller.)"""
+        try:
+            self._blocked = False
+            self.flush(now)
+            if not self._blocked and self.state is not ConnState.CLOSED:
+                self.relay.poller.watch(self, _IN if self._reading else 0)
+        except Exception:
+            log.exception("dropping a connection after an internal error")
+            self.drop()
 
     def _send_close_frame(self, code: int, reason: str = "") -> None:
         if self.ws.state is State.OPEN:
