@@ -112,9 +112,6 @@ class Poller:
         self._peers: dict[int, Peer] = {}
         self._flusher = flusher
 
-    def __len__(self) -> int:
-        return len(self._peers)
-
     def add(self, peer: Peer) -> None:
         self._peers[peer._fd] = peer
         self._epoll.register(peer._fd, _IN)
@@ -338,6 +335,11 @@ class Peer:
 
     def _ended(self) -> None:
         """The connection is over (any reason): leave every table."""
+        raise NotImplementedError
+
+    def tick(self, now: float) -> None:
+        """The relay's timer pass: check this connection's timers (handshake, keep-alive,
+        timeouts)."""
         raise NotImplementedError
 
 

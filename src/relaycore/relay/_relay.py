@@ -115,7 +115,6 @@ class Relay:
         self.rest = RestApi(self)
         self._shutting_down = False
         self._all_gone: trio.Event | None = None
-        self._nursery: trio.Nursery | None = None
         #: The fault-injection switch (``inject_fault``); ``none`` in normal operation.
         self.fault_mode = "none"
 
@@ -596,7 +595,6 @@ async def serve_relay(
     listeners = await trio.open_tcp_listeners(config.port, host=config.host or None)
     relay.port = listeners[0].socket.getsockname()[1]
     async with trio.open_nursery() as nursery:
-        relay._nursery = nursery
         nursery.start_soon(relay._ticker)
         nursery.start_soon(relay.flusher.run)
         nursery.start_soon(relay.poller.run)
