@@ -238,6 +238,90 @@ def test_apply_mask_non_contiguous_memoryview_is_read_in_order(fastpath: ModuleT
     assert fastpath.apply_mask(data, MASK_KEY) == expected
 
 
+def masked_frame(payload: bytes, first: int = 0x81, key: bytes = MASK_KEY, form: int = 0) -> bytes:
+    """A client frame; ``form`` forces the 16-bit (126) or 64-bit (127) length form."""
+    n = len(payload)
+    if form == 126:
+        head = bytes([first, 0x80 | 126]) + n.to_bytes(2, "big")
+    elif form == 127:
+        head = bytes([first, 0x80 | 127]) + n.to_bytes(8, "big")
+    else:
+        head = relaycore._fastpath_py.encode_frame_header(first & 0x0F, n, True, key)
+        head = bytes([first]) + head[1:]
+    return head + (key if form else b"") + relaycore._fastpath_py.apply_mask(payload, key)
+
+
+def test_unmask_messages_rfc6455_hello_and_several_frames(fastpath: ModuleType) -> None:
+    for data in buffers(HELLO_MASKED):
+        assert fastpath.unmask_messages(data, 1 << 20) == [HELLO]
+    stream = (
+        HELLO_MASKED
+        + masked_frame(b"\x00\xffbinary", 0x82, b"\x01\x02\x03\x04")
+        + masked_frame("héllo ☃".encode(), 0x81, b"\xff\x00\xee\x11")
+        + masked_frame(b"", 0x82)
+    )
+    got = fastpath.unmask_messages(stream, 1 << 20)
+    assert got == [HELLO, b"\x00\xffbinary", "héllo ☃".encode(), b""]
+    assert all(type(p) is bytes for p in got)
+
+
+@pytest.mark.parametrize("size", [0, 7, 8, 9, 125, 126, 127, 65535, 65536])
+@pytest.mark.parametrize("form", [0, 126, 127])
+def test_unmask_messages_every_length_form_and_tail(
+    fastpath: ModuleType, size: int, form: int
+) -> None:
+    if form == 126 and size > 65535:
+        return
+    payload = bytes(i % 251 for i in range(size))
+    wire = masked_frame(payload, 0x82, form=form)
+    assert fastpath.unmask_messages(wire, size) == [payload]
+    assert fastpath.unmask_messages(wire, size - 1) is None  # over the limit: the full path says
+    # Cut anywhere, the frame is not whole: None, nothing judged.
+    for cut in {0, 1, 2, 3, 5, len(wire) // 2, len(wire) - 1}:
+        if cut < len(wire):
+            assert fastpath.unmask_messages(wire[:cut], 1 << 20) is None
+
+
+@pytest.mark.parametrize(
+    "wire",
+    [
+        HELLO_UNMASKED,  # a server frame, unmasked
+        PONG_MASKED,  # control frames go to the full path
+        masked_frame(b"", 0x89),
+        masked_frame(b"\x03\xe8", 0x88),
+        masked_frame(b"Hel", 0x01),  # a first fragment (FIN clear)
+        masked_frame(b"lo", 0x80),  # a continuation
+        masked_frame(b"Hello", 0xC1),  # RSV1 set
+        masked_frame(b"Hello", 0x83),  # a reserved opcode
+        masked_frame(b"\xff\xfe", 0x81),  # text that is not UTF-8
+        masked_frame(b"\xed\xa0\x80", 0x81),  # an encoded surrogate
+        masked_frame(b"\xc0\xaf", 0x81),  # an overlong encoding
+        masked_frame("é".encode()[:1], 0x81),  # a character cut short
+        bytes([0x82, 0xFF]) + b"\x80" + bytes(7) + MASK_KEY,  # 64-bit length, top bit set
+    ],
+)
+def test_unmask_messages_leaves_everything_else_to_the_full_parser(
+    fastpath: ModuleType, wire: bytes
+) -> None:
+    assert fastpath.unmask_messages(wire, 1 << 20) is None
+    # ... also behind a good frame: the whole read goes to the full path.
+    assert fastpath.unmask_messages(HELLO_MASKED + wire, 1 << 20) is None
+
+
+def test_unmask_messages_text_flag_and_limits(fastpath: ModuleType) -> None:
+    binary = masked_frame(b"Hello", 0x82)
+    assert fastpath.unmask_messages(HELLO_MASKED, 1 << 20, False) is None
+    assert fastpath.unmask_messages(binary, 1 << 20, False) == [HELLO]
+    assert fastpath.unmask_messages(binary + HELLO_MASKED, 1 << 20, text=False) is None
+    # Text that is not UTF-8 is still a binary message's fine payload.
+    assert fastpath.unmask_messages(masked_frame(b"\xff", 0x82), 9) == [b"\xff"]
+    assert fastpath.unmask_messages(b"", 1 << 20) is None
+    assert fastpath.unmask_messages(HELLO_MASKED, -1) is None
+    assert fastpath.unmask_messages(HELLO_MASKED, 2**80) == [HELLO]
+    with pytest.raises(TypeError):
+        fastpath.unmask_messages("text", 10)
+
+
 VARINTS = [
     (0, b"\x00"),
     (53, b"\x35"),

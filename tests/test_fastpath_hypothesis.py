@@ -16,6 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import relaycore._fastpath_py as py
+from relaycore.protocol._websocket import BinaryMessage, Role, TextMessage, WebSocketProtocol
 
 REQUIRE_EXTENSIONS = os.environ.get("RELAYCORE_REQUIRE_EXTENSIONS", "") not in ("", "0")
 
@@ -194,6 +195,62 @@ def test_apply_mask_matches_twin(data: Any, mask: Any) -> None:
 def test_apply_mask_cross_round_trip(data: bytes, mask: bytes) -> None:
     assert py.apply_mask(c.apply_mask(data, mask), mask) == data
     assert c.apply_mask(py.apply_mask(data, mask), mask) == data
+
+
+@st.composite
+def client_reads(draw: st.DrawFn) -> bytes:
+    """What a server may read from a client: mostly whole masked text and binary messages
+    (UTF-8 or not), now and then a control frame, a fragment, an unmasked frame, a set RSV bit,
+    a non-minimal length form, and possibly cut anywhere."""
+    out = b""
+    usual = draw(st.booleans())  # half the reads are only whole masked messages
+    for _ in range(draw(st.integers(0, 4))):
+        payload = draw(
+            st.binary(max_size=300)
+            | st.text(max_size=100).map(str.encode)
+            | st.sampled_from([b"{}\x1e", b'{"type":6}\x1e', b"\x02\x91\x06"])
+        )
+        first = draw(st.sampled_from([0x81, 0x82]) if usual else st.integers(0, 255))
+        mask = draw(st.binary(min_size=4, max_size=4) if usual
+                    else st.binary(min_size=4, max_size=4) | st.none())
+        header = bytearray(py.encode_frame_header(first & 0x0F, len(payload), True, mask))
+        header[0] = first
+        if draw(st.integers(0, 9)) == 0 and len(payload) < 126:  # the 16-bit form, needlessly
+            header[1:2] = bytes([header[1] & 0x80 | 126]) + len(payload).to_bytes(2, "big")
+        out += bytes(header) + (py.apply_mask(payload, mask) if mask else payload)
+    return out[: draw(st.integers(0, len(out)))] if draw(st.integers(0, 4)) == 0 else out
+
+
+@EXAMPLES
+@given(data=client_reads(), limit=st.sampled_from([0, 5, 125, 300, 2**31, -1]),
+       text=st.booleans())
+def test_unmask_messages_matches_twin(data: bytes, limit: int, text: bool) -> None:
+    assert_same("unmask_messages", data, limit, text)
+
+
+@EXAMPLES
+@given(data=client_reads(), text=st.booleans(), split=st.integers(0, 2000))
+def test_unmask_messages_agrees_with_the_full_parser(data: bytes, text: bool, split: int) -> None:
+    """Whatever the shortcut takes, the full parser turns into the same messages, with no
+    error, no output and nothing left over; the shortcut is never taken mid-message."""
+    ws = WebSocketProtocol(Role.SERVER, max_message_size=200)
+    got = ws.receive_messages(data, text)
+    assert got == py.unmask_messages(data, 200, text)
+    if got is None:
+        return
+    full = WebSocketProtocol(Role.SERVER, max_message_size=200)
+    full.receive_data(data)
+    events = full.events_received()
+    assert full.error is None and full.data_to_send() == b"" and not full._buf
+    assert [e.data.encode() if isinstance(e, TextMessage) else e.data for e in events] == got
+    if not text:
+        assert all(isinstance(e, BinaryMessage) for e in events)
+    # With part of an earlier read pending, the shortcut steps aside.
+    cut = split % (len(data) + 1)
+    pending = WebSocketProtocol(Role.SERVER, max_message_size=200)
+    pending.receive_data(data[:cut])
+    if pending._buf:
+        assert pending.receive_messages(data[cut:], text) is None
 
 
 @EXAMPLES

@@ -222,6 +222,34 @@ async def test_invocation_without_app_server_gets_a_completion_error(relay, conn
     assert "Send" in message["error"]
 
 
+async def test_several_messages_in_one_read_are_each_handled_with_or_without_control_frames(
+    relay, connect
+):
+    """One write of whole masked frames (the relay's shortcut) and one that mixes in a ping and
+    a message cut across two writes (the full parser): every invocation is answered, in order."""
+    client = await connect(relay)
+
+    def frame(text: str, first: int = 0x81) -> bytes:
+        data = text.encode()
+        head = bytes([first, 0x80 | len(data)]) + b"mask"
+        return head + bytes(b ^ b"mask"[i % 4] for i, b in enumerate(data))
+
+    def invocation(i: int) -> str:
+        return f'{{"type":1,"invocationId":"{i}","target":"Send{i}","arguments":[]}}' + RS
+
+    stream = client.ws._stream
+    await stream.send_all(frame(invocation(1)) + frame(invocation(2)) + frame(invocation(3)))
+    with trio.fail_after(3):
+        answered = [await client.next_message() for _ in range(3)]
+    mixed = frame(invocation(4)) + frame("p", 0x89) + frame(invocation(5))
+    await stream.send_all(mixed[:-7])
+    await stream.send_all(mixed[-7:])
+    with trio.fail_after(3):
+        answered += [await client.next_message() for _ in range(2)]
+    assert [(m["type"], m["invocationId"]) for m in answered] == [(3, str(i)) for i in range(1, 6)]
+    assert all(f"Send{i}" in m["error"] for i, m in enumerate(answered, 1))
+
+
 async def test_silent_client_is_closed_after_the_client_timeout(nursery, connect):
     config = RelayConfig(port=0, access_keys=[KEY], keep_alive_interval=0.2, client_timeout=0.6)
     relay = await nursery.start(serve_relay, config)

@@ -743,3 +743,39 @@ def test_enums_carry_rfc_6455_wire_values():
     assert CloseCode.MESSAGE_TOO_BIG == 1009
     assert (Role.SERVER, Role.CLIENT) == (0, 1)
     assert (State.OPEN, State.CLOSING, State.CLOSED) == (1, 2, 3)
+
+
+def test_protocol_receive_messages_steps_aside_unless_nothing_is_pending():
+    """The server's shortcut takes whole messages only when no earlier input is pending: not in
+    the middle of a fragmented message, not with part of a frame buffered, not after Close,
+    and never in the client role."""
+    hello = encode_frame_header(Opcode.TEXT, 5, True, RFC_MASK) + apply_mask(b"Hello", RFC_MASK)
+    server = WebSocketProtocol(Role.SERVER)
+    assert server.receive_messages(hello) == [b"Hello"]
+    assert server.events_received() == []
+    assert server.receive_messages(hello, text=False) is None
+
+    first = encode_frame_header(Opcode.TEXT, 3, False, RFC_MASK) + apply_mask(b"Hel", RFC_MASK)
+    server.receive_data(first)
+    assert server.receive_messages(hello) is None  # the full parser must fail this
+    server.receive_data(hello)
+    assert server.error is not None
+
+    partial = WebSocketProtocol(Role.SERVER)
+    partial.receive_data(hello[:4])
+    assert partial.receive_messages(hello) is None
+    partial.receive_data(hello[4:])
+    assert partial.events_received() == [TextMessage("Hello")]
+
+    closed = WebSocketProtocol(Role.SERVER)
+    closed.receive_data(
+        encode_frame_header(Opcode.CLOSE, 2, True, RFC_MASK) + apply_mask(b"\x03\xe8", RFC_MASK)
+    )
+    assert closed.receive_messages(hello) is None
+
+    limited = WebSocketProtocol(Role.SERVER, max_message_size=4)
+    assert limited.receive_messages(hello) is None
+    assert WebSocketProtocol(Role.SERVER, max_message_size=None).receive_messages(hello) == [
+        b"Hello"
+    ]
+    assert WebSocketProtocol(Role.CLIENT, mask_key=fixed_mask()).receive_messages(hello) is None

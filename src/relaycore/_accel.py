@@ -21,6 +21,7 @@ if os.environ.get("RELAYCORE_NO_EXTENSIONS", "") not in ("", "0"):
         queue_frame,
         split_records,
         split_varint_frames,
+        unmask_messages,
     )
 else:
     try:
@@ -33,6 +34,7 @@ else:
             queue_frame,
             split_records,
             split_varint_frames,
+            unmask_messages,
         )
 
         ACCELERATED = True
@@ -46,6 +48,7 @@ else:
             queue_frame,
             split_records,
             split_varint_frames,
+            unmask_messages,
         )
 
 __all__ = [
@@ -58,4 +61,5 @@ __all__ = [
     "queue_frame",
     "split_records",
     "split_varint_frames",
+    "unmask_messages",
 ]

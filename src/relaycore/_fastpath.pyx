@@ -33,6 +33,7 @@ from cpython.dict cimport PyDict_GetItemWithError
 from cpython.exc cimport PyErr_Clear, PyErr_ExceptionMatches
 from cpython.long cimport PyLong_AsLongLongAndOverflow
 from cpython.object cimport PyObject
+from cpython.unicode cimport PyUnicode_DecodeUTF8
 from libc.stdint cimport uint32_t, uint64_t
 from libc.string cimport memchr, memcpy
 
@@ -46,6 +47,7 @@ __all__ = [
     "parse_frame_header",
     "encode_frame_header",
     "apply_mask",
+    "unmask_messages",
     "encode_varint",
     "decode_varint",
     "split_records",
@@ -65,6 +67,9 @@ cdef enum:
     _INCOMPLETE = 0
     _TOO_LONG = -1
     _TOO_BIG = -2
+    # First bytes of a whole (FIN set, RSV clear) text and binary frame.
+    _WHOLE_TEXT = 0x81
+    _WHOLE_BINARY = 0x82
 
 cdef long long _LLONG_MAX = 0x7FFFFFFFFFFFFFFF
 
@@ -279,6 +284,98 @@ def apply_mask(data, mask):
             dst[i] = src[i] ^ key[i & 3]
             i += 1
         return out
+    finally:
+        PyBuffer_Release(&view)
+
+
+def unmask_messages(data, limit, text=True):
+    """The payloads of a client's read when it holds nothing but whole data messages.
+
+    ``None`` for anything else, judging nothing: see ``_fastpath_py.unmask_messages``. The
+    unmasking loop also ORs the payload's bytes together, so an all-ASCII text payload (the
+    JSON hub protocol's usual one) is known valid UTF-8 without decoding it; any other text
+    payload is judged by CPython's own strict decoder.
+    """
+    cdef Py_buffer view
+    cdef const unsigned char *buf
+    cdef const unsigned char *src
+    cdef const unsigned char *key
+    cdef unsigned char *dst
+    cdef Py_ssize_t end, pos = 0, head, i, k
+    cdef unsigned long long length
+    cdef long long lim
+    cdef unsigned char b0, b1
+    cdef uint32_t key32
+    cdef uint64_t key64, word, seen
+    cdef bint allow_text = text
+    cdef list payloads
+    # Clamped is fine: a clamped limit answers the same for every length a buffer can hold.
+    _as_long_long(limit, &lim)
+    _acquire(data, &view)
+    try:
+        buf = <const unsigned char *>view.buf
+        end = view.len
+        if end == 0:
+            return None
+        payloads = []
+        while pos < end:
+            if end - pos < 2:
+                return None
+            b0 = buf[pos]
+            b1 = buf[pos + 1]
+            if b0 != _WHOLE_BINARY and (b0 != _WHOLE_TEXT or not allow_text):
+                return None
+            if not b1 & 0x80:
+                return None
+            length = b1 & 0x7F
+            head = 2
+            if length == _LEN16:
+                if end - pos < 4:
+                    return None
+                length = (<unsigned long long>buf[pos + 2] << 8) | buf[pos + 3]
+                head = 4
+            elif length == _LEN64:
+                if end - pos < 10:
+                    return None
+                length = 0
+                for k in range(8):
+                    length = (length << 8) | buf[pos + 2 + k]
+                if length >> 63:
+                    return None
+                head = 10
+            if end - pos < head + 4:
+                return None
+            key = buf + pos + head
+            head += 4
+            if lim < 0 or length > <unsigned long long>lim:
+                return None
+            if length > <unsigned long long>(end - pos - head):
+                return None
+            out = PyBytes_FromStringAndSize(NULL, <Py_ssize_t>length)
+            dst = <unsigned char *>PyBytes_AS_STRING(out)
+            src = buf + pos + head
+            memcpy(&key32, key, 4)
+            key64 = (<uint64_t>key32 << 32) | key32
+            seen = 0
+            i = 0
+            while i + 8 <= <Py_ssize_t>length:
+                memcpy(&word, src + i, 8)
+                word ^= key64
+                seen |= word
+                memcpy(dst + i, &word, 8)
+                i += 8
+            while i < <Py_ssize_t>length:
+                dst[i] = src[i] ^ key[i & 3]
+                seen |= dst[i]
+                i += 1
+            if b0 == _WHOLE_TEXT and seen & 0x8080808080808080ULL:
+                try:
+                    PyUnicode_DecodeUTF8(<const char *>dst, <Py_ssize_t>length, "strict")
+                except UnicodeDecodeError:
+                    return None
+            payloads.append(out)
+            pos += head + <Py_ssize_t>length
+        return payloads
     finally:
         PyBuffer_Release(&view)
 

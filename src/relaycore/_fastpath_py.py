@@ -35,6 +35,7 @@ __all__ = [
     "parse_frame_header",
     "encode_frame_header",
     "apply_mask",
+    "unmask_messages",
     "encode_varint",
     "decode_varint",
     "split_records",
@@ -142,6 +143,56 @@ def apply_mask(data: bytes | bytearray | memoryview, mask: bytes) -> bytes:
     # Whole-buffer XOR through big integers: the mask repeated to the data's length.
     key = (bytes(mask) * (n // 4 + 1))[:n]
     return (int.from_bytes(data, "little") ^ int.from_bytes(key, "little")).to_bytes(n, "little")
+
+
+#: First bytes of a whole (FIN set, RSV clear) text and binary frame.
+_WHOLE_TEXT = 0x81
+_WHOLE_BINARY = 0x82
+
+
+def unmask_messages(
+    data: bytes | bytearray | memoryview, limit: int, text: bool = True
+) -> list[bytes] | None:
+    """The payloads of a client's read when it holds nothing but whole data messages.
+
+    The common read of a server is one or more complete frames, each a message of its own: FIN
+    set, RSV1-3 clear, masked, binary (0x2) or, when ``text`` is true, text (0x1) holding valid
+    UTF-8, with at most ``limit`` bytes of payload. For such ``data`` this returns the unmasked
+    payloads in order (text as its UTF-8 bytes). For anything else (empty ``data``, a control or
+    continuation frame, a frame cut short, an unmasked frame, a message over ``limit``, invalid
+    UTF-8, a 64-bit length with its top bit set) it returns ``None`` and judges nothing: the
+    caller hands the same bytes to the full parser, which reports what is wrong.
+    """
+    end = len(data)
+    if not end:
+        return None
+    pos = 0
+    payloads = []
+    while pos < end:
+        try:
+            header = parse_frame_header(data, pos)
+        except ValueError:
+            return None
+        if header is None:
+            return None
+        b0, _, mask, length, n = header
+        if b0 != _WHOLE_BINARY and (b0 != _WHOLE_TEXT or not text):
+            return None
+        if mask is None or length > limit:
+            return None
+        start = pos + n
+        stop = start + length
+        if stop > end:
+            return None
+        payload = apply_mask(data[start:stop], mask)
+        if b0 == _WHOLE_TEXT:
+            try:
+                payload.decode("utf-8")
+            except UnicodeDecodeError:
+                return None
+        payloads.append(payload)
+        pos = stop
+    return payloads
 
 
 def encode_varint(value: int) -> bytes:

@@ -35,7 +35,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from relaycore._accel import apply_mask, encode_frame_header, parse_frame_header
+from relaycore._accel import (
+    apply_mask,
+    encode_frame_header,
+    parse_frame_header,
+    unmask_messages,
+)
 from relaycore.protocol._errors import LocalProtocolError, RemoteProtocolError
 
 __all__ = [
@@ -171,6 +176,8 @@ _FIN = 0x80
 _RSV = 0x70
 _OPCODE = 0x0F
 _MASK = 0x80
+#: ``max_message_size=None`` for the fast path: no frame can be longer.
+_NO_LIMIT = (1 << 63) - 1
 #: Codes other than these, outside 3000-4999 (§7.4.2: libraries and private use), are invalid
 #: in a Close frame (§7.4.1: 1004 reserved, 1005/1006/1015 local only; 1012-1014 are
 #: IANA-registered since). 1005 is only valid as "no code at all".
@@ -465,6 +472,26 @@ class WebSocketProtocol:
         elif src is buf and pos:
             # CPython drops a bytearray's head by moving its start pointer: no copy.
             del buf[:pos]
+
+    def receive_messages(self, data: bytes, text: bool = True) -> list[bytes] | None:
+        """A server's shortcut past :meth:`receive_data` for its most common read.
+
+        When nothing is pending from earlier reads (no partial frame, no fragmented message,
+        input not over) and ``data`` is nothing but whole, masked data messages within
+        ``max_message_size`` (text ones valid UTF-8, and only binary ones unless ``text``),
+        returns their payloads in order, text as its UTF-8 bytes, and no events: the state is
+        what :meth:`receive_data` would have left. Otherwise returns ``None`` having consumed
+        nothing, and the caller feeds the same ``data`` to :meth:`receive_data`.
+        """
+        if (
+            self._buf
+            or self._msg_opcode is not None
+            or self._input_done
+            or self.role is not Role.SERVER
+        ):
+            return None
+        limit = self.max_message_size
+        return unmask_messages(data, _NO_LIMIT if limit is None else limit, text)
 
     def _parse(self, src: bytes | bytearray | memoryview, view: memoryview) -> int:
         """Handle every complete frame in ``src``; return the offset of the first byte left."""

@@ -210,21 +210,28 @@ class ClientConnection(Peer):
     def _handle_events(self, events: list[Any]) -> None:
         for event in events:
             if isinstance(event, (TextMessage, BinaryMessage)):
-                if self.state >= ConnState.CLOSING:
-                    continue
-                data = event.data.encode() if isinstance(event, TextMessage) else event.data
-                if self.server is not None and self.protocol is not None:
-                    self.server.client_data(self, data)
-                    continue
-                if data in _PINGS and not self._inbox and self.state is ConnState.OPEN:
-                    continue  # a keep-alive ping, the most common message: nothing to do
-                self._inbox += data
-                if self.protocol is None:
-                    self._try_handshake()
-                if self.state is ConnState.OPEN and self._inbox and self.server is None:
-                    self._parse_hub_messages()
+                self._handle_messages(
+                    [event.data.encode() if isinstance(event, TextMessage) else event.data]
+                )
             elif isinstance(event, CloseReceived):
                 self._leave(self.close_reason)
+
+    def _handle_messages(self, messages: list[bytes]) -> None:
+        server = self.server
+        for data in messages:
+            if self.state >= ConnState.CLOSING:
+                return
+            if server is not None and self.protocol is not None:
+                server.client_data(self, data)
+                continue
+            if data in _PINGS and not self._inbox and self.state is ConnState.OPEN:
+                continue  # a keep-alive ping, the most common message: nothing to do
+            self._inbox += data
+            if self.protocol is None:
+                self._try_handshake()
+                server = self.server
+            if self.state is ConnState.OPEN and self._inbox and server is None:
+                self._parse_hub_messages()
 
     # -- SignalR ----------------------------------------------------------------------------
 

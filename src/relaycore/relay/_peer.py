@@ -8,7 +8,9 @@ A ``Peer`` owns one accepted, upgraded TCP socket (its file descriptor only) and
 * The relay's ``Poller`` is a single task that keeps every open connection's socket in one
   epoll set, waits (through trio) until that set is ready, and then reads each readable socket
   once with a non-blocking ``read()`` and hands the bytes to its peer (``receive``): the
-  protocol parses them and the subclass handles the events (``_handle_events``). A burst of
+  protocol parses them and the subclass handles the events (``_handle_events``); a read that
+  is nothing but whole data messages, the common one, skips the events and goes to
+  ``_handle_messages`` as a list of payloads (the fast path's ``unmask_messages``). A burst of
   messages on many connections is handled in one go, and what it queues leaves at the end of
   the batch, one ``write()`` per peer (one ``write()`` to an app server for a hundred clients'
   messages, say). After a full batch the poller only yields before the next one; otherwise it
@@ -287,6 +289,11 @@ class Peer:
                 self._finish()
                 return
             self.last_receive = now
+            messages = ws.receive_messages(data, self._TEXT_MESSAGES)
+            if messages is not None:
+                # The common read, whole data messages: no events, no protocol output.
+                self._handle_messages(messages)
+                return
             ws.receive_data(data)
             self._handle_events(ws.events_received())
             if ws.error is not None:
@@ -326,7 +333,15 @@ class Peer:
 
     # -- for subclasses ------------------------------------------------------------------------
 
+    #: Whether text frames are data to this kind of peer (else the full path judges them).
+    _TEXT_MESSAGES = True
+
     def _handle_events(self, events: list[Any]) -> None:
+        raise NotImplementedError
+
+    def _handle_messages(self, messages: list[bytes]) -> None:
+        """Whole data messages that the fast path took (see ``receive_messages``): the same
+        as their ``TextMessage``/``BinaryMessage`` events would have been."""
         raise NotImplementedError
 
     def _on_protocol_error(self, reason: str, code: int | None) -> None:

@@ -250,31 +250,41 @@ class ServerConnection(Peer):
             return
         for event in events:
             if isinstance(event, BinaryMessage):
-                if self.state >= ConnState.CLOSING:
-                    continue
-                try:
-                    self._parser.receive_data(event.data)
-                    messages = self._parser.items_received()
-                except RemoteProtocolError as exc:
-                    self.fail(f"malformed service message: {exc}")
-                    return
-                clients = self.clients
-                for message in messages:
-                    if self.state is not ConnState.OPEN:
-                        if self.state >= ConnState.CLOSING:
-                            return
-                        if type(message) is tuple:  # data before the handshake
-                            message = ConnectionDataMessage(*message)
-                    elif type(message) is tuple:  # ConnectionData: the hot path
-                        client = clients.get(message[0])
-                        if client is not None:
-                            client.server_data(message[1])
-                        continue
-                    self._dispatch(message)
+                self._handle_messages([event.data])
             elif isinstance(event, TextMessage):
                 self.fail("the service protocol is binary; got a text frame")
             elif isinstance(event, CloseReceived):
                 self._leave("closed by the app server")
+
+    #: A text frame is an error here, which the full path reports.
+    _TEXT_MESSAGES = False
+
+    def _handle_messages(self, messages: list[bytes]) -> None:
+        if self.silenced:
+            return
+        parser = self._parser
+        clients = self.clients
+        for data in messages:
+            if self.state >= ConnState.CLOSING:
+                return
+            try:
+                parser.receive_data(data)
+                items = parser.items_received()
+            except RemoteProtocolError as exc:
+                self.fail(f"malformed service message: {exc}")
+                return
+            for message in items:
+                if self.state is not ConnState.OPEN:
+                    if self.state >= ConnState.CLOSING:
+                        return
+                    if type(message) is tuple:  # data before the handshake
+                        message = ConnectionDataMessage(*message)
+                elif type(message) is tuple:  # ConnectionData: the hot path
+                    client = clients.get(message[0])
+                    if client is not None:
+                        client.server_data(message[1])
+                    continue
+                self._dispatch(message)
 
     def _dispatch(self, message: Any) -> None:
         if self.state is ConnState.HANDSHAKE:
