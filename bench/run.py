@@ -52,7 +52,14 @@ from loadgen.adapters import (  # noqa: E402
     SignalRAdapter,
     SocketIOAdapter,
 )
-from loadgen.core import Generator, PublisherThread, cpu_seconds, rss_bytes  # noqa: E402
+from loadgen.core import (  # noqa: E402
+    ARRIVAL_CLOCK,
+    READ_CLOCK,
+    Generator,
+    PublisherThread,
+    cpu_seconds,
+    rss_bytes,
+)
 from loadgen.wsclient import default_backend  # noqa: E402
 
 from relaycore import __version__ as RELAYCORE_VERSION  # noqa: E402
@@ -247,11 +254,15 @@ def passes(step: dict[str, Any]) -> bool:
 
 
 def show(step: dict[str, Any]) -> None:
+    """One line per step; p50/p99/max at the sockets' arrival, and the p99 at the generator's
+    read (which includes its own read-out of the other sockets) beside it."""
     p99 = step["p99_ms"]
+    read = step.get("read_p99_ms")
     print(f"    {step['target']:>15} {step['scenario']:<4} {step.get('variant', ''):<12}"
           f"{step['payload']:>5} B {step['offered_deliveries_per_s']:>9,.0f}/s offered "
           f"{step['delivered_per_s']:>9,.0f}/s delivered  reach {step['reach']:.4f}  "
           f"p50 {step['p50_ms'] or 0:7.2f}  p99 {p99 if p99 is not None else float('nan'):7.2f}"
+          f" (read p99 {read if read is not None else float('nan'):5.1f})"
           f"  max {step['max_ms'] or 0:7.1f} ms  target {step['target_cpu_percent']:3.0f}% "
           f"{step['target_cpu_s_per_1M_deliveries'] or 0:5.2f} CPU-s/1M  "
           f"gen {step['generator_cpu_percent']:3.0f}% "
@@ -641,6 +652,28 @@ def _fmt_best(b: dict[str, Any]) -> str:
     return text
 
 
+def latency_note(records: list[dict[str, Any]], scenarios: tuple[str, ...]) -> str:
+    """The footnote saying which latency a table's p50/p99 are: the subscribers' socket
+    arrival (where the generator recorded it) or the generator's read (older result files)."""
+    clocks = {r.get("latency_clock") or READ_CLOCK for r in records
+              if r.get("scenario") in scenarios and r.get("p99_ms") is not None}
+    if not clocks:
+        return ""
+    if clocks == {ARRIVAL_CLOCK}:
+        return ("Latency (p50, p99): from a message's due time to its arrival at the "
+                "receiving client's socket (the kernel's receive time, SO_TIMESTAMPNS, on the "
+                "sampled connections), which leaves out the generator's own read-out of its "
+                "other sockets; the p99 at the generator's read is in the JSON (read_p99_ms).")
+    if clocks == {READ_CLOCK}:
+        return ("Latency (p50, p99): from a message's due time to the generator's read of it, "
+                "which includes the generator's own read-out of its other sockets (no socket "
+                "arrival times in this run).")
+    return ("Latency (p50, p99): from a message's due time to its arrival at the receiving "
+            "client's socket (SO_TIMESTAMPNS) where the generator had it, else to the "
+            "generator's read (latency_clock in the JSON says which, per step; read_p99_ms is "
+            "the read p99).")
+
+
 def markdown(facts: dict[str, Any], records: list[dict[str, Any]]) -> str:
     lines = [f"Commit `{facts['commit']}`, {facts['date']}, {facts['machine']}; generator: "
              f"{facts['generator']}; S2/S8: {facts['runs']} run(s), other scenarios: "
@@ -711,7 +744,9 @@ def markdown(facts: dict[str, Any], records: list[dict[str, Any]]) -> str:
             lines.append(row)
         lines += ["", legend + (" Azure units per core: deliveries/s ÷ 2,000 at 2 KB." if
                                 scenario == "S2" else " Azure units per core: echoes/s ÷ 1,000."
-                                if scenario == "S1" else ""), ""]
+                                if scenario == "S1" else "")
+                  + " " + latency_note(records, (scenario, "S2") if scenario == "S8"
+                                       else (scenario,)), ""]
 
     s4 = [r for r in records if r.get("scenario") == "S4"]
     if s4:
@@ -733,7 +768,7 @@ def markdown(facts: dict[str, Any], records: list[dict[str, Any]]) -> str:
                          f"{med('idle_cpu_percent'):.1f} % | "
                          f"{med('marginal_cpu_s_per_1M_deliveries'):.2f} | "
                          f"{med('generator_cpu_percent'):.0f} % |")
-        lines.append("")
+        lines += ["", latency_note(records, ("S4",)), ""]
 
     s5 = [r for r in records if r.get("scenario") == "S5"]
     if s5:
@@ -774,7 +809,7 @@ def markdown(facts: dict[str, Any], records: list[dict[str, Any]]) -> str:
                          f"{med6('reach'):.4f} | {med6('p50_ms'):.1f} ms | {med6('p99_ms'):.1f} ms "
                          f"| {med6('target_cpu_percent'):.0f} % | "
                          f"{med6('generator_cpu_percent'):.0f} % |")
-        lines.append("")
+        lines += ["", latency_note(records, ("S6",)), ""]
     return "\n".join(lines)
 
 

@@ -12,6 +12,16 @@ Two interchangeable backends open a client connection and call back into a ``Sin
 Every data frame goes to ``Sink.on_frame(conn, payload: bytes)``; control frames are handled
 here (pong to a ping, close on a close). A connection binds to a chosen source address
 (``127.0.0.x``) so that 15k connections do not run out of ephemeral ports.
+
+Sampled connections (the ones that record latency), whichever backend, are a third kind,
+``StampedConnection`` (Linux): its own socket with ``SO_TIMESTAMPNS``, read with ``recvmsg``, so
+every read carries the time the kernel received the bytes. One generator process reads a
+thousand sockets one after the other per broadcast, so the time its callback sees a frame may
+include its own read-out of the others; on loopback the kernel's receive time is taken
+when the server's ``write()`` hands the segment to the loopback device, which measures the
+server, as a real client that reads its one socket at once would. The connection sets
+``arrival_ns`` (``perf_counter_ns`` clock) before each ``Sink.on_frame``; the other kinds leave it
+``None``.
 """
 
 from __future__ import annotations
@@ -19,6 +29,11 @@ from __future__ import annotations
 import asyncio
 import base64
 import os
+import platform
+import socket
+import struct
+import sys
+import time
 from collections.abc import Iterable
 from typing import Any, Protocol
 
@@ -53,35 +68,28 @@ class _ConnMixin:
     #: free for the adapter (a readiness future, a user id, a room)
     state: Any
     ready: asyncio.Future[None] | None
+    #: when the kernel received the bytes of the frame being delivered (``perf_counter_ns``
+    #: clock); set by ``StampedConnection`` only, ``None`` for the other kinds
+    arrival_ns: int | None = None
 
 
 # -- own backend ------------------------------------------------------------------------------
 
 
-class OwnConnection(asyncio.Protocol, _ConnMixin):
-    def __init__(self, sink: Sink, request: bytes, sampled: bool) -> None:
-        self.sink = sink
-        self.sampled = sampled
-        self.state = None
-        self.ready = None
-        self.transport: asyncio.Transport | None = None
-        self._buf = b""
-        self._upgraded = False
-        self._request = request
-        self._opened: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self.closed = False
+class _ServerFrames(_ConnMixin):
+    """The server's side of the wire, whatever moves the bytes (``OwnConnection``'s transport,
+    ``StampedConnection``'s own socket): the upgrade answer, then unmasked server frames; data
+    frames go to the sink, a ping is answered, a close is answered and closes."""
 
-    # asyncio callbacks
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
-        transport.write(self._request)  # type: ignore[attr-defined]
+    _buf: bytes
+    _upgraded: bool
+    _opened: asyncio.Future[None]
 
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.closed = True
-        if not self._opened.done():
-            self._opened.set_exception(ConnectionError(f"closed during the upgrade: {exc}"))
-            self._opened.exception()  # retrieved: nobody may be waiting any more (churn)
-        self.sink.on_closed(self)
+    def _send(self, opcode: int, payload: bytes) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
 
     def data_received(self, data: bytes) -> None:
         if self._buf:
@@ -96,10 +104,11 @@ class OwnConnection(asyncio.Protocol, _ConnMixin):
                 if not self._opened.done():
                     self._opened.set_exception(ConnectionError(
                         data[:end].decode("latin-1").splitlines()[0]))
-                self.transport.close()
+                self.close()
                 return
             self._upgraded = True
-            self._opened.set_result(None)
+            if not self._opened.done():  # not if the opener gave up waiting
+                self._opened.set_result(None)
             data = data[end + 4:]
         n = len(data)
         pos = 0
@@ -129,11 +138,37 @@ class OwnConnection(asyncio.Protocol, _ConnMixin):
                 self._send(PONG, data[pos + head:end])
             elif opcode == CLOSE:
                 self._send(CLOSE, data[pos + head:pos + head + 2])
-                self.transport.close()
+                self.close()
                 return
             pos = end
         if pos < n:
             self._buf = data[pos:]
+
+
+class OwnConnection(_ServerFrames, asyncio.Protocol):
+    def __init__(self, sink: Sink, request: bytes, sampled: bool) -> None:
+        self.sink = sink
+        self.sampled = sampled
+        self.state = None
+        self.ready = None
+        self.transport: asyncio.Transport | None = None
+        self._buf = b""
+        self._upgraded = False
+        self._request = request
+        self._opened: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.closed = False
+
+    # asyncio callbacks
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        transport.write(self._request)  # type: ignore[attr-defined]
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        if not self._opened.done():
+            self._opened.set_exception(ConnectionError(f"closed during the upgrade: {exc}"))
+            self._opened.exception()  # retrieved: nobody may be waiting any more (churn)
+        self.sink.on_closed(self)
 
     def _send(self, opcode: int, payload: bytes) -> None:
         if not self.closed:
@@ -172,6 +207,225 @@ async def _open_own(sink: Sink, host: str, port: int, path: str, source: str, sa
     _, conn = await loop.create_connection(lambda: OwnConnection(sink, request, sampled),
                                            host, port, local_addr=(source, 0))
     await conn._opened
+    return conn
+
+
+# -- sampled connections: the kernel's receive time --------------------------------------------
+
+
+def _probe_timestamps() -> tuple[int, int] | None:
+    """``(SO_TIMESTAMPNS, SCM_TIMESTAMPNS)`` where the kernel can stamp received bytes, else
+    ``None`` (then sampled connections use the backend's kind and record read times only).
+    CPython does not export the constant; 35 is its value in Linux's generic socket ABI
+    (alpha, parisc and sparc number it otherwise)."""
+    if sys.platform != "linux":
+        return None
+    value = getattr(socket, "SO_TIMESTAMPNS", None)
+    if value is None:
+        if platform.machine().startswith(("alpha", "parisc", "sparc")):
+            return None
+        value = 35
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, value, 1)
+    except OSError:
+        return None
+    return value, value  # SCM_TIMESTAMPNS == SO_TIMESTAMPNS
+
+
+_STAMPS = _probe_timestamps()
+HAVE_STAMPS = _STAMPS is not None
+_SO_TIMESTAMPNS, _SCM_TIMESTAMPNS = _STAMPS or (0, 0)
+_TIMESPEC = struct.Struct("@ll")  # struct timespec: tv_sec, tv_nsec (native longs)
+_ANC_SIZE = socket.CMSG_SPACE(_TIMESPEC.size) if HAVE_STAMPS else 0
+_RECV_SIZE = 1 << 16
+_perf_ns = time.perf_counter_ns
+_time_ns = time.time_ns
+
+
+class _WallToPerf:
+    """Turns the kernel's ``CLOCK_REALTIME`` stamps into ``perf_counter_ns`` time (Linux:
+    ``CLOCK_MONOTONIC``), the clock of the due times in the payloads.
+
+    The two clocks differ by a constant that changes only when the wall clock is stepped (NTP
+    slewing speeds both up or slows both down alike), so one measurement serves; it is taken
+    again once a second, which bounds what a step can skew to that second. A measurement reads
+    ``time_ns()`` between two ``perf_counter_ns()`` reads and keeps the tightest of a few: a
+    GIL switch between two reads (the publisher thread) would skew a single one by whole ms."""
+
+    REFRESH_NS = 1_000_000_000
+
+    def __init__(self) -> None:
+        self.offset = 0
+        self.taken = -self.REFRESH_NS
+        self.refresh()
+
+    def refresh(self) -> None:
+        best = None
+        for _ in range(5):
+            before = _perf_ns()
+            wall = _time_ns()
+            after = _perf_ns()
+            if best is None or after - before < best[0]:
+                best = (after - before, wall - (before + after) // 2)
+            if best[0] < 2_000:
+                break
+        self.offset = best[1]
+        self.taken = _perf_ns()
+
+    def __call__(self, wall_ns: int) -> int:
+        if _perf_ns() - self.taken > self.REFRESH_NS:
+            self.refresh()
+        return wall_ns - self.offset
+
+
+_wall_to_perf = _WallToPerf()
+
+
+class StampedConnection(_ServerFrames):
+    """A sampled connection, whatever the backend: its own non-blocking socket with
+    ``SO_TIMESTAMPNS``, read with ``recvmsg`` from a loop reader so that each read brings the
+    kernel's receive time of the (last) segment it read, set as ``arrival_ns`` before the
+    frames of that read go to the sink.
+
+    When several frames wait in the socket (the generator came round late), a read returns
+    them together with the newest segment's time (the kernel also merges queued segments and
+    keeps the newest time), so the older ones' arrival latency is overstated, never understated.
+    Sends are masked with the zero key like ``OwnConnection``'s and go out with ``send``; what
+    the socket does not take (rare: a few small frames a second) waits for a loop writer."""
+
+    def __init__(self, sink: Sink, sampled: bool, sock: socket.socket,
+                 loop: asyncio.AbstractEventLoop) -> None:
+        self.sink = sink
+        self.sampled = sampled
+        self.state = None
+        self.ready = None
+        self.arrival_ns = None
+        self.closed = False
+        self._sock = sock
+        self._fd = sock.fileno()
+        self._loop = loop
+        self._buf = b""
+        self._upgraded = False
+        self._opened = loop.create_future()
+        self._out: list[bytes] = []  # what the socket did not take yet, in order
+        self._closing = False  # close() waits for _out to drain
+
+    def _start(self, request: bytes) -> None:
+        self._loop.add_reader(self._fd, self._readable)
+        self._write(request)
+
+    def _readable(self) -> None:
+        try:
+            data, ancillary, _flags, _address = self._sock.recvmsg(_RECV_SIZE, _ANC_SIZE)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self._lost(exc)
+            return
+        if not data:
+            self._lost(None)
+            return
+        arrival = None
+        for level, kind, cdata in ancillary:
+            if kind == _SCM_TIMESTAMPNS and level == socket.SOL_SOCKET:
+                seconds, nanoseconds = _TIMESPEC.unpack_from(cdata)
+                arrival = _wall_to_perf(seconds * 1_000_000_000 + nanoseconds)
+        self.arrival_ns = arrival  # None if this read came without a stamp
+        self.data_received(data)
+
+    def _send(self, opcode: int, payload: bytes) -> None:
+        if not self.closed and not self._closing:
+            self._write(encode_frame_header(opcode, len(payload), True, _ZERO_MASK) + payload)
+
+    def _write(self, data: bytes) -> None:
+        if self._out:  # keep the order behind what waits
+            self._out.append(data)
+            return
+        try:
+            sent = self._sock.send(data)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError as exc:
+            self._lost(exc)
+            return
+        if sent < len(data):
+            self._out.append(data[sent:])
+            self._loop.add_writer(self._fd, self._writable)
+
+    def _writable(self) -> None:
+        data = b"".join(self._out)
+        try:
+            sent = self._sock.send(data)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self._lost(exc)
+            return
+        rest = data[sent:]
+        self._out = [rest] if rest else []
+        if not rest:
+            self._loop.remove_writer(self._fd)
+            if self._closing:
+                self._lost(None)
+
+    def _lost(self, exc: Exception | None) -> None:
+        """The end, however it came: stop watching the socket, close it, and tell the sink on
+        the next loop pass (as asyncio's ``connection_lost`` would)."""
+        if self.closed:
+            return
+        self.closed = True
+        self._loop.remove_reader(self._fd)
+        if self._out:
+            self._out = []
+            self._loop.remove_writer(self._fd)
+        self._sock.close()
+        if not self._opened.done():
+            self._opened.set_exception(ConnectionError(f"closed during the upgrade: {exc}"))
+            self._opened.exception()  # retrieved: nobody may be waiting any more (churn)
+        self._loop.call_soon(self.sink.on_closed, self)
+
+    # the connection API
+    def send_text(self, payload: bytes) -> None:
+        self._send(TEXT, payload)
+
+    def send_binary(self, payload: bytes) -> None:
+        self._send(BINARY, payload)
+
+    def close(self) -> None:
+        """Close once what was sent has left (reading stops now), as a transport's close."""
+        if self.closed or self._closing:
+            return
+        if self._out:
+            self._closing = True
+            self._loop.remove_reader(self._fd)
+        else:
+            self._lost(None)
+
+    def abort(self) -> None:
+        self._lost(None)
+
+
+async def _open_stamped(sink: Sink, host: str, port: int, path: str, source: str, sampled: bool,
+                        headers: Iterable[tuple[str, str]]) -> StampedConnection:
+    loop = asyncio.get_running_loop()
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setblocking(False)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.setsockopt(socket.SOL_SOCKET, _SO_TIMESTAMPNS, 1)
+        sock.bind((source, 0))
+        await loop.sock_connect(sock, (host, port))
+    except BaseException:
+        sock.close()
+        raise
+    conn = StampedConnection(sink, sampled, sock, loop)
+    try:
+        conn._start(_upgrade_request(host, port, path, headers))
+        await conn._opened
+    except BaseException:
+        conn.abort()
+        raise
     return conn
 
 
@@ -243,7 +497,13 @@ def default_backend() -> str:
 async def open_connection(backend: str, sink: Sink, host: str, port: int, path: str, *,
                           source: str = "127.0.0.1", sampled: bool = False,
                           headers: Iterable[tuple[str, str]] = ()) -> Any:
-    """Open one WebSocket client connection (upgrade done) whose frames go to ``sink``."""
+    """Open one WebSocket client connection (upgrade done) whose frames go to ``sink``.
+
+    A ``sampled`` connection is a ``StampedConnection`` whatever the backend (where the kernel
+    can stamp received bytes): its latency is taken at the socket, not at this process's
+    callback."""
+    if sampled and HAVE_STAMPS:
+        return await _open_stamped(sink, host, port, path, source, sampled, headers)
     if backend == "picows":
         if not HAVE_PICOWS:
             raise RuntimeError("picows is not installed (bench/peers/setup.sh installs it)")
