@@ -46,11 +46,19 @@ def now_us() -> int:
     return _perf_ns() // 1000
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU of a process (all its threads) from ``/proc``."""
+def cpu_split(pid: int) -> tuple[float, float]:
+    """(user, system) CPU seconds of a process (all its threads) from ``/proc``: what it ran
+    itself and what the kernel did for it (system calls; on loopback, also the receiving
+    side's TCP work, done on the sender's core)."""
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, int(fields[12]) / tick
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU of a process (all its threads) from ``/proc``."""
+    return sum(cpu_split(pid))
 
 
 _OWN_PID = os.getpid()
@@ -347,7 +355,7 @@ class Generator:
         expected = count * recipients
         loop = asyncio.get_running_loop()
         side = loop.create_task(during()) if during is not None else None
-        tcpu0, gcpu0 = cpu_seconds(target_pid), time.process_time()
+        (tuser0, tsys0), gcpu0 = cpu_split(target_pid), time.process_time()
         fcpu0 = foreign_cpu({target_pid})
         start_us = now_us() + 2000
         start = start_us / 1e6
@@ -359,7 +367,9 @@ class Generator:
             await asyncio.sleep(0.002)
         done = time.perf_counter()
         delivered = meter.count
-        tcpu = cpu_seconds(target_pid) - tcpu0
+        tuser, tsys = cpu_split(target_pid)
+        tuser, tsys = tuser - tuser0, tsys - tsys0
+        tcpu = tuser + tsys
         gcpu = time.process_time() - gcpu0
         fcpu = foreign_cpu_seconds(fcpu0, foreign_cpu({target_pid}))
         elapsed = max(done - start, duration)
@@ -402,6 +412,8 @@ class Generator:
             "target_cpu_s": tcpu,
             "target_cpu_percent": 100 * tcpu / elapsed,
             "target_cpu_s_per_1M_deliveries": tcpu / delivered * 1e6 if delivered else None,
+            "target_user_cpu_s": tuser,
+            "target_system_cpu_s": tsys,
             "target_rss_bytes": rss_bytes(target_pid),
             "generator_cpu_percent": gen_cpu,
             "generator_bound": gen_cpu > 80.0,
