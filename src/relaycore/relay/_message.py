@@ -74,7 +74,7 @@ def fan_out(targets: Iterable[Any], message: OutboundMessage, flusher: Flusher,
     ``write()`` per connection. Connections that would pass ``limit`` get nothing and go
     through ``enqueue``, which closes them as slow consumers.
     """
-    if isinstance(targets, tuple) and len(targets) <= 2:
+    if isinstance(targets, (tuple, list)) and len(targets) <= 2:
         return _fan_out_few(targets, message)
     frames = {name: message.frame(name) for name in _OPCODES}
     delivered, over = queue_frame(targets, frames, ConnState.OPEN, limit, flusher.dirty)

@@ -146,8 +146,11 @@ class HubShard:
         excluded_set = set(excluded)
         return (c for c in list(members.values()) if c.id not in excluded_set)
 
-    def user_targets(self, user_id: str) -> Iterator[Connection]:
-        return iter(list(self.users.get(user_id, {}).values()))
+    def user_targets(self, user_id: str) -> tuple[Connection, ...]:
+        """A snapshot of the user's connections (usually one or two: a tuple takes the
+        fan-out's few-targets path, which frames only for the protocols they use)."""
+        members = self.users.get(user_id)
+        return tuple(members.values()) if members else ()
 
 
 def _discard(index: dict[str, dict[str, Any]], key: str, conn_id: str) -> None:
