@@ -38,6 +38,7 @@ from relaycore.protocol import (
     JsonHubProtocol,
     Role,
     ServiceHandshakeRequest,
+    ServicePing,
     TextMessage,
     WebSocketProtocol,
     write_service_message,
@@ -114,6 +115,19 @@ class Receiver:
 SAMPLE_EVERY = 10
 
 
+async def keep_alive(receivers: list[Receiver]) -> None:
+    """Ping from every client as SignalR clients do (every 15 s by default; here every 5 s):
+    the relay closes a client that sends nothing for its client timeout (30 s), and the slow
+    REST steps alone take longer than that."""
+    ping = '{"type":6}\x1e'
+    while True:
+        await trio.sleep(5.0)
+        for r in receivers:
+            r.ws.send_text(ping)
+            with contextlib.suppress(trio.ClosedResourceError, trio.BrokenResourceError):
+                await r.stream.send_all(r.ws.data_to_send())
+
+
 async def open_client(port: int, token: str, sampled: bool) -> Receiver:
     stream = await trio.open_tcp_stream("127.0.0.1", port)
     await stream.send_all(
@@ -164,6 +178,7 @@ class ServerPublisher:
     def __init__(self, stream: trio.SocketStream) -> None:
         self.stream = stream
         self.ws = WebSocketProtocol(Role.CLIENT, mask_key=lambda: os.urandom(4))
+        self._sending = trio.Lock()  # the keep-alive and the publisher share the stream
 
     @classmethod
     async def open(cls, port: int, nursery: trio.Nursery) -> ServerPublisher:
@@ -184,7 +199,21 @@ class ServerPublisher:
             ServiceHandshakeRequest(connection_type=ConnectionType.WEAK)))
         await stream.send_all(publisher.ws.data_to_send())
         nursery.start_soon(publisher._drain)
+        nursery.start_soon(publisher._keep_alive)
         return publisher
+
+    async def _keep_alive(self) -> None:
+        # An app server pings: the relay closes a server connection that is silent for its
+        # server timeout (30 s), longer than the REST steps take before this one is used.
+        with contextlib.suppress(trio.ClosedResourceError, trio.BrokenResourceError):
+            while True:
+                await trio.sleep(5.0)
+                await self._send(write_service_message(ServicePing()))
+
+    async def _send(self, message: bytes) -> None:
+        async with self._sending:
+            self.ws.send_binary(message)
+            await self.stream.send_all(self.ws.data_to_send())
 
     async def _drain(self) -> None:
         # The relay's pings (and the handshake answer) must be read, or its buffer fills.
@@ -194,8 +223,7 @@ class ServerPublisher:
 
     async def publish(self, arguments: list[object]) -> None:
         payload = JSON.write_invocation("t", arguments)
-        self.ws.send_binary(write_service_message(BroadcastDataMessage({"json": payload})))
-        await self.stream.send_all(self.ws.data_to_send())
+        await self._send(write_service_message(BroadcastDataMessage({"json": payload})))
 
     async def aclose(self) -> None:
         await self.stream.aclose()
@@ -262,6 +290,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, object]:
             receivers.append(await open_client(port, token, i % SAMPLE_EVERY == 0))
         steps = []
         async with trio.open_nursery() as nursery:
+            nursery.start_soon(keep_alive, receivers)
             publishers = {"rest": RestPublisher(port),
                           "server": await ServerPublisher.open(port, nursery)}
             for via in args.via:
