@@ -35,6 +35,14 @@ VARINT_FRAMES = b"".join(
 #: A masked client frame carrying 2 KB: the 16-bit length form plus a key (8-byte header).
 CLIENT_FRAME_HEADER = relaycore._fastpath_py.encode_frame_header(0x1, 2048, mask=MASK)
 
+#: A client's read of three masked JSON text frames of about 60 bytes each (an invocation
+#: ending in the record separator), what the relay's shortcut past the WebSocket parser takes.
+CLIENT_READ = b"".join(
+    relaycore._fastpath_py.encode_frame_header(0x1, len(_record(i)) + 1, mask=MASK)
+    + relaycore._fastpath_py.apply_mask(_record(i) + b"\x1e", MASK)
+    for i in range(3)
+)
+
 #: case id -> (function name, positional arguments)
 CASES: dict[str, tuple[str, tuple[Any, ...]]] = {
     "apply_mask-16B": ("apply_mask", (bytes(range(16)), MASK)),
@@ -46,6 +54,7 @@ CASES: dict[str, tuple[str, tuple[Any, ...]]] = {
     "decode_varint-300": ("decode_varint", (b"\xac\x02" + bytes(30),)),
     "split_records-100": ("split_records", (RECORDS,)),
     "split_varint_frames-100": ("split_varint_frames", (VARINT_FRAMES,)),
+    "unmask_messages-3x60B": ("unmask_messages", (CLIENT_READ, 1 << 20)),
 }
 
 
