@@ -42,7 +42,7 @@ bench: $(STAMP)
 	$(PY) -m pytest bench/bench_fastpath.py --benchmark-only -q
 	$(PY) bench/fanout.py
 	sh bench/peers/setup.sh
-	$(PY) bench/run.py --runs 3 --other-runs 1
+	$(PY) bench/run.py --runs 3
 
 bench-smoke: $(STAMP)
 	$(PY) -m pytest bench/bench_fastpath.py --benchmark-disable -q
