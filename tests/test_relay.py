@@ -15,6 +15,7 @@ import pytest
 import trio
 from trio_websocket import ConnectionClosed
 
+from relaycore._accel import apply_mask, encode_frame_header
 from relaycore.protocol._hub import JsonHubProtocol, MessagePackHubProtocol
 from relaycore.relay import OutboundMessage, RelayConfig, serve_relay
 from relayhelpers import KEY, RS, client_token, rest_token, wait_for
@@ -231,8 +232,9 @@ async def test_several_messages_in_one_read_are_each_handled_with_or_without_con
 
     def frame(text: str, first: int = 0x81) -> bytes:
         data = text.encode()
-        head = bytes([first, 0x80 | len(data)]) + b"mask"
-        return head + bytes(b ^ b"mask"[i % 4] for i, b in enumerate(data))
+        return encode_frame_header(first & 0x0F, len(data), True, b"mask") + apply_mask(
+            data, b"mask"
+        )
 
     def invocation(i: int) -> str:
         return f'{{"type":1,"invocationId":"{i}","target":"Send{i}","arguments":[]}}' + RS

@@ -213,8 +213,9 @@ async def _open_own(sink: Sink, host: str, port: int, path: str, source: str, sa
 # -- sampled connections: the kernel's receive time --------------------------------------------
 
 
-def _probe_timestamps() -> tuple[int, int] | None:
-    """``(SO_TIMESTAMPNS, SCM_TIMESTAMPNS)`` where the kernel can stamp received bytes, else
+def _probe_timestamps() -> int | None:
+    """``SO_TIMESTAMPNS`` (also the cmsg type, ``SCM_TIMESTAMPNS``) where the kernel can stamp
+    received bytes, else
     ``None`` (then sampled connections use the backend's kind and record read times only).
     CPython does not export the constant; 35 is its value in Linux's generic socket ABI
     (alpha, parisc and sparc number it otherwise)."""
@@ -230,12 +231,11 @@ def _probe_timestamps() -> tuple[int, int] | None:
             probe.setsockopt(socket.SOL_SOCKET, value, 1)
     except OSError:
         return None
-    return value, value  # SCM_TIMESTAMPNS == SO_TIMESTAMPNS
+    return value
 
 
-_STAMPS = _probe_timestamps()
-HAVE_STAMPS = _STAMPS is not None
-_SO_TIMESTAMPNS, _SCM_TIMESTAMPNS = _STAMPS or (0, 0)
+_SO_TIMESTAMPNS = _probe_timestamps() or 0
+HAVE_STAMPS = _SO_TIMESTAMPNS != 0
 _TIMESPEC = struct.Struct("@ll")  # struct timespec: tv_sec, tv_nsec (native longs)
 _ANC_SIZE = socket.CMSG_SPACE(_TIMESPEC.size) if HAVE_STAMPS else 0
 _RECV_SIZE = 1 << 16
@@ -328,7 +328,7 @@ class StampedConnection(_ServerFrames):
             return
         arrival = None
         for level, kind, cdata in ancillary:
-            if kind == _SCM_TIMESTAMPNS and level == socket.SOL_SOCKET:
+            if kind == _SO_TIMESTAMPNS and level == socket.SOL_SOCKET:  # SCM_TIMESTAMPNS
                 seconds, nanoseconds = _TIMESPEC.unpack_from(cdata)
                 arrival = _wall_to_perf(seconds * 1_000_000_000 + nanoseconds)
         self.arrival_ns = arrival  # None if this read came without a stamp
