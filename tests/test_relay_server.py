@@ -16,7 +16,7 @@ import trio
 from trio_websocket import ConnectionClosed, connect_websocket_url
 
 from relaycore.protocol._auth import generate_access_token
-from relaycore.protocol._hub import JsonHubProtocol, MessagePackHubProtocol
+from relaycore.protocol._hub import InvocationMessage, JsonHubProtocol, MessagePackHubProtocol
 from relaycore.protocol._service import (
     AckStatus,
     BroadcastDataMessage,
@@ -299,6 +299,46 @@ async def test_fan_out_messages_reach_exactly_their_targets(relay, app_server, r
         assert (await alice.next_message())["target"] == "conn"
         assert (await bob.next_message())["target"] == "user"
         assert (await bob.next_message())["target"] == "group"
+
+
+async def test_user_data_reaches_each_connection_of_the_user_in_its_own_protocol(
+        relay, app_server, raw_client):
+    # The relay's UserData shortcut (the SDK's payload map, no ext hints) against the full
+    # reader (a tracing id): the same deliveries, each client getting its protocol's entry in
+    # its protocol's frame type, nothing to other users, a protocol missing from the map
+    # skipped, and the relay's delivery count kept.
+    server = await app_server(relay)
+    text, _ = await bind_client(relay, server, raw_client, user="bob")
+    binary, _ = await bind_client(relay, server, raw_client, user="bob", protocol="messagepack")
+    other, _ = await bind_client(relay, server, raw_client, user="carol")
+    mp = MessagePackHubProtocol()
+
+    async def next_binary():
+        while True:
+            data = await binary.ws.get_message()
+            assert isinstance(data, bytes)  # MessagePack travels in binary frames
+            found = [m for m in mp.parse(data)[0] if isinstance(m, InvocationMessage)]
+            if found:
+                return found[0]
+
+    before = relay.stats.deliveries
+    await server.send(UserDataMessage("bob", payloads("plain", 1)),
+                      UserDataMessage("bob", payloads("traced", 2), tracing_id=9),
+                      UserDataMessage("bob", {"json": JSON.write_invocation("json only", [])}),
+                      UserDataMessage("nobody", payloads("lost")),
+                      UserDataMessage("carol", payloads("carol")))
+    with trio.fail_after(5):
+        assert (await text.next_message())["target"] == "plain"
+        assert (await text.next_message())["target"] == "traced"
+        assert (await text.next_message())["target"] == "json only"
+        first, second = await next_binary(), await next_binary()
+        assert (first.target, list(first.arguments)) == ("plain", [1])
+        assert (second.target, list(second.arguments)) == ("traced", [2])
+        assert (await other.next_message())["target"] == "carol"
+    await wait_for(lambda: relay.stats.deliveries - before == 6)
+    await server.send(UserDataMessage("bob", payloads("last")))
+    with trio.fail_after(5):
+        assert (await next_binary()).target == "last"  # nothing else was queued before it
 
 
 async def test_acked_operations_answer_not_found_for_unknown_targets(relay, app_server):

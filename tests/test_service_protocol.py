@@ -431,6 +431,56 @@ def test_parser_raw_connection_data_gives_tuples_in_stream_order() -> None:
         parser.messages_received()  # typed as messages only: a raw parser must say so
 
 
+def test_parser_raw_user_data_gives_tuples_only_for_plain_sdk_payload_maps() -> None:
+    # An app server's Clients.User(id): plain UserData with the SDK's payload map comes out as
+    # (8, user id, payloads); ext hints, other map keys or a nil payload take the full reader.
+    payloads = {"json": b'{"type":1}\x1e', "messagepack": b"\x01\x02"}
+    hinted = UserDataMessage("u2", {"json": b"x"}, tracing_id=3)
+    odd_key = UserDataMessage("u3", {"Json": b"x"})
+    stream = write_messages([
+        UserDataMessage("u1", payloads),
+        hinted,
+        odd_key,
+        ConnectionDataMessage("c1", b"{}\x1e"),
+        UserDataMessage("u4", {}),
+    ])
+    body = msgpack.packb([8, "u5", {"json": None}, {}])  # the SDK reads a nil bin as empty
+    stream += encode_varint(len(body)) + body
+    parser = ServiceProtocolParser(raw_user_data=True)
+    parser.receive_data(stream)
+    items = parser.items_received()
+    assert items == [
+        (ServiceMessageType.USER_DATA, "u1", payloads),
+        hinted,
+        odd_key,
+        ConnectionDataMessage("c1", b"{}\x1e"),  # raw_connection_data was not asked for
+        UserDataMessage("u4", {}),
+        UserDataMessage("u5", {"json": b""}),
+    ]
+    assert items[0][0] == 8
+    with pytest.raises(TypeError, match="items_received"):
+        parser.messages_received()
+    both = ServiceProtocolParser(raw_connection_data=True, raw_user_data=True)
+    both.receive_data(stream)
+    assert both.items_received()[3] == ("c1", b"{}\x1e")
+
+
+@pytest.mark.parametrize(
+    ("array", "field"),
+    [
+        ([8, 42, {"json": b"x"}], "userId"),
+        ([8, "u", {"json": 5}], "payloads"),
+        ([8, "u", [b"x"]], "payloads"),
+        ([8, "u"], "3"),
+    ],
+)
+def test_parser_raw_user_data_still_names_a_malformed_field(array: list[Any], field: str) -> None:
+    body = msgpack.packb(array)
+    parser = ServiceProtocolParser(raw_user_data=True)
+    with pytest.raises(RemoteProtocolError, match=field):
+        parser.receive_data(encode_varint(len(body)) + body)
+
+
 def test_parser_raw_connection_data_still_names_a_malformed_field() -> None:
     body = msgpack.packb([6, 42, b"payload", {}])  # connectionId is not a string
     parser = ServiceProtocolParser(raw_connection_data=True)

@@ -2229,8 +2229,31 @@ def _too_big(size: int, limit: int) -> RemoteProtocolError:
     )
 
 
-#: The first byte of a 3- or 4-element array: how a ConnectionData body starts (then 0x06).
+#: The first byte of a 3- or 4-element array: how a ConnectionData body (then 0x06) or a
+#: UserData body (then 0x08) starts.
 _DATA_HEADS: Final = (b"\x93", b"\x94")
+#: The payload map keys a raw UserData may carry (the SDK's lower-case protocol names).
+_RAW_PROTOCOLS: Final = frozenset(("json", "messagepack"))
+
+#: What a parser made with ``raw_connection_data`` or ``raw_user_data`` hands out besides
+#: messages: ``(connection_id, payload)`` for ConnectionData, ``(8, user_id, payloads)`` for
+#: UserData.
+RawItem = tuple[str, bytes] | tuple[int, str, dict[str, bytes]]
+
+
+def _plain(array: tuple[Any, ...]) -> bool:
+    """Whether a data message's array has no ``ext`` hints (3 elements, or an empty map)."""
+    return len(array) == 3 or (len(array) == 4 and array[3] == {})
+
+
+def _plain_payloads(value: Any) -> bool:
+    """Whether a payload map is what the SDK sends: lower-case protocol names to bin."""
+    if type(value) is not dict or not value:
+        return False
+    for key, payload in value.items():
+        if key not in _RAW_PROTOCOLS or type(payload) is not bytes:
+            return False
+    return True
 
 
 class ServiceProtocolParser:
@@ -2253,24 +2276,31 @@ class ServiceProtocolParser:
     [ServicePing(values=())]
     """
 
-    __slots__ = ("_buffer", "_error", "_max_message_size", "_messages", "_raw_data")
+    __slots__ = ("_buffer", "_error", "_max_message_size", "_messages", "_raw_data",
+                 "_raw_user")
 
     def __init__(
         self,
         max_message_size: int = DEFAULT_MAX_SERVICE_MESSAGE_SIZE,
         *,
         raw_connection_data: bool = False,
+        raw_user_data: bool = False,
     ) -> None:
         """``raw_connection_data``: hand out each plain ``ConnectionData`` (no ``ext`` hints)
         as a ``(connection_id, payload)`` tuple instead of a ``ConnectionDataMessage``, in
         its place among the other messages: the relay's hot path, where most messages are
-        client data and building a frozen message object for each one is measurable."""
+        client data and building a frozen message object for each one is measurable.
+        ``raw_user_data``: likewise each plain ``UserData`` whose payload map holds only
+        ``json`` and ``messagepack`` bins, as ``(ServiceMessageType.USER_DATA, user_id,
+        payloads)`` (what an app server's ``Clients.User(id)`` sends). Anything else, or
+        anything malformed, goes through the full reader and its errors."""
         if not 0 < max_message_size <= _MAX_FRAME:
             raise ValueError(f"max_message_size must be 1..2**31-1, got {max_message_size}")
         self._raw_data = raw_connection_data
+        self._raw_user = raw_user_data
         self._max_message_size = max_message_size
         self._buffer = bytearray()
-        self._messages: list[ServiceMessage | tuple[str, bytes]] = []
+        self._messages: list[ServiceMessage | RawItem] = []
         self._error: RemoteProtocolError | None = None
 
     @property
@@ -2299,14 +2329,22 @@ class ServiceProtocolParser:
         except ValueError:
             bodies, consumed, self._error = self._split_until_error(stream)
         try:
+            raw_data, raw_user = self._raw_data, self._raw_user
             for body in bodies:
-                if self._raw_data and body[1:2] == b"\x06" and body[:1] in _DATA_HEADS:
-                    array = _unpack(body)
-                    if (len(array) == 3 or (len(array) == 4 and array[3] == {})) and type(
-                        array[1]
-                    ) is str and type(array[2]) is bytes:
-                        self._messages.append((array[1], array[2]))
-                        continue
+                if (raw_data or raw_user) and body[:1] in _DATA_HEADS:
+                    kind = body[1:2]
+                    if raw_data and kind == b"\x06":
+                        array = _unpack(body)
+                        if _plain(array) and type(array[1]) is str and type(array[2]) is bytes:
+                            self._messages.append((array[1], array[2]))
+                            continue
+                    elif raw_user and kind == b"\x08":
+                        array = _unpack(body)
+                        if _plain(array) and type(array[1]) is str and _plain_payloads(array[2]):
+                            self._messages.append(
+                                (ServiceMessageType.USER_DATA, array[1], array[2])
+                            )
+                            continue
                 message = parse_message_body(body)
                 if message is not None:
                     self._messages.append(message)
@@ -2360,16 +2398,19 @@ class ServiceProtocolParser:
 
     def messages_received(self) -> list[ServiceMessage]:
         """The messages completed since the last call, in order; the list is handed over.
-        A parser made with ``raw_connection_data`` hands out with ``items_received``."""
-        if self._raw_data:
-            raise TypeError("this parser hands out raw ConnectionData: call items_received()")
+        A parser made with ``raw_connection_data`` or ``raw_user_data`` hands out with
+        ``items_received``."""
+        if self._raw_data or self._raw_user:
+            raise TypeError("this parser hands out raw data messages: call items_received()")
         messages = self._messages
         self._messages = []
         return messages  # type: ignore[return-value]  # no tuples without raw_connection_data
 
-    def items_received(self) -> list[ServiceMessage | tuple[str, bytes]]:
+    def items_received(self) -> list[ServiceMessage | RawItem]:
         """As ``messages_received``, with plain ``ConnectionData`` as ``(connection_id,
-        payload)`` tuples when the parser was made with ``raw_connection_data``."""
+        payload)`` tuples when the parser was made with ``raw_connection_data``, and plain
+        ``UserData`` as ``(ServiceMessageType.USER_DATA, user_id, payloads)`` with
+        ``raw_user_data``."""
         messages = self._messages
         self._messages = []
         return messages

@@ -18,6 +18,8 @@ from ._peer import ConnState, Flusher
 #: WebSocket opcode per hub protocol: JSON travels in text frames, MessagePack in binary ones
 #: (client-protocol §2.1: .NET sends all MessagePack output as binary frames).
 _OPCODES = {"json": Opcode.TEXT, "messagepack": Opcode.BINARY}
+#: Not framed yet (``None`` in a frame cache means "no payload for that protocol").
+_UNSEEN = object()
 
 
 class OutboundMessage:
@@ -54,10 +56,9 @@ class OutboundMessage:
         return get_protocol(protocol_name).write_invocation(self.target, self.arguments)
 
     def frame(self, protocol_name: str) -> bytes | None:
-        try:
-            return self._frames[protocol_name]
-        except KeyError:
-            pass
+        data = self._frames.get(protocol_name, _UNSEEN)
+        if data is not _UNSEEN:
+            return data  # type: ignore[return-value]
         payload = self.payload(protocol_name)
         data = None if payload is None else frame(_OPCODES[protocol_name], payload)
         self._frames[protocol_name] = data
@@ -90,5 +91,24 @@ def _fan_out_few(targets: Sequence[Any], message: OutboundMessage) -> int:
     for conn in targets:
         data = message.frame(conn.protocol_name)
         if data is not None and conn.enqueue(data):
+            delivered += 1
+    return delivered
+
+
+def queue_payloads(targets: Sequence[Any], payloads: Mapping[str, bytes]) -> int:
+    """Queue an app server's payload map on a few targets (a user's connections): each is
+    framed once per protocol in a row of targets that use it. The keys must already be the
+    lower-case protocol names (the service parser's raw ``UserData`` guarantees it); a
+    target whose protocol has no entry gets nothing. Returns how many accepted it."""
+    delivered = 0
+    name = framed = None
+    for conn in targets:
+        if conn.protocol_name != name:
+            payload = payloads.get(conn.protocol_name)
+            if payload is None:
+                continue
+            name = conn.protocol_name
+            framed = frame(_OPCODES[name], payload)
+        if conn.enqueue(framed):
             delivered += 1
     return delivered

@@ -16,7 +16,7 @@ import gc
 import logging
 import secrets
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -36,7 +36,7 @@ from ..protocol._websocket import Opcode, accept_key, frame, is_valid_client_key
 from ._client import ClientConnection
 from ._config import RelayConfig
 from ._http import HttpConnection, HttpError, Request, Response, bearer_token
-from ._message import OutboundMessage, fan_out
+from ._message import OutboundMessage, fan_out, queue_payloads
 from ._peer import ConnState, Flusher, Peer, Poller, aclose_quietly
 from ._rest import RestApi
 from ._server import ClientInvocations, ServerConnection
@@ -234,6 +234,14 @@ class Relay:
 
     def _deliver(self, targets: Iterable[Any], message: OutboundMessage) -> int:
         reached = fan_out(targets, message, self.flusher, self.config.send_buffer_limit)
+        self.stats.messages_sent += 1
+        self.stats.deliveries += reached
+        return reached
+
+    def _deliver_payloads(self, targets: Sequence[Any], payloads: dict[str, bytes]) -> int:
+        """``_deliver`` for a few targets (a user's connections) and an app server's payload
+        map whose keys are already the lower-case protocol names: no message object."""
+        reached = queue_payloads(targets, payloads)
         self.stats.messages_sent += 1
         self.stats.deliveries += reached
         return reached

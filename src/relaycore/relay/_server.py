@@ -135,7 +135,8 @@ class ServerConnection(Peer):
         self.accepting = True
         self.clients: dict[str, ClientConnection] = {}
         self._parser = ServiceProtocolParser(max_message_size=config.max_service_message_size,
-                                             raw_connection_data=True)
+                                             raw_connection_data=True,
+                                             raw_user_data=True)
         #: Fault injection: while True nothing is sent or handled (a silent network).
         self.silenced = False
 
@@ -278,11 +279,16 @@ class ServerConnection(Peer):
                     if self.state >= ConnState.CLOSING:
                         return
                     if type(message) is tuple:  # data before the handshake
-                        message = ConnectionDataMessage(*message)
-                elif type(message) is tuple:  # ConnectionData: the hot path
-                    client = clients.get(message[0])
-                    if client is not None:
-                        client.server_data(message[1])
+                        message = (ConnectionDataMessage(*message) if len(message) == 2
+                                   else UserDataMessage(message[1], message[2]))
+                elif type(message) is tuple:  # the hot paths
+                    if len(message) == 2:  # ConnectionData (connection id, payload)
+                        client = clients.get(message[0])
+                        if client is not None:
+                            client.server_data(message[1])
+                    else:  # UserData (8, user id, payloads)
+                        self.relay._deliver_payloads(
+                            self._shard().user_targets(message[1]), message[2])
                     continue
                 self._dispatch(message)
 
