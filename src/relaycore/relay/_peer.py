@@ -14,7 +14,17 @@ A ``Peer`` owns one accepted, upgraded TCP socket (its file descriptor only) and
   messages on many connections is handled in one go, and what it queues leaves at the end of
   the batch, one ``write()`` per peer (one ``write()`` to an app server for a hundred clients'
   messages, say). After a full batch the poller only yields before the next one; otherwise it
-  sleeps in trio until something is ready.
+  sleeps until something is ready.
+* **Where the poller sleeps.** A round through trio's scheduler (``wait_readable`` on the epoll
+  set: trio re-arms it with ``epoll_ctl``, waits in its own epoll set and switches tasks) costs
+  about 10 us of CPU here, as much as the rest of a message's handling at a low rate. So when
+  trio has nothing to run and no timer due, one poller per trio run (``_TrioIdle``) sleeps in
+  its *own* epoll set, which also holds trio's epoll file descriptor: anything trio watches
+  (the listening socket, an HTTP request, a thread's ``run_sync_soon``, a signal) wakes it,
+  and it then yields to trio, as it does when trio's next timer is due or a task is runnable.
+  This reads a few of trio's internals (the runner's run queue, timers and epoll set); where
+  they are not there (another trio, another platform, a mock clock) the poller sleeps in trio
+  as before.
 * Outbound bytes are appended to one buffer (``_push``); they never wait for the socket. The
   first bytes put into an empty buffer ``mark`` the peer with the relay's ``Flusher``, a single
   task that, once the current task yields, writes every marked peer with one non-blocking
@@ -105,6 +115,96 @@ class Flusher:
             self.flush_all(trio.current_time())
 
 
+#: The longest the poller sleeps in its own epoll set before looking at trio's state again.
+_MAX_OWN_WAIT = 1.0
+#: With more trio tasks than this (HTTP requests in flight, say), telling whether one of them
+#: is runnable costs more than it saves: the poller sleeps in trio.
+_MAX_TASKS_SCANNED = 64
+
+#: The poller of this trio run that may sleep outside trio: only one may, because another
+#: one's sockets are seen only through trio's epoll set, which only the first one watches.
+_OWN_WAIT_OWNER: trio.lowlevel.RunVar[Poller | None] = trio.lowlevel.RunVar(
+    "relaycore_poller_own_wait", default=None)
+
+
+class _TrioIdle:
+    """Lets the poller sleep outside trio's scheduler (see "Where the poller sleeps" above).
+
+    ``timeout`` says how long it may sleep now, ``wait`` sleeps in an epoll set that holds the
+    poller's own set and trio's. ``find`` returns ``None`` where trio's internals are not the
+    ones this was written against (trio 0.25 to 0.35 on Linux), and the poller sleeps in trio.
+    """
+
+    __slots__ = ("_runner", "_task", "_instruments", "_both", "_trio_fd")
+
+    def __init__(self, runner: Any, task: Any, own_fd: int, trio_fd: int) -> None:
+        self._runner = runner
+        self._task = task
+        self._instruments = len(runner.instruments)
+        self._trio_fd = trio_fd
+        # Both sets, neither holding the other: trio may still watch the poller's set (when
+        # the poller sleeps in trio), which this set does not prevent.
+        self._both = select.epoll()
+        self._both.register(own_fd, _IN)
+        self._both.register(trio_fd, _IN)
+
+    @classmethod
+    def find(cls, own_fd: int) -> _TrioIdle | None:
+        try:
+            from trio._core._run import GLOBAL_RUN_CONTEXT, SystemClock
+
+            runner = GLOBAL_RUN_CONTEXT.runner
+            task = trio.lowlevel.current_task()
+            trio_fd = runner.io_manager._epoll.fileno()
+            usable = (
+                type(runner.clock) is SystemClock
+                and not runner.is_guest
+                and set(runner.instruments) <= {"_all"}
+                and callable(runner.deadlines.next_deadline)
+                and len(runner.runq) >= 0
+                and len(runner.waiting_for_idle) >= 0
+                and task in runner.tasks
+                and task._next_send_fn is None  # running: trio cleared it before this step
+            )
+        except (ImportError, AttributeError, TypeError):
+            return None
+        if not usable or type(trio_fd) is not int:
+            return None
+        return cls(runner, task, own_fd, trio_fd)
+
+    def timeout(self) -> float | None:
+        """How long the poller may sleep outside trio now: ``0`` when trio has something to
+        do first (a runnable task, a due timer, a cancellation of the poller), ``None`` when
+        the poller should sleep in trio (an instrument, a ``wait_all_tasks_blocked``, too many
+        tasks to look at)."""
+        runner = self._runner
+        if runner.runq:
+            return 0.0
+        if runner.waiting_for_idle or len(runner.instruments) != self._instruments:
+            return None
+        tasks = runner.tasks
+        if len(tasks) > _MAX_TASKS_SCANNED:
+            return None
+        me = self._task
+        for task in tasks:
+            # Runnable: rescheduled and not yet stepped (in this batch of trio's, say).
+            if task._next_send_fn is not None and task is not me:
+                return 0.0
+        if trio.current_effective_deadline() == -math.inf:
+            return 0.0  # cancelled: trio delivers it at the next checkpoint
+        wait: float = runner.clock.deadline_to_sleep_time(runner.deadlines.next_deadline())
+        return min(wait, _MAX_OWN_WAIT) if wait > 0 else 0.0
+
+    def wait(self, timeout: float) -> bool:
+        """Sleep until the poller's set or trio's is ready, or ``timeout``; True when trio
+        should run before the poller sleeps again (its set was ready or a timer is due)."""
+        woke = self._both.poll(timeout, 2)
+        return not woke or any(fd == self._trio_fd for fd, _ in woke)
+
+    def close(self) -> None:
+        self._both.close()
+
+
 class Poller:
     """One epoll set for every open connection, served by one task (see above): the inbound
     twin of ``Flusher``, and the waiting room of connections whose socket is full."""
@@ -135,16 +235,25 @@ class Poller:
         epoll = self._epoll
         peers = self._peers
         flusher = self._flusher
+        idle = _TrioIdle.find(epoll.fileno()) if _OWN_WAIT_OWNER.get() is None else None
+        if idle is not None:
+            _OWN_WAIT_OWNER.set(self)
         ready: list[tuple[int, int]] = []
         try:
             while True:
-                if len(ready) < _POLL_BATCH:
-                    # The last batch took everything that was ready: sleep in trio until
-                    # something is. (After a full batch the loop only yields, which spares
-                    # trio re-arming the epoll fd while the relay is busy.)
-                    await trio.lowlevel.wait_readable(epoll.fileno())
+                wait = None if idle is None else idle.timeout()
+                trio_ready = False
+                if wait is None:
+                    if len(ready) < _POLL_BATCH:
+                        # The last batch took everything that was ready: sleep in trio
+                        # until something is.
+                        await trio.lowlevel.wait_readable(epoll.fileno())
+                    else:
+                        await trio.lowlevel.checkpoint()  # more may be ready: only yield
+                elif wait == 0:
+                    await trio.lowlevel.checkpoint()  # trio has something to do first
                 else:
-                    await trio.lowlevel.checkpoint()
+                    trio_ready = idle.wait(wait)  # trio has nothing to do meanwhile
                 ready = epoll.poll(0, _POLL_BATCH)
                 now = trio.current_time()
                 flusher.held = True
@@ -162,7 +271,13 @@ class Poller:
                 # What the batch queued leaves now, one write() per peer, without a task
                 # switch to the flusher.
                 flusher.flush_all(now)
+                if trio_ready:
+                    await trio.lowlevel.checkpoint()  # trio's I/O or timers: let it run
         finally:
+            if idle is not None:
+                idle.close()
+                if _OWN_WAIT_OWNER.get() is self:
+                    _OWN_WAIT_OWNER.set(None)
             # The relay is stopping (cancelled): drop every connection still open.
             for peer in list(peers.values()):
                 peer.drop()
