@@ -132,7 +132,8 @@ class _TrioIdle:
 
     ``timeout`` says how long it may sleep now, ``wait`` sleeps in an epoll set that holds the
     poller's own set and trio's. ``find`` returns ``None`` where trio's internals are not the
-    ones this was written against (trio 0.25 to 0.35 on Linux), and the poller sleeps in trio.
+    ones this was written against (trio 0.35 on Linux; checked when the poller starts), and
+    the poller sleeps in trio.
     """
 
     __slots__ = ("_runner", "_task", "_instruments", "_both", "_trio_fd")
