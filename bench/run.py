@@ -319,6 +319,26 @@ async def quiet(ctx: Context, exclude: set[int] | None = None, limit: float = 60
             return
 
 
+async def wait_until(condition: Callable[[], bool], limit: float) -> None:
+    """Poll ``condition`` every 10 ms until it holds; fail after ``limit`` seconds."""
+    deadline = time.perf_counter() + limit
+    while not condition():
+        if time.perf_counter() > deadline:
+            raise TimeoutError(f"condition not met within {limit:.0f} s")
+        await asyncio.sleep(0.01)
+
+
+async def settle(pid: int, percent: float = 5.0, limit: float = 30.0) -> None:
+    """Wait (at most ``limit`` s) for half a second in which the target uses less than
+    ``percent`` % of a core, e.g. until it has finished closing connections."""
+    deadline = time.perf_counter() + limit
+    while time.perf_counter() < deadline:
+        cpu0, t0 = cpu_seconds(pid), time.perf_counter()
+        await asyncio.sleep(0.5)
+        if 100 * (cpu_seconds(pid) - cpu0) / (time.perf_counter() - t0) < percent:
+            return
+
+
 @dataclass
 class Context:
     args: argparse.Namespace
@@ -441,7 +461,11 @@ async def s4_targeted(ctx: Context, target: Target, running: Running) -> None:
     connection joins a room of its own), the nearest thing these servers have to an address.
     The peers show what 15,000 open sockets cost per delivery in the kernel and the hardware,
     whatever the server's own data structures."""
-    sizes = [ctx.scale(1000, 20), ctx.scale(15000, 60)]
+    small, large = ctx.scale(1000, 20), ctx.scale(15000, 60)
+    # 1,000, then 15,000, then back to 1,000: the ratio of each run compares the 15,000 step
+    # with the mean of the two 1,000 steps around it, which cancels the drift of a shared VM
+    # over the minute between them (single steps here move by 10-30 %).
+    sizes = [small, large, small]
     relaycore = target.name == "relaycore"
 
     async def body(r: Running) -> None:
@@ -452,8 +476,13 @@ async def s4_targeted(ctx: Context, target: Target, running: Running) -> None:
         else:
             pub = await adapter.open_publisher(r.port, ctx.backend)
         gen = Generator(adapter, r.port, backend=ctx.backend)
-        for total in sizes:
-            if relaycore:
+        for visit, total in enumerate(sizes):
+            if total < len(gen.conns):
+                await gen.close_from(total)
+                if relaycore:  # the app server hears of each close (CloseConnection)
+                    await wait_until(lambda n=total: len(app.clients) <= n, 60.0)
+                await settle(r.pid)
+            elif relaycore:
                 await gen.connect(total - len(gen.conns), user_of=lambda i: f"u{i}",
                                   sample_every=max(1, total // 100))
             else:
@@ -486,7 +515,8 @@ async def s4_targeted(ctx: Context, target: Target, running: Running) -> None:
                         else (("connection", to_room),))
             for variant, send in variants:
                 label = {"scenario": "S4", "target": target.name, "run": ctx.run,
-                         "connections": total, "variant": f"{variant} @{total}"}
+                         "connections": total, "visit": visit,
+                         "variant": f"{variant} @{total}"}
                 step = await gen.run_step(send, rate=ctx.args.direct_rate, duration=duration,
                                           payload=32, recipients=1, target_pid=r.pid,
                                           label={**label, "payload": 32}, grace=ctx.grace)
@@ -778,7 +808,7 @@ def markdown(facts: dict[str, Any], records: list[dict[str, Any]]) -> str:
                   "| target | variant | connections | offered/s | delivered/s | reach | p99 | "
                   "target CPU-s per 1M deliveries | of which user / system | target idle CPU "
                   "with these connections | the same minus idle (routing cost) | 15,000 ÷ 1,000 "
-                  "(routing cost) | generator CPU |",
+                  "(routing cost, per run) | generator CPU |",
                   "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         groups: dict[tuple, list[dict[str, Any]]] = {}
         for r in s4:
@@ -789,11 +819,29 @@ def markdown(facts: dict[str, Any], records: list[dict[str, Any]]) -> str:
             vals = [x[k] for x in rs if x.get(k) is not None]
             return statistics.median(vals) if vals else float("nan")
 
-        smallest: dict[tuple[str, str], float] = {}
+        def growth(name: str, variant: str, total: int) -> str:
+            """Median (lowest-highest) over runs of each run's routing cost at ``total``
+            divided by the mean of its routing costs at the smallest size (the steps before
+            and after the large one)."""
+            sizes = sorted({t for (_, n, v, t) in groups if (n, v) == (name, variant)})
+            if total == sizes[0]:
+                return ""
+            ratios = []
+            for rec in groups[(_TARGET_ORDER.get(name, 99), name, variant, total)]:
+                base = [x["marginal_cpu_s_per_1M_deliveries"] for x in groups[
+                    (_TARGET_ORDER.get(name, 99), name, variant, sizes[0])]
+                    if x["run"] == rec["run"] and x.get("marginal_cpu_s_per_1M_deliveries")]
+                if base and rec.get("marginal_cpu_s_per_1M_deliveries"):
+                    ratios.append(rec["marginal_cpu_s_per_1M_deliveries"]
+                                  / statistics.fmean(base))
+            if not ratios:
+                return "–"
+            mid, lo, hi = _median_spread(ratios)
+            return f"{mid:.2f}× ({lo:.2f}–{hi:.2f})"
+
         for (_, name, variant, total), rs in sorted(groups.items()):
             per = 1e6 / max(med("delivered", rs), 1)
             routing = med("marginal_cpu_s_per_1M_deliveries", rs)
-            base = smallest.setdefault((name, variant), routing)
             lines.append(f"| {name} | {variant} | {total:,} | "
                          f"{med('offered_deliveries_per_s', rs):,.0f} | "
                          f"{med('delivered_per_s', rs):,.0f} | {med('reach', rs):.4f} | "
@@ -802,9 +850,12 @@ def markdown(facts: dict[str, Any], records: list[dict[str, Any]]) -> str:
                          f"{med('target_user_cpu_s', rs) * per:.1f} / "
                          f"{med('target_system_cpu_s', rs) * per:.1f} | "
                          f"{med('idle_cpu_percent', rs):.1f} % | {routing:.2f} | "
-                         f"{routing / base:.2f}× | "
+                         f"{growth(name, variant, total)} | "
                          f"{med('generator_cpu_percent', rs):.0f} % |")
-        lines += ["", latency_note(records, ("S4",)), ""]
+        lines += ["", "Rows: medians over runs (the 1,000 row over the steps before and after "
+                  "the 15,000 one). 15,000 ÷ 1,000: each run's routing cost among 15,000 over "
+                  "the mean of its own 1,000 steps; median (lowest–highest) over runs.",
+                  "", latency_note(records, ("S4",)), ""]
 
     s5 = [r for r in records if r.get("scenario") == "S5"]
     if s5:

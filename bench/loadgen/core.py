@@ -321,6 +321,13 @@ class Generator:
                     self.adapter.keepalive(conn)
             k += 1
 
+    async def close_from(self, index: int) -> None:
+        """Abort the connections from ``index`` on (the newest ones) and keep the others."""
+        for conn in self.conns[index:]:
+            conn.abort()
+        del self.conns[index:]
+        await asyncio.sleep(0.05)
+
     async def close_all(self) -> None:
         if self._keepalive is not None:
             self._keepalive.cancel()
