@@ -37,6 +37,28 @@ def test_shard_add_indexes_user_and_remove_cleans_every_index():
     assert a.groups == set()
 
 
+def test_shard_user_targets_follow_each_connect_and_disconnect_of_the_user():
+    shard = HubShard("chat")
+    a, b, c = FakeConnection("a", "alice"), FakeConnection("b", "alice"), FakeConnection("c", "bob")
+    shard.add(a, now=0)
+    shard.add(c, now=0)
+    assert ids(shard.user_targets("alice")) == ["a"]  # kept from here on
+    assert shard.user_targets("alice") is shard.user_targets("alice")
+    shard.add(b, now=0)
+    assert ids(shard.user_targets("alice")) == ["a", "b"]
+    shard.remove(a)
+    assert ids(shard.user_targets("alice")) == ["b"]
+    assert ids(shard.user_targets("bob")) == ["c"]  # another user's change left it alone
+    shard.remove(b)
+    assert shard.user_targets("alice") == ()
+    assert shard.user_targets("nobody") == ()
+    shard.add(a, now=0)  # the same user back after leaving
+    assert ids(shard.user_targets("alice")) == ["a"]
+    shard.remove(a)
+    shard.remove(c)
+    assert shard._user_targets == {}  # nothing kept for users who are gone
+
+
 def test_shard_group_targets_with_excluded_skip_only_those():
     shard = HubShard("chat")
     conns = [FakeConnection(str(i)) for i in range(4)]

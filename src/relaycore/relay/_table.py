@@ -36,7 +36,8 @@ class Connection(Protocol):
 
 
 class HubShard:
-    __slots__ = ("key", "connections", "users", "groups", "user_groups", "servers")
+    __slots__ = ("key", "connections", "users", "groups", "user_groups", "servers",
+                 "_user_targets")
 
     def __init__(self, key: str) -> None:
         self.key = key
@@ -47,6 +48,9 @@ class HubShard:
         self.user_groups: dict[str, dict[str, float]] = {}
         #: the app-server connections of this hub (service protocol), in arrival order
         self.servers: list[Any] = []
+        #: user id -> tuple(users[user id].values()), made by ``user_targets`` and dropped
+        #: whenever that user's connections change
+        self._user_targets: dict[str, tuple[Connection, ...]] = {}
 
     def is_empty(self) -> bool:
         return not self.connections and not self.user_groups and not self.servers
@@ -57,6 +61,7 @@ class HubShard:
         self.connections[conn.id] = conn
         if conn.user_id is not None:
             self.users.setdefault(conn.user_id, {})[conn.id] = conn
+            self._user_targets.pop(conn.user_id, None)
             for group in self.user_group_names(conn.user_id, now):
                 self.join(conn, group)
 
@@ -65,6 +70,7 @@ class HubShard:
             return
         if conn.user_id is not None:
             _discard(self.users, conn.user_id, conn.id)
+            self._user_targets.pop(conn.user_id, None)
         for group in conn.groups:
             _discard(self.groups, group, conn.id)
         conn.groups.clear()
@@ -148,9 +154,16 @@ class HubShard:
 
     def user_targets(self, user_id: str) -> tuple[Connection, ...]:
         """A snapshot of the user's connections (usually one or two: a tuple takes the
-        fan-out's few-targets path, which frames only for the protocols they use)."""
-        members = self.users.get(user_id)
-        return tuple(members.values()) if members else ()
+        fan-out's few-targets path, which frames only for the protocols they use). Kept
+        until the user's connections change: a send to a user among many then touches one
+        small tuple rather than the user's dictionary (its object and its table)."""
+        targets = self._user_targets.get(user_id)
+        if targets is None:
+            members = self.users.get(user_id)
+            if not members:
+                return ()
+            targets = self._user_targets[user_id] = tuple(members.values())
+        return targets
 
 
 def _discard(index: dict[str, dict[str, Any]], key: str, conn_id: str) -> None:
