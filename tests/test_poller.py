@@ -41,6 +41,17 @@ class FakePeer:
         self._reading = False
 
 
+def watched_pair(poller: Poller) -> tuple[FakePeer, socket.socket, socket.socket]:
+    """A socket pair whose first end the poller watches, as ``Poller.add`` would with a peer
+    that is not a WebSocket; the test writes to the second end."""
+    ours, theirs = socket.socketpair()
+    ours.setblocking(False)
+    peer = FakePeer(ours)
+    poller._peers[peer._fd] = peer
+    poller._epoll.register(peer._fd, _peer._IN)
+    return peer, ours, theirs
+
+
 @contextmanager
 def soon() -> Iterator[None]:
     with trio.move_on_after(20) as scope:
@@ -104,11 +115,7 @@ async def test_trio_io_and_timers_reach_their_tasks_while_the_poller_sleeps_outs
 async def test_the_pollers_own_sockets_are_read_while_it_sleeps_outside(nursery, sleeps):
     poller = Poller(Flusher())
     nursery.start_soon(poller.run)
-    ours, theirs = socket.socketpair()
-    ours.setblocking(False)
-    peer = FakePeer(ours)
-    poller._peers[peer._fd] = peer  # as Poller.add, with a peer that is not a WebSocket
-    poller._epoll.register(peer._fd, _peer._IN)
+    peer, ours, theirs = watched_pair(poller)
     send_once_sleeping(theirs, b"direct", sleeps)
     with soon():
         await peer.arrived.wait()
@@ -122,11 +129,7 @@ async def test_a_second_poller_sleeps_in_trio_and_is_woken_through_the_first(nur
     nursery.start_soon(first.run)
     await trio.sleep(0)  # the first one starts first
     nursery.start_soon(second.run)
-    ours, theirs = socket.socketpair()
-    ours.setblocking(False)
-    peer = FakePeer(ours)
-    second._peers[peer._fd] = peer
-    second._epoll.register(peer._fd, _peer._IN)
+    peer, ours, theirs = watched_pair(second)
     await trio.sleep(0)  # the second one has started
     assert _peer._OWN_WAIT_OWNER.get() is first  # one owner per run
     send_once_sleeping(theirs, b"second", sleeps)
@@ -154,11 +157,7 @@ def test_a_mock_clock_keeps_the_poller_sleeping_in_trio():
         poller = Poller(Flusher())
         async with trio.open_nursery() as nursery:
             nursery.start_soon(poller.run)
-            ours, theirs = socket.socketpair()
-            ours.setblocking(False)
-            peer = FakePeer(ours)
-            poller._peers[peer._fd] = peer
-            poller._epoll.register(peer._fd, _peer._IN)
+            peer, ours, theirs = watched_pair(poller)
             await trio.testing.wait_all_tasks_blocked()
             assert _peer._OWN_WAIT_OWNER.get() is None
             theirs.send(b"mock")
