@@ -9,7 +9,7 @@ Scenarios (see bench/README.md, "Side by side"):
 * S2 broadcast to 1,000 subscribers, 32 B and 2 KB, a ladder of offered rates: the highest rate
   with p99 <= 10 ms and reach 1.0
 * S3 small groups (5,000 connections, groups of 10)
-* S4 send to one connection (relaycore: and to one user) at 1,000 and 15,000 connections
+* S4 send to one connection (relaycore: and to one user) at 1,000, 15,000 and 1,000 connections
 * S5 15,000 idle connections with keep-alive: RSS per connection, idle CPU
 * S6 1,000 connects + 1,000 disconnects per second during S2
 * S8 relaycore's broadcast through the REST API beside the server connection
