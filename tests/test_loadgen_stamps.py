@@ -99,8 +99,16 @@ async def exchange() -> None:
         # the client's frames are masked with the zero key; a ping gets its pong
         conn.send_text(b"hello")
         assert await reader.readexactly(11) == b"\x81\x85\0\0\0\0hello"
-        writer.write(server_frame(0x9, b"p"))
-        assert await reader.readexactly(7) == b"\x8a\x81\0\0\0\0p"
+        # Linux turns receive timestamps on for the whole machine a moment after the first
+        # socket asks (a deferred switch): segments that arrive before carry no stamp. Ping
+        # until the client's read of a ping came stamped.
+        deadline = time.monotonic() + 10
+        while True:
+            writer.write(server_frame(0x9, b"p"))
+            assert await reader.readexactly(7) == b"\x8a\x81\0\0\0\0p"
+            if conn.arrival_ns is not None:
+                break
+            assert time.monotonic() < deadline, "no receive timestamp within 10 s"
 
         # the server writes a marked frame; the loop (the generator) is then busy for 30 ms
         # before it can read it
