@@ -332,10 +332,7 @@ class Generator:
         if self._keepalive is not None:
             self._keepalive.cancel()
             self._keepalive = None
-        for conn in self.conns:
-            conn.abort()
-        self.conns = []
-        await asyncio.sleep(0.05)
+        await self.close_from(0)
 
     # -- steps ---------------------------------------------------------------------------------
 
