@@ -808,7 +808,7 @@ def markdown(facts: dict[str, Any], records: list[dict[str, Any]]) -> str:
                   "| target | variant | connections | offered/s | delivered/s | reach | p99 | "
                   "target CPU-s per 1M deliveries | of which user / system | target idle CPU "
                   "with these connections | the same minus idle (routing cost) | 15,000 ÷ 1,000 "
-                  "(routing cost, per run) | generator CPU |",
+                  "(routing cost, per run), and µs added per delivery | generator CPU |",
                   "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         groups: dict[tuple, list[dict[str, Any]]] = {}
         for r in s4:
@@ -822,11 +822,12 @@ def markdown(facts: dict[str, Any], records: list[dict[str, Any]]) -> str:
         def growth(name: str, variant: str, total: int) -> str:
             """Median (lowest-highest) over runs of each run's routing cost at ``total``
             divided by the mean of its routing costs at the smallest size (the steps before
-            and after the large one)."""
+            and after the large one), and the median of the same difference in CPU-µs per
+            delivery (what the larger table adds, comparable across servers)."""
             sizes = sorted({t for (_, n, v, t) in groups if (n, v) == (name, variant)})
             if total == sizes[0]:
                 return ""
-            ratios = []
+            ratios, added = [], []
             for rec in groups[(_TARGET_ORDER.get(name, 99), name, variant, total)]:
                 base = [x["marginal_cpu_s_per_1M_deliveries"] for x in groups[
                     (_TARGET_ORDER.get(name, 99), name, variant, sizes[0])]
@@ -834,10 +835,12 @@ def markdown(facts: dict[str, Any], records: list[dict[str, Any]]) -> str:
                 if base and rec.get("marginal_cpu_s_per_1M_deliveries"):
                     ratios.append(rec["marginal_cpu_s_per_1M_deliveries"]
                                   / statistics.fmean(base))
+                    added.append(rec["marginal_cpu_s_per_1M_deliveries"]
+                                 - statistics.fmean(base))
             if not ratios:
                 return "–"
             mid, lo, hi = _median_spread(ratios)
-            return f"{mid:.2f}× ({lo:.2f}–{hi:.2f})"
+            return f"{mid:.2f}× ({lo:.2f}–{hi:.2f}), {statistics.median(added):+.1f} µs"
 
         for (_, name, variant, total), rs in sorted(groups.items()):
             per = 1e6 / max(med("delivered", rs), 1)
@@ -854,7 +857,11 @@ def markdown(facts: dict[str, Any], records: list[dict[str, Any]]) -> str:
                          f"{med('generator_cpu_percent', rs):.0f} % |")
         lines += ["", "Rows: medians over runs (the 1,000 row over the steps before and after "
                   "the 15,000 one). 15,000 ÷ 1,000: each run's routing cost among 15,000 over "
-                  "the mean of its own 1,000 steps; median (lowest–highest) over runs.",
+                  "the mean of its own 1,000 steps; median (lowest–highest) over runs; then "
+                  "the median over runs of the difference (CPU-s per 1M deliveries, that is "
+                  "CPU-µs per delivery), which the kernel's share makes comparable across "
+                  "servers: each pays the same loopback write to one cold socket among "
+                  "15,000.",
                   "", latency_note(records, ("S4",)), ""]
 
     s5 = [r for r in records if r.get("scenario") == "S5"]
@@ -982,7 +989,7 @@ def main() -> None:
     parser.add_argument("--rest-rates", type=float, nargs="+", default=[25e3, 50e3, 100e3, 200e3],
                         help="S8 REST offered deliveries/s")
     parser.add_argument("--echo-rates", type=float, nargs="+",
-                        default=[5e3, 10e3, 20e3, 30e3, 40e3, 50e3, 60e3])
+                        default=[5e3, 10e3, 20e3, 30e3, 40e3, 50e3, 60e3, 80e3])
     parser.add_argument("--group-rates", type=float, nargs="+",
                         default=[25e3, 50e3, 100e3, 200e3, 300e3])
     parser.add_argument("--direct-rate", type=float, default=10e3,
