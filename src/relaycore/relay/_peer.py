@@ -464,8 +464,9 @@ class Peer:
 
 def _write_out(peers: Iterable[Peer], now: float) -> None:
     """``Peer.flush`` for each of ``peers``, as one loop: a broadcast writes a thousand peers
-    in a row, and a method call with its attribute look-ups per peer was a tenth of the relay's
-    CPU at 400k deliveries/s (bench/README.md, "What changed", item 12)."""
+    in a row, and the Python around each ``write()`` (a method call, its look-ups) had a tenth
+    of py-spy's samples of the relay at 400k deliveries/s. One loop took 2-12 % off the CPU per
+    delivery (bench/README.md, "What changed", item 12)."""
     write = os.write
     closed = ConnState.CLOSED
     for peer in peers:
