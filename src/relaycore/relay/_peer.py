@@ -464,7 +464,7 @@ class Peer:
 
 def _write_out(peers: Iterable[Peer], now: float) -> None:
     """``Peer.flush`` for each of ``peers``, as one loop: a broadcast writes a thousand peers
-    in a row, and the Python around each ``write()`` (a method call, its look-ups) had a tenth
+    in a row, and the Python around each ``write()`` (a method call, its look-ups) had 14 %
     of py-spy's samples of the relay at 400k deliveries/s. One loop took 2-12 % off the CPU per
     delivery (bench/README.md, "What changed", item 12)."""
     write = os.write
