@@ -832,11 +832,11 @@ def markdown(facts: dict[str, Any], records: list[dict[str, Any]]) -> str:
                 base = [x["marginal_cpu_s_per_1M_deliveries"] for x in groups[
                     (_TARGET_ORDER.get(name, 99), name, variant, sizes[0])]
                     if x["run"] == rec["run"] and x.get("marginal_cpu_s_per_1M_deliveries")]
-                if base and rec.get("marginal_cpu_s_per_1M_deliveries"):
-                    ratios.append(rec["marginal_cpu_s_per_1M_deliveries"]
-                                  / statistics.fmean(base))
-                    added.append(rec["marginal_cpu_s_per_1M_deliveries"]
-                                 - statistics.fmean(base))
+                cost = rec.get("marginal_cpu_s_per_1M_deliveries")
+                if base and cost:
+                    mean = statistics.fmean(base)
+                    ratios.append(cost / mean)
+                    added.append(cost - mean)
             if not ratios:
                 return "–"
             mid, lo, hi = _median_spread(ratios)

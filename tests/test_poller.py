@@ -42,13 +42,12 @@ class FakePeer:
 
 
 def watched_pair(poller: Poller) -> tuple[FakePeer, socket.socket, socket.socket]:
-    """A socket pair whose first end the poller watches, as ``Poller.add`` would with a peer
-    that is not a WebSocket; the test writes to the second end."""
+    """A socket pair whose first end the poller watches (``Poller.add`` reads only the peer's
+    file descriptor, so a fake peer will do); the test writes to the second end."""
     ours, theirs = socket.socketpair()
     ours.setblocking(False)
     peer = FakePeer(ours)
-    poller._peers[peer._fd] = peer
-    poller._epoll.register(peer._fd, _peer._IN)
+    poller.add(peer)  # type: ignore[arg-type]
     return peer, ours, theirs
 
 
