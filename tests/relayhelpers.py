@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -15,12 +14,14 @@ from relaycore.protocol._auth import generate_access_token
 KEY = "test-access-key-for-the-relay-suite"
 
 
+#: The byte vectors the tests assert, kept in the repository (``tests/vectors/README.md`` says
+#: where each came from).
+VECTORS_DIR = Path(__file__).resolve().parent / "vectors"
+
+
 def load_vectors(name: str) -> dict[str, Any]:
-    """A file of the shared byte vectors (``RELAYCORE_VECTORS_DIR``, else ``shared/vectors``
-    beside the repository)."""
-    folder = os.environ.get("RELAYCORE_VECTORS_DIR") or (
-        Path(__file__).resolve().parents[1].parent / "shared" / "vectors")
-    return json.loads((Path(folder) / name).read_text(encoding="utf-8"))
+    """One file of ``tests/vectors/``, parsed."""
+    return json.loads((VECTORS_DIR / name).read_text(encoding="utf-8"))
 RS = "\x1e"
 
 

@@ -18,8 +18,6 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
-import os
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -30,16 +28,14 @@ from relaycore.protocol import upstream_signature
 from relaycore.relay._http import Request, Response
 from relaycore.sdk import HubException, ServiceHubContext, ServiceManager, ServiceOptions
 from relaycore.sdk.upstream import UpstreamEvent, UpstreamHandler, verify_signature
+from relayhelpers import load_vectors
 
 from .harness import WAIT, AgentError, NodeAgent, NodeAgentFactory, RelayFactory, RelayProcess
 from .serverless import UPSTREAM_TEMPLATE, UpstreamServer, free_port
 
 pytestmark = pytest.mark.e2e
 
-VECTORS = Path(os.environ.get("RELAYCORE_VECTORS_DIR")
-               or Path(__file__).resolve().parents[3] / "shared" / "vectors")
-VECTOR = json.loads((VECTORS / "service-protocol.json").read_text())["related_vectors"][
-    "upstream_signature"]
+VECTOR = load_vectors("service-protocol.json")["related_vectors"]["upstream_signature"]
 #: The relay signs with the vector's first key.
 KEY = VECTOR["access_keys"][0]
 

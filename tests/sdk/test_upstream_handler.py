@@ -4,9 +4,7 @@ through the real relay (its upstream pointed at the handler)."""
 from __future__ import annotations
 
 import json
-import os
 import time
-from pathlib import Path
 
 import anyio
 import httpx
@@ -26,16 +24,14 @@ from relaycore.sdk.upstream import (
     parse_request,
     verify_signature,
 )
+from relayhelpers import load_vectors
 
-VECTORS = Path(os.environ.get("RELAYCORE_VECTORS_DIR")
-               or Path(__file__).resolve().parents[2].parent / "shared" / "vectors")
 BACKENDS = ["asyncio", "trio"]
 KEY = "upstream-test-key"
 
 
 def signature_vector() -> dict:
-    data = json.loads((VECTORS / "service-protocol.json").read_text())
-    return data["related_vectors"]["upstream_signature"]
+    return load_vectors("service-protocol.json")["related_vectors"]["upstream_signature"]
 
 
 def headers(event="connected", category="connections", conn="c1", **extra) -> dict[str, str]:
