@@ -1,6 +1,6 @@
 """Tests of ``relaycore.protocol._hub``: handshake, JSON and MessagePack hub protocols.
 
-Every vector of ``shared/vectors/hub-protocol.json`` is asserted: parsed, and written back byte
+Every vector of ``tests/vectors/hub-protocol.json`` is asserted: parsed, and written back byte
 for byte where it is a form the server writes. The few MessagePack forms that a Python server
 cannot or should not write are listed in ``MSGPACK_FORMS_NOT_WRITTEN`` with the reason, and are
 checked to round-trip instead.

@@ -1,6 +1,6 @@
 """Tests of ``relaycore.protocol._service``: the Azure SignalR service protocol.
 
-Every vector of ``shared/vectors/service-protocol.json`` is asserted: parsed and compared with
+Every vector of ``tests/vectors/service-protocol.json`` is asserted: parsed and compared with
 its ``decoded`` view, and, for the two ``current-*`` sets, written back byte for byte (the two
 ConnectionFlowControl vectors included: their int32-forced fields are written by hand). The
 ``compat-2024-03`` vectors are older, shorter encodings: they must parse, and what is written

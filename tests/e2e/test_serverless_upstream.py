@@ -3,7 +3,7 @@
 ``@microsoft/signalr`` client under Node.js, and the management SDK sending from the handlers.
 
 * Connected, disconnected and invocation events arrive signed with the relay's key (the key of
-  the upstream-signature vector in ``shared/vectors/service-protocol.json``), with the user,
+  the upstream-signature vector in ``tests/vectors/service-protocol.json``), with the user,
   and the body of each kind; invocation results come back to the client, in JSON and
   MessagePack; a handler error or a missing handler becomes a completion error.
 * The upstream down for 10 seconds: every connected and disconnected event of that time still
