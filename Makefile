@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 NODE_MODULES := tests/e2e/node/node_modules
 
-.PHONY: run build test test-fast test-pure bench bench-smoke lint fuzz clean
+.PHONY: run build prereqs test test-fast test-pure bench bench-smoke lint fuzz clean
 
 $(STAMP): pyproject.toml setup.py src/relaycore/_fastpath.pyx
 	$(PYTHON) -m venv $(VENV)
@@ -25,9 +25,22 @@ build: $(STAMP)
 run: $(STAMP)
 	$(PY) -m relaycore serve
 
+# What `make test` needs beyond Python: each missing tool is named with its Debian package.
+prereqs:
+	@missing=""; \
+	command -v node >/dev/null || missing="$$missing nodejs"; \
+	command -v npm >/dev/null || missing="$$missing npm"; \
+	command -v cc >/dev/null || command -v gcc >/dev/null || missing="$$missing gcc"; \
+	command -v chromium >/dev/null || command -v chromium-browser >/dev/null \
+	  || command -v google-chrome >/dev/null || missing="$$missing chromium"; \
+	if [ -n "$$missing" ]; then \
+	  echo "make test needs:$$missing (Debian: apt-get install$$missing; .ci/run installs them)" >&2; \
+	  exit 2; \
+	fi
+
 # The whole suite twice (Cython fast path, then the pure-Python twin), then every benchmark
 # once in smoke mode so that none can rot.
-test: $(STAMP) $(NODE_MODULES)
+test: prereqs $(STAMP) $(NODE_MODULES)
 	RELAYCORE_REQUIRE_EXTENSIONS=1 $(PY) -m pytest -q
 	RELAYCORE_NO_EXTENSIONS=1 $(PY) -m pytest -q
 	$(MAKE) bench-smoke
