@@ -57,6 +57,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
+from .._accel import parse_frame_header
 from ..protocol._websocket import Role, State, WebSocketProtocol
 
 if TYPE_CHECKING:
@@ -290,7 +291,7 @@ class Peer:
     """One upgraded WebSocket stream with an unbounded-in-time, buffered, coalescing writer."""
 
     __slots__ = ("relay", "ws", "state", "created", "last_receive", "last_send",
-                 "_out", "_fd", "_reading", "_blocked", "_close_deadline")
+                 "_out", "_fd", "_reading", "_blocked", "_head_left", "_close_deadline")
 
     def __init__(self, relay: Relay, *, max_message_size: int, now: float) -> None:
         self.relay = relay
@@ -307,6 +308,10 @@ class Peer:
         #: Whether the socket did not take everything: the poller waits until it is writable,
         #: and the flusher leaves the peer alone meanwhile.
         self._blocked = False
+        #: While blocked: how many bytes at the head of ``_out`` finish a frame that the
+        #: socket took only part of (0 when ``_out`` starts with a whole frame). Everything
+        #: after them is whole frames, which is what ``drop_backlog`` may discard.
+        self._head_left = 0
         self._close_deadline = math.inf
 
     # -- outbound ------------------------------------------------------------------------------
@@ -325,6 +330,7 @@ class Peer:
 
     def _wait_writable(self, sent: int) -> None:
         """The socket took only ``sent`` bytes: keep the rest for when it is writable."""
+        self._head_left = _frame_boundary(self._out, self._head_left, sent) - sent
         del self._out[:sent]
         self._blocked = True
         self.relay.poller.watch(self, _IN | _OUT if self._reading else _OUT)
@@ -335,11 +341,22 @@ class Peer:
         try:
             self._blocked = False
             self.flush(now)
+            if not self._blocked:
+                self._head_left = 0  # everything went: the buffer starts at a frame again
             if not self._blocked and self.state is not ConnState.CLOSED:
                 self.relay.poller.watch(self, _IN if self._reading else 0)
         except Exception:
             log.exception("dropping a connection after an internal error")
             self.drop()
+
+    def drop_backlog(self) -> int:
+        """Discard the queued frames that the socket has not started on (the rest of a frame
+        it took part of stays, so the stream stays well-formed); returns how many bytes went.
+        What is queued after this (a Close, say) is the next thing the peer reads."""
+        keep = self._head_left if self._blocked else 0
+        dropped = len(self._out) - keep
+        del self._out[keep:]
+        return dropped
 
     def _send_close_frame(self, code: int, reason: str = "") -> None:
         if self.ws.state is State.OPEN:
@@ -487,6 +504,19 @@ def _write_out(peers: Iterable[Peer], now: float) -> None:
                 peer.drop()  # reading was over and the last bytes are out
         else:
             peer._wait_writable(sent)
+
+
+def _frame_boundary(out: bytearray, head_left: int, sent: int) -> int:
+    """The first frame boundary in ``out`` at or after ``sent``, where ``out`` holds the
+    ``head_left`` bytes that finish a partly written frame and then whole frames (server
+    frames: never masked). Walks only the frames the socket took part of: slow sockets only."""
+    pos = head_left
+    while pos < sent:
+        header = parse_frame_header(out, pos)
+        if header is None:  # cannot be: the buffer holds whole frames
+            raise ValueError(f"no whole frame header at offset {pos} of the send buffer")
+        pos += header[4] + header[3]
+    return pos
 
 
 async def aclose_quietly(stream: trio.abc.AsyncResource) -> None:

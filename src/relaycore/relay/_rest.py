@@ -249,16 +249,24 @@ def _sent(recipients: int) -> Response:
     return Response.json(0, {"recipients": recipients})
 
 
+#: The largest ``ttl`` a REST call may give (int32 seconds, as Azure's API declares it).
+_MAX_TTL = 2**31 - 1
+
+
 def _ttl(request: Request) -> float | None:
     raw = request.arg("ttl")
     if raw is None or raw == "":
         return None
+    # Azure's API takes an int32 number of seconds; a longer string is not one.
+    if len(raw) > 11:
+        raise HttpError(400, f"ttl must be a whole number of seconds up to {_MAX_TTL}, "
+                             f"got {len(raw)} characters")
     try:
         ttl = int(raw)
     except ValueError:
         raise HttpError(400, f"ttl must be a whole number of seconds, got {raw!r}") from None
-    if ttl < 0:
-        raise HttpError(400, f"ttl must be >= 0, got {ttl}")
+    if not 0 <= ttl <= _MAX_TTL:
+        raise HttpError(400, f"ttl must be between 0 and {_MAX_TTL} seconds, got {ttl}")
     return float(ttl)
 
 

@@ -1,0 +1,118 @@
+"""Requests that once killed the whole relay process: each is answered on its own connection,
+and the relay and a healthy client carry on.
+
+The relay runs in the test's nursery, so an exception that escapes a connection's handler fails
+the test itself (as it ended the process under ``python -m relaycore serve``).
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import trio
+
+from relaycore.relay import OutboundMessage, RelayConfig, serve_relay
+from relayhelpers import KEY, rest_token, wait_for
+
+
+@pytest.fixture
+async def relay(nursery):
+    config = RelayConfig(port=0, access_keys=[KEY], close_timeout=1)
+    return await nursery.start(serve_relay, config)
+
+
+async def exchange(relay, raw: bytes) -> bytes:
+    """Send ``raw`` and end the sending side on a new TCP connection, then read until the
+    relay closes it."""
+    stream = await trio.open_tcp_stream("127.0.0.1", relay.port)
+    received = bytearray()
+    with trio.fail_after(5):
+        await stream.send_all(raw)
+        await stream.send_eof()
+        while chunk := await stream.receive_some(65536):
+            received += chunk
+    await stream.aclose()
+    return bytes(received)
+
+
+def statuses(answer: bytes) -> list[int]:
+    """The status codes of the responses in ``answer``, in order."""
+    return [int(line.split(b" ")[1]) for line in answer.split(b"\r\n")
+            if line.startswith(b"HTTP/1.1 ")]
+
+
+def json_body(answer: bytes) -> dict:
+    return json.loads(answer.rsplit(b"\r\n\r\n", 1)[1])
+
+
+async def healthy_client_receives(relay, connect) -> None:
+    client = await connect(relay, "chat", "alice")
+    reached = await relay.send_to_all("chat", OutboundMessage.invocation("notify", "still here"))
+    assert reached == 1
+    with trio.fail_after(3):
+        message = await client.next_message()
+    assert message["arguments"] == ["still here"]
+
+
+async def test_relay_a_head_request_then_a_truncated_one_answers_400_without_a_body(relay, connect):
+    answer = await exchange(relay, b"HEAD /api/health HTTP/1.1\r\nHost: x\r\n\r\n"
+                                   b"GET / HTTP/1.1\r\nHost")
+    await exchange(relay, b"HEAD /api/health HTTP/1.1\r\nHost: x\r\n\r\n"
+                          b"BROKEN REQUEST\r\n\r\n")
+    assert statuses(answer)[0] == 200
+    assert statuses(answer)[-1] == 400
+    await healthy_client_receives(relay, connect)
+
+
+async def test_relay_a_non_ascii_origin_is_not_echoed_and_the_request_is_answered(relay, connect):
+    answer = await exchange(relay, "GET /api/health HTTP/1.1\r\nHost: x\r\nOrigin: http://é.x\r\n"
+                                   "Connection: close\r\n\r\n".encode())
+    assert statuses(answer) == [200]
+    assert b"access-control-allow-origin" not in answer.lower()
+    await healthy_client_receives(relay, connect)
+
+
+@pytest.mark.parametrize("request_head", [
+    b"POST /client/negotiate?hub=chat HTTP/1.1\r\nHost: [\r\nContent-Length: 0\r\n",
+    b"GET /client/?hub=chat HTTP/1.1\r\nHost: [\r\nUpgrade: websocket\r\n"
+    b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+    b"Sec-WebSocket-Version: 13\r\n",
+    b"POST /api/hubs/chat/:send?api-version=2022-06-01 HTTP/1.1\r\nHost: [\r\n"
+    b"Content-Length: 0\r\n",
+    b"POST //[/api/hubs/chat/:send HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n",
+], ids=["negotiate", "upgrade", "rest", "target"])
+async def test_relay_an_unparsable_host_is_a_400_naming_it(relay, connect, request_head):
+    answer = await exchange(relay, request_head + b"Connection: close\r\n\r\n")
+    assert statuses(answer) == [400]
+    assert "host" in json_body(answer)["message"].lower() or b"//[" in request_head
+    await healthy_client_receives(relay, connect)
+
+
+async def test_relay_a_ttl_too_large_for_a_number_is_a_400(relay, connect):
+    path = "/api/hubs/chat/groups/g/users/u"
+    token = rest_token(path)
+    answer = await exchange(relay, (
+        f"PUT {path}?api-version=2022-06-01&ttl={'9' * 400} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        f"Authorization: Bearer {token}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    ).encode())
+    assert statuses(answer) == [400]
+    assert "ttl" in json_body(answer)["message"]
+    await healthy_client_receives(relay, connect)
+
+
+async def test_relay_an_exception_in_a_handler_is_a_500_for_that_request_only(
+        relay, connect, monkeypatch, caplog):
+    def broken(request):
+        raise RuntimeError("injected")
+
+    monkeypatch.setattr(relay, "_negotiate", broken)
+    answer = await exchange(relay, b"POST /client/negotiate?hub=chat HTTP/1.1\r\nHost: x\r\n"
+                                   b"Content-Length: 0\r\nConnection: close\r\n\r\n")
+    assert statuses(answer) == [500]
+    assert json_body(answer)["code"] == "InternalServerError"
+    await wait_for(lambda: any("injected" in r.getMessage() or
+                               (r.exc_info and "injected" in str(r.exc_info[1]))
+                               for r in caplog.records))
+    await healthy_client_receives(relay, connect)
+
