@@ -911,3 +911,29 @@ def test_msgpack_protocol_reads_back_whatever_it_writes(
     messages = [*messages, StreamItemMessage("b", blob)]
     wire = MSGPACK.write_many(messages)
     assert MSGPACK.parse(wire) == (messages, len(wire))
+
+
+# -- which handshake versions a server accepts (issue 14: signalrcore sends version 0) --------
+
+
+@pytest.mark.parametrize("version", [0, 1, 2])
+def test_check_handshake_request_accepts_every_version_up_to_the_max(version):
+    from relaycore.protocol._hub import MAX_HUB_PROTOCOL_VERSION, check_handshake_request
+
+    assert MAX_HUB_PROTOCOL_VERSION == 2
+    assert check_handshake_request(HandshakeRequest("json", version)) is None
+    assert check_handshake_request(HandshakeRequest("MessagePack", version)) is None
+
+
+def test_check_handshake_request_refuses_a_version_above_the_max_as_dotnet_words_it():
+    from relaycore.protocol._hub import check_handshake_request
+
+    assert check_handshake_request(HandshakeRequest("Json", 3)) == (
+        "The server does not support version 3 of the 'Json' protocol.")
+
+
+def test_check_handshake_request_refuses_an_unknown_protocol_first():
+    from relaycore.protocol._hub import check_handshake_request
+
+    assert check_handshake_request(HandshakeRequest("xml", 9)) == (
+        "The protocol 'xml' is not supported.")

@@ -525,3 +525,23 @@ async def test_rest_body_far_over_the_limit_gets_413_not_a_reset(relay, rest):
     r = await rest.call("POST", "/api/hubs/chat/:send", content=b"x" * (16 << 20),
                         headers={"Content-Type": "application/json"})
     assert r.status_code == 413 and "2048" in r.json()["message"]
+
+
+# -- handshake versions (issue 14) -----------------------------------------------------------
+
+
+async def test_handshake_with_version_zero_is_accepted_as_signalrcore_sends_it(relay, connect):
+    ws = await connect(relay, "chat", "alice", handshake=False)
+    await ws.send_message('{"protocol":"json","version":0}' + RS)
+    with trio.fail_after(5):
+        assert await ws.get_message() == "{}" + RS
+    await wait_for(lambda: relay.table.get("chat") is not None
+                   and len(relay.table.get("chat").connections) == 1)
+
+
+async def test_handshake_with_version_above_two_gets_the_dotnet_error(relay, connect):
+    ws = await connect(relay, handshake=False)
+    await ws.send_message('{"protocol":"json","version":3}' + RS)
+    with trio.fail_after(5):
+        reply = json.loads((await ws.get_message()).rstrip(RS))
+    assert reply == {"error": "The server does not support version 3 of the 'json' protocol."}

@@ -525,3 +525,154 @@ async def test_status_says_whether_the_hub_has_clients_whichever_server_holds_th
     await client.ws.aclose()
     await holder.next(CloseConnectionMessage)
     assert await status(other) == "0"
+
+
+# -- OpenConnection: the query as it arrived, X-Forwarded-For, repeated claims (issue 14) -------
+
+
+async def open_custom_client(nursery, relay, query, *, token, headers=()):
+    """A client connecting with ``query`` as written (the token is appended as
+    ``access_token``) and ``headers``; its handshake is left to the test."""
+    url = f"ws://127.0.0.1:{relay.port}/client/?{query}&access_token={token}"
+    return await connect_websocket_url(nursery, url, extra_headers=list(headers))
+
+
+async def test_open_connection_forwards_the_raw_query_without_the_token(
+        relay, app_server, nursery):
+    server = await app_server(relay)
+    ws = await open_custom_client(
+        nursery, relay, "hub=chat&room=blue%26green&name=a+b%20c&flag&x=%E2%82%AC",
+        token=client_token("chat", "alice"))
+    await ws.send_message('{"protocol":"json","version":1}' + RS)
+    opened = await server.next(OpenConnectionMessage)
+    assert opened.query_string == "?hub=chat&room=blue%26green&name=a+b%20c&flag&x=%E2%82%AC"
+    await ws.aclose()
+
+
+async def test_open_connection_query_keeps_the_negotiated_id_as_azure_forwards_it(
+        relay, app_server, nursery):
+    import httpx
+
+    server = await app_server(relay)
+    token = client_token("chat", "alice")
+    async with httpx.AsyncClient() as http:
+        negotiated = (await http.post(
+            f"http://127.0.0.1:{relay.port}/client/negotiate?hub=chat&negotiateVersion=1",
+            headers={"Authorization": f"Bearer {token}"})).json()
+    connection_token = negotiated["connectionToken"]
+    ws = await open_custom_client(
+        nursery, relay, f"hub=chat&id={connection_token}&room=blue%26green", token=token)
+    await ws.send_message('{"protocol":"json","version":1}' + RS)
+    opened = await server.next(OpenConnectionMessage)
+    assert opened.query_string == f"?hub=chat&id={connection_token}&room=blue%26green"
+    assert opened.connection_id == negotiated["connectionId"]
+    await ws.aclose()
+
+
+async def test_open_connection_headers_carry_x_forwarded_for_with_the_client_address(
+        relay, app_server, nursery):
+    from relaycore.protocol import header_for
+
+    server = await app_server(relay)
+    direct = await open_custom_client(nursery, relay, "hub=chat",
+                                      token=client_token("chat", "alice"))
+    await direct.send_message('{"protocol":"json","version":1}' + RS)
+    opened = await server.next(OpenConnectionMessage)
+    assert header_for(opened.headers, "X-Forwarded-For") == ("127.0.0.1",)
+    proxied = await open_custom_client(
+        nursery, relay, "hub=chat", token=client_token("chat", "bob"),
+        headers=[(b"X-Forwarded-For", b"203.0.113.7")])
+    await proxied.send_message('{"protocol":"json","version":1}' + RS)
+    opened = await server.next(OpenConnectionMessage)
+    assert header_for(opened.headers, "X-Forwarded-For") == ("203.0.113.7, 127.0.0.1",)
+    await direct.aclose()
+    await proxied.aclose()
+
+
+async def test_open_connection_claims_carry_every_value_of_a_repeated_claim(
+        relay, app_server, nursery):
+    server = await app_server(relay)
+    token = generate_access_token(KEY, "http://127.0.0.1/client/?hub=chat", now=time.time(),
+                                  user_id="alice",
+                                  claims={"role": ["admin", "editor"], "team": ["blue"]})
+    ws = await open_custom_client(nursery, relay, "hub=chat", token=token)
+    await ws.send_message('{"protocol":"json","version":1}' + RS)
+    opened = await server.next(OpenConnectionMessage)
+    assert opened.claims["role"] == ("admin", "editor")
+    assert opened.claims["team"] == "blue"
+    assert opened.claims["asrs.s.uid"] == "alice"
+    await ws.aclose()
+
+
+# -- a user's group membership with a TTL ends for its current connections (issue 14) ---------
+
+
+async def rest_call(relay, method, path, *, params=None):
+    import httpx
+
+    from relayhelpers import rest_token
+
+    async with httpx.AsyncClient() as http:
+        return await http.request(
+            method, f"http://127.0.0.1:{relay.port}{path}",
+            params={"api-version": "2022-06-01", **(params or {})},
+            headers={"Authorization": f"Bearer {rest_token(path)}"})
+
+
+def group_members(relay, group):
+    shard = relay.table.get("chat")
+    return set(shard.groups.get(group, {})) if shard is not None else set()
+
+
+async def test_user_group_ttl_over_rest_removes_the_users_current_connection_from_the_group(
+        relay, app_server, raw_client):
+    server = await app_server(relay)
+    carol, c = await bind_client(relay, server, raw_client, user="carol")
+    response = await rest_call(relay, "PUT", "/api/hubs/chat/groups/g/users/carol",
+                               params={"ttl": "1"})
+    assert response.status_code == 200
+    assert group_members(relay, "g") == {c.connection_id}
+    assert (await rest_call(relay, "HEAD", "/api/hubs/chat/groups/g")).status_code == 200
+    await wait_for(lambda: not group_members(relay, "g"), timeout=5)
+    assert (await rest_call(relay, "HEAD", "/api/hubs/chat/groups/g")).status_code == 404
+    await server.send(GroupBroadcastDataMessage("g", payloads("group")),
+                      MultiConnectionDataMessage((c.connection_id,), payloads("marker")))
+    with trio.fail_after(5):
+        assert (await carol.next_message())["target"] == "marker"  # the group send reached no one
+
+
+async def test_user_group_ttl_over_the_service_protocol_keeps_direct_members(
+        relay, app_server, raw_client):
+    server = await app_server(relay)
+    carol, c = await bind_client(relay, server, raw_client, user="carol")
+    bob, b = await bind_client(relay, server, raw_client, user="bob")
+    await server.send(JoinGroupWithAckMessage(b.connection_id, "g", 1),
+                      UserJoinGroupWithAckMessage("carol", "g", 2, ttl=1))
+    acks = [await server.next(ServiceAckMessage) for _ in range(2)]
+    assert [(a.ack_id, a.status) for a in acks] == [(1, AckStatus.OK), (2, AckStatus.OK)]
+    assert group_members(relay, "g") == {b.connection_id, c.connection_id}
+    await wait_for(lambda: group_members(relay, "g") == {b.connection_id}, timeout=5)
+    await server.send(GroupBroadcastDataMessage("g", payloads("group")),
+                      MultiConnectionDataMessage((c.connection_id,), payloads("marker")))
+    with trio.fail_after(5):
+        assert (await bob.next_message())["target"] == "group"
+        assert (await carol.next_message())["target"] == "marker"
+
+
+async def test_an_app_server_that_stops_reading_is_closed_and_its_clients_told_to_reconnect(
+        nursery, app_server, raw_client):
+    config = RelayConfig(port=0, access_keys=[KEY], close_timeout=1,
+                         server_send_buffer_limit=256 << 10)
+    relay = await nursery.start(serve_relay, config)
+    server = await app_server(relay)
+    client, opened = await bind_client(relay, server, raw_client, user="alice")
+    # From here the app server reads nothing: the client's messages pile up on the relay.
+    message = json.dumps({"type": 1, "target": "Echo", "arguments": ["x" * 8000]}) + RS
+    with trio.fail_after(20):
+        while not relay.stats.server_slow_closes:
+            await client.ws.send_message(message)
+    assert relay.stats.server_dropped_bytes > 128 << 10  # most of the limit's worth
+    assert relay.servers_of("chat") == []
+    with trio.fail_after(5):
+        closing = await client.next_message()
+    assert closing["type"] == 7 and closing["allowReconnect"] is True

@@ -974,3 +974,43 @@ def test_sdk_keep_alive_ping_parses() -> None:
     ping = parse_message_body(body)
     assert isinstance(ping, ServicePing)
     assert ping.as_dict() == {"#clientInHub": "3", "#client": "1"}
+
+
+# -- repeated claim types in OpenConnection (issue 14) ---------------------------------------
+
+#: OpenConnection as the SDK's writer lays out a token with two roles: the claims map header
+#: counts every claim, and the type ``role`` comes twice (WriteMapHeader(Claims.Length)).
+_OPEN_WITH_REPEATED_ROLE = bytes.fromhex(
+    "9604" "a26331"
+    "83" "aa" + b"asrs.s.uid".hex() + "a161"
+    "a4" + b"role".hex() + "a5" + b"admin".hex()
+    + "a4" + b"role".hex() + "a6" + b"editor".hex()
+    + "80" "a0" "80"
+)
+
+
+def test_open_connection_repeated_claim_type_is_written_once_per_value():
+    message = OpenConnectionMessage("c1", {"asrs.s.uid": "a", "role": ("admin", "editor")})
+    assert write_message(message) == encode_varint(len(_OPEN_WITH_REPEATED_ROLE)) + \
+        _OPEN_WITH_REPEATED_ROLE
+
+
+def test_open_connection_repeated_claim_type_is_read_with_every_value_in_order():
+    message = parse_message_body(_OPEN_WITH_REPEATED_ROLE)
+    assert message == OpenConnectionMessage("c1", {"asrs.s.uid": "a",
+                                                   "role": ("admin", "editor")})
+    parser = ServiceProtocolParser(raw_connection_data=True, raw_user_data=True)
+    parser.receive_data(write_message(message))
+    assert parser.items_received() == [message]
+
+
+def test_open_connection_claims_given_as_a_list_equal_the_parsed_tuple():
+    built = OpenConnectionMessage("c1", {"role": ["admin", "editor", "admin"]})
+    assert parse_message_body(write_message(built)[1:]) == built
+    assert built.claims == {"role": ("admin", "editor", "admin")}
+
+
+def test_open_connection_claim_that_is_not_a_string_is_refused():
+    body = bytes.fromhex("9304a2633181a4726f6c6591a161")  # claims {"role": ["a"]}
+    with pytest.raises(RemoteProtocolError, match="claims"):
+        parse_message_body(body)

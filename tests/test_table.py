@@ -149,3 +149,99 @@ def test_table_prune_drops_only_empty_shards():
     table.prune("a_chat")
     assert table.get("a_chat") is None
     assert table.connection_count() == 0
+
+
+# -- user-group memberships end for the user's current connections too (issue 14) ------------
+
+
+def test_expired_user_group_membership_removes_the_users_current_connections():
+    table = ConnectionTable()
+    shard = table.shard("chat")
+    a, b = FakeConnection("a", "bob"), FakeConnection("b", "bob")
+    shard.add(a, now=0)
+    shard.add_user_to_group("bob", "g", ttl=10, now=0)
+    shard.add(b, now=5)  # a later connection joins through the membership too
+    assert ids(shard.group_targets("g")) == ["a", "b"]
+    table.expire_user_groups(now=9.9)
+    assert ids(shard.group_targets("g")) == ["a", "b"]
+    table.expire_user_groups(now=10)
+    assert list(shard.group_targets("g")) == []
+    assert shard.groups == {} and a.groups == set() and b.groups == set()
+    assert shard.user_groups == {} and shard.via_user == {}
+    assert not shard.user_in_group("bob", "g", now=10)
+
+
+def test_expired_membership_keeps_a_connection_added_to_the_group_directly():
+    shard = HubShard("chat")
+    direct, through_user = FakeConnection("direct", "bob"), FakeConnection("user", "bob")
+    shard.add(direct, now=0)
+    shard.add(through_user, now=0)
+    shard.join(direct, "g")
+    shard.add_user_to_group("bob", "g", ttl=10, now=1)
+    shard.expire_user_groups(now=11)
+    assert ids(shard.group_targets("g")) == ["direct"]
+
+
+def test_direct_join_after_the_user_joined_outlives_the_membership():
+    shard = HubShard("chat")
+    conn = FakeConnection("a", "bob")
+    shard.add(conn, now=0)
+    shard.add_user_to_group("bob", "g", ttl=10, now=0)
+    shard.join(conn, "g")
+    shard.expire_user_groups(now=20)
+    assert ids(shard.group_targets("g")) == ["a"]
+
+
+def test_renewed_membership_expires_at_its_new_time_only():
+    shard = HubShard("chat")
+    conn = FakeConnection("a", "bob")
+    shard.add(conn, now=0)
+    shard.add_user_to_group("bob", "g", ttl=10, now=0)
+    shard.add_user_to_group("bob", "g", ttl=10, now=8)
+    shard.expire_user_groups(now=12)  # the first expiry is stale
+    assert ids(shard.group_targets("g")) == ["a"]
+    shard.expire_user_groups(now=18)
+    assert list(shard.group_targets("g")) == []
+
+
+def test_ttl_zero_joins_are_direct_and_never_expire():
+    shard = HubShard("chat")
+    conn = FakeConnection("a", "bob")
+    shard.add(conn, now=0)
+    shard.add_user_to_group("bob", "g", ttl=0, now=0)
+    shard.expire_user_groups(now=10**9)
+    assert ids(shard.group_targets("g")) == ["a"]
+
+
+def test_membership_pushed_out_by_the_newest_hundred_removes_its_connections():
+    shard = HubShard("chat")
+    conn = FakeConnection("a", "bob")
+    shard.add(conn, now=0)
+    for i in range(USER_GROUP_MAX_UNTIMED + 1):
+        shard.add_user_to_group("bob", f"g{i}", ttl=None, now=i)
+    assert "g0" not in conn.groups and f"g{USER_GROUP_MAX_UNTIMED}" in conn.groups
+    assert len(conn.groups) == USER_GROUP_MAX_UNTIMED
+
+
+def test_expiry_of_a_membership_found_when_a_connection_opens_removes_the_others():
+    shard = HubShard("chat")
+    early = FakeConnection("early", "bob")
+    shard.add(early, now=0)
+    shard.add_user_to_group("bob", "g", ttl=10, now=0)
+    shard.add(FakeConnection("late", "bob"), now=11)  # before any tick noticed the expiry
+    assert list(shard.group_targets("g")) == []
+
+
+def test_table_expiry_drops_the_shard_it_leaves_empty():
+    table = ConnectionTable()
+    table.shard("chat").add_user_to_group("bob", "g", ttl=5, now=0)
+    table.expire_user_groups(now=5)
+    assert table.get("chat") is None
+
+
+def test_expiry_heap_stays_bounded_when_memberships_churn():
+    shard = HubShard("chat")
+    for i in range(10_000):
+        shard.add_user_to_group("bob", "g", ttl=None, now=i)
+        shard.remove_user_from_group("bob", "g")
+    assert len(shard._expiries) < 200

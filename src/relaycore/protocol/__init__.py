@@ -26,6 +26,7 @@ from ._auth import (
 )
 from ._errors import LocalProtocolError, ProtocolError, RemoteProtocolError
 from ._hub import (
+    MAX_HUB_PROTOCOL_VERSION,
     RECORD_SEPARATOR,
     SUPPORTED_PROTOCOLS,
     AckMessage,
@@ -43,6 +44,7 @@ from ._hub import (
     StreamInvocationMessage,
     StreamItemMessage,
     UnsupportedProtocolError,
+    check_handshake_request,
     get_protocol,
     parse_handshake_request,
     parse_handshake_response,
@@ -200,6 +202,7 @@ __all__ = [
     "LeaveGroupMessage",
     "LeaveGroupWithAckMessage",
     "LocalProtocolError",
+    "MAX_HUB_PROTOCOL_VERSION",
     "MAX_NEGOTIATE_VERSION",
     "MessagePackHubProtocol",
     "MessageType",
@@ -249,6 +252,7 @@ __all__ = [
     "WebSocketProtocol",
     "accept_key",
     "audience_matches",
+    "check_handshake_request",
     "connection_data_prefix",
     "frame",
     "generate_access_token",

@@ -7,7 +7,8 @@ A hub connection starts with a handshake and then carries hub messages:
 
 1. The client sends a handshake request, always JSON text ending in the record separator 0x1E:
    ``{"protocol":"json","version":1}`` (or ``"messagepack"``). ``parse_handshake_request`` reads
-   it from whatever bytes arrived so far; the caller checks the protocol name and version.
+   it from whatever bytes arrived so far; ``check_handshake_request`` says whether the protocol
+   and version are supported, in the .NET server's words.
 2. The server answers ``{}`` + 0x1E, or ``{"error":"..."}`` + 0x1E and closes
    (``write_handshake_response``). Bytes after a separator belong to the next stage.
 3. Both sides then exchange hub messages in the chosen encoding (``JsonHubProtocol`` or
@@ -45,6 +46,7 @@ from .._accel import decode_varint, encode_varint, split_records, split_varint_f
 from ._errors import LocalProtocolError, RemoteProtocolError
 
 __all__ = [
+    "MAX_HUB_PROTOCOL_VERSION",
     "RECORD_SEPARATOR",
     "SUPPORTED_PROTOCOLS",
     "AckMessage",
@@ -62,6 +64,7 @@ __all__ = [
     "StreamInvocationMessage",
     "StreamItemMessage",
     "UnsupportedProtocolError",
+    "check_handshake_request",
     "get_protocol",
     "parse_handshake_request",
     "parse_handshake_response",
@@ -75,6 +78,14 @@ _RS: Final = 0x1E
 
 #: Names accepted in the handshake's ``protocol`` field, as the .NET server spells them.
 SUPPORTED_PROTOCOLS: Final = ("json", "messagepack")
+
+#: The highest hub protocol version a handshake may ask for. ASP.NET Core's JSON and
+#: MessagePack protocols are at version 2 (stateful reconnect's Ack and Sequence messages)
+#: and accept every version up to their own (``IsVersionSupported``: ``version <= Version``),
+#: so 0 passes too: ``signalrcore`` asks for the negotiate version, which is 0 when it does not
+#: ask for negotiate version 1. Version 2 only turns on stateful reconnect, which the
+#: negotiate decides on separately.
+MAX_HUB_PROTOCOL_VERSION: Final = 2
 
 #: The largest length a MessagePack varint prefix may announce (HubProtocol.md: 2GB - 1).
 _MAX_FRAME: Final = 0x7FFFFFFF
@@ -356,6 +367,29 @@ def parse_handshake_request(
             f"Message content: {_quote(payload)}"
         )
     return HandshakeRequest(protocol, version), consumed
+
+
+def check_handshake_request(request: HandshakeRequest) -> str | None:
+    """Why a server refuses ``request``, worded as the .NET server's handshake error, or
+    ``None`` when its protocol (any case) and version (``<= MAX_HUB_PROTOCOL_VERSION``, as
+    ASP.NET Core decides) are supported.
+
+    >>> check_handshake_request(HandshakeRequest("json", 0)) is None
+    True
+    >>> check_handshake_request(HandshakeRequest("JSON", 3))
+    "The server does not support version 3 of the 'JSON' protocol."
+    """
+    try:
+        get_protocol(request.protocol)
+    except UnsupportedProtocolError as exc:
+        return str(exc)
+    if request.version > MAX_HUB_PROTOCOL_VERSION:
+        # HubConnectionContext quotes the protocol as the request spelled it.
+        return (
+            f"The server does not support version {request.version} of the "
+            f"'{request.protocol}' protocol."
+        )
+    return None
 
 
 def write_handshake_request(protocol: str, version: int = 1) -> bytes:

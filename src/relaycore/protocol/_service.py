@@ -573,10 +573,13 @@ class AccessKeyResponseMessage:
 class OpenConnectionMessage:
     """Type 4, service→server: a client connected (§6.2).
 
-    ``claims`` come from the client's token (one value per claim type), ``headers`` from its
-    HTTP request plus the ``Asrs-*`` headers, ``query_string`` is its original query string.
-    ``protocol`` (extension key 3) is the client's hub protocol, so that the server sends it
-    that protocol only.
+    ``claims`` come from the client's token: claim type -> value, or -> a tuple of every value
+    of a repeated claim type (a JWT ``"role": ["admin", "editor"]``), in order. On the wire
+    they are one MessagePack map whose keys repeat, as the SDK writes and reads its array of
+    claims (``WriteMapHeader(Claims.Length)``, then each claim's type and value). ``headers``
+    come from the client's HTTP request plus the ``Asrs-*`` headers, ``query_string`` is its
+    original query string. ``protocol`` (extension key 3) is the client's hub protocol, so
+    that the server sends it that protocol only.
 
     >>> OpenConnectionMessage("c1", {"asrs.s.uid": "alice"}, protocol="json").claims
     {'asrs.s.uid': 'alice'}
@@ -584,7 +587,7 @@ class OpenConnectionMessage:
 
     message_type: ClassVar[ServiceMessageType] = ServiceMessageType.OPEN_CONNECTION
     connection_id: str
-    claims: dict[str, str] = field(default_factory=dict)
+    claims: dict[str, str | tuple[str, ...]] = field(default_factory=dict)
     headers: dict[str, Sequence[str]] = field(default_factory=dict)
     query_string: str | None = ""
     protocol: str | None = None
@@ -592,6 +595,10 @@ class OpenConnectionMessage:
 
     def __post_init__(self) -> None:
         _freeze_headers(self)
+        if not all(isinstance(v, (str, tuple)) for v in self.claims.values()):
+            # Values given as lists: tuples, as a parsed message holds them.
+            object.__setattr__(self, "claims", {
+                k: v if isinstance(v, (str, tuple)) else tuple(v) for k, v in self.claims.items()})
 
 
 @dataclass(frozen=True, slots=True)
@@ -1169,9 +1176,20 @@ def _w_ping(m: ServicePing) -> list[Any]:
     return [3, *m.values]
 
 
-def _w_open(m: OpenConnectionMessage) -> list[Any]:
-    ext = _ext(m.tracing_id, protocol=m.protocol)
-    return [4, m.connection_id, m.claims, m.headers, m.query_string, ext]
+def _open_body(m: OpenConnectionMessage) -> bytes:
+    # The claims map is written pair by pair, a repeated claim type once per value (a dict
+    # cannot hold a key twice); otherwise this is packb of the 6-element array.
+    packer = msgpack.Packer(use_bin_type=True)
+    pairs = [(name, value) for name, values in m.claims.items()
+             for value in (values if type(values) is tuple else (values,))]
+    return b"".join((
+        b"\x96\x04",  # fixarray of 6, type 4
+        packer.pack(m.connection_id),
+        packer.pack_map_pairs(pairs),
+        packer.pack(m.headers),
+        packer.pack(m.query_string),
+        packer.pack(_ext(m.tracing_id, protocol=m.protocol)),
+    ))
 
 
 def _w_close(m: CloseConnectionMessage) -> list[Any]:
@@ -1345,7 +1363,6 @@ _WRITERS: Final[dict[type[Any], Callable[[Any], list[Any]]]] = {
     ServiceHandshakeRequest: _w_handshake_request,
     ServiceHandshakeResponse: _w_handshake_response,
     ServicePing: _w_ping,
-    OpenConnectionMessage: _w_open,
     CloseConnectionMessage: _w_close,
     ConnectionDataMessage: _w_data,
     MultiConnectionDataMessage: _w_multi_connection,
@@ -1416,6 +1433,8 @@ def _body(message: ServiceMessage) -> bytes:
             return body
         if type(message) is ConnectionFlowControlMessage:
             return _flow_control_body(message)
+        if type(message) is OpenConnectionMessage:
+            return _open_body(message)
     except (TypeError, ValueError, OverflowError) as exc:
         raise LocalProtocolError(
             f"cannot encode {type(message).__name__} as MessagePack ({exc}); expected str, "
@@ -1634,14 +1653,24 @@ def _payloads(array: tuple[Any, ...], index: int) -> dict[str, bytes]:
     return value
 
 
-def _claims(array: tuple[Any, ...], index: int) -> dict[str, str]:
+class _RepeatedClaim(tuple):  # type: ignore[type-arg]
+    """The values of a claim type that came more than once (made by ``_unpack_open`` only, so
+    that an array where a claim's string belongs is still refused)."""
+
+    __slots__ = ()
+
+
+def _claims(array: tuple[Any, ...], index: int) -> dict[str, str | tuple[str, ...]]:
     value = array[index]
     if value is None:
         return {}
     if type(value) is not dict or any(
-        type(k) is not str or type(v) is not str for k, v in value.items()
+        type(k) is not str or (type(v) is not str and type(v) is not _RepeatedClaim)
+        for k, v in value.items()
     ):
         raise _bad(array, index, "claims", "a map of strings to strings", value)
+    if any(type(v) is _RepeatedClaim for v in value.values()):
+        return {k: tuple(v) if type(v) is _RepeatedClaim else v for k, v in value.items()}
     return value
 
 
@@ -2176,6 +2205,35 @@ def _unpack(body: bytes | bytearray | memoryview) -> Any:
         ) from None
 
 
+def _unpack_open(body: bytes | bytearray | memoryview) -> Any:
+    """An OpenConnection body whose claims map is read pair by pair, so that a repeated claim
+    type keeps every value (a tuple, in order) as the SDK's array of claims does; anything
+    unexpected goes to ``_unpack`` and the readers, which say what is wrong."""
+    unpacker = msgpack.Unpacker(raw=False, strict_map_key=False, use_list=False)
+    unpacker.feed(body)
+    try:
+        length = unpacker.read_array_header()
+        if length >= 3:
+            head = (unpacker.unpack(), unpacker.unpack())
+            claims: dict[str, Any] = {}
+            for _ in range(unpacker.read_map_header()):
+                name, value = unpacker.unpack(), unpacker.unpack()
+                if type(name) is not str or type(value) is not str:
+                    break
+                earlier = claims.get(name)
+                if earlier is None:
+                    claims[name] = value
+                elif type(earlier) is _RepeatedClaim:
+                    claims[name] = _RepeatedClaim((*earlier, value))
+                else:
+                    claims[name] = _RepeatedClaim((earlier, value))
+            else:
+                return (*head, claims, *(unpacker.unpack() for _ in range(length - 3)))
+    except Exception:  # truncated, or not this layout: the plain reader reports it
+        pass
+    return _unpack(body)
+
+
 def _type_hint(body: bytes | bytearray | memoryview) -> str:
     # Say which message failed to unpack (e.g. a string that is not UTF-8): the array header
     # and the type are its first bytes.
@@ -2202,7 +2260,9 @@ def parse_message_body(body: bytes | bytearray | memoryview) -> ServiceMessage |
     >>> parse_message_body(bytes.fromhex("9103"))
     ServicePing(values=())
     """
-    array = _unpack(body)
+    # OpenConnection (a fixarray, then type 4) keeps repeated claim types.
+    is_open = len(body) > 1 and 0x93 <= body[0] <= 0x9F and body[1] == 4
+    array = _unpack_open(body) if is_open else _unpack(body)
     if type(array) is not tuple or not array:
         raise RemoteProtocolError(
             f"service message body is {_show(array)}; expected a non-empty array whose first "

@@ -30,9 +30,9 @@ from ..protocol._errors import RemoteProtocolError
 from ..protocol._hub import (
     CloseMessage,
     CompletionMessage,
-    HandshakeRequest,
     InvocationMessage,
     StreamInvocationMessage,
+    check_handshake_request,
     get_protocol,
     parse_handshake_request,
     parse_handshake_response,
@@ -57,10 +57,6 @@ log = logging.getLogger("relaycore.relay.client")
 #: A whole WebSocket message that is one Ping hub message, as the official clients send it
 #: (JSON ``{"type":6}`` + record separator; MessagePack ``[6]`` with its varint length).
 _PINGS = frozenset({b'{"type":6}\x1e', b"\x02\x91\x06"})
-
-#: Hub protocol versions a client may ask for (client-protocol §3.1: accept version <= 2;
-#: 2 only turns on stateful reconnect, which the relay does not negotiate).
-_MAX_HUB_VERSION = 2
 
 
 class ClientConnection(Peer):
@@ -254,7 +250,9 @@ class ClientConnection(Peer):
                 self._handshake_failed("Handshake was canceled.")
             return
         request, consumed = got
-        error = self._check_handshake(request)
+        # Versions up to MAX_HUB_PROTOCOL_VERSION, 0 included (what signalrcore sends); 2 only
+        # turns on stateful reconnect, which the relay does not negotiate.
+        error = check_handshake_request(request)
         if error is not None:
             self._handshake_failed(error)
             return
@@ -274,18 +272,6 @@ class ClientConnection(Peer):
         self.headers = {}  # only an app server is ever told them
         self._push(self._frame(write_handshake_response(None)))
         self.relay._add_connection(self)
-
-    def _check_handshake(self, request: HandshakeRequest) -> str | None:
-        try:
-            get_protocol(request.protocol)
-        except (KeyError, ValueError, RemoteProtocolError):
-            return f"The protocol '{request.protocol}' is not supported."
-        if not 1 <= request.version <= _MAX_HUB_VERSION:
-            return (
-                f"The server does not support version {request.version} of the "
-                f"'{request.protocol}' protocol."
-            )
-        return None
 
     def server_data(self, payload: bytes) -> None:
         """Bytes from the app server's hub: framed hub messages, written as they are."""

@@ -8,8 +8,8 @@ h11 read past the request to the WebSocket driver.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping, Sequence
-from urllib.parse import parse_qsl, unquote, urlsplit
+from collections.abc import Collection, Mapping, Sequence
+from urllib.parse import parse_qsl, unquote, unquote_plus, urlsplit
 
 import h11
 import orjson
@@ -48,6 +48,8 @@ class Request:
     query: list[tuple[str, str]]
     headers: dict[str, str]
     body: bytes = b""
+    #: The client's IP address (the TCP peer), when the stream is a socket.
+    peer: str | None = None
 
     def arg(self, name: str, default: str | None = None) -> str | None:
         """The first value of query parameter ``name`` (compared case-insensitively)."""
@@ -91,6 +93,33 @@ def parse_target(target: str) -> tuple[str, str, list[tuple[str, str]]]:
     return unquote(parts.path), parts.query, parse_qsl(parts.query, keep_blank_values=True)
 
 
+def query_without(raw_query: str, names: Collection[str]) -> str:
+    """``raw_query`` as it arrived on the wire (still percent-encoded, its order, spelling and
+    empty parameters kept) without the parameters whose decoded name, lower-cased, is in
+    ``names``.
+
+    >>> query_without("hub=chat&room=blue%26green&Access_Token=t", {"access_token"})
+    'hub=chat&room=blue%26green'
+    """
+    parts = raw_query.split("&")
+    kept = [part for part in parts
+            if unquote_plus(part.split("=", 1)[0]).lower() not in names]
+    return raw_query if len(kept) == len(parts) else "&".join(kept)
+
+
+def peer_address(stream: object) -> str | None:
+    """The IP address at the other end of ``stream``, or ``None`` when it is not a connected
+    socket (an in-memory stream in tests)."""
+    sock = getattr(stream, "socket", None)
+    try:
+        address = sock.getpeername() if sock is not None else None
+    except OSError:
+        return None
+    if isinstance(address, tuple) and address and isinstance(address[0], str):
+        return address[0]
+    return None
+
+
 def bearer_token(request: Request) -> str | None:
     """The token of an ``Authorization: Bearer ...`` header, if there is one."""
     auth = request.headers.get("authorization", "")
@@ -106,6 +135,7 @@ class HttpConnection:
         self.stream = stream
         self.conn = h11.Connection(h11.SERVER, max_incomplete_event_size=max_head)
         self.max_body = max_body
+        self.peer = peer_address(stream)
         self._method = ""
 
     async def _next_event(self) -> object:
@@ -139,7 +169,8 @@ class HttpConnection:
             key = name.decode("latin-1").lower()
             text = value.decode("latin-1")
             headers[key] = f"{headers[key]}, {text}" if key in headers else text
-        request = Request(event.method.decode("ascii"), target, path, raw_query, query, headers)
+        request = Request(event.method.decode("ascii"), target, path, raw_query, query, headers,
+                          peer=self.peer)
         self._method = request.method
         if request.is_websocket_upgrade:
             return request

@@ -35,7 +35,7 @@ from ..protocol._service import ConnectionType
 from ..protocol._websocket import Opcode, accept_key, frame, is_valid_client_key
 from ._client import ClientConnection
 from ._config import RelayConfig
-from ._http import HttpConnection, HttpError, Request, Response, bearer_token
+from ._http import HttpConnection, HttpError, Request, Response, bearer_token, query_without
 from ._message import OutboundMessage, fan_out, queue_payloads
 from ._peer import ConnState, Flusher, Peer, Poller, aclose_quietly
 from ._rest import RestApi
@@ -72,6 +72,28 @@ _NOT_FORWARDED = frozenset({
     "authorization", "cookie", "upgrade", "connection", "sec-websocket-key",
     "sec-websocket-version", "sec-websocket-extensions", "sec-websocket-protocol",
 })
+
+
+#: Query parameters a client connection does not forward: its credential, like the
+#: ``Authorization`` header. Everything else goes to app servers (OpenConnection) and upstreams
+#: (``X-ASRS-Client-Query``) exactly as it arrived, still percent-encoded and with the
+#: transport's own ``hub`` and ``id``: Azure's service forwards the connect request's query as
+#: is (the ASP.NET SDK reads the transport's ``connectionToken`` and ``transport`` from it, the
+#: Core SDK ``asrs.op`` and ``asrs_lang``). Whether Azure drops ``access_token`` is not
+#: published; the relay keeps credentials away from app servers, which already get the claims.
+_QUERY_NOT_FORWARDED = frozenset({"access_token"})
+
+
+def _forwarded_headers(request: Request) -> dict[str, str]:
+    """The client's request headers as app servers get them in OpenConnection: without
+    credentials and the upgrade's own, plus ``X-Forwarded-For`` ending with the client's
+    address, as Azure adds it (the Azure SDK makes the first address of that header the
+    connection's remote IP; a proxy in front of the relay keeps its client first)."""
+    headers = {k: v for k, v in request.headers.items() if k not in _NOT_FORWARDED}
+    if request.peer is not None:
+        earlier = headers.get("x-forwarded-for")
+        headers["x-forwarded-for"] = f"{earlier}, {request.peer}" if earlier else request.peer
+    return headers
 
 
 def _connection_type_name(value: int) -> str:
@@ -515,13 +537,11 @@ class Relay:
         except HttpError as exc:
             await http.send_response(self._with_cors(request, Response.error(exc)), close=True)
             return None
-        query = "&".join(f"{k}={v}" for k, v in request.query
-                         if k.lower() not in ("access_token", "id"))
-        headers = {k: v for k, v in request.headers.items() if k not in _NOT_FORWARDED}
+        query = query_without(request.raw_query, _QUERY_NOT_FORWARDED)
         return await self._accept(http, key, ClientConnection(
             self, connection_id=connection_id, hub=hub, claims=claims,
             user_id=user_id_from_claims(claims), query=f"?{query}" if query else "",
-            headers=headers, now=self.now()))
+            headers=_forwarded_headers(request), now=self.now()))
 
     @staticmethod
     async def _accept(http: HttpConnection, key: str, peer: Peer) -> tuple[Peer, bytes]:
@@ -569,6 +589,7 @@ class Relay:
                 for token in [t for t, p in self._pending.items() if p.expires < now]:
                     del self._pending[token]
             self.invocations.expire(now)
+            self.table.expire_user_groups(now)
 
     async def drain(self, reason: str = "The relay is shutting down.",
                     timeout: float | None = None) -> None:

@@ -100,20 +100,27 @@ _SYSTEM_CLAIMS = frozenset(
 )
 
 
-def _claims_for_server(claims: dict[str, Any]) -> dict[str, str]:
-    """The client token's claims as OpenConnection carries them: a map of strings (one value
-    per claim type: the first of a JSON array)."""
-    out = {}
+def _claim_text(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+def _claims_for_server(claims: dict[str, Any]) -> dict[str, str | tuple[str, ...]]:
+    """The client token's claims as OpenConnection carries them: strings, and every value of
+    a JSON array (a repeated claim type, §9.1: ``"role": ["admin", "editor"]``) as a tuple,
+    which goes on the wire as that claim type repeated, as Azure sends it."""
+    out: dict[str, str | tuple[str, ...]] = {}
     for key, value in claims.items():
         if key in _SYSTEM_CLAIMS:
             continue
         if isinstance(value, list):
             if not value:
                 continue
-            value = value[0]
-        if isinstance(value, bool):
-            value = "true" if value else "false"
-        out[key] = str(value)
+            out[key] = (_claim_text(value[0]) if len(value) == 1
+                        else tuple(_claim_text(v) for v in value))
+        else:
+            out[key] = _claim_text(value)
     return out
 
 

@@ -6,9 +6,19 @@ connections of its hub, a user index (user id -> connections) and a group index 
 connections), plus user-group memberships that apply to a user's current and later
 connections (REST "add user to group", with an optional TTL).
 
+A connection is in a group directly (JoinGroup, "add connection to group") or through its
+user's membership. When a membership ends (its TTL expires, the newest hundred push it out)
+the user's connections that are in the group only through it leave the group; a connection
+added to the group directly stays: the two are separate memberships, and ending one says
+nothing about the other. ``ttl=0`` adds the current connections directly (no membership is
+kept, so nothing ends). Removing the user from the group removes all of the user's
+connections from it, directly added or not, as before.
+
 Invariants: a connection is in ``connections`` from the end of its handshake until it is
 removed; every connection in a user or group index is also in ``connections``; empty index
-entries are deleted so that existence checks are O(1) dictionary look-ups.
+entries are deleted so that existence checks are O(1) dictionary look-ups; ``via_user`` holds
+only groups the connection is in; every membership has an entry in its shard's expiry heap
+(stale entries, of memberships renewed or removed since, are skipped when they come up).
 
 The table does no I/O; a ``Connection`` only needs ``id``, ``user_id``, ``protocol_name``,
 ``groups`` (a set of group names) and ``enqueue(frame_bytes)``. A shard also lists the hub's
@@ -17,6 +27,7 @@ app-server connections, so that a hub with servers but no clients yet is not pru
 
 from __future__ import annotations
 
+import heapq
 from collections.abc import Iterable, Iterator
 from typing import Any, Protocol
 
@@ -24,6 +35,11 @@ from typing import Any, Protocol
 #: (service-protocol §12.3, "TTL rules").
 USER_GROUP_DEFAULT_TTL = 365 * 24 * 3600.0
 USER_GROUP_MAX_UNTIMED = 100
+
+#: The expiry heap is rebuilt from the live memberships when it has grown to this many
+#: entries and twice the number it had after the last rebuild (stale entries of renewed or
+#: removed memberships otherwise wait out their TTL, a year for untimed ones).
+_HEAP_COMPACT_MIN = 64
 
 
 class Connection(Protocol):
@@ -37,7 +53,7 @@ class Connection(Protocol):
 
 class HubShard:
     __slots__ = ("key", "connections", "users", "groups", "user_groups", "servers",
-                 "_user_targets")
+                 "via_user", "_user_targets", "_expiries", "_compact_at")
 
     def __init__(self, key: str) -> None:
         self.key = key
@@ -46,6 +62,11 @@ class HubShard:
         self.groups: dict[str, dict[str, Connection]] = {}
         #: user id -> {group: expiry time}
         self.user_groups: dict[str, dict[str, float]] = {}
+        #: connection id -> the groups it is in only through its user's membership
+        self.via_user: dict[str, set[str]] = {}
+        #: (expiry, user id, group) of every membership, soonest first
+        self._expiries: list[tuple[float, str, str]] = []
+        self._compact_at = _HEAP_COMPACT_MIN
         #: the app-server connections of this hub (service protocol), in arrival order
         self.servers: list[Any] = []
         #: user id -> tuple(users[user id].values()), made by ``user_targets`` and dropped
@@ -63,7 +84,7 @@ class HubShard:
             self.users.setdefault(conn.user_id, {})[conn.id] = conn
             self._user_targets.pop(conn.user_id, None)
             for group in self.user_group_names(conn.user_id, now):
-                self.join(conn, group)
+                self._join_via_user(conn, group)
 
     def remove(self, conn: Connection) -> None:
         if self.connections.pop(conn.id, None) is None:
@@ -74,16 +95,27 @@ class HubShard:
         for group in conn.groups:
             _discard(self.groups, group, conn.id)
         conn.groups.clear()
+        self.via_user.pop(conn.id, None)
 
     def join(self, conn: Connection, group: str) -> None:
+        """Add ``conn`` to ``group`` directly (it stays when a user membership ends)."""
         self.groups.setdefault(group, {})[conn.id] = conn
         conn.groups.add(group)
+        _discard_set(self.via_user, conn.id, group)
+
+    def _join_via_user(self, conn: Connection, group: str) -> None:
+        if group in conn.groups:
+            return  # already in it (directly, or through the same membership)
+        self.groups.setdefault(group, {})[conn.id] = conn
+        conn.groups.add(group)
+        self.via_user.setdefault(conn.id, set()).add(group)
 
     def leave(self, conn: Connection, group: str) -> bool:
         if group not in conn.groups:
             return False
         conn.groups.discard(group)
         _discard(self.groups, group, conn.id)
+        _discard_set(self.via_user, conn.id, group)
         return True
 
     def leave_all(self, conn: Connection) -> None:
@@ -94,26 +126,59 @@ class HubShard:
         memberships = self.user_groups.get(user_id)
         if not memberships:
             return []
-        expired = [g for g, expiry in memberships.items() if expiry <= now]
-        for group in expired:
-            del memberships[group]
-        if not memberships:
-            del self.user_groups[user_id]
-            return []
-        return list(memberships)
+        for group in [g for g, expiry in memberships.items() if expiry <= now]:
+            self._end_membership(user_id, group)
+        return list(self.user_groups.get(user_id, ()))
 
     def add_user_to_group(self, user_id: str, group: str, ttl: float | None, now: float) -> None:
-        """Add a user's current connections, and (unless ``ttl == 0``) its later ones."""
-        for conn in list(self.users.get(user_id, {}).values()):
-            self.join(conn, group)
+        """Add a user's current connections, and (unless ``ttl == 0``) its later ones, until
+        the membership ends (``ttl`` seconds, a year without one)."""
+        current = list(self.users.get(user_id, {}).values())
         if ttl == 0:
+            for conn in current:
+                self.join(conn, group)
             return
+        for conn in current:
+            self._join_via_user(conn, group)
         memberships = self.user_groups.setdefault(user_id, {})
         memberships.pop(group, None)  # re-insert so that it counts as the newest
-        memberships[group] = now + (USER_GROUP_DEFAULT_TTL if ttl is None else ttl)
+        expiry = memberships[group] = now + (USER_GROUP_DEFAULT_TTL if ttl is None else ttl)
+        self._push_expiry(expiry, user_id, group)
         if len(memberships) > USER_GROUP_MAX_UNTIMED:
-            oldest = next(iter(memberships))
-            del memberships[oldest]
+            self._end_membership(user_id, next(iter(memberships)))
+
+    def expire_user_groups(self, now: float) -> None:
+        """End the memberships whose time has come (the relay's ticker calls this)."""
+        heap = self._expiries
+        while heap and heap[0][0] <= now:
+            expiry, user_id, group = heapq.heappop(heap)
+            if self.user_groups.get(user_id, {}).get(group) == expiry:
+                self._end_membership(user_id, group)
+
+    def next_expiry(self) -> float | None:
+        """When the soonest membership ends (possibly a stale entry), or None."""
+        return self._expiries[0][0] if self._expiries else None
+
+    def _end_membership(self, user_id: str, group: str) -> None:
+        """The user's membership of ``group`` ends: its connections that are in the group
+        only through it leave; later ones no longer join."""
+        memberships = self.user_groups.get(user_id)
+        if memberships is None or memberships.pop(group, None) is None:
+            return
+        if not memberships:
+            del self.user_groups[user_id]
+        for conn in list(self.users.get(user_id, {}).values()):
+            if group in self.via_user.get(conn.id, ()):
+                self.leave(conn, group)
+
+    def _push_expiry(self, expiry: float, user_id: str, group: str) -> None:
+        heap = self._expiries
+        heapq.heappush(heap, (expiry, user_id, group))
+        if len(heap) >= self._compact_at:
+            heap[:] = [(e, u, g) for u, groups in self.user_groups.items()
+                       for g, e in groups.items()]
+            heapq.heapify(heap)
+            self._compact_at = max(_HEAP_COMPACT_MIN, 2 * len(heap))
 
     def remove_user_from_group(self, user_id: str, group: str) -> None:
         for conn in list(self.users.get(user_id, {}).values()):
@@ -166,6 +231,14 @@ class HubShard:
         return targets
 
 
+def _discard_set(index: dict[str, set[str]], key: str, item: str) -> None:
+    members = index.get(key)
+    if members is not None:
+        members.discard(item)
+        if not members:
+            del index[key]
+
+
 def _discard(index: dict[str, dict[str, Any]], key: str, conn_id: str) -> None:
     members = index.get(key)
     if members is None:
@@ -205,6 +278,16 @@ class ConnectionTable:
 
     def shards(self) -> list[HubShard]:
         return list(self._shards.values())
+
+    def expire_user_groups(self, now: float) -> None:
+        """End every user-group membership whose TTL has passed, in every hub, and drop the
+        shards that leaves empty: one look at each shard's soonest expiry per tick."""
+        for key, shard in list(self._shards.items()):
+            soonest = shard.next_expiry()
+            if soonest is not None and soonest <= now:
+                shard.expire_user_groups(now)
+                if shard.is_empty():
+                    del self._shards[key]
 
     def connection_count(self) -> int:
         return sum(len(s.connections) for s in self._shards.values())

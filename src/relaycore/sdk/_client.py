@@ -51,7 +51,7 @@ from relaycore.protocol import (
     RemoteProtocolError,
     StreamInvocationMessage,
     StreamItemMessage,
-    UnsupportedProtocolError,
+    check_handshake_request,
     get_protocol,
     header_for,
     parse_handshake_request,
@@ -59,7 +59,7 @@ from relaycore.protocol import (
 )
 
 from ._errors import HubException
-from ._hub import GroupManager, Hub, HubCallerClients, HubCallerContext
+from ._hub import ROLE_CLAIM_TYPES, GroupManager, Hub, HubCallerClients, HubCallerContext
 
 if TYPE_CHECKING:
     from ._connection import ServiceConnection
@@ -76,10 +76,6 @@ current_service_connection: contextvars.ContextVar[ServiceConnection | None] = (
     contextvars.ContextVar("relaycore_sdk_service_connection", default=None)
 )
 
-#: The highest handshake version accepted, as .NET does (version 2 is JSON/MessagePack with
-#: stateful reconnect, which the relay decides on).
-_MAX_HANDSHAKE_VERSION = 2
-
 #: Inbox depth: ConnectionData payloads waiting for the client's task. When it is full the
 #: server connection's reader waits (backpressure), as the Azure SDK's pipes do.
 _INBOX_SIZE = 256
@@ -89,28 +85,45 @@ _SYSTEM_CLAIMS = frozenset(
     {"aud", "exp", "iat", "nbf", "iss", "actort", "acr", "azp", "c_hash", "jti", "nonce"}
 )
 _NAME_IDENTIFIER = "http://schemas.xmlsoap.org/ws/2005/05/identity/claims/nameidentifier"
+#: The claim an app server's token sets when its identity's role claim type is not .NET's
+#: default (ClaimsUtility.BuildJwtClaims): the type whose values are the roles.
+_ROLE_TYPE_CLAIM = "asrs.s.rt"
 
 
-def claims_and_user_id(claims: Mapping[str, str]) -> tuple[dict[str, str], str | None]:
+def claims_and_user_id(
+    claims: Mapping[str, str | tuple[str, ...]],
+) -> tuple[tuple[tuple[str, str], ...], str | None]:
     """The user's claims and user id from OpenConnection claims, as the Azure SDK reads them
     (§6.2): ``asrs.s.uid`` is the user id, else the name identifier (long URI, ``nameid``,
     ``sub``); ``asrs.u.<name>`` becomes ``<name>``; other ``asrs.s.*`` and system claims go.
+    The claims are ``(type, value)`` pairs in order, a repeated claim type (a tuple of values
+    in OpenConnection) once per value, as the SDK's ``ClaimsPrincipal`` holds them.
+
+    >>> claims_and_user_id({"asrs.s.uid": "ann", "role": ("admin", "editor"), "exp": "9"})
+    ((('role', 'admin'), ('role', 'editor')), 'ann')
     """
-    user_claims: dict[str, str] = {}
-    for name, value in claims.items():
+    user_claims: list[tuple[str, str]] = []
+    for name, values in claims.items():
         if name.startswith("asrs.u."):
-            user_claims[name[len("asrs.u.") :]] = value
+            name = name[len("asrs.u.") :]
         elif name.startswith("asrs.") or name in _SYSTEM_CLAIMS:
             continue
-        else:
-            user_claims.setdefault(name, value)
-    user_id = claims.get("asrs.s.uid") or None
+        for value in values if isinstance(values, tuple) else (values,):
+            user_claims.append((name, value))
+    user_id = _first(claims.get("asrs.s.uid")) or None
     if user_id is None:
         for name in (_NAME_IDENTIFIER, "nameid", "sub"):
-            if claims.get(name):
-                user_id = claims[name]
+            value = _first(claims.get(name))
+            if value:
+                user_id = value
                 break
-    return user_claims, user_id
+    return tuple(user_claims), user_id
+
+
+def _first(value: str | tuple[str, ...] | None) -> str | None:
+    if isinstance(value, tuple):
+        return value[0] if value else None
+    return value
 
 
 def _error_text(base: str, exc: BaseException, detailed: bool) -> str:
@@ -134,6 +147,7 @@ class ClientConnection:
         self.service_connection = connection
         self.connection_id = open_message.connection_id
         claims, user_id = claims_and_user_id(open_message.claims)
+        role_type = _first(open_message.claims.get(_ROLE_TYPE_CLAIM))
         self.context = HubCallerContext(
             self,
             open_message.connection_id,
@@ -141,6 +155,7 @@ class ClientConnection:
             claims,
             dict(open_message.headers),
             (open_message.query_string or "").lstrip("?"),
+            role_claim_types=(role_type,) if role_type else ROLE_CLAIM_TYPES,
         )
         self._migrated = header_for(open_message.headers, ASRS_MIGRATE_FROM_HEADER) is not None
         self.protocol: JsonHubProtocol | MessagePackHubProtocol | None = None
@@ -259,18 +274,12 @@ class ClientConnection:
                     return None  # the client left before its handshake
                 buffer += data
             request, consumed = found
-            try:
-                protocol = get_protocol(request.protocol)
-            except UnsupportedProtocolError as exc:
-                await self._refuse_handshake(str(exc))
+            # Any version up to MAX_HUB_PROTOCOL_VERSION, 0 included, as ASP.NET Core accepts.
+            error = check_handshake_request(request)
+            if error is not None:
+                await self._refuse_handshake(error)
                 return None
-            if not 1 <= request.version <= _MAX_HANDSHAKE_VERSION:
-                await self._refuse_handshake(
-                    f"The server does not support version {request.version} of the "
-                    f"'{request.protocol}' protocol."
-                )
-                return None
-            self.protocol = protocol
+            self.protocol = get_protocol(request.protocol)
             if not self._migrated:
                 # A migrated client already had its handshake answered by its first server.
                 try:

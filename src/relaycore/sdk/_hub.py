@@ -13,6 +13,7 @@ it on one server connection of every online endpoint.
 from __future__ import annotations
 
 import inspect
+import ipaddress
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final, Protocol, TypeVar, overload
@@ -30,6 +31,7 @@ from relaycore.protocol import (
     UserDataMessage,
     UserJoinGroupWithAckMessage,
     UserLeaveGroupWithAckMessage,
+    header_for,
     is_valid_group_name,
 )
 
@@ -72,6 +74,11 @@ CONNECTIONS: Final = "connections"
 USER_GROUP: Final = "user_group"
 
 _BROADCAST: Final = Route(ALL)
+
+#: The claim types whose values are a connection's roles, unless its token names another
+#: (``asrs.s.rt``): .NET's default role claim type, and the JWT name ``role``, under which the
+#: relay passes a token's roles on.
+ROLE_CLAIM_TYPES: Final = ("role", "http://schemas.microsoft.com/ws/2008/06/identity/claims/role")
 
 
 class _Router(Protocol):
@@ -396,16 +403,23 @@ class HubCallerContext:
     """The connection a hub method runs for.
 
     ``items`` is a dict that lives as long as the connection: the place for per-connection
-    state, since hub instances live for one call only.
+    state, since hub instances live for one call only. A token's repeated claim type (a JWT
+    ``"role": ["admin", "editor"]``) is in ``all_claims`` once per value; ``claims`` keeps the
+    first::
+
+        if "admin" in self.context.roles:
+            ...
     """
 
     __slots__ = (
         "_client",
+        "all_claims",
         "claims",
         "connection_id",
         "headers",
         "items",
         "query_string",
+        "roles",
         "user_id",
     )
 
@@ -414,9 +428,11 @@ class HubCallerContext:
         client: ClientConnection,
         connection_id: str,
         user_id: str | None,
-        claims: Mapping[str, str],
+        claims: Iterable[tuple[str, str]],
         headers: Mapping[str, Sequence[str]],
         query_string: str,
+        *,
+        role_claim_types: Iterable[str] = ROLE_CLAIM_TYPES,
     ) -> None:
         self._client = client
         #: The SignalR connection id, the one the client sees.
@@ -424,15 +440,38 @@ class HubCallerContext:
         #: ``asrs.s.uid`` from the client's token, else its name identifier; ``None`` when
         #: anonymous.
         self.user_id = user_id
-        #: The user's claims from the client's token, ``asrs.*`` and JWT system claims removed
-        #: (``asrs.u.<name>`` appears as ``<name>``).
-        self.claims = claims
+        #: Every claim of the client's token as ``(type, value)``, in order, a repeated claim
+        #: type once per value; ``asrs.*`` and JWT system claims removed (``asrs.u.<name>``
+        #: appears as ``<name>``).
+        self.all_claims: tuple[tuple[str, str], ...] = tuple(claims)
+        first: dict[str, str] = {}
+        for name, value in self.all_claims:
+            first.setdefault(name, value)
+        #: The same claims as a mapping, with the first value of a repeated claim type.
+        self.claims: Mapping[str, str] = first
+        types = frozenset(role_claim_types)
+        #: Every role of the user (the values of the role claim type), without repeats.
+        self.roles: tuple[str, ...] = tuple(
+            dict.fromkeys(value for name, value in self.all_claims if name in types))
         #: The client's HTTP request headers as the service forwarded them.
         self.headers = headers
         #: The client's original query string.
         self.query_string = query_string
         #: Per-connection state, kept until the connection ends.
         self.items: dict[Any, Any] = {}
+
+    @property
+    def remote_address(self) -> str | None:
+        """The client's IP address: the first address of the ``X-Forwarded-For`` header the
+        service adds, as the Azure SDK reads it (``None`` when absent or not an address)."""
+        values = header_for(self.headers, "X-Forwarded-For")
+        if not values:
+            return None
+        first = values[0].split(",", 1)[0].strip()
+        try:
+            return str(ipaddress.ip_address(first))
+        except ValueError:
+            return None
 
     @property
     def protocol(self) -> str:
