@@ -102,3 +102,29 @@ async def test_a_slow_consumer_reads_its_close_before_the_dropped_backlog(nurser
     assert close_message is not None and "send buffer limit" in close_message["error"]
     assert close_frame.code == 1008
     await stalled.aclose()
+
+
+async def test_a_client_that_pings_and_never_reads_is_closed_at_the_send_limit(nursery, connect):
+    config = RelayConfig(port=0, access_keys=[KEY], send_buffer_limit=64 << 10)
+    relay = await nursery.start(serve_relay, config)
+    healthy = await connect(relay, user="healthy")
+    flooder = await trio.open_tcp_stream("127.0.0.1", relay.port)
+    flooder.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    await flooder.send_all(
+        (f"GET /client/?hub=chat&access_token={client_token('chat', 'flood')} HTTP/1.1\r\n"
+         "Host: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+         "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+         ).encode() + masked_text_frame('{"protocol":"json","version":1}' + RS))
+    mask = b"\x01\x02\x03\x04"
+    pings = (encode_frame_header(Opcode.PING, 125, mask=mask) + apply_mask(b"p" * 125, mask)) * 64
+    # Each ping is answered with a pong the client never reads: without a bound the relay
+    # would hold every one of them.
+    with trio.fail_after(30):
+        while not relay.stats.slow_consumer_closes:
+            await flooder.send_all(pings)
+    assert not await relay.user_exists("chat", "flood")
+    assert relay.stats.slow_consumer_dropped_bytes > 0
+    assert await relay.send_to_all("chat", OutboundMessage.invocation("n", 1)) == 1
+    with trio.fail_after(3):
+        assert (await healthy.next_message())["arguments"] == [1]
+    await flooder.aclose()

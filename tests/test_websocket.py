@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import tracemalloc
 
 import pytest
 
@@ -779,3 +780,23 @@ def test_protocol_receive_messages_steps_aside_unless_nothing_is_pending():
         b"Hello"
     ]
     assert WebSocketProtocol(Role.CLIENT, mask_key=fixed_mask()).receive_messages(hello) is None
+
+
+@pytest.mark.parametrize("opcode", [Opcode.TEXT, Opcode.BINARY])
+def test_max_size_a_flood_of_empty_fragments_holds_nothing(opcode):
+    server = make(Role.SERVER, max_message_size=1 << 20)
+    server.receive_data(masked(opcode, b"a", fin=False))
+    empty = masked(Opcode.CONTINUATION, b"", fin=False) * 1000
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for _ in range(50):  # 50,000 empty fragments, 300 KB on the wire
+            server.receive_data(empty)
+        grown = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert server.error is None
+    assert grown < 64 << 10  # a list of parts would hold 400 KB of pointers by now
+    server.receive_data(masked(Opcode.CONTINUATION, b"b"))
+    expected = TextMessage("ab") if opcode == Opcode.TEXT else BinaryMessage(b"ab")
+    assert server.events_received() == [expected]

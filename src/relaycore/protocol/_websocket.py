@@ -33,7 +33,6 @@ import enum
 import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 from relaycore._accel import (
     apply_mask,
@@ -286,7 +285,7 @@ class WebSocketProtocol:
     __slots__ = (
         "role", "max_message_size", "_mask_key", "close_code", "close_reason", "error",
         "_close_sent", "_close_rcvd", "_close_unflushed", "_eof", "_input_done", "_buf",
-        "_events", "_out", "_msg_opcode", "_msg_len", "_msg_parts", "_msg_decoder",
+        "_events", "_out", "_msg_opcode", "_msg_len", "_msg_buf", "_msg_decoder",
     )
 
     def __init__(
@@ -320,11 +319,13 @@ class WebSocketProtocol:
         self._out: list[bytes] = []
 
         # The fragmented message in progress (§5.4): its opcode (None when there is none),
-        # its length so far, its parts (str for text, bytes for binary) and, for text, the
-        # incremental decoder that validates UTF-8 as fragments arrive.
+        # its length so far, its payload so far (one buffer: a fragment keeps only its bytes,
+        # so a flood of tiny or empty fragments holds no more than their payload, which
+        # ``max_message_size`` bounds) and, for text, the incremental decoder that validates
+        # UTF-8 as fragments arrive (a bad byte fails the connection without waiting for FIN).
         self._msg_opcode: int | None = None
         self._msg_len = 0
-        self._msg_parts: list[Any] = []  # all str (text) or all bytes (binary)
+        self._msg_buf = bytearray()
         self._msg_decoder: codecs.IncrementalDecoder | None = None
 
     # Questions -----------------------------------------------------------------------------
@@ -622,20 +623,19 @@ class WebSocketProtocol:
                 self._msg_decoder = codecs.getincrementaldecoder("utf-8")()
         self._msg_len += len(payload)
         decoder = self._msg_decoder
-        if decoder is None:
-            self._msg_parts.append(payload)
-        else:
+        if decoder is not None:
             try:
-                self._msg_parts.append(decoder.decode(payload, fin))
+                decoder.decode(payload, fin)  # validation only: the text is decoded at FIN
             except UnicodeDecodeError as exc:
                 self._fail_utf8(exc)
                 return
+        self._msg_buf += payload
         if fin:
-            parts = self._msg_parts
+            data = bytes(self._msg_buf)
             if decoder is None:
-                self._events.append(BinaryMessage(b"".join(parts)))
+                self._events.append(BinaryMessage(data))
             else:
-                self._events.append(TextMessage("".join(parts)))
+                self._events.append(TextMessage(data.decode("utf-8")))
             self._reset_message()
 
     def _handle_control(self, opcode: int, payload: bytes) -> None:
@@ -691,7 +691,7 @@ class WebSocketProtocol:
     def _reset_message(self) -> None:
         self._msg_opcode = None
         self._msg_len = 0
-        self._msg_parts = []
+        self._msg_buf = bytearray()
         self._msg_decoder = None
 
     def _fail_unknown_opcode(self, opcode: int) -> None:

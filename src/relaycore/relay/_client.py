@@ -63,7 +63,7 @@ class ClientConnection(Peer):
     """A SignalR client connected to a hub of this relay."""
 
     __slots__ = ("id", "hub", "claims", "user_id", "query", "headers", "groups",
-                 "protocol_name", "protocol", "server", "close_reason", "data_prefix", "_limit",
+                 "protocol_name", "protocol", "server", "close_reason", "data_prefix",
                  "_inbox")
 
     def __init__(
@@ -78,7 +78,8 @@ class ClientConnection(Peer):
         headers: dict[str, str],
         now: float,
     ) -> None:
-        super().__init__(relay, max_message_size=relay.config.max_message_size, now=now)
+        super().__init__(relay, max_message_size=relay.config.max_message_size,
+                         send_limit=relay.config.send_buffer_limit, now=now)
         self.id = connection_id
         self.hub = hub
         self.claims = claims
@@ -92,7 +93,6 @@ class ClientConnection(Peer):
         #: The start of every ``ConnectionData`` body for this client (set when bound).
         self.data_prefix = b""
         self.close_reason: str | None = None
-        self._limit = relay.config.send_buffer_limit
         self._inbox = bytearray()  # bytes received but not yet handled
 
     # -- outbound ------------------------------------------------------------------------------
@@ -101,24 +101,29 @@ class ClientConnection(Peer):
         """Queue a complete frame; False if the connection is not open or fell too far behind."""
         if self.state is not ConnState.OPEN:
             return False
-        if len(self._out) + len(data) > self._limit:
-            self.relay.stats.slow_consumer_closes += 1
-            log.warning(
-                "closing %s on hub %s: send buffer limit of %d bytes exceeded",
-                self.id,
-                self.hub,
-                self._limit,
-            )
-            # What is queued stays (its head may be a frame already partly written); the Close
-            # goes after it, and the close timer drops the socket if the client never reads.
-            self.close(
-                f"Connection closed: the send buffer limit of {self._limit} bytes was "
-                "exceeded (slow consumer).",
-                code=CloseCode.POLICY_VIOLATION,
-            )
-            return False
-        self._push(data)
-        return True
+        return self._push(data)
+
+    def _overflow(self, size: int) -> None:
+        """The slow-consumer policy: the backlog goes (but the rest of a frame the socket
+        took part of) so that the Close message and the close frame are the next things the
+        client reads; the close timer drops the socket if it never reads again."""
+        dropped = self.drop_backlog() + size
+        stats = self.relay.stats
+        stats.slow_consumer_closes += 1
+        stats.slow_consumer_dropped_bytes += dropped
+        log.warning(
+            "closing %s on hub %s: send buffer limit of %d bytes exceeded; %d bytes of "
+            "backlog dropped",
+            self.id,
+            self.hub,
+            self._limit,
+            dropped,
+        )
+        self.close(
+            f"Connection closed: the send buffer limit of {self._limit} bytes was "
+            "exceeded (slow consumer).",
+            code=CloseCode.POLICY_VIOLATION,
+        )
 
     def _frame(self, payload: bytes) -> bytes:
         return frame(Opcode.BINARY if self.protocol_name == "messagepack" else Opcode.TEXT, payload)

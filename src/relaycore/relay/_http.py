@@ -152,6 +152,10 @@ class HttpConnection:
 
         Raises ``HttpError`` (400, 413) for a malformed or oversized request.
         """
+        # The method decides whether a response carries a body: forget the previous
+        # request's, so that an error answer to a request that never parsed has its body
+        # (a HEAD before it once left the answer's body off under its Content-Length).
+        self._method = ""
         try:
             event = await self._next_event()
         except h11.RemoteProtocolError as exc:
@@ -163,7 +167,10 @@ class HttpConnection:
         if not isinstance(event, h11.Request):
             raise HttpError(400, "expected an HTTP request")
         target = event.target.decode("latin-1")
-        path, raw_query, query = parse_target(target)
+        try:
+            path, raw_query, query = parse_target(target)
+        except ValueError as exc:
+            raise HttpError(400, f"malformed request target {target[:100]!r}: {exc}") from None
         headers: dict[str, str] = {}
         for name, value in event.headers:
             key = name.decode("latin-1").lower()

@@ -291,9 +291,11 @@ class Peer:
     """One upgraded WebSocket stream with an unbounded-in-time, buffered, coalescing writer."""
 
     __slots__ = ("relay", "ws", "state", "created", "last_receive", "last_send",
-                 "_out", "_fd", "_reading", "_blocked", "_head_left", "_close_deadline")
+                 "_out", "_limit", "_fd", "_reading", "_blocked", "_head_left",
+                 "_close_deadline")
 
-    def __init__(self, relay: Relay, *, max_message_size: int, now: float) -> None:
+    def __init__(self, relay: Relay, *, max_message_size: int, send_limit: int,
+                 now: float) -> None:
         self.relay = relay
         self.ws = WebSocketProtocol(Role.SERVER, max_message_size=max_message_size)
         self.state = ConnState.HANDSHAKE
@@ -301,6 +303,9 @@ class Peer:
         self.last_receive = now
         self.last_send = now
         self._out = bytearray()
+        #: Bytes ``_out`` may hold while the connection is not closing; past it,
+        #: ``_overflow`` decides (whatever was queued: frames, pongs, error texts).
+        self._limit = send_limit
         #: The socket, owned as a bare file descriptor once the connection starts.
         self._fd = -1
         #: Whether the socket is still read (until EOF, a close handshake or an error).
@@ -316,12 +321,20 @@ class Peer:
 
     # -- outbound ------------------------------------------------------------------------------
 
-    def _push(self, data: bytes) -> None:
-        """Queue bytes for the socket, whatever the state."""
-        if data:
-            if not self._out:
-                self.relay.flusher.mark(self)
-            self._out += data
+    def _push(self, data: bytes) -> bool:
+        """Queue bytes for the socket; True if they were. A connection that is not closing
+        may hold at most ``_limit`` bytes: past it, ``_overflow`` closes it instead (a peer
+        that never reads cannot make the relay hold more, be it frames or pongs)."""
+        if not data:
+            return True
+        out = self._out
+        if len(out) + len(data) > self._limit and self.state < ConnState.CLOSING:
+            self._overflow(len(data))
+            return False
+        if not out:
+            self.relay.flusher.mark(self)
+        out += data
+        return True
 
     def flush(self, now: float) -> None:
         """Write what is queued with one non-blocking system call. What the socket does not
@@ -467,6 +480,12 @@ class Peer:
 
     def _on_protocol_error(self, reason: str, code: int | None) -> None:
         """The peer broke the WebSocket protocol; the protocol has queued its close frame."""
+        raise NotImplementedError
+
+    def _overflow(self, size: int) -> None:
+        """``size`` more bytes would pass the send limit: close the connection (after
+        ``drop_backlog``, so that its close is the next thing it reads), count, log. Must
+        leave the connection CLOSING or CLOSED."""
         raise NotImplementedError
 
     def _ended(self) -> None:

@@ -31,7 +31,6 @@ from ..protocol._negotiate import (
     negotiate_response,
     parse_negotiate_version,
 )
-from ..protocol._service import ConnectionType
 from ..protocol._websocket import Opcode, accept_key, frame, is_valid_client_key
 from ._client import ClientConnection
 from ._config import RelayConfig
@@ -58,12 +57,22 @@ class RelayStats:
     messages_sent: int = 0
     deliveries: int = 0
     slow_consumer_closes: int = 0
+    #: Bytes queued for slow consumers and dropped when they were closed (the Close message
+    #: goes first; what was behind it is never sent).
+    slow_consumer_dropped_bytes: int = 0
+    #: App-server connections closed because they stopped reading, and the bytes of their
+    #: clients' messages that were dropped then (counted, logged, never silent).
+    server_slow_closes: int = 0
+    server_dropped_bytes: int = 0
     handshake_errors: int = 0
     protocol_errors: int = 0
     auth_failures: int = 0
     upstream_events_sent: int = 0
     upstream_failures: int = 0
     upstream_dropped: int = 0
+    #: Requests and connections ended by an unexpected exception in the relay (each logged
+    #: once with its traceback; the relay and every other connection carry on).
+    internal_errors: int = 0
 
 
 #: Request headers a client connection does not keep (credentials, and the upgrade's own):
@@ -94,13 +103,6 @@ def _forwarded_headers(request: Request) -> dict[str, str]:
         earlier = headers.get("x-forwarded-for")
         headers["x-forwarded-for"] = f"{earlier}, {request.peer}" if earlier else request.peer
     return headers
-
-
-def _connection_type_name(value: int) -> str:
-    try:
-        return ConnectionType(value).name.lower()
-    except ValueError:
-        return f"type {value}"
 
 
 @dataclasses.dataclass
@@ -358,8 +360,6 @@ class Relay:
     def _add_server(self, server: ServerConnection) -> None:
         server.state = ConnState.OPEN
         self.table.shard(server.hub).servers.append(server)
-        log.info("app server %s connected to hub %s (%s connection)", server.server_id,
-                 server.hub, _connection_type_name(server.connection_type))
 
     def _remove_server(self, server: ServerConnection) -> None:
         shard = self.table.get(server.hub)
@@ -394,7 +394,10 @@ class Relay:
         hosts = {urlsplit(self.endpoint).hostname or ""}
         host_header = request.headers.get("host", "")
         if host_header:
-            hosts.add(urlsplit(f"//{host_header}").hostname or "")
+            try:
+                hosts.add(urlsplit(f"//{host_header}").hostname or "")
+            except ValueError:
+                raise HttpError(400, f"invalid Host header {host_header[:100]!r}") from None
         return [f"{scheme}://{host}/{suffix}" for host in hosts if host
                 for scheme in ("http", "https")]
 
@@ -406,6 +409,12 @@ class Relay:
             upgraded = await self._serve_http(stream)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
+        except Exception:
+            # A fault while serving one connection ends that connection only, never the
+            # listener (an exception escaping this task would end serve_listeners and the
+            # process, and with it every other client).
+            self.stats.internal_errors += 1
+            log.exception("relay: internal error on an HTTP connection; closing it")
         finally:
             if upgraded is None:
                 with trio.CancelScope(shield=True):
@@ -439,6 +448,16 @@ class Relay:
                                          close=True)
                 await http.linger(max_bytes=4 * self.config.max_request_body)
                 return None
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                raise
+            except Exception:
+                self.stats.internal_errors += 1
+                where = f"{request.method} {request.path}" if request is not None else "a request"
+                log.exception("relay: internal error answering %s", where)
+                error = HttpError(500, "internal error in the relay (logged on the relay)")
+                await http.send_response(self._with_cors(request, Response.error(error)),
+                                         close=True)
+                return None
             await http.send_response(self._with_cors(request, response))
             if not http.can_continue():
                 return None
@@ -460,7 +479,11 @@ class Relay:
 
     def _with_cors(self, request: Request | None, response: Response) -> Response:
         origin = request.headers.get("origin") if request is not None else None
-        if origin and ("*" in self.config.cors_origins or origin in self.config.cors_origins):
+        # Browsers send an ASCII origin (IDNA hosts are punycode); anything else is not a
+        # value a header can echo.
+        allowed = self.config.cors_origins
+        if (origin and origin.isascii() and origin.isprintable()
+                and ("*" in allowed or origin in allowed)):
             response.headers += [
                 ("Access-Control-Allow-Origin", origin),
                 ("Access-Control-Allow-Credentials", "true"),
