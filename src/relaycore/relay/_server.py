@@ -94,6 +94,15 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("relaycore.relay.server")
 
+
+def _type_name(value: int) -> str:
+    """``default``, ``ondemand`` or ``weak``: a connection type as the log names it."""
+    try:
+        return ConnectionType(value).name.lower().replace("_", "")
+    except ValueError:
+        return f"type {value}"
+
+
 #: Claims of a client token that are about the token itself, not the user (§6.2).
 _SYSTEM_CLAIMS = frozenset(
     {"aud", "exp", "iat", "nbf", "iss", "jti", "nonce", "actort", "acr", "azp", "c_hash"}
@@ -201,34 +210,66 @@ class ServerConnection(Peer):
         config = self.relay.config
         if self.state is ConnState.HANDSHAKE:
             if now - self.created > config.handshake_timeout:
-                self.fail("the service handshake did not arrive in time")
+                self.fail("the service handshake did not arrive in time", broken=False)
         elif self.state is ConnState.OPEN:
             if now - self.last_receive > config.server_timeout:
-                self.fail(f"the app server sent nothing for {config.server_timeout:g} seconds")
+                self.fail(f"the app server sent nothing for {config.server_timeout:g} seconds",
+                          broken=False)
             elif now - self.last_send >= config.server_keep_alive_interval:
                 self.send(ServicePing.of(self.relay.hub_metrics(self.hub)))
 
     # -- closing -------------------------------------------------------------------------------
 
-    def fail(self, reason: str) -> None:
-        """Close this server connection with a ServiceError saying why."""
+    def fail(self, reason: str, *, broken: bool = True) -> None:
+        """Close this server connection with a ServiceError saying why (``broken``: the app
+        server broke the protocol, which is logged for each connection).
+
+        While the relay drains, the close is 1001 Going Away without a ServiceError: the
+        app server reconnects (elsewhere) and logs no error, as for any planned restart."""
         if self.state >= ConnState.CLOSING:
             return
-        log.warning(
-            "server connection %s (%s) on hub %s closed: %s",
-            self.server_id,
-            self.connection_type,
-            self.hub,
-            reason,
-        )
-        self.send(ServiceErrorMessage(reason))
-        self._leave(reason)
-        self._send_close_frame(CloseCode.NORMAL_CLOSURE, reason)
+        if self.relay._shutting_down:
+            self._leave(reason, expected=True)
+            self._send_close_frame(CloseCode.GOING_AWAY, reason)
+        else:
+            self.send(ServiceErrorMessage(reason))
+            self._leave(reason, each=logging.WARNING if broken else logging.DEBUG)
+            self._send_close_frame(CloseCode.NORMAL_CLOSURE, reason)
         self._start_close_timer()
 
-    def _leave(self, reason: str | None) -> None:
+    def _joined(self) -> None:
+        """Log the app server's first connection of a type to this hub (INFO), the others
+        at DEBUG: an app server opens several (five by default) at once."""
+        same = [s for s in self.relay.servers_of(self.hub)
+                if s.server_id == self.server_id and s.connection_type == self.connection_type]
+        kind = _type_name(self.connection_type)
+        if len(same) == 1:
+            log.info("app server %s connected to hub %s (%s)", self.server_id, self.hub, kind)
+        else:
+            log.debug("app server %s opened %s connection %d to hub %s", self.server_id, kind,
+                      len(same), self.hub)
+
+    def _left(self, reason: str, expected: bool, each: int) -> None:
+        """Log a connection that left the hub's table: at ``each`` while the app server has
+        others there, else one line for the app server, INFO when it left on purpose (it
+        closed its connections, or the relay drains) and WARNING when it was lost."""
+        kind = _type_name(self.connection_type)
+        left = sum(s.server_id == self.server_id for s in self.relay.servers_of(self.hub))
+        if left:
+            log.log(logging.DEBUG if expected else each,
+                    "a %s connection of app server %s to hub %s closed (%s); %d still open",
+                    kind, self.server_id, self.hub, reason, left)
+        elif expected:
+            log.info("app server %s left hub %s (%s)", self.server_id, self.hub, reason)
+        else:
+            log.warning("app server %s disconnected from hub %s: %s", self.server_id, self.hub,
+                        reason)
+
+    def _leave(self, reason: str | None, *, expected: bool = False,
+               each: int = logging.DEBUG) -> None:
         if self.state is ConnState.OPEN:
             self.relay._remove_server(self)
+            self._left(reason or "closed", expected, each)
         if self.state < ConnState.CLOSING:
             self.state = ConnState.CLOSING
         clients, self.clients = self.clients, {}
@@ -240,11 +281,25 @@ class ServerConnection(Peer):
             )
 
     def _ended(self) -> None:
-        self._leave("connection ended")
+        self._leave("the connection dropped without a WebSocket close")
         self.relay._forget(self)
 
     def _on_protocol_error(self, reason: str, code: int | None) -> None:
-        self._leave(reason)
+        self._leave(f"WebSocket protocol error: {reason}", each=logging.WARNING)
+        self._start_close_timer()
+
+    def _overflow(self, size: int) -> None:
+        """The app server stopped reading (its clients' messages piled up past
+        ``server_send_buffer_limit``): drop what waits, close with a ServiceError first."""
+        dropped = self.drop_backlog() + size
+        stats = self.relay.stats
+        stats.server_slow_closes += 1
+        stats.server_dropped_bytes += dropped
+        reason = (f"the app server did not read: more than {self._limit} bytes were queued "
+                  f"for this connection ({dropped} dropped)")
+        self._leave(reason, each=logging.WARNING)
+        self._push(frame(Opcode.BINARY, write_message(ServiceErrorMessage(reason))))
+        self._send_close_frame(CloseCode.POLICY_VIOLATION, "the app server did not read")
         self._start_close_timer()
 
     # -- inbound -------------------------------------------------------------------------------
@@ -262,7 +317,8 @@ class ServerConnection(Peer):
             elif isinstance(event, TextMessage):
                 self.fail("the service protocol is binary; got a text frame")
             elif isinstance(event, CloseReceived):
-                self._leave("closed by the app server")
+                self._leave("it shut down" if not self.accepting else "it closed the connection",
+                            expected=True)
 
     #: A text frame is an error here, which the full path reports.
     _TEXT_MESSAGES = False
@@ -325,6 +381,7 @@ class ServerConnection(Peer):
         self.connection_type = message.connection_type
         self.send(ServiceHandshakeResponse())
         self.relay._add_server(self)
+        self._joined()
         self.send(ServicePing.of(self.relay.hub_metrics(self.hub)))
 
     # -- messages ------------------------------------------------------------------------------

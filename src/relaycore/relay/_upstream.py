@@ -15,11 +15,17 @@ Theory of operation
   an answer (§13.4): the upstream's 200 body unchanged (a framed completion), an empty
   completion for an empty 200 or a 204, otherwise a completion error naming the status or the
   failure. The client's connection is never blocked by an upstream call.
+
+Each POST is logged at DEBUG (``relaycore.relay.upstream``: URL, status, time); failures as
+above. httpx's own INFO line for every request is dropped for the relay's upstream calls (a
+filter on the ``httpx`` logger that only matches them), so that a busy serverless hub does not
+write a line per message at the default INFO level.
 """
 
 from __future__ import annotations
 
 import collections
+import contextvars
 import dataclasses
 import fnmatch
 import logging
@@ -39,6 +45,21 @@ if TYPE_CHECKING:
     from ._relay import Relay
 
 log = logging.getLogger("relaycore.relay.upstream")
+
+#: Set while the relay's own upstream POST runs (in that task only).
+_POSTING: contextvars.ContextVar[bool] = contextvars.ContextVar("relaycore_upstream_post",
+                                                                default=False)
+
+
+class _QuietUpstreamRequests(logging.Filter):
+    """Drops the ``httpx`` logger's per-request line for the relay's upstream POSTs (they are
+    logged at DEBUG by ``Upstream._post``); the process's other httpx requests keep theirs."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not _POSTING.get()
+
+
+_QUIET = _QuietUpstreamRequests()
 
 CONNECTIONS = "connections"
 MESSAGES = "messages"
@@ -127,6 +148,7 @@ class Upstream:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         timeout = httpx.Timeout(self.relay.config.upstream_timeout)
+        logging.getLogger("httpx").addFilter(_QUIET)  # once: addFilter skips a duplicate
         async with httpx.AsyncClient(timeout=timeout) as self._http, \
                 trio.open_nursery() as self._nursery:
             task_status.started()
@@ -210,11 +232,26 @@ class Upstream:
             await trio.sleep(delay)
             delay = min(delay * 2, config.upstream_retry_max_delay)
 
-    async def _post_once(self, url: str, headers: dict[str, str], body: bytes) -> str | None:
+    async def _post(self, url: str, headers: dict[str, str], body: bytes) -> httpx.Response:
+        """POST to the upstream, logged at DEBUG (with its status and time, or failure)."""
         assert self._http is not None
+        token = _POSTING.set(True)
+        start = trio.current_time()
         try:
             async with self._limiter:
                 response = await self._http.post(url, headers=headers, content=body)
+        except httpx.HTTPError as exc:
+            log.debug("upstream POST %s failed: %r", url, exc)
+            raise
+        finally:
+            _POSTING.reset(token)
+        log.debug("upstream POST %s: %d in %.0f ms", url, response.status_code,
+                  (trio.current_time() - start) * 1000)
+        return response
+
+    async def _post_once(self, url: str, headers: dict[str, str], body: bytes) -> str | None:
+        try:
+            response = await self._post(url, headers, body)
         except httpx.HTTPError as exc:
             return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
         if response.status_code in (200, 204):
@@ -237,11 +274,9 @@ class Upstream:
 
     async def _invoke(self, conn: ClientConnection, url: str, headers: dict[str, str],
                       body: bytes, target: str, invocation_id: str | None) -> None:
-        assert self._http is not None
         limit = self.relay.config.max_upstream_response
         try:
-            async with self._limiter:
-                response = await self._http.post(url, headers=headers, content=body)
+            response = await self._post(url, headers, body)
         except httpx.HTTPError as exc:
             self.relay.stats.upstream_failures += 1
             log.warning("upstream invocation %s of %s failed: %r", target, conn.id, exc)

@@ -70,7 +70,11 @@ class NegotiateApp:
       request's query (except ``negotiateVersion``) appended to the relay URL;
     * 404 for an unknown hub or path, 405 for a method other than POST or OPTIONS;
     * 503 ``{"error": "Azure SignalR Service is not connected yet, please try again later."}``
-      when no endpoint is online (the .NET SDK answers 500; 503 says "try again later");
+      when no endpoint is online (the .NET SDK answers 500; 503 says "try again later"), or,
+      when the relay refuses this app server's connections, a 503 that says so and why:
+      ``{"error": "the relay at http://relay:8080 refuses this app server's connections:
+      HTTP 401 Unauthorized.bad_signature: ...; check the access key (AccessKey in the
+      connection string)"}``;
     * a ``NegotiateError``'s status (e.g. 400) with ``{"error": message}`` when the endpoint
       router or the user id provider refused the request;
     * CORS preflights (``OPTIONS``) for origins in ``cors_origins`` (``"*"``: any origin).
@@ -171,8 +175,12 @@ class NegotiateApp:
             await _json(send, exc.status_code, {"error": exc.message}, cors)
             return
         except ServiceUnavailableError as exc:
-            _log.warning("negotiate for hub %s refused: %s", hub, exc)
-            await _json(send, 503, {"error": NOT_CONNECTED_MESSAGE}, cors)
+            refusal = self.server.refusal(hub)
+            if refusal is None:
+                _log.warning("negotiate for hub %s refused: %s", hub, exc)
+            else:  # the server connections' own log says it, once, not per request
+                _log.debug("negotiate for hub %s refused: %s", hub, refusal)
+            await _json(send, 503, {"error": refusal or NOT_CONNECTED_MESSAGE}, cors)
             return
         await _json(send, 200, document, cors)
 

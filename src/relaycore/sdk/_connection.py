@@ -38,10 +38,33 @@ An ``EndpointHub`` is in one of three states (service-protocol §11.3), moved by
 
 Whenever a slot connects or disconnects, the container recomputes ``online`` and, when it
 changed, publishes an ``EndpointStatusEvent`` through the server.
+
+What is logged
+--------------
+
+The container speaks for its slots, so that an app server with ``connection_count`` slots
+writes one line per event of the endpoint, not one per slot (each slot's own events are DEBUG):
+
+* INFO once every slot is up: ``app server <id> connected to hub chat on <endpoint>: 5 server
+  connections (default)``; again after an outage or a logged failure, never per reconnect.
+* When the last slot's session ends: INFO if the service closed it normally (WebSocket close
+  1000 or 1001: the relay drains), else WARNING, with the reason.
+* Failed attempts are counted per container until every slot is up again (a *streak*). The
+  first one is a WARNING (the relay's reason; for a refusal, the HTTP status and the relay's
+  message, with a hint such as "check the access key"), unless an outage line already said the
+  endpoint is down and it is not a refusal. Once a slot has failed ``_ERROR_AFTER`` (5) times
+  in a row, an ERROR says so; while it lasts, at most one more ERROR every
+  ``_REMIND_EVERY`` (5 minutes). Retrying never stops, as with the Azure SDK: a fixed key or a
+  relay back brings the slots up, and the INFO line says after how many failed attempts.
+* This app server stopping logs one INFO line (``HubServer``), no WARNING.
+
+A refusal (HTTP 4xx on the upgrade, except 408 and 429) is also what negotiate answers while
+no endpoint of the hub is online (``refusal``): a 503 that says why, not "not connected yet".
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import platform
 import random
@@ -53,12 +76,14 @@ from urllib.parse import quote
 
 import anyio
 import anyio.abc
+import orjson
 
 from relaycore.protocol import (
     ASRS_INSTANCE_ID_HEADER,
     DEFAULT_MAX_SERVICE_MESSAGE_SIZE,
     ClientCompletionMessage,
     ClientInvocationMessage,
+    CloseCode,
     CloseConnectionMessage,
     ConnectionDataMessage,
     ConnectionType,
@@ -83,7 +108,12 @@ from ._client import ClientConnection
 from ._endpoints import EndpointMetrics, EndpointStatusEvent, HubServiceEndpoint
 from ._errors import AckTimeoutError, ServiceUnavailableError
 from ._options import EndpointType, ServiceEndpoint
-from ._websocket import WebSocketClosed, WebSocketConnection, connect_websocket
+from ._websocket import (
+    WebSocketClosed,
+    WebSocketConnection,
+    WebSocketHandshakeError,
+    connect_websocket,
+)
 
 if TYPE_CHECKING:
     from ._server import HubRouter
@@ -104,8 +134,82 @@ _USER_AGENT: Final = (
 )
 
 
+#: A slot that failed this many times in a row makes its container log an ERROR (see "What is
+#: logged"); with the default backoff that is about 15 s of failures.
+_ERROR_AFTER: Final = 5
+#: While the failures last, at most one more ERROR line per this many seconds.
+_REMIND_EVERY: Final = 300.0
+#: Upgrade answers that refuse this app server rather than fail for a moment: retrying does not
+#: help until its configuration (key, endpoint) changes. 408 and 429 say "try again later".
+_TRANSIENT_4XX: Final = frozenset({408, 429})
+#: What to check first, by the status of a refusal.
+_HINTS: Final = {
+    401: "check the access key (AccessKey in the connection string)",
+    403: "check the access key (AccessKey in the connection string)",
+    404: "check the endpoint (Endpoint and Port in the connection string)",
+}
+
+
+def connection_type_name(connection_type: int) -> str:
+    """``default``, ``ondemand`` or ``weak``: a connection type as the logs name it."""
+    try:
+        return ConnectionType(connection_type).name.lower().replace("_", "")
+    except ValueError:
+        return f"type {connection_type}"
+
+
+@dataclasses.dataclass(frozen=True)
+class _Problem:
+    """Why a connection attempt failed or a session ended, for the log and negotiate."""
+
+    #: What happened, in a few words (the relay's own message where it sent one).
+    text: str
+    #: The service refused this app server (HTTP 4xx on the upgrade): it will go on doing so
+    #: until the configuration changes.
+    refused: bool = False
+    #: The service ended the session normally (close 1000/1001: it is shutting down).
+    going_away: bool = False
+    #: What to check, for a refusal.
+    hint: str = ""
+
+
+def _refusal_text(exc: WebSocketHandshakeError) -> str:
+    """``HTTP 401 Unauthorized.bad_signature: The access token's ...``: the status and the
+    relay's ``{"code", "message"}`` body (Azure's and relaycore's error shape), else the body
+    as text."""
+    text = f"HTTP {exc.status}"
+    detail = ""
+    try:
+        body = orjson.loads(exc.body) if exc.body else None
+    except orjson.JSONDecodeError:
+        body = None
+    if isinstance(body, dict):
+        code, message = body.get("code"), body.get("message") or body.get("error")
+        detail = ": ".join(str(part).rstrip(".") for part in (code, message) if part)
+    elif exc.body:
+        detail = exc.body[:200].decode("utf-8", "replace").strip()
+    return f"{text} {detail}" if detail else text
+
+
+def _problem_of(exc: BaseException, handshake_timeout: float) -> _Problem:
+    """The problem an attempt or a session ended with (see ``ServiceConnection.run``)."""
+    if isinstance(exc, _SessionEnded):
+        return exc.problem
+    if isinstance(exc, WebSocketHandshakeError) and exc.status is not None:
+        if 400 <= exc.status <= 499 and exc.status not in _TRANSIENT_4XX:
+            return _Problem(_refusal_text(exc), refused=True, hint=_HINTS.get(exc.status, ""))
+        return _Problem(_refusal_text(exc))
+    if isinstance(exc, TimeoutError):
+        return _Problem(f"no handshake within handshake_timeout ({handshake_timeout:g} s)")
+    return _Problem(f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__)
+
+
 class _SessionEnded(Exception):
     """Why a session ended (for the log); the slot reconnects."""
+
+    def __init__(self, reason: str, *, going_away: bool = False) -> None:
+        super().__init__(reason)
+        self.problem = _Problem(reason, going_away=going_away)
 
 
 class _AckWaiter:
@@ -174,26 +278,26 @@ class ServiceConnection:
     # The slot's task -----------------------------------------------------------------------
 
     async def run(self) -> None:
-        """Keep a session up until cancelled, reconnecting with backoff."""
+        """Keep a session up until cancelled, reconnecting with backoff. The container logs
+        what went wrong (see "What is logged")."""
         while True:
+            sessions = self.sessions
             try:
                 await self._session()
-                reason = "the service closed the connection"
-            except _SessionEnded as exc:
-                reason = str(exc)
-            except (OSError, anyio.BrokenResourceError, TimeoutError, RemoteProtocolError) as exc:
-                reason = f"{type(exc).__name__}: {exc}"
+                problem = _Problem("the service closed the connection", going_away=True)
+            except (
+                _SessionEnded,
+                OSError,
+                anyio.BrokenResourceError,
+                TimeoutError,
+                RemoteProtocolError,
+            ) as exc:
+                problem = _problem_of(exc, self.options.handshake_timeout)
             finally:
                 self.first_attempt.set()
             delay = self.options.retry_delay(self.failures)
             self.failures += 1
-            _log.info(
-                "server connection %s to %s ended (%s); reconnecting in %.1f s",
-                self.index,
-                self.endpoint,
-                reason,
-                delay,
-            )
+            self.container.slot_failed(self, problem, self.sessions != sessions, delay)
             await anyio.sleep(delay)
 
     def _url_and_headers(self) -> tuple[str, list[tuple[str, str]]]:
@@ -244,7 +348,7 @@ class ServiceConnection:
         self.sessions += 1
         self._set_connected(True)
         self.first_attempt.set()
-        _log.info("server connection %s to %s is up (cid %s)", self.index, self.endpoint, self.cid)
+        self.container.slot_up(self)
         if self.container.state == REMOVING:
             # Reconnected while the endpoint drains: the service must not bind clients to it.
             try:
@@ -252,18 +356,18 @@ class ServiceConnection:
             except ServiceUnavailableError:
                 pass  # the read loop sees the socket closed
         lost = ServiceUnavailableError(f"the server connection to {self.endpoint} was lost")
-        ended: str | None = None
+        ended: _SessionEnded | None = None
         try:
             async with anyio.create_task_group() as task_group:
                 self._task_group = task_group
                 try:
                     await self._read_loop(ws, parser, pending)
                 except _SessionEnded as exc:
-                    ended = str(exc)
+                    ended = exc
                 except Exception as exc:
                     # A bug, not the service's fault: log it whole, then reconnect.
                     _log.exception("server connection %s failed", self.index)
-                    ended = f"{type(exc).__name__}: {exc}"
+                    ended = _SessionEnded(f"{type(exc).__name__}: {exc}")
                 finally:
                     self._set_connected(False)
                     self._ws = None
@@ -276,9 +380,10 @@ class ServiceConnection:
             self._set_connected(False)
             self._ws = None
             self._task_group = None
+            self._finack.set()  # a shutdown waiting for the finack: no session, nothing to wait for
             await ws.aclose()
         if ended is not None:
-            raise _SessionEnded(ended)
+            raise ended
 
     async def _handshake_response(
         self, ws: WebSocketConnection, parser: ServiceProtocolParser
@@ -312,7 +417,10 @@ class ServiceConnection:
                 try:
                     data = await ws.receive()
                 except WebSocketClosed as exc:
-                    raise _SessionEnded(str(exc)) from None
+                    # 1000/1001: the service closed the session on purpose (a relay draining
+                    # says 1001 Going Away, RFC 6455 §7.4.1); 1006 and others: it was lost.
+                    normal = exc.code in (CloseCode.NORMAL_CLOSURE, CloseCode.GOING_AWAY)
+                    raise _SessionEnded(str(exc), going_away=normal) from None
             if silence.cancelled_caught:
                 raise _SessionEnded(f"nothing received for {options.service_timeout} s")
             if isinstance(data, str):
@@ -502,6 +610,15 @@ class EndpointHub:
         self._scope: anyio.CancelScope | None = None
         self._stopping = False
         self.stopped = anyio.Event()
+        #: The last failure since a slot was last up (``refusal`` reads it; None: none).
+        self.problem: _Problem | None = None
+        # The log's state (module doc, "What is logged").
+        self._announced = False  # the "connected" line is current
+        self._outage_logged = False  # a line said the endpoint is down; until a slot is up
+        self._failed = 0  # failed attempts in the streak (since every slot was last up)
+        self._warned = False  # the streak's first failure was reported
+        self._warned_refusal = False  # ... and a refusal in it
+        self._escalated_at: float | None = None  # when the streak's last ERROR was logged
 
     def __repr__(self) -> str:
         return f"<EndpointHub {self.router.name} {self.endpoint} {self.state}>"
@@ -548,6 +665,98 @@ class EndpointHub:
                 EndpointStatusEvent(self.router.name, self.hub_endpoint, online)
             )
         self.notify()
+
+    # The log (module doc, "What is logged") -----------------------------------------------
+
+    def refusal(self) -> str | None:
+        """Why the service refuses this app server's connections, when the last failure was
+        a refusal and no slot has been up since (else ``None``)."""
+        problem = self.problem
+        if problem is None or not problem.refused:
+            return None
+        url = self.endpoint.connection.server_base.rstrip("/")
+        hint = f"; {problem.hint}" if problem.hint else ""
+        return f"the relay at {url} refuses this app server's connections: {problem.text}{hint}"
+
+    def slot_up(self, connection: ServiceConnection) -> None:
+        """A slot finished its handshake: one INFO line once every slot is up."""
+        _log.debug(
+            "server connection %s of hub %s to %s is up (cid %s)",
+            connection.index,
+            self.router.name,
+            self.endpoint,
+            connection.cid,
+        )
+        self.problem = None
+        self._outage_logged = False
+        if self._announced or not all(c.connected for c in self.connections):
+            return
+        self._announced = True
+        after = f", after {self._failed} failed attempts" if self._failed else ""
+        _log.info(
+            "app server %s connected to hub %s on %s: %d server connections (%s)%s",
+            self.router.server_id,
+            self.router.name,
+            self.endpoint,
+            len(self.connections),
+            connection_type_name(connection.connection_type),
+            after,
+        )
+        self._failed = 0
+        self._warned = self._warned_refusal = False
+        self._escalated_at = None
+
+    def slot_failed(
+        self, connection: ServiceConnection, problem: _Problem, was_up: bool, delay: float
+    ) -> None:
+        """A slot's attempt failed (``was_up`` False) or its session ended; it retries in
+        ``delay`` seconds. Logs for the container (see "What is logged")."""
+        self.problem = problem
+        _log.debug(
+            "server connection %s of hub %s to %s ended (%s); reconnecting in %.1f s",
+            connection.index,
+            self.router.name,
+            self.endpoint,
+            problem.text,
+            delay,
+        )
+        if was_up:
+            if self.online or self._outage_logged:
+                return
+            self._outage_logged = True
+            self._announced = False
+            _log.log(
+                logging.INFO if problem.going_away else logging.WARNING,
+                "hub %s: the server connections to %s %s (%s); reconnecting",
+                self.router.name,
+                self.endpoint,
+                "were closed by the service" if problem.going_away else "were lost",
+                problem.text,
+            )
+            return
+        self._failed += 1
+        refusal = self.refusal()
+        why = refusal or f"cannot connect to {self.endpoint}: {problem.text}"
+        if not self._warned or (problem.refused and not self._warned_refusal):
+            self._warned = True
+            self._warned_refusal = self._warned_refusal or problem.refused
+            if problem.refused or not self._outage_logged:
+                self._announced = False
+                _log.warning("hub %s: %s; retrying in the background", self.router.name, why)
+            return
+        now = anyio.current_time()
+        if connection.failures >= _ERROR_AFTER and (
+            self._escalated_at is None or now - self._escalated_at >= _REMIND_EVERY
+        ):
+            self._escalated_at = now
+            self._announced = False
+            _log.error(
+                "hub %s: %s (%d failed attempts in a row); still retrying, next in %.2g s",
+                self.router.name,
+                why,
+                connection.failures,
+                delay,
+            )
 
     def swap(self, endpoint: ServiceEndpoint) -> None:
         """Take a renamed (or re-typed, or re-keyed) configuration of the same endpoint: its

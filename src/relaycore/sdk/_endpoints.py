@@ -8,9 +8,9 @@ right now, which is what an ``EndpointRouter`` decides on (service-protocol §11
 * ``metrics``: the ``EndpointMetrics`` the service last reported in a ping (§4.4);
 * ``holds_connection(id)``: whether a client of this app server is connected through it.
 
-Every change of ``online`` is logged and published as an ``EndpointStatusEvent``: to the
+Every change of ``online`` is published as an ``EndpointStatusEvent``: to the
 ``ServiceOptions.on_endpoint_status`` callback and to every ``HubServer.endpoint_events()``
-iterator.
+iterator. (The container logs it, with the reason: see ``_connection``, "What is logged".)
 """
 
 from __future__ import annotations
@@ -196,11 +196,14 @@ def publish_status(
     callback: Callable[[EndpointStatusEvent], Any] | None,
     event: EndpointStatusEvent,
 ) -> None:
-    """Log a status change and hand it to the callback and every listener."""
-    if event.online:
-        _log.info("endpoint %s is online for hub %s", event.endpoint, event.hub)
-    else:
-        _log.warning("endpoint %s is offline for hub %s", event.endpoint, event.hub)
+    """Hand a status change to the callback and every listener (DEBUG in the log: the
+    container logs the change once, with why)."""
+    _log.debug(
+        "endpoint %s is %s for hub %s",
+        event.endpoint,
+        "online" if event.online else "offline",
+        event.hub,
+    )
     if callback is not None:
         try:
             result = callback(event)

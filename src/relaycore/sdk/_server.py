@@ -271,9 +271,8 @@ class HubRouter:
                 targets.append(connection)
         if not targets:
             if self.default_routing:
-                raise ServiceUnavailableError(
-                    f"no endpoint is online for hub {self.name!r}; {NOT_CONNECTED_MESSAGE}"
-                )
+                why = self.server.refusal(self.name) or NOT_CONNECTED_MESSAGE
+                raise ServiceUnavailableError(f"no endpoint is online for hub {self.name!r}; {why}")
             if not containers:
                 raise ServiceUnavailableError(
                     f"the endpoint router chose no endpoint for {self._describe(route)} "
@@ -682,6 +681,12 @@ class HubServer:
     ) -> bool | None:
         task_group = self._task_group
         assert task_group is not None, "HubServer.__aexit__ without __aenter__"
+        up = sum(
+            connection.connected
+            for router in self._routers.values()
+            for container in router.containers
+            for connection in container.connections
+        )
         try:
             with anyio.CancelScope(shield=True):
                 with anyio.move_on_after(self.options.shutdown_timeout):
@@ -703,6 +708,9 @@ class HubServer:
                 for router in self._routers.values():
                     for container in router.containers:
                         container.notify()  # wake a staging that waits for them
+                _log.info(
+                    "app server %s stopped: %d server connections closed", self.server_id, up
+                )
         return None
 
     # Status --------------------------------------------------------------------------------
@@ -743,8 +751,18 @@ class HubServer:
         if events in self._listeners:
             self._listeners.remove(events)
 
+    def refusal(self, hub: str) -> str | None:
+        """Why no endpoint offered to clients of ``hub`` is online, when the service refuses
+        this app server's connections (a wrong access key: HTTP 401 and the relay's reason);
+        ``None`` when an endpoint is online or none was refused. Negotiate answers it."""
+        offered = [c for c in self._router(hub).containers if c.state == ACTIVE]
+        if any(c.online for c in offered):
+            return None
+        reasons = [reason for c in offered if (reason := c.refusal()) is not None]
+        return "; ".join(reasons) or None
+
     def publish_status(self, event: EndpointStatusEvent) -> None:
-        """Log an endpoint's status change and publish it (called by its container)."""
+        """Publish an endpoint's status change (called by its container)."""
         publish_status(self._listeners, self.options.on_endpoint_status, event)
 
     # Endpoints at run time ----------------------------------------------------------------
@@ -1059,7 +1077,9 @@ class HubServer:
         bypasses the router: the redirect is to that endpoint, online or not.
 
         Raises ``ServiceUnavailableError`` when no endpoint is online (or the router chose
-        none), and whatever the router raises (``NegotiateError`` to refuse the request).
+        none; it says why when the service refuses this app server's connections, e.g. a
+        wrong access key), and whatever the router raises (``NegotiateError`` to refuse the
+        request).
         """
         router = self._router(hub)
         request = NegotiateRequest(
@@ -1073,7 +1093,15 @@ class HubServer:
         )
         if endpoint is None:
             offered = [c.hub_endpoint for c in router.containers if c.state == ACTIVE]
-            chosen = await _resolve(self.endpoint_router.get_negotiate_endpoint(request, offered))
+            try:
+                chosen = await _resolve(
+                    self.endpoint_router.get_negotiate_endpoint(request, offered)
+                )
+            except ServiceUnavailableError as exc:
+                refusal = self.refusal(hub)
+                if refusal is None:
+                    raise
+                raise ServiceUnavailableError(refusal) from exc
             if chosen is None:
                 raise ServiceUnavailableError(
                     f"the endpoint router chose no endpoint for a client of hub {hub!r}"
