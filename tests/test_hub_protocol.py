@@ -937,3 +937,11 @@ def test_check_handshake_request_refuses_an_unknown_protocol_first():
 
     assert check_handshake_request(HandshakeRequest("xml", 9)) == (
         "The protocol 'xml' is not supported.")
+
+
+@pytest.mark.parametrize("depth", [100, 1000, 5000])
+def test_msgpack_a_target_nested_deeper_than_python_recurses_is_a_short_protocol_error(depth):
+    body = b"\x95\x01\x80\xc0" + b"\x91" * depth + b"\x01" + b"\x90"
+    with pytest.raises(RemoteProtocolError) as caught:
+        MessagePackHubProtocol().parse(encode_varint(len(body)) + body)
+    assert len(str(caught.value)) < 300

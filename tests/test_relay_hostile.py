@@ -13,7 +13,7 @@ import pytest
 import trio
 
 from relaycore.relay import OutboundMessage, RelayConfig, serve_relay
-from relayhelpers import KEY, rest_token, wait_for
+from relayhelpers import KEY, RS, rest_token, wait_for
 
 
 @pytest.fixture
@@ -116,3 +116,15 @@ async def test_relay_an_exception_in_a_handler_is_a_500_for_that_request_only(
                                for r in caplog.records))
     await healthy_client_receives(relay, connect)
 
+
+
+async def test_relay_an_error_quotes_at_most_100_characters_of_a_client_chosen_name(
+        relay, connect):
+    client = await connect(relay, "chat", "alice")
+    target = "m" * 60000
+    await client.ws.send_message(json.dumps(
+        {"type": 1, "invocationId": "1", "target": target, "arguments": []}) + RS)
+    with trio.fail_after(5):
+        completion = await client.next_message()
+    assert completion["invocationId"] == "1" and "not delivered" in completion["error"]
+    assert f"'{'m' * 100}...'" in completion["error"] and len(completion["error"]) < 300

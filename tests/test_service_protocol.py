@@ -1014,3 +1014,13 @@ def test_open_connection_claim_that_is_not_a_string_is_refused():
     body = bytes.fromhex("9304a2633181a4726f6c6591a161")  # claims {"role": ["a"]}
     with pytest.raises(RemoteProtocolError, match="claims"):
         parse_message_body(body)
+
+
+@pytest.mark.parametrize("depth", [100, 1000, 5000])
+def test_parse_a_value_nested_deeper_than_python_recurses_is_a_short_protocol_error(depth):
+    # A HandshakeResponse whose error field is a list nested ``depth`` deep: quoting it in
+    # the error message once recursed past Python's limit.
+    body = b"\x92\x02" + b"\x91" * depth + b"\x01"
+    with pytest.raises(RemoteProtocolError) as caught:
+        parse_message_body(body)
+    assert len(str(caught.value)) < 300

@@ -8,6 +8,9 @@ and what was expected.
 
 from __future__ import annotations
 
+import reprlib
+from typing import Any
+
 
 class ProtocolError(Exception):
     """Base class of every error raised by ``relaycore.protocol``."""
@@ -19,3 +22,22 @@ class RemoteProtocolError(ProtocolError):
 
 class LocalProtocolError(ProtocolError):
     """This side was asked to send something the protocol does not allow."""
+
+
+#: How received values are quoted in error messages: a few levels, a few items, short strings,
+#: so that neither a 60 KB string nor a value nested a thousand deep makes a long (or a
+#: recursive) error text.
+_SHOWN = reprlib.Repr()  # (keyword arguments only from Python 3.12)
+_SHOWN.maxlevel = 3
+_SHOWN.maxtuple = _SHOWN.maxlist = _SHOWN.maxdict = _SHOWN.maxset = _SHOWN.maxfrozenset = 4
+_SHOWN.maxstring = _SHOWN.maxother = 50
+_SHOWN.maxlong = 40
+_SHOW_LIMIT = 60
+
+
+def show_value(value: Any) -> str:
+    """A received value described for an error message: its type and a short, bounded repr."""
+    text = _SHOWN.repr(value)
+    if len(text) > _SHOW_LIMIT:
+        text = text[: _SHOW_LIMIT - 3] + "..."
+    return f"{type(value).__name__} {text}"

@@ -43,7 +43,7 @@ import msgpack  # type: ignore[import-untyped]
 import orjson
 
 from .._accel import decode_varint, encode_varint, split_records, split_varint_frames
-from ._errors import LocalProtocolError, RemoteProtocolError
+from ._errors import LocalProtocolError, RemoteProtocolError, show_value
 
 __all__ = [
     "MAX_HUB_PROTOCOL_VERSION",
@@ -279,10 +279,7 @@ def _show(value: Any) -> str:
         return "nothing"
     if value is None:
         return "null"
-    text = repr(value)
-    if len(text) > 60:
-        text = text[:57] + "..."
-    return f"{type(value).__name__} {text}"
+    return show_value(value)
 
 
 def _quote(payload: bytes) -> str:

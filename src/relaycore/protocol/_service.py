@@ -47,7 +47,7 @@ from typing import Any, ClassVar, Final
 import msgpack  # type: ignore[import-untyped]
 
 from .._accel import decode_varint, encode_varint, split_varint_frames
-from ._errors import LocalProtocolError, RemoteProtocolError
+from ._errors import LocalProtocolError, RemoteProtocolError, show_value
 
 __all__ = [
     "ASRS_INSTANCE_ID_HEADER",
@@ -1564,18 +1564,11 @@ _LAYOUTS: Final[dict[int, tuple[str, str]]] = {
     40: ("GroupMemberQuery", "[40, ext, group, ackId, max, continuationToken]"),
 }
 
-#: How much of an offending value an error quotes.
-_SHOW_LIMIT: Final = 60
-
-
 def _show(value: Any) -> str:
     """Describe a received value for an error message, briefly."""
     if value is None:
         return "nil"
-    text = repr(value)
-    if len(text) > _SHOW_LIMIT:
-        text = text[: _SHOW_LIMIT - 3] + "..."
-    return f"{type(value).__name__} {text}"
+    return show_value(value)
 
 
 def _kind(array: tuple[Any, ...]) -> str:

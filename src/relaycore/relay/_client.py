@@ -347,7 +347,13 @@ class ClientConnection(Peer):
             self.reply(
                 CompletionMessage(
                     invocation_id=message.invocation_id,
-                    error=f"Invocation of '{message.target}' was not delivered: hub '{self.hub}' "
-                    "has no app server connected and no upstream configured.",
+                    error=f"Invocation of '{_quoted(message.target)}' was not delivered: hub "
+                    f"'{self.hub}' has no app server connected and no upstream configured.",
                 )
             )
+
+
+def _quoted(name: str, limit: int = 100) -> str:
+    """A client-chosen name quoted back in an error, at most ``limit`` characters: a 60 KB
+    method name is not repeated in every answer."""
+    return name if len(name) <= limit else name[:limit] + "..."
