@@ -41,8 +41,12 @@ class RelayConfig:
     negotiate_timeout: float = 15.0
     #: Largest hub message a client may send (a reassembled WebSocket message).
     max_message_size: int = 1 << 20
-    #: Bytes queued for one client before the slow-consumer policy closes it.
+    #: Bytes queued for one client before the slow-consumer policy closes it (control
+    #: replies such as pongs count too).
     send_buffer_limit: int = 4 << 20
+    #: Bytes queued for one app-server connection (its clients' messages) before it is
+    #: closed as not reading, with a ServiceError; its clients are told to reconnect.
+    server_send_buffer_limit: int = 64 << 20
     #: Wait this long for the peer's close frame before dropping the TCP connection.
     close_timeout: float = 5.0
     #: Largest REST request body (Azure: 1 MB) and request head (Azure: 16 KB of headers).
@@ -100,7 +104,8 @@ class RelayConfig:
         if self.service_mode not in ("auto", "default", "serverless"):
             raise ValueError(f"service_mode must be auto, default or serverless, got "
                              f"{self.service_mode!r}")
-        for name in ("max_message_size", "send_buffer_limit", "max_request_body",
+        for name in ("max_message_size", "send_buffer_limit", "server_send_buffer_limit",
+                     "max_request_body",
                      "max_request_head", "max_service_message_size"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")

@@ -143,7 +143,8 @@ class ServerConnection(Peer):
         self, relay: Relay, *, hub: str, server_id: str, now: float
     ) -> None:
         config = relay.config
-        super().__init__(relay, max_message_size=config.max_service_message_size, now=now)
+        super().__init__(relay, max_message_size=config.max_service_message_size,
+                         send_limit=config.server_send_buffer_limit, now=now)
         self.hub = hub
         self.server_id = server_id
         self.connection_type = ConnectionType.DEFAULT
