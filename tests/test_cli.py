@@ -1,12 +1,25 @@
-"""``python -m relaycore``: the token command and configuration loading."""
+"""``python -m relaycore``: the token command, configuration loading, and what the real
+command prints and returns when it cannot start or reach a relay."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import re
+import selectors
+import shutil
+import signal
+import socket
+import subprocess
+import sys
 import time
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
+import relaycore
 from relaycore.__main__ import main
 from relaycore.protocol import TokenValidator
 from relaycore.relay import DEVELOPMENT_ACCESS_KEY, RelayConfig
@@ -87,3 +100,168 @@ def test_the_documented_configuration_file_loads(tmp_path):
     config = RelayConfig.load(toml_path=str(path), env={})
     assert config.access_keys == ["primary-key", "secondary-key"]
     assert config.upstreams[0]["category_pattern"] == "connections,messages"
+
+
+# --- the real command as a new user runs it: exit status, one line on stderr, no traceback ---
+
+def cli_env(**extra: str) -> dict[str, str]:
+    """This process's environment without relay settings (a developer's RELAYCORE_PORT must not
+    leak into the test), plus ``extra``."""
+    keep = ("RELAYCORE_NO_EXTENSIONS", "RELAYCORE_REQUIRE_EXTENSIONS")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RELAYCORE_") or k in keep}
+    env.update(extra)
+    return env
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    # A command that wrongly starts a relay instead of failing is killed by the timeout.
+    return subprocess.run([sys.executable, "-m", "relaycore", *args], capture_output=True,
+                          text=True, timeout=30, env=env or cli_env())
+
+
+def one_error_line(result: subprocess.CompletedProcess[str], status: int = 2) -> str:
+    assert "Traceback" not in result.stderr, result.stderr
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    assert result.returncode == status, result.stderr
+    return lines[0]
+
+
+@contextlib.contextmanager
+def running_relay(
+    *args: str, env: dict[str, str] | None = None
+) -> Iterator[tuple[int, list[str]]]:
+    """``python -m relaycore serve --port 0 ARGS``: yields its port and the lines it printed
+    up to and including the connection string; stopped with SIGINT, which must exit 0."""
+    proc = subprocess.Popen([sys.executable, "-m", "relaycore", "serve", "--port", "0", *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                            env=env or cli_env())
+    assert proc.stdout is not None
+    try:
+        out = b""
+        deadline = time.monotonic() + 30
+        with selectors.DefaultSelector() as selector:
+            selector.register(proc.stdout, selectors.EVENT_READ)
+            while b"connection string:" not in out or not out.endswith(b"\n"):
+                assert selector.select(deadline - time.monotonic()), f"no start line: {out!r}"
+                chunk = os.read(proc.stdout.fileno(), 4096)
+                assert chunk, f"serve ended early: {out!r}"
+                out += chunk
+        lines = out.decode().splitlines()
+        port = int(re.search(r"listening on \S+:(\d+) ", lines[0]).group(1))
+        yield port, lines
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stdout.close()
+
+
+def test_serve_on_a_port_in_use_says_so_in_one_line():
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        line = one_error_line(run_cli("serve", "--port", str(port)))
+    assert line.startswith(f"relaycore: cannot listen on 127.0.0.1:{port}: ")
+    assert "in use" in line
+
+
+def test_serve_on_an_unresolvable_host_says_so_in_one_line():
+    line = one_error_line(run_cli("serve", "--port", "0", "--host", "no-such-host.invalid"))
+    assert line.startswith("relaycore: cannot resolve host 'no-such-host.invalid': ")
+
+
+@pytest.mark.parametrize(
+    ("toml", "expected"),
+    [
+        # no --port here: the flag would win over the file's port
+        ('[relay]\nport = "abc"\n', "relay.toml: port: expected an integer, got 'abc'"),
+        ('[relay]\nport = 0\nclient_timeout = "30"\n',
+         "relay.toml: client_timeout: expected a number, got '30'"),
+        ("port = 0\ntune_gc = 1\n", "relay.toml: tune_gc: expected a boolean"),
+        ("[relay]\nport = 0\nhost = \n", "relay.toml: not valid TOML: Invalid value (at line 3"),
+    ],
+)
+def test_serve_with_a_bad_config_file_names_file_and_setting(tmp_path, toml, expected):
+    path = tmp_path / "relay.toml"
+    path.write_text(toml)
+    line = one_error_line(run_cli("serve", "--config", str(path)))
+    assert line.startswith("relaycore: bad configuration: ")
+    assert f"{tmp_path}{os.sep}{expected}" in line
+
+
+def test_serve_with_a_json_config_says_it_wants_toml(tmp_path):
+    path = tmp_path / "relay.json"
+    path.write_text('{"port": 9000}\n')
+    line = one_error_line(run_cli("serve", "--port", "0", "--config", str(path)))
+    assert str(path) in line and "looks like JSON; --config takes a TOML file" in line
+
+
+def test_serve_with_a_missing_config_file_names_it(tmp_path):
+    path = tmp_path / "nope.toml"
+    line = one_error_line(run_cli("serve", "--port", "0", "--config", str(path)))
+    assert line == f"relaycore: cannot read --config {path}: No such file or directory"
+
+
+def test_serve_with_an_unknown_log_level_names_the_flag():
+    line = one_error_line(run_cli("serve", "--port", "0", "--log-level", "verbose"))
+    assert "argument --log-level: 'verbose' is not a log level" in line
+
+
+def test_serve_with_a_port_out_of_range_names_the_flag():
+    line = one_error_line(run_cli("serve", "--port", "99999"))
+    assert "argument --port: 99999 is not a port number" in line
+
+
+@pytest.mark.parametrize("value", ["maybe", "2"])
+def test_serve_rejects_a_boolean_variable_that_is_neither_true_nor_false(value):
+    line = one_error_line(run_cli("serve", "--port", "0", env=cli_env(RELAYCORE_TUNE_GC=value)))
+    assert line.startswith("relaycore: bad configuration: RELAYCORE_TUNE_GC: expected a boolean")
+    assert repr(value) in line
+
+
+def test_fault_against_a_relay_that_is_not_running_says_so_in_one_line():
+    with socket.socket() as probe:  # a port nothing listens on: bound, never listening
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+        line = one_error_line(run_cli("fault", "--server-connections", "drop", "--port",
+                                      str(port)), status=1)
+    assert line == f"relaycore fault: cannot reach http://127.0.0.1:{port}: connection refused"
+
+
+def test_serve_access_key_flag_takes_comma_separated_keys_each_accepted():
+    with running_relay("--access-key", "k1, k2") as (port, lines):
+        assert lines[1] == f"connection string: Endpoint=http://127.0.0.1:{port};AccessKey=k1;Version=1.0;"
+        assert not any("development access key" in line for line in lines)
+        for key in ("k1", "k2"):
+            done = run_cli("fault", "--server-connections", "none", "--port", str(port),
+                           "--access-key", key)
+            assert done.returncode == 0, done.stderr
+        first = run_cli("fault", "--server-connections", "none", "--port", str(port),
+                        "--access-key", "k1, k9")  # fault's flag splits too: signs with k1
+        assert first.returncode == 0, first.stderr
+        wrong = run_cli("fault", "--server-connections", "none", "--port", str(port),
+                        "--access-key", "k3")
+        line = one_error_line(wrong, status=1)
+    assert line.startswith(f"relaycore fault: http://127.0.0.1:{port} answered 401 ")
+
+
+def test_serve_start_line_says_the_extension_was_disabled():
+    with running_relay(env=cli_env(RELAYCORE_NO_EXTENSIONS="1")) as (_, lines):
+        assert lines[0].endswith(
+            "(fast path: pure Python (disabled by RELAYCORE_NO_EXTENSIONS))"), lines
+
+
+def test_serve_start_line_says_the_extension_was_not_built(tmp_path):
+    # The package as an install without the extension has it: no compiled module beside it.
+    shutil.copytree(Path(relaycore.__file__).parent, tmp_path / "relaycore",
+                    ignore=shutil.ignore_patterns("*.so", "*.pyd", "__pycache__", "*.c"))
+    env = cli_env(PYTHONPATH=str(tmp_path))
+    env.pop("RELAYCORE_NO_EXTENSIONS", None)
+    env.pop("RELAYCORE_REQUIRE_EXTENSIONS", None)
+    with running_relay(env=env) as (_, lines):
+        assert lines[0].endswith("(fast path: pure Python (extension not built: "
+                                 "No module named 'relaycore._fastpath'))"), lines

@@ -1,22 +1,67 @@
-"""``python -m relaycore serve | token``: run a relay, or mint a client token for one."""
+"""``python -m relaycore serve | token | fault``: run a relay, mint a client token for one, or
+rehearse an outage on a running one.
+
+Exit status: 0 done; 1 the command ran but failed (``fault``: the relay could not be reached
+or refused); 2 bad arguments or configuration, or ``serve`` could not start (port in use,
+unknown host). Every failure is one line on stderr, never a traceback.
+"""
 
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
-import os
 import signal
+import socket
 import sys
 import time
+from typing import NoReturn
 
 from . import __version__
+
+
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line on stderr (exit status 2)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}; see {self.prog} --help\n")
+
+
+def _port(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{port} is not a port number (0..65535)")
+    return port
+
+
+def _log_level(text: str) -> str:
+    from .relay._config import LOG_LEVELS
+
+    if text.upper() not in LOG_LEVELS:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a log level (one of {', '.join(LOG_LEVELS)})")
+    return text.upper()
+
+
+def _reason(exc: BaseException) -> str:
+    """The operating system's words for a failure (``Address already in use``), without the
+    ``[Errno 98]`` prefix; the exception's text when there are none."""
+    cause: BaseException | None = exc
+    while cause is not None:
+        if isinstance(cause, OSError) and cause.strerror:
+            return cause.strerror
+        cause = cause.__cause__ or cause.__context__
+    return str(exc) or type(exc).__name__
 
 
 def _serve(args: argparse.Namespace) -> int:
     import trio
 
-    from ._accel import ACCELERATED
+    from ._accel import ACCELERATED, FALLBACK_REASON
     from .relay import RelayConfig, serve_relay
 
     try:
@@ -25,11 +70,16 @@ def _serve(args: argparse.Namespace) -> int:
             "public_endpoint": args.public_endpoint, "log_level": args.log_level,
             "upstreams": args.upstream, "service_mode": args.service_mode,
             "capacity": args.capacity,
-            # the CLI owns its process: tune the collector unless RELAYCORE_TUNE_GC says no
-            "tune_gc": None if "RELAYCORE_TUNE_GC" in os.environ else True,
+        }, defaults={
+            # the CLI owns its process: tune the collector unless the file or
+            # RELAYCORE_TUNE_GC says no
+            "tune_gc": True,
         })
-    except (ValueError, OSError) as exc:
+    except ValueError as exc:
         print(f"relaycore: bad configuration: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"relaycore: cannot read --config {args.config}: {_reason(exc)}", file=sys.stderr)
         return 2
     if config.tune_gc:
         import gc
@@ -38,11 +88,25 @@ def _serve(args: argparse.Namespace) -> int:
     logging.basicConfig(level=config.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
+    fast_path = "Cython" if ACCELERATED else f"pure Python ({FALLBACK_REASON})"
+    failure: list[str] = []
+
     async def main() -> None:
         async with trio.open_nursery() as nursery:
-            relay = await nursery.start(serve_relay, config)
+            try:
+                relay = await nursery.start(serve_relay, config)
+            except socket.gaierror as exc:
+                failure.append(f"cannot resolve host {config.host!r}: {_reason(exc)}")
+                return
+            except OSError as exc:
+                hint = ""
+                if exc.errno == errno.EADDRINUSE:
+                    hint = " (another process listens there; choose another --port)"
+                failure.append(f"cannot listen on {config.host}:{config.port}: "
+                               f"{_reason(exc)}{hint}")
+                return
             print(f"relaycore {__version__} listening on {config.host}:{relay.port} "
-                  f"(fast path: {'Cython' if ACCELERATED else 'pure Python'})", flush=True)
+                  f"(fast path: {fast_path})", flush=True)
             print(f"connection string: {relay.connection_string}", flush=True)
             if config.uses_development_key:
                 print("WARNING: using the built-in development access key; set --access-key "
@@ -54,11 +118,10 @@ def _serve(args: argparse.Namespace) -> int:
                     nursery.cancel_scope.cancel()
                     break
 
-    try:
-        trio.run(main)
-    except OSError as exc:
-        print(f"relaycore: cannot listen on {config.host}:{config.port}: {exc}", file=sys.stderr)
-        return 1
+    trio.run(main)
+    if failure:
+        print(f"relaycore: {failure[0]}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -102,30 +165,45 @@ def _fault(args: argparse.Namespace) -> int:
         print(f"relaycore fault: {exc}", file=sys.stderr)
         return 2
     path = "/api/admin/faults"
+    base = cs.server_base.rstrip("/")
     token = generate_access_token(cs.access_key or "", cs.audience_base.rstrip("/") + path,
                                   now=time.time())
-    response = httpx.put(cs.server_base.rstrip("/") + path,
-                         params={"serverConnections": args.server_connections},
-                         headers={"Authorization": f"Bearer {token}"})
+    try:
+        response = httpx.put(base + path,
+                             params={"serverConnections": args.server_connections},
+                             headers={"Authorization": f"Bearer {token}"})
+    except httpx.HTTPError as exc:
+        print(f"relaycore fault: cannot reach {base}: {_reason(exc).lower()}", file=sys.stderr)
+        return 1
+    if response.status_code != 200:
+        answer = " ".join(response.text.split())  # one line, whatever the body
+        print(f"relaycore fault: {base} answered {response.status_code} "
+              f"{response.reason_phrase}: {answer}", file=sys.stderr)
+        return 1
     print(response.text)
-    return 0 if response.status_code == 200 else 1
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m relaycore", description=(
-        "relaycore: a self-hosted relay wire-compatible with Azure SignalR Service."))
+    parser = _Parser(prog="python -m relaycore", description=(
+        "relaycore: a self-hosted relay wire-compatible with Azure SignalR Service."),
+        epilog="Exit status: 0 done; 1 the command failed (fault: the relay could not be "
+               "reached or refused); 2 bad arguments or configuration, or serve could not "
+               "start. Errors are one line on stderr.")
     parser.add_argument("--version", action="version", version=f"relaycore {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="run a relay node (defaults: one node, in memory, "
                                          "port 8080, a development key)")
     serve.add_argument("--host", help="address to listen on (default 127.0.0.1)")
-    serve.add_argument("--port", type=int, help="port to listen on (default 8080; 0 = any)")
+    serve.add_argument("--port", type=_port, help="port to listen on (default 8080; 0 = any)")
     serve.add_argument("--access-key", help="the key tokens are signed with (env "
-                       "RELAYCORE_ACCESS_KEY; comma-separated for several)")
+                       "RELAYCORE_ACCESS_KEY); comma-separated for several, each accepted: "
+                       "k1,k2")
     serve.add_argument("--public-endpoint", help="the URL clients reach this relay at")
     serve.add_argument("--config", help="a TOML file of settings (see docs/configuration.md)")
-    serve.add_argument("--log-level", help="DEBUG, INFO (default), WARNING, ERROR")
+    serve.add_argument("--log-level", type=_log_level,
+                       help="DEBUG, INFO (default), WARNING, ERROR or CRITICAL")
     serve.add_argument("--capacity", type=int, help="the connection quota reported to app "
                        "servers in pings (their EndpointMetrics.connection_capacity)")
     serve.add_argument("--upstream", action="append", metavar="URL_TEMPLATE",
@@ -145,17 +223,19 @@ def build_parser() -> argparse.ArgumentParser:
     token.add_argument("--ttl", type=float, default=3600.0, help="lifetime in seconds")
     token.add_argument("--application", help="application name (hub becomes app_hub)")
     token.add_argument("--connection-string", help="default: the local development relay")
-    token.add_argument("--port", type=int)
+    token.add_argument("--port", type=_port)
     token.add_argument("--access-key")
     token.add_argument("--public-endpoint")
     token.set_defaults(func=_token)
 
     fault = sub.add_parser("fault", help="rehearse an outage: make a running relay refuse, drop "
-                                         "or ignore app-server connections (none heals)")
+                                         "or ignore app-server connections (none heals)",
+                           epilog="Exit status: 0 done; 1 the relay could not be reached or "
+                                  "refused; 2 bad arguments.")
     fault.add_argument("--server-connections", required=True,
                        choices=["none", "refuse", "drop", "silence"])
     fault.add_argument("--connection-string", help="default: the local development relay")
-    fault.add_argument("--port", type=int)
+    fault.add_argument("--port", type=_port)
     fault.add_argument("--access-key")
     fault.set_defaults(func=_fault)
     return parser

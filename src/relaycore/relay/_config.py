@@ -8,16 +8,44 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
+import types
+import typing
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Union
 
-import tomllib
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # the backport, same API (a dependency on 3.10)
+    import tomli as tomllib
 
 from ._upstream import parse_rules
 
 #: The access key of the embedded development default. Printed at start; never use it in
 #: production (``--access-key`` or ``RELAYCORE_ACCESS_KEY`` replace it).
 DEVELOPMENT_ACCESS_KEY = "relaycore-development-key-0123456789ABCDEFGH"
+
+#: The values ``log_level`` takes (any case): the ``logging`` module's level names.
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+#: How a boolean setting may be spelled in an environment variable (any case).
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off")
+
+
+def split_access_keys(raw: str) -> list[str]:
+    """The keys of ``--access-key``, ``RELAYCORE_ACCESS_KEY`` or a TOML ``access_key`` string:
+    comma-separated, blanks around each key dropped (``"k1, k2"`` is ``["k1", "k2"]``)."""
+    return [key.strip() for key in raw.split(",") if key.strip()]
+
+
+class _SettingError(ValueError):
+    """A setting's value is invalid; ``setting`` names it so that ``load`` can say where it
+    came from (the TOML file, the environment variable)."""
+
+    def __init__(self, setting: str, message: str) -> None:
+        super().__init__(message)
+        self.setting = setting
 
 
 @dataclasses.dataclass
@@ -94,24 +122,40 @@ class RelayConfig:
     tune_gc: bool = False
 
     def __post_init__(self) -> None:
+        for name, hint in _HINTS.items():
+            value = getattr(self, name)
+            if not _matches(hint, value):
+                raise _SettingError(name, f"{name}: expected {_describe(hint)}, got {value!r}")
+            if hint is float:
+                setattr(self, name, float(value))  # an integer is a fine number of seconds
         if not self.access_keys or not all(self.access_keys):
-            raise ValueError("access_keys: at least one non-empty access key is required")
+            raise _SettingError("access_keys",
+                                "access_keys: at least one non-empty access key is required")
         for name in ("keep_alive_interval", "client_timeout", "handshake_timeout",
                      "negotiate_timeout", "close_timeout", "server_keep_alive_interval",
-                     "server_timeout"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
-        if self.service_mode not in ("auto", "default", "serverless"):
-            raise ValueError(f"service_mode must be auto, default or serverless, got "
-                             f"{self.service_mode!r}")
-        for name in ("max_message_size", "send_buffer_limit", "server_send_buffer_limit",
+                     "server_timeout", "upstream_timeout", "upstream_concurrency",
+                     "max_message_size", "send_buffer_limit", "server_send_buffer_limit",
                      "max_request_body",
                      "max_request_head", "max_service_message_size"):
             if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
-        parse_rules(self.upstreams)  # fail at start, naming the bad entry
+                raise _SettingError(name, f"{name} must be > 0, got {getattr(self, name)!r}")
+        for name in ("max_connections_per_hub", "capacity", "upstream_queue_limit",
+                     "upstream_retry_for", "upstream_retry_max_delay", "max_upstream_response",
+                     "token_clock_skew"):
+            if getattr(self, name) < 0:
+                raise _SettingError(name, f"{name} must be >= 0, got {getattr(self, name)!r}")
+        if self.service_mode not in ("auto", "default", "serverless"):
+            raise _SettingError("service_mode", f"service_mode must be auto, default or "
+                                f"serverless, got {self.service_mode!r}")
+        if self.log_level.upper() not in LOG_LEVELS:
+            raise _SettingError("log_level", f"log_level must be one of {', '.join(LOG_LEVELS)}, "
+                                f"got {self.log_level!r}")
+        try:
+            parse_rules(self.upstreams)  # fail at start, naming the bad entry
+        except ValueError as exc:
+            raise _SettingError("upstreams", str(exc)) from None
         if not 0 <= self.port <= 65535:
-            raise ValueError(f"port must be 0..65535, got {self.port}")
+            raise _SettingError("port", f"port must be 0..65535, got {self.port}")
 
     @property
     def uses_development_key(self) -> bool:
@@ -137,69 +181,139 @@ class RelayConfig:
         toml_path: str | None = None,
         env: Mapping[str, str] | None = None,
         overrides: Mapping[str, Any] | None = None,
+        defaults: Mapping[str, Any] | None = None,
     ) -> RelayConfig:
-        """Build a config from a TOML file, ``RELAYCORE_*`` variables and explicit overrides."""
-        values: dict[str, Any] = {}
+        """Build a config from a TOML file, ``RELAYCORE_*`` variables and explicit overrides,
+        over ``defaults`` (the caller's, where they differ from the class's).
+
+        Every error is a ``ValueError`` (``OSError`` when the file cannot be read) whose message
+        says where the bad value came from: the file (with the line of a syntax error) and the
+        key, or the environment variable.
+        """
+        values: dict[str, Any] = {_canonical(k): v for k, v in (defaults or {}).items()}
+        sources: dict[str, str] = {}  # setting -> where its value came from, for errors
         if toml_path:
-            with open(toml_path, "rb") as f:
-                doc = tomllib.load(f)
-            values.update(_check_keys(doc.get("relay", doc), f"{toml_path}"))
-        values.update(_from_env(os.environ if env is None else env))
-        values.update({k: v for k, v in (overrides or {}).items() if v is not None})
-        if "upstream" in values:
-            values["upstreams"] = values.pop("upstream")
-        if "access_key" in values:
-            key = values.pop("access_key")
-            values["access_keys"] = [key] if isinstance(key, str) else list(key)
-        return cls(**values)
+            for name, value in _from_toml(toml_path).items():
+                values[name], sources[name] = value, toml_path
+        for name, (value, variable) in _from_env(os.environ if env is None else env).items():
+            values[name], sources[name] = value, variable
+        for name, value in (overrides or {}).items():
+            if value is not None:
+                values[_canonical(name)] = value
+                sources.pop(_canonical(name), None)
+        if isinstance(values.get("access_keys"), str):
+            values["access_keys"] = split_access_keys(values["access_keys"])
+        try:
+            return cls(**values)
+        except _SettingError as exc:
+            where = sources.get(exc.setting)
+            if where is None:
+                raise
+            raise ValueError(f"{where}: {exc}") from None
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(RelayConfig)}
+_HINTS = {name: hint for name, hint in typing.get_type_hints(RelayConfig).items()
+          if name in _FIELDS}
 
 
-def _check_keys(doc: Mapping[str, Any], where: str) -> dict[str, Any]:
-    out = {}
-    for key, value in doc.items():
-        name = key.replace("-", "_")
-        if name not in _FIELDS and name not in ("access_key", "upstream"):
-            raise ValueError(f"{where}: unknown setting {key!r}")
+def _canonical(name: str) -> str:
+    """A setting's field name: ``-`` is ``_``, and the singular spellings name the lists."""
+    name = name.replace("-", "_")
+    return {"access_key": "access_keys", "upstream": "upstreams"}.get(name, name)
+
+
+def _matches(hint: Any, value: Any) -> bool:
+    """Whether ``value`` is of the declared type ``hint`` (an int is a fine float, a bool is
+    not a number)."""
+    origin = typing.get_origin(hint)
+    if origin in (Union, types.UnionType):
+        return any(_matches(arg, value) for arg in typing.get_args(hint))
+    if hint is Any:
+        return True
+    if hint is type(None):
+        return value is None
+    if origin is list:
+        (item,) = typing.get_args(hint) or (Any,)
+        return isinstance(value, list) and all(_matches(item, v) for v in value)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, hint)
+
+
+def _describe(hint: Any) -> str:
+    origin = typing.get_origin(hint)
+    if origin in (Union, types.UnionType):
+        return " or ".join(_describe(arg) for arg in typing.get_args(hint)
+                           if arg is not type(None))
+    if origin is list:
+        (item,) = typing.get_args(hint) or (Any,)
+        return "a list" if item is Any else f"a list of {_describe(item)[2:]}s"
+    return {bool: "a boolean (true or false)", int: "an integer", float: "a number",
+            str: "a string"}.get(hint, getattr(hint, "__name__", str(hint)))
+
+
+def _from_toml(path: str) -> dict[str, Any]:
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        doc = tomllib.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        hint = ""
+        if path.lower().endswith(".json") or data.lstrip().startswith(b"{"):
+            hint = " (this looks like JSON; --config takes a TOML file)"
+        raise ValueError(f"{path}: not valid TOML: {exc}{hint}") from None
+    table = doc.get("relay", doc)
+    if not isinstance(table, dict):
+        raise ValueError(f"{path}: [relay] must be a table, got {table!r}")
+    out: dict[str, Any] = {}
+    for key, value in table.items():
+        name = _canonical(key)
+        if name not in _FIELDS:
+            raise ValueError(f"{path}: unknown setting {key!r}")
         out[name] = value
     return out
 
 
-def _from_env(env: Mapping[str, str]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
+def _from_env(env: Mapping[str, str]) -> dict[str, tuple[Any, str]]:
+    """``RELAYCORE_*`` settings: name -> (value, the variable it came from)."""
+    out: dict[str, tuple[Any, str]] = {}
     for key, raw in env.items():
         if not key.startswith("RELAYCORE_") or key in (
             "RELAYCORE_NO_EXTENSIONS", "RELAYCORE_REQUIRE_EXTENSIONS", "RELAYCORE_BUILD_EXTENSION",
             "RELAYCORE_VECTORS_DIR",
         ):
             continue
-        name = key[len("RELAYCORE_"):].lower()
-        if name in ("access_key", "access_keys"):
-            out["access_keys"] = [k.strip() for k in raw.split(",") if k.strip()]
-            continue
-        if name in ("upstream", "upstreams"):
-            out["upstreams"] = raw.split()  # whitespace-separated URL templates
-            continue
-        field = _FIELDS.get(name)
-        if field is None:
+        name = _canonical(key[len("RELAYCORE_"):].lower())
+        if name not in _FIELDS:
             raise ValueError(f"environment variable {key}: unknown setting {name!r}")
-        out[name] = _convert(field, raw, key)
+        out[name] = (_convert(name, raw, key), key)
     return out
 
 
-def _convert(field: dataclasses.Field[Any], raw: str, where: str) -> Any:
-    default = field.default if field.default is not dataclasses.MISSING else None
-    if field.default_factory is not dataclasses.MISSING:  # lists
+def _convert(name: str, raw: str, where: str) -> Any:
+    """An environment variable's text as the setting's type."""
+    hint = _HINTS[name]
+    if name == "access_keys":
+        return split_access_keys(raw)
+    if name == "upstreams":
+        return raw.split()  # whitespace-separated URL templates
+    if typing.get_origin(hint) is list:
         return [item.strip() for item in raw.split(",") if item.strip()]
+    if hint is bool:
+        if raw.strip().lower() in _TRUE:
+            return True
+        if raw.strip().lower() in _FALSE:
+            return False
+        raise ValueError(f"{where}: expected a boolean ({'/'.join(_TRUE)} or "
+                         f"{'/'.join(_FALSE)}), got {raw!r}")
     try:
-        if isinstance(default, bool):
-            return raw.lower() in ("1", "true", "yes", "on")
-        if isinstance(default, int):
+        if hint is int:
             return int(raw)
-        if isinstance(default, float):
+        if hint is float:
             return float(raw)
     except ValueError:
-        raise ValueError(f"{where}: expected a number, got {raw!r}") from None
+        raise ValueError(f"{where}: expected {_describe(hint)}, got {raw!r}") from None
     return raw
