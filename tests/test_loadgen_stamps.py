@@ -150,9 +150,13 @@ async def exchange() -> None:
 def test_stamped_connection_takes_latency_at_the_socket(loop: str) -> None:
     if loop == "uvloop" and uvloop is None:
         pytest.skip("uvloop is not installed")
-    factory = uvloop.new_event_loop if loop == "uvloop" else None
-    with asyncio.Runner(loop_factory=factory) as runner:
-        runner.run(exchange())
+    # A loop of our own rather than asyncio.Runner (3.11+): the project supports 3.10.
+    event_loop = uvloop.new_event_loop() if loop == "uvloop" else asyncio.new_event_loop()
+    try:
+        event_loop.run_until_complete(exchange())
+        event_loop.run_until_complete(event_loop.shutdown_asyncgens())
+    finally:
+        event_loop.close()
 
 
 def test_frames_without_a_stamp_fall_back_to_the_read_time() -> None:
