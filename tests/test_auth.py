@@ -632,3 +632,25 @@ def test_user_id_from_claims_prefers_asrs_uid_then_nameid(
     claims: dict[str, Any], user_id: str | None
 ) -> None:
     assert user_id_from_claims(claims) == user_id
+
+
+@pytest.mark.parametrize(
+    ("aud", "candidate", "matches"),
+    [
+        ("https://h/api/hubs/chat/users/alice/:send", "https://h/api/hubs/chat/users/ALICE/:send",
+         False),
+        ("https://h/api/hubs/Chat/users/alice/:send", "https://h/api/hubs/chat/users/alice/:send",
+         True),
+        ("https://h/api/v1/hubs/chat/groups/Admins", "https://h/api/v1/hubs/chat/groups/admins",
+         False),
+        ("https://h/api/hubs/chat/:send?excluded=ConnA",
+         "https://h/api/hubs/chat/:send?excluded=conna", False),
+        ("https://h/api/hubs/chat/:send?application=App",
+         "https://h/api/hubs/chat/:send?application=app", True),
+        ("HTTPS://H/Client/?Hub=Chat", "https://h/client/?hub=chat", True),
+    ],
+)
+def test_audience_matches_ids_in_rest_paths_exactly_and_hub_names_in_any_case(
+    aud: str, candidate: str, matches: bool
+) -> None:
+    assert audience_matches(aud, [candidate]) is matches

@@ -128,3 +128,18 @@ async def test_relay_an_error_quotes_at_most_100_characters_of_a_client_chosen_n
         completion = await client.next_message()
     assert completion["invocationId"] == "1" and "not delivered" in completion["error"]
     assert f"'{'m' * 100}...'" in completion["error"] and len(completion["error"]) < 300
+
+
+async def test_relay_a_rest_token_for_one_user_does_not_send_to_the_same_name_in_capitals(
+        relay, connect):
+    client = await connect(relay, "chat", "ALICE")
+    token = rest_token("/api/hubs/chat/users/alice/:send")
+    answer = await exchange(relay, (
+        "POST /api/hubs/chat/users/ALICE/:send?api-version=2022-06-01 HTTP/1.1\r\n"
+        f"Host: 127.0.0.1\r\nAuthorization: Bearer {token}\r\nContent-Type: application/json\r\n"
+        "Content-Length: 34\r\nConnection: close\r\n\r\n"
+        '{"target":"notify","arguments":[]}').encode())
+    assert statuses(answer) == [401]
+    assert await relay.send_to_user("chat", "ALICE", OutboundMessage.invocation("n", 1)) == 1
+    with trio.fail_after(3):
+        assert (await client.next_message())["target"] == "n"

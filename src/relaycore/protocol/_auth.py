@@ -586,25 +586,55 @@ class TokenValidator:
 # --------------------------------------------------------------------------------------------
 
 
+#: The REST paths whose hub segment names a hub (compared in any case, as hub names are); what
+#: follows it names users, groups and connections, which are compared exactly.
+_HUB_PATH = re.compile(r"(/api(?:/v1)?/hubs/[^/]*)(.*)", re.IGNORECASE | re.DOTALL)
+#: Query parameters whose values are compared in any case (hub and application names).
+_FOLDED_QUERY_VALUES = frozenset({"hub", "application"})
+
+
 def normalize_audience(url: str) -> str:
-    """Lowercase ``url``, drop any port, and strip a trailing ``/`` of the path; keep the query.
+    """``url`` for comparison: scheme, host, hub and application names lowercased, any port
+    and a trailing ``/`` of the path dropped, the query kept. User ids, group names and
+    connection ids in a REST path or query keep their case: a token for ``users/alice`` is
+    not one for ``users/ALICE``.
 
     >>> normalize_audience("HTTPS://Host.Example:443/client/?hub=Chat")
     'https://host.example/client?hub=chat'
+    >>> normalize_audience("https://h/api/hubs/Chat/users/Alice/:send")
+    'https://h/api/hubs/chat/users/Alice/:send'
     """
-    url = url.strip().lower()
+    url = url.strip()
     url, _, _fragment = url.partition("#")
     url, sep, query = url.partition("?")
     scheme, colon_slashes, rest = url.partition("://")
     if colon_slashes:
         authority, slash, path = rest.partition("/")
-        host = authority.rpartition("@")[2]
+        host = authority.rpartition("@")[2].lower()
         if not host.endswith("]"):  # an IPv6 literal is all colons, its port follows the "]"
             name, colon, port = host.rpartition(":")
             if colon and (port.isdigit() or not port):
                 host = name
-        url = f"{scheme}://{host}{slash}{path}"
-    return f"{url.rstrip('/')}{sep}{query.rstrip('/')}"
+        url = f"{scheme.lower()}://{host}{_fold_path(slash + path)}"
+    else:
+        url = _fold_path(url)
+    return f"{url.rstrip('/')}{sep}{_fold_query(query.rstrip('/'))}"
+
+
+def _fold_path(path: str) -> str:
+    hub_path = _HUB_PATH.match(path)
+    if hub_path is None:
+        return path.lower()  # /client, /server and the relay's own routes: fixed words
+    return hub_path[1].lower() + hub_path[2]
+
+
+def _fold_query(query: str) -> str:
+    folded = []
+    for pair in query.split("&") if query else ():
+        key, eq, value = pair.partition("=")
+        key = key.lower()
+        folded.append(f"{key}{eq}{value.lower() if key in _FOLDED_QUERY_VALUES else value}")
+    return "&".join(folded)
 
 
 def _audience_key(url: str) -> tuple[str, list[tuple[str, str]]]:
