@@ -654,3 +654,10 @@ def test_audience_matches_ids_in_rest_paths_exactly_and_hub_names_in_any_case(
     aud: str, candidate: str, matches: bool
 ) -> None:
     assert audience_matches(aud, [candidate]) is matches
+
+
+def test_wire_hub_name_refuses_an_application_that_would_collide_with_another() -> None:
+    # x + c_hat is x_c_hat; x_c + hat would be too: the application may not hold "_".
+    assert wire_hub_name("c_hat", "x") == "x_c_hat"
+    with pytest.raises(ValueError, match="application 'x_c' is invalid.*without '_'"):
+        wire_hub_name("hat", "x_c")

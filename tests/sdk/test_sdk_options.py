@@ -72,6 +72,7 @@ def test_options_need_an_endpoint_and_a_primary():
     [
         ("connection_string", "Endpoint=http://a", "pair"),
         ("application_name", "1app", "application_name"),
+        ("application_name", "my_app", "application_name 'my_app' is invalid.*no '_'"),
         ("connection_count", -1, "connection_count"),
         ("ack_timeout", 0, "ack_timeout"),
         ("handshake_timeout", "15", "handshake_timeout"),

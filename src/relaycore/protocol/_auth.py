@@ -294,6 +294,17 @@ def is_valid_hub_name(name: str) -> bool:
     return HUB_NAME_PATTERN.match(name) is not None
 
 
+def is_valid_application_name(name: str) -> bool:
+    """Whether ``name`` is a valid application name: a hub name without ``_``, which joins
+    application and hub on the wire (with one, ``x_c`` + ``hat`` and ``x`` + ``c_hat`` would
+    both be hub ``x_c_hat``: one hub for two applications).
+
+    >>> is_valid_application_name("Shop"), is_valid_application_name("my_shop")
+    (True, False)
+    """
+    return is_valid_hub_name(name) and "_" not in name
+
+
 def wire_hub_name(hub: str, application: str | None = None) -> str:
     """The hub name used on the wire and in audiences: lowercase ``{app}_{hub}`` or ``{hub}``.
 
@@ -307,9 +318,10 @@ def wire_hub_name(hub: str, application: str | None = None) -> str:
         raise ValueError(f"hub {hub!r} is invalid; expected {HUB_NAME_PATTERN.pattern}")
     if not application:
         return hub.lower()
-    if not is_valid_hub_name(application):
+    if not is_valid_application_name(application):
         raise ValueError(
-            f"application {application!r} is invalid; expected {HUB_NAME_PATTERN.pattern}"
+            f"application {application!r} is invalid; expected {HUB_NAME_PATTERN.pattern} "
+            "without '_' (it separates the application from the hub on the wire)"
         )
     return f"{application.lower()}_{hub.lower()}"
 

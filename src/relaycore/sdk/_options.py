@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 from urllib.parse import urlsplit
 
-from relaycore.protocol import ConnectionString, is_valid_hub_name
+from relaycore.protocol import ConnectionString, is_valid_application_name
 
 if TYPE_CHECKING:
     from ._endpoints import EndpointStatusEvent
@@ -234,10 +234,11 @@ class ServiceOptions:
         self.endpoints = tuple(endpoints)
         if self.application_name == "":
             self.application_name = None
-        if self.application_name is not None and not is_valid_hub_name(self.application_name):
+        if self.application_name is not None and not is_valid_application_name(
+                self.application_name):
             raise ValueError(
                 f"application_name {self.application_name!r} is invalid; expected a letter then "
-                "up to 127 letters, digits or _`,.[]"
+                "up to 127 letters, digits or `,.[] (no '_': it joins application and hub)"
             )
         if type(self.connection_count) is not int or self.connection_count < 0:
             raise ValueError(
