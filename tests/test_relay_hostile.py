@@ -8,10 +8,13 @@ the test itself (as it ended the process under ``python -m relaycore serve``).
 from __future__ import annotations
 
 import json
+import os
+import time
 
 import pytest
 import trio
 
+from relaycore.protocol._auth import generate_access_token
 from relaycore.relay import OutboundMessage, RelayConfig, serve_relay
 from relayhelpers import KEY, RS, rest_token, wait_for
 
@@ -143,3 +146,39 @@ async def test_relay_a_rest_token_for_one_user_does_not_send_to_the_same_name_in
     assert await relay.send_to_user("chat", "ALICE", OutboundMessage.invocation("n", 1)) == 1
     with trio.fail_after(3):
         assert (await client.next_message())["target"] == "n"
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+async def server_upgrade_attempt(relay) -> trio.SocketStream:
+    token = generate_access_token(KEY, "http://127.0.0.1/server/?hub=chat", now=time.time(),
+                                  user_id="pod1")
+    stream = await trio.open_tcp_stream("127.0.0.1", relay.port)
+    await stream.send_all(
+        ("GET /server/?hub=chat HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+         f"Connection: Upgrade\r\nAuthorization: Bearer {token}\r\n"
+         "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+         ).encode())
+    return stream
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc")
+async def test_relay_a_silenced_upgrade_lets_go_when_the_app_server_gives_up_or_heals(relay):
+    baseline = open_fds()
+    relay.inject_fault("silence")
+    given_up = await server_upgrade_attempt(relay)
+    waiting = await server_upgrade_attempt(relay)
+    await wait_for(lambda: open_fds() == baseline + 4)  # two sockets on each side
+    await given_up.aclose()
+    # The relay notices the close and lets go of its side (it used to hold it for ever).
+    await wait_for(lambda: open_fds() == baseline + 2)
+    relay.inject_fault("none")
+    answer = bytearray()
+    with trio.fail_after(5):
+        while chunk := await waiting.receive_some(65536):
+            answer += chunk
+    assert statuses(bytes(answer)) == [503]
+    await waiting.aclose()
+    await wait_for(lambda: open_fds() == baseline)

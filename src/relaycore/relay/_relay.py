@@ -11,6 +11,7 @@ programs that host relaycore as their transport layer::
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gc
 import logging
@@ -141,6 +142,8 @@ class Relay:
         self._all_gone: trio.Event | None = None
         #: The fault-injection switch (``inject_fault``); ``none`` in normal operation.
         self.fault_mode = "none"
+        #: Set when a ``silence`` fault ends: the upgrades it held get their answer.
+        self._silence_lifted = trio.Event()
 
     # -- public helpers ------------------------------------------------------------------------
 
@@ -310,6 +313,10 @@ class Relay:
         new ones (503), ``drop`` the existing ones too (no goodbye), or go ``silence``
         (existing ones get and send nothing; new ones hang), or ``none`` to heal."""
         log.warning("fault injection: server connections -> %s", mode)
+        if mode == "silence" and self.fault_mode != "silence":
+            self._silence_lifted = trio.Event()
+        elif mode != "silence":
+            self._silence_lifted.set()
         self.fault_mode = mode
         for peer in list(self._live):
             if isinstance(peer, ServerConnection):
@@ -539,7 +546,8 @@ class Relay:
             if kind == "server" and self.fault_mode in ("refuse", "drop"):
                 raise HttpError(503, "server connections are refused (fault injection)")
             if kind == "server" and self.fault_mode == "silence":
-                await trio.sleep_forever()  # a blocked port: the upgrade is never answered
+                await self._hold_silenced(http.stream)
+                raise HttpError(503, "server connections were silenced (fault injection)")
             if kind == "server":
                 server_id = (request.headers.get("x-asrs-server-id")
                              or user_id_from_claims(claims) or secrets.token_hex(8))
@@ -565,6 +573,26 @@ class Relay:
             self, connection_id=connection_id, hub=hub, claims=claims,
             user_id=user_id_from_claims(claims), query=f"?{query}" if query else "",
             headers=_forwarded_headers(request), now=self.now()))
+
+    async def _hold_silenced(self, stream: trio.abc.Stream) -> None:
+        """A ``silence`` fault: leave an app server's upgrade unanswered, as a blocked port
+        would, until the fault ends or the app server gives up and closes (then the attempt
+        holds nothing more: no file descriptor, no task)."""
+        lifted = self._silence_lifted
+
+        async def until_closed(cancel_scope: trio.CancelScope) -> None:
+            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                while await stream.receive_some(4096):
+                    pass  # whatever it sends while waiting is not read as HTTP
+            cancel_scope.cancel()
+
+        async def until_lifted(cancel_scope: trio.CancelScope) -> None:
+            await lifted.wait()
+            cancel_scope.cancel()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(until_closed, nursery.cancel_scope)
+            nursery.start_soon(until_lifted, nursery.cancel_scope)
 
     @staticmethod
     async def _accept(http: HttpConnection, key: str, peer: Peer) -> tuple[Peer, bytes]:
