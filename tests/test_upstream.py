@@ -9,16 +9,19 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import time
 from collections.abc import Callable
 
 import msgpack
 import pytest
 import trio
+from trio_websocket import connect_websocket_url
 
-from relaycore.protocol import MessagePackHubProtocol
+from relaycore.protocol import MessagePackHubProtocol, generate_access_token
 from relaycore.relay import RelayConfig, serve_relay
 from relaycore.relay._http import HttpConnection, Response
 from relaycore.relay._upstream import UpstreamRule, parse_rules
+from relaycore.sdk.upstream import parse_request
 from relayhelpers import KEY, RS, wait_for
 
 
@@ -254,3 +257,22 @@ async def test_invocation_without_matching_rule_is_answered_not_delivered(nurser
     with trio.fail_after(5):
         message = await client.next_message()
     assert "not delivered" in message["error"]
+
+
+async def test_a_client_with_non_ascii_claims_reaches_the_upstream_intact(nursery, upstream,
+                                                                          start_relay):
+    relay = await start_relay()
+    token = generate_access_token(KEY, "http://127.0.0.1/client/?hub=chat", now=time.time(),
+                                  user_id="Zoë", claims={"name": "José"})
+    ws = await connect_websocket_url(
+        nursery, f"ws://127.0.0.1:{relay.port}/client/?hub=chat&access_token={token}")
+    await ws.send_message('{"protocol":"json","version":1}' + RS)
+    with trio.fail_after(5):
+        assert await ws.get_message() == "{}" + RS
+    # A header value is Latin-1 at most: this once raised in the relay's upstream task and
+    # ended the relay process.
+    await wait_for(lambda: upstream.events("connected"))
+    event = parse_request(upstream.events("connected")[0].headers, b"", access_keys=[KEY])
+    assert event.user_id == "Zoë" and event.claims["name"] == "José"
+    assert await relay.user_exists("chat", "Zoë")
+    await ws.aclose()

@@ -156,8 +156,11 @@ class Upstream:
 
     # -- events -------------------------------------------------------------------------------
 
-    def _headers(self, conn: ClientConnection, category: str, event: str) -> dict[str, str]:
-        headers = {
+    def _headers(self, conn: ClientConnection, category: str, event: str) -> dict[str, Any]:
+        """The ``X-ASRS-*`` headers of one call. Values a client chose (its user id, claims,
+        query) are sent as UTF-8 bytes: a header holds no other characters than Latin-1, and a
+        claim such as ``"name": "José"`` must neither be mangled nor fail the request."""
+        headers: dict[str, Any] = {
             "X-ASRS-Connection-Id": conn.id,
             "X-ASRS-Hub": conn.hub,
             "X-ASRS-Category": category,
@@ -171,7 +174,8 @@ class Upstream:
                            if k not in ("aud", "exp", "iat", "nbf"))
         if claims:
             headers["X-ASRS-User-Claims"] = claims
-        return headers
+        return {name: value.encode("utf-8") if not value.isascii() else value
+                for name, value in headers.items()}
 
     def connected(self, conn: ClientConnection) -> None:
         self._system_event(conn, "connected", b'{"type":10}')
@@ -208,7 +212,13 @@ class Upstream:
                 await self._wakeups[hub].wait()
                 continue
             event = queue[0]
-            await self._deliver_system_event(event)
+            try:
+                await self._deliver_system_event(event)
+            except Exception:  # one event is lost (and counted), never the relay
+                self.relay.stats.internal_errors += 1
+                self.relay.stats.upstream_dropped += 1
+                log.exception("upstream %s event of connection %s dropped: internal error",
+                              event.event, event.connection_id)
             queue.popleft()
 
     async def _deliver_system_event(self, event: _SystemEvent) -> None:
@@ -249,7 +259,7 @@ class Upstream:
                   (trio.current_time() - start) * 1000)
         return response
 
-    async def _post_once(self, url: str, headers: dict[str, str], body: bytes) -> str | None:
+    async def _post_once(self, url: str, headers: dict[str, Any], body: bytes) -> str | None:
         try:
             response = await self._post(url, headers, body)
         except httpx.HTTPError as exc:
@@ -272,14 +282,18 @@ class Upstream:
         self._nursery.start_soon(self._invoke, conn, url, headers, body, target, invocation_id)
         return True
 
-    async def _invoke(self, conn: ClientConnection, url: str, headers: dict[str, str],
+    async def _invoke(self, conn: ClientConnection, url: str, headers: dict[str, Any],
                       body: bytes, target: str, invocation_id: str | None) -> None:
         limit = self.relay.config.max_upstream_response
         try:
             response = await self._post(url, headers, body)
-        except httpx.HTTPError as exc:
+        except Exception as exc:  # noqa: BLE001 - one call fails, never the relay
             self.relay.stats.upstream_failures += 1
-            log.warning("upstream invocation %s of %s failed: %r", target, conn.id, exc)
+            if isinstance(exc, httpx.HTTPError):
+                log.warning("upstream invocation %s of %s failed: %r", target, conn.id, exc)
+            else:
+                self.relay.stats.internal_errors += 1
+                log.exception("upstream invocation %s of %s: internal error", target, conn.id)
             if invocation_id is not None:
                 conn.reply(CompletionMessage(invocation_id=invocation_id, error=(
                     f"Invocation failed: the upstream could not be reached "

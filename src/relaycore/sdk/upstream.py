@@ -102,9 +102,20 @@ class UpstreamEvent:
     headers: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
+def _utf8(value: str | None) -> str | None:
+    """A header value the relay sent as UTF-8 bytes, which ASGI servers (and httpx) hand out
+    as Latin-1 text: the text the client chose (``José``, not ``JosÃ©``)."""
+    if value is None or value.isascii():
+        return value
+    try:
+        return value.encode("latin-1").decode("utf-8")
+    except (UnicodeEncodeError, UnicodeDecodeError):
+        return value  # not UTF-8 on the wire: keep what arrived
+
+
 def _parse_claims(header: str | None) -> dict[str, str]:
     claims: dict[str, str] = {}
-    for item in (header or "").split(", "):
+    for item in (_utf8(header) or "").split(", "):
         name, sep, value = item.partition(": ")
         if sep:
             claims.setdefault(name, value)
@@ -131,7 +142,7 @@ def parse_request(headers: Mapping[str, str], body: bytes, *,
         raise UpstreamError(401, "the X-ASRS-Signature header is missing or matches no key")
     content_type = lower.get("content-type", "").split(";")[0].strip().lower()
     base = UpstreamEvent(connection_id=connection_id, hub=hub, category=category, event=event,
-                         user_id=lower.get("x-asrs-user-id") or None,
+                         user_id=_utf8(lower.get("x-asrs-user-id")) or None,
                          claims=_parse_claims(lower.get("x-asrs-user-claims")),
                          query=dict(parse_qsl(lower.get("x-asrs-client-query", "").lstrip("?"))),
                          headers=lower)
