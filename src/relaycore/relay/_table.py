@@ -281,7 +281,8 @@ class ConnectionTable:
 
     def expire_user_groups(self, now: float) -> None:
         """End every user-group membership whose TTL has passed, in every hub, and drop the
-        shards that leaves empty: one look at each shard's soonest expiry per tick."""
+        shards that leaves empty: one look at each shard's soonest expiry per tick (the
+        relay's ticker calls this, so a membership ends at most one tick, a second, late)."""
         for key, shard in list(self._shards.items()):
             soonest = shard.next_expiry()
             if soonest is not None and soonest <= now:
