@@ -13,6 +13,7 @@ import time
 
 import pytest
 import trio
+from trio_websocket import ConnectionClosed
 
 from relaycore.protocol._auth import generate_access_token
 from relaycore.relay import OutboundMessage, RelayConfig, serve_relay
@@ -182,3 +183,82 @@ async def test_relay_a_silenced_upgrade_lets_go_when_the_app_server_gives_up_or_
     assert statuses(bytes(answer)) == [503]
     await waiting.aclose()
     await wait_for(lambda: open_fds() == baseline)
+
+
+# -- an exception at every stage ends only what it was serving -------------------------------
+
+
+def _raise(*args, **kwargs):
+    raise RuntimeError("injected fault")
+
+
+HTTP_STAGES = {
+    # stage: (what to break, the request that meets it)
+    "request parse": ("relaycore.relay._http.HttpConnection.read_request",
+                      b"GET /api/health HTTP/1.1\r\nHost: x\r\n\r\n"),
+    "routing": ("relaycore.relay._relay.Relay.route",
+                b"GET /api/health HTTP/1.1\r\nHost: x\r\n\r\n"),
+    "auth": ("relaycore.relay._relay.Relay.check_token",
+             b"POST /api/hubs/chat/:send?api-version=2022-06-01 HTTP/1.1\r\nHost: x\r\n"
+             b"Content-Length: 2\r\n\r\n{}"),
+    "negotiate": ("relaycore.relay._relay.Relay._negotiate",
+                  b"POST /client/negotiate?hub=chat HTTP/1.1\r\nHost: x\r\n"
+                  b"Content-Length: 0\r\n\r\n"),
+    "upgrade": ("relaycore.relay._relay.Relay._upgrade",
+                b"GET /client/?hub=chat HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+                b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                b"Sec-WebSocket-Version: 13\r\n\r\n"),
+    "REST handler": ("relaycore.relay._rest._message", None),
+}
+
+
+@pytest.mark.parametrize("stage", list(HTTP_STAGES))
+async def test_relay_an_exception_while_serving_http_is_a_500_for_that_request_only(
+        relay, connect, monkeypatch, caplog, stage):
+    target, request = HTTP_STAGES[stage]
+    if request is None:
+        path = "/api/hubs/chat/:send"
+        body = '{"target":"t","arguments":[]}'
+        request = (f"POST {path}?api-version=2022-06-01 HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                   f"Authorization: Bearer {rest_token(path)}\r\n"
+                   f"Content-Length: {len(body)}\r\n\r\n{body}").encode()
+    monkeypatch.setattr(target, _raise)
+    answer = await exchange(relay, request)
+    monkeypatch.undo()
+    assert statuses(answer) == [500]
+    assert json_body(answer)["code"] == "InternalServerError"
+    assert relay.stats.internal_errors == 1
+    assert sum("injected fault" in str(r.exc_info[1]) for r in caplog.records if r.exc_info) == 1
+    await healthy_client_receives(relay, connect)
+
+
+@pytest.mark.parametrize("stage", ["handshake", "message handling", "timers"])
+async def test_relay_an_exception_in_a_client_connection_closes_it_with_1011_only(
+        relay, connect, monkeypatch, stage):
+    healthy = await connect(relay, "chat", "healthy")
+    if stage == "handshake":
+        monkeypatch.setattr("relaycore.relay._client.ClientConnection._try_handshake", _raise)
+        victim = await connect(relay, "chat", "victim", handshake=False)
+        await victim.send_message('{"protocol":"json","version":1}' + RS)
+    else:
+        client = await connect(relay, "chat", "victim")
+        victim = client.ws
+        if stage == "message handling":
+            monkeypatch.setattr("relaycore.relay._client.ClientConnection._handle_messages",
+                                _raise)
+            await victim.send_message('{"type":6}' + RS)
+        else:
+            monkeypatch.setattr("relaycore.relay._client.ClientConnection.tick", _raise)
+            for conn in relay.table.get("chat").connections.values():
+                if conn.user_id == "victim":
+                    conn.last_send = -1e9  # due for a keep-alive: the ticker calls its tick()
+    with trio.fail_after(5):
+        with pytest.raises(ConnectionClosed) as closed:
+            while True:
+                await victim.get_message()
+    monkeypatch.undo()
+    assert closed.value.reason.code == 1011
+    assert relay.stats.internal_errors >= 1
+    assert await relay.send_to_user("chat", "healthy", OutboundMessage.invocation("n", 1)) == 1
+    with trio.fail_after(3):
+        assert (await healthy.next_message())["arguments"] == [1]

@@ -58,7 +58,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from .._accel import parse_frame_header
-from ..protocol._websocket import Role, State, WebSocketProtocol
+from ..protocol._websocket import CloseCode, Role, State, WebSocketProtocol
 
 if TYPE_CHECKING:
     from ._relay import Relay
@@ -359,8 +359,7 @@ class Peer:
             if not self._blocked and self.state is not ConnState.CLOSED:
                 self.relay.poller.watch(self, _IN if self._reading else 0)
         except Exception:
-            log.exception("dropping a connection after an internal error")
-            self.drop()
+            self._internal_error()
 
     def drop_backlog(self) -> int:
         """Discard the queued frames that the socket has not started on (the rest of a frame
@@ -436,8 +435,21 @@ class Peer:
             if ws.close_expected():
                 self._finish()
         except Exception:
-            log.exception("dropping a connection after an internal error")
-            self.drop()
+            self._internal_error()
+
+    def _internal_error(self) -> None:
+        """A bug met while serving this connection: log it once, tell the peer (a close frame
+        1011, written now, best effort) and drop the connection. Never the poller, never
+        another connection."""
+        self.relay.stats.internal_errors += 1
+        log.exception("dropping a connection after an internal error")
+        try:
+            if self._fd >= 0 and self.ws.state is State.OPEN:
+                self.ws.send_close(CloseCode.INTERNAL_ERROR, "internal error in the relay")
+                os.write(self._fd, bytes(self._out) + self.ws.data_to_send())
+        except Exception:  # noqa: BLE001 - the goodbye is a courtesy; dropping is what counts
+            pass
+        self.drop()
 
     def _finish(self) -> None:
         """Reading is over: send what is still queued (within the close timer), then close."""

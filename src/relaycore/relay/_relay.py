@@ -464,6 +464,7 @@ class Relay:
                 error = HttpError(500, "internal error in the relay (logged on the relay)")
                 await http.send_response(self._with_cors(request, Response.error(error)),
                                          close=True)
+                await http.linger(max_bytes=4 * self.config.max_request_body)
                 return None
             await http.send_response(self._with_cors(request, response))
             if not http.can_continue():
@@ -629,8 +630,11 @@ class Relay:
                 for conn in [c for c in live[start:start + _TICK_SLICE]
                              if c.state is not is_open or c._close_deadline <= now
                              or now - c.last_receive > quiet or now - c.last_send >= idle]:
-                    if not conn.close_due(now):
-                        conn.tick(now)
+                    try:
+                        if not conn.close_due(now):
+                            conn.tick(now)
+                    except Exception:  # a bug in one connection's timers ends only it
+                        conn._internal_error()
             if self.config.tune_gc and len(live) > 2 * frozen_at + 1000:
                 # The connections' long-lived objects leave the collector's generations, so
                 # collections stop rescanning them (idle CPU, latency spikes at scale).
