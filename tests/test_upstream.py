@@ -276,3 +276,23 @@ async def test_a_client_with_non_ascii_claims_reaches_the_upstream_intact(nurser
     assert event.user_id == "Zoë" and event.claims["name"] == "José"
     assert await relay.user_exists("chat", "Zoë")
     await ws.aclose()
+
+
+async def test_an_exception_in_an_upstream_call_fails_that_call_only(nursery, upstream,
+                                                                     start_relay, connect,
+                                                                     monkeypatch):
+    relay = await start_relay()
+
+    async def broken(*args, **kwargs):
+        raise RuntimeError("injected fault")
+
+    monkeypatch.setattr("relaycore.relay._upstream.Upstream._post", broken)
+    client = await connect(relay, user="alice")
+    await client.ws.send_message('{"type":1,"invocationId":"7","target":"T","arguments":[]}' + RS)
+    with trio.fail_after(5):
+        message = await client.next_message()
+    assert message["invocationId"] == "7" and "Invocation failed" in message["error"]
+    # The connected event met the same fault: dropped and counted, the relay carries on.
+    await wait_for(lambda: relay.stats.upstream_dropped == 1)
+    assert relay.stats.internal_errors == 2
+    assert await relay.user_exists("chat", "alice")
