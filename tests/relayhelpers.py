@@ -35,6 +35,14 @@ def rest_token(path: str, key: str = KEY) -> str:
     return generate_access_token(key, f"http://127.0.0.1{path}", now=time.time())
 
 
+#: The key of the relays' admin API (fault injection) in tests; never an access key.
+ADMIN_KEY = "test-admin-key-of-the-relay-suite"
+
+
+def admin_token(path: str = "/api/admin/faults") -> str:
+    return rest_token(path, ADMIN_KEY)
+
+
 class Client:
     """A SignalR client over trio-websocket speaking the JSON hub protocol."""
 

@@ -237,7 +237,7 @@ def test_fault_against_a_relay_that_is_not_running_says_so_in_one_line():
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
         line = one_error_line(run_cli("fault", "--server-connections", "drop", "--port",
-                                      str(port)), status=1)
+                                      str(port), "--admin-key", "a1"), status=1)
     assert line == f"relaycore fault: cannot reach http://127.0.0.1:{port}: connection refused"
 
 
@@ -259,12 +259,25 @@ def test_serve_access_key_flag_takes_comma_separated_keys_each_accepted():
 
 
 def test_fault_that_the_relay_refuses_says_so_in_one_line():
-    with running_relay("--access-key", "k1") as (port, _):
-        refused = run_cli("fault", "--server-connections", "none", "--port", str(port),
-                          "--access-key", "k3")
-        line = one_error_line(refused, status=1)
-    # 401 for the wrong key, or 404 where the admin API is off
-    assert re.match(rf"relaycore fault: http://127\.0\.0\.1:{port} answered 40[14] ", line), line
+    with running_relay("--access-key", "k1", "--admin-key", "a1") as (port, _):
+        wrong_key = one_error_line(run_cli("fault", "--server-connections", "none", "--port",
+                                           str(port), "--admin-key", "k1"), status=1)
+        right_key = run_cli("fault", "--server-connections", "none", "--port", str(port),
+                            "--admin-key", "a1")
+    with running_relay("--access-key", "k1") as (port_off, _):
+        admin_off = one_error_line(run_cli("fault", "--server-connections", "none", "--port",
+                                           str(port_off), "--admin-key", "k1"), status=1)
+    # An application's key is not the admin key; without --admin-key the admin API is off.
+    assert re.match(rf"relaycore fault: http://127\.0\.0\.1:{port} answered 401 ", wrong_key)
+    assert (right_key.returncode, right_key.stdout.strip()) == (0, '{"serverConnections":"none"}')
+    assert re.match(rf"relaycore fault: http://127\.0\.0\.1:{port_off} answered 404 .*admin API "
+                    "is off", admin_off), admin_off
+
+
+def test_fault_without_an_admin_key_says_which_flag_is_missing():
+    line = one_error_line(run_cli("fault", "--server-connections", "none",
+                                  env=cli_env()), status=2)
+    assert line.startswith("relaycore fault: the relay's admin key is needed: --admin-key")
 
 
 def test_serve_start_line_says_the_extension_was_disabled():

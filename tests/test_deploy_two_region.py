@@ -39,7 +39,8 @@ COMPOSE = DEPLOY / "compose.yaml"
 MANIFESTS = sorted((DEPLOY / "k8s").glob("*.yaml"))
 REGIONS = ("east", "west")
 KEYS = {"EAST_ACCESS_KEY": "test-east-key-0123456789abcdefghijklmnop",
-        "WEST_ACCESS_KEY": "test-west-key-0123456789abcdefghijklmnop"}
+        "WEST_ACCESS_KEY": "test-west-key-0123456789abcdefghijklmnop",
+        "ADMIN_KEY": "test-admin-key-0123456789abcdefghijklmno"}
 
 
 def other(region: str) -> str:

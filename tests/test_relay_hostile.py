@@ -17,7 +17,7 @@ from trio_websocket import ConnectionClosed
 
 from relaycore.protocol._auth import generate_access_token
 from relaycore.relay import OutboundMessage, RelayConfig, serve_relay
-from relayhelpers import KEY, RS, rest_token, wait_for
+from relayhelpers import ADMIN_KEY, KEY, RS, admin_token, rest_token, wait_for
 
 
 @pytest.fixture
@@ -262,3 +262,28 @@ async def test_relay_an_exception_in_a_client_connection_closes_it_with_1011_onl
     assert await relay.send_to_user("chat", "healthy", OutboundMessage.invocation("n", 1)) == 1
     with trio.fail_after(3):
         assert (await healthy.next_message())["arguments"] == [1]
+
+
+async def put_fault(relay, token: str | None) -> bytes:
+    auth = f"Authorization: Bearer {token}\r\n" if token else ""
+    return await exchange(relay, (
+        "PUT /api/admin/faults?serverConnections=drop HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        f"{auth}Content-Length: 0\r\nConnection: close\r\n\r\n").encode())
+
+
+async def test_relay_the_admin_api_is_off_without_an_admin_key(relay):
+    answer = await put_fault(relay, rest_token("/api/admin/faults"))
+    assert statuses(answer) == [404]
+    assert "admin API is off" in json_body(answer)["message"]
+    assert relay.fault_mode == "none"
+
+
+async def test_relay_the_admin_api_takes_the_admin_key_and_never_an_access_key(nursery):
+    relay = await nursery.start(serve_relay, RelayConfig(port=0, access_keys=[KEY],
+                                                         admin_key=ADMIN_KEY))
+    assert statuses(await put_fault(relay, rest_token("/api/admin/faults"))) == [401]
+    assert relay.fault_mode == "none"
+    assert statuses(await put_fault(relay, admin_token())) == [200]
+    assert relay.fault_mode == "drop"
+    with pytest.raises(ValueError, match="admin_key must be .* not one of the access keys"):
+        RelayConfig(access_keys=[KEY], admin_key=KEY)

@@ -52,7 +52,7 @@ from relaycore.protocol._websocket import (
     WebSocketProtocol,
 )
 from relaycore.relay import RelayConfig, serve_relay
-from relayhelpers import KEY, RS, Client, client_token, wait_for
+from relayhelpers import ADMIN_KEY, KEY, RS, Client, admin_token, client_token, wait_for
 
 JSON = JsonHubProtocol()
 HANDSHAKE_OK = b"{}" + RS.encode()
@@ -61,7 +61,7 @@ HANDSHAKE_OK = b"{}" + RS.encode()
 @pytest.fixture
 async def relay(nursery):
     config = RelayConfig(port=0, access_keys=[KEY], close_timeout=1,
-                         server_keep_alive_interval=0.3)
+                         server_keep_alive_interval=0.3, admin_key=ADMIN_KEY)
     return await nursery.start(serve_relay, config)
 
 
@@ -475,8 +475,6 @@ async def test_oversized_client_message_closes_the_client_with_the_reason(nurser
 async def test_fault_injection_refuses_drops_silences_and_heals(relay, app_server, raw_client):
     import httpx
 
-    from relayhelpers import rest_token
-
     server = await app_server(relay)
     client, _ = await bind_client(relay, server, raw_client)
 
@@ -485,7 +483,7 @@ async def test_fault_injection_refuses_drops_silences_and_heals(relay, app_serve
         async with httpx.AsyncClient() as http:
             r = await http.put(f"http://127.0.0.1:{relay.port}{path}",
                                params={"serverConnections": mode},
-                               headers={"Authorization": f"Bearer {rest_token(path)}"})
+                               headers={"Authorization": f"Bearer {admin_token(path)}"})
         assert r.status_code == 200 and r.json() == {"serverConnections": mode}
 
     await set_fault("drop")

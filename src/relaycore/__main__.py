@@ -12,6 +12,7 @@ import argparse
 import errno
 import json
 import logging
+import os
 import signal
 import socket
 import sys
@@ -69,7 +70,7 @@ def _serve(args: argparse.Namespace) -> int:
             "host": args.host, "port": args.port, "access_key": args.access_key,
             "public_endpoint": args.public_endpoint, "log_level": args.log_level,
             "upstreams": args.upstream, "service_mode": args.service_mode,
-            "capacity": args.capacity,
+            "capacity": args.capacity, "admin_key": args.admin_key,
         }, defaults={
             # the CLI owns its process: tune the collector unless the file or
             # RELAYCORE_TUNE_GC says no
@@ -89,6 +90,7 @@ def _serve(args: argparse.Namespace) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     fast_path = "Cython" if ACCELERATED else f"pure Python ({FALLBACK_REASON})"
+    open_files = _raise_open_file_limit()
     failure: list[str] = []
 
     async def main() -> None:
@@ -108,6 +110,8 @@ def _serve(args: argparse.Namespace) -> int:
             print(f"relaycore {__version__} listening on {config.host}:{relay.port} "
                   f"(fast path: {fast_path})", flush=True)
             print(f"connection string: {relay.connection_string}", flush=True)
+            if open_files:
+                print(open_files, flush=True)
             if config.uses_development_key:
                 print("WARNING: using the built-in development access key; set --access-key "
                       "or RELAYCORE_ACCESS_KEY for anything but local development", flush=True)
@@ -123,6 +127,27 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"relaycore: {failure[0]}", file=sys.stderr)
         return 2
     return 0
+
+
+def _raise_open_file_limit() -> str | None:
+    """Raise this process's soft open-file limit to the hard one (every connection is a file
+    descriptor; 1,024 is a common default) and say what it is now."""
+    try:
+        import resource
+    except ImportError:  # not a Unix
+        return None
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+
+    def shown(limit: int) -> str:
+        return "unlimited" if limit == resource.RLIM_INFINITY else str(limit)
+
+    if soft == hard:
+        return f"open files: {shown(soft)} (the hard limit)"
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (ValueError, OSError) as exc:
+        return f"open files: {shown(soft)} (could not raise it to {shown(hard)}: {exc})"
+    return f"open files: {shown(soft)} -> {shown(hard)} (the soft limit raised to the hard one)"
 
 
 def _token(args: argparse.Namespace) -> int:
@@ -155,18 +180,24 @@ def _fault(args: argparse.Namespace) -> int:
     from .protocol._auth import ConnectionString, generate_access_token
     from .relay import RelayConfig
 
+    admin_key = args.admin_key or os.environ.get("RELAYCORE_ADMIN_KEY")
+    if not admin_key:
+        print("relaycore fault: the relay's admin key is needed: --admin-key or "
+              "RELAYCORE_ADMIN_KEY (the relay's admin API is on only when it was started with "
+              "one)", file=sys.stderr)
+        return 2
     try:
         if args.connection_string:
             cs = ConnectionString.parse(args.connection_string)
         else:
-            config = RelayConfig.load(overrides={"port": args.port, "access_key": args.access_key})
+            config = RelayConfig.load(env={}, overrides={"port": args.port})
             cs = ConnectionString.parse(config.connection_string())
     except ValueError as exc:
         print(f"relaycore fault: {exc}", file=sys.stderr)
         return 2
     path = "/api/admin/faults"
     base = cs.server_base.rstrip("/")
-    token = generate_access_token(cs.access_key or "", cs.audience_base.rstrip("/") + path,
+    token = generate_access_token(admin_key, cs.audience_base.rstrip("/") + path,
                                   now=time.time())
     try:
         response = httpx.put(base + path,
@@ -201,6 +232,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "RELAYCORE_ACCESS_KEY); comma-separated for several, each accepted: "
                        "k1,k2")
     serve.add_argument("--public-endpoint", help="the URL clients reach this relay at")
+    serve.add_argument("--admin-key", help="turn the admin API (fault injection, `relaycore "
+                       "fault`) on, for tokens signed with this key (env RELAYCORE_ADMIN_KEY); "
+                       "never one of the access keys; off by default")
     serve.add_argument("--config", help="a TOML file of settings (see docs/configuration.md)")
     serve.add_argument("--log-level", type=_log_level,
                        help="DEBUG, INFO (default), WARNING, ERROR or CRITICAL")
@@ -234,9 +268,11 @@ def build_parser() -> argparse.ArgumentParser:
                                   "refused; 2 bad arguments.")
     fault.add_argument("--server-connections", required=True,
                        choices=["none", "refuse", "drop", "silence"])
-    fault.add_argument("--connection-string", help="default: the local development relay")
+    fault.add_argument("--admin-key", help="the key the relay was started with as --admin-key "
+                       "(env RELAYCORE_ADMIN_KEY)")
+    fault.add_argument("--connection-string", help="where the relay is (its Endpoint; the "
+                       "AccessKey is not used); default: the local relay")
     fault.add_argument("--port", type=_port)
-    fault.add_argument("--access-key")
     fault.set_defaults(func=_fault)
     return parser
 

@@ -33,6 +33,7 @@ import httpx
 import trio
 
 from relaycore.protocol._auth import generate_access_token
+from relayhelpers import ADMIN_KEY
 
 E2E_DIR = Path(__file__).resolve().parent
 NODE_DIR = E2E_DIR / "node"
@@ -265,11 +266,12 @@ def relay_env(overrides: Mapping[str, str] | None) -> dict[str, str]:
     # key and port come from the command line; the extension switches are kept on purpose,
     # so that the suite exercises the relay with the fast path it was asked to use).
     keep = {"RELAYCORE_NO_EXTENSIONS", "RELAYCORE_REQUIRE_EXTENSIONS",
-            "RELAYCORE_BUILD_EXTENSION", "RELAYCORE_VECTORS_DIR"}
+            "RELAYCORE_BUILD_EXTENSION"}
     for key in list(env):
         if key.startswith("RELAYCORE_") and key not in keep:
             del env[key]
     env["PYTHONUNBUFFERED"] = "1"
+    env["RELAYCORE_ADMIN_KEY"] = ADMIN_KEY  # the fault switch (tests/e2e/test_regions.py)
     env.update(overrides or {})
     return env
 

@@ -37,7 +37,15 @@ import httpx
 import pytest
 import trio
 
-from .harness import WAIT, NodeAgent, NodeAgentFactory, RelayFactory, RelayProcess, open_rest
+from .harness import (
+    ADMIN_KEY,
+    WAIT,
+    NodeAgent,
+    NodeAgentFactory,
+    RelayFactory,
+    RelayProcess,
+    open_rest,
+)
 from .pods import PodFactory, PodProcess
 
 pytestmark = pytest.mark.e2e
@@ -208,7 +216,7 @@ async def fault(relay: RelayProcess, mode: str) -> None:
     """``python -m relaycore fault --server-connections MODE``, as an operator rehearses."""
     result = await trio.run_process(
         [sys.executable, "-m", "relaycore", "fault", "--server-connections", mode,
-         "--connection-string", relay.connection_string],
+         "--connection-string", relay.connection_string, "--admin-key", ADMIN_KEY],
         capture_stdout=True, capture_stderr=True, check=False)
     assert result.returncode == 0, (result.stdout, result.stderr)
     assert json.loads(result.stdout) == {"serverConnections": mode}, result.stdout

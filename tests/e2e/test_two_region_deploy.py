@@ -35,7 +35,8 @@ REPO = Path(__file__).resolve().parents[2]
 COMPOSE = REPO / "deploy" / "two-region" / "compose.yaml"
 README = REPO / "deploy" / "two-region" / "README.md"
 KEYS = {"EAST_ACCESS_KEY": "e2e-east-key-0123456789abcdefghijklmnopq",
-        "WEST_ACCESS_KEY": "e2e-west-key-0123456789abcdefghijklmnopq"}
+        "WEST_ACCESS_KEY": "e2e-west-key-0123456789abcdefghijklmnopq",
+        "ADMIN_KEY": "e2e-admin-key-0123456789abcdefghijklmnop"}
 REGIONS = ("east", "west")
 
 
@@ -88,7 +89,7 @@ async def wait_negotiated(app: PodProcess, relay: RelayProcess, timeout: float) 
 async def fault(connection_string: str, mode: str) -> None:
     result = await trio.run_process(
         [sys.executable, "-m", "relaycore", "fault", "--server-connections", mode,
-         "--connection-string", connection_string],
+         "--connection-string", connection_string, "--admin-key", KEYS["ADMIN_KEY"]],
         capture_stdout=True, capture_stderr=True, check=False)
     assert result.returncode == 0, (result.stdout, result.stderr)
     assert json.loads(result.stdout) == {"serverConnections": mode}
@@ -139,7 +140,8 @@ async def test_compose_topology_with_the_example_app_and_a_rehearsed_failover(
     for region in REGIONS:
         service = env[f"relay-{region}"]
         relays[region] = await relay_factory(
-            env={"RELAYCORE_PUBLIC_ENDPOINT": service["RELAYCORE_PUBLIC_ENDPOINT"]},
+            env={"RELAYCORE_PUBLIC_ENDPOINT": service["RELAYCORE_PUBLIC_ENDPOINT"],
+                 "RELAYCORE_ADMIN_KEY": service["RELAYCORE_ADMIN_KEY"]},
             args=["--port", str(ports[region])], access_key=service["RELAYCORE_ACCESS_KEY"])
     apps = {region: await pod_factory(f"app-{region}", env=env[f"app-{region}"])
             for region in REGIONS}

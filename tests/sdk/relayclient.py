@@ -23,6 +23,7 @@ import httpx
 from sdkhelpers import KEY
 
 from relaycore.sdk._websocket import WebSocketConnection, connect_websocket
+from relayhelpers import ADMIN_KEY
 
 RS = "\x1e"
 
@@ -46,7 +47,7 @@ async def relay_process(key: str = KEY, port: int = 0,
     kill)."""
     process = await anyio.open_process(
         [sys.executable, "-m", "relaycore", "serve", "--port", str(port), f"--access-key={key}",
-         "--log-level", "WARNING", *args],
+         f"--admin-key={ADMIN_KEY}", "--log-level", "WARNING", *args],
         stdout=subprocess.PIPE,
         stderr=None,
     )

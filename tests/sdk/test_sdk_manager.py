@@ -33,6 +33,7 @@ from relaycore.sdk import (
     ServiceUnavailableError,
     TransportType,
 )
+from relayhelpers import ADMIN_KEY
 
 BACKENDS = ["asyncio", "trio"]
 TRANSPORTS = [TransportType.TRANSIENT, TransportType.PERSISTENT]
@@ -359,7 +360,7 @@ def test_manager_without_an_online_endpoint_says_so(backend, transport):
 
 async def _fault(relay: Any, mode: str) -> None:
     path = "/api/admin/faults"
-    token = generate_access_token(KEY, f"http://127.0.0.1{path}", now=time.time())
+    token = generate_access_token(ADMIN_KEY, f"http://127.0.0.1{path}", now=time.time())
     async with httpx.AsyncClient() as http:
         response = await http.put(f"http://127.0.0.1:{relay.port}{path}",
                                   params={"serverConnections": mode},

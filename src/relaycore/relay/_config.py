@@ -80,6 +80,21 @@ class RelayConfig:
     #: Largest REST request body (Azure: 1 MB) and request head (Azure: 16 KB of headers).
     max_request_body: int = 1 << 20
     max_request_head: int = 16 << 10
+    #: Time a connection has to send a whole HTTP request, head and body (a slow sender gets
+    #: 408), and the longest an HTTP connection waits idle for its next request. The
+    #: WebSocket upgrade is a request like any other: accept to upgrade takes at most this.
+    request_timeout: float = 15.0
+    #: HTTP connections not yet upgraded (requests in progress, idle keep-alives, slow
+    #: senders) held at once; a new one past it closes the one that has waited longest, so
+    #: that slow connections cannot keep new clients out.
+    max_http_connections: int = 1000
+    #: Sockets (HTTP and WebSocket) the relay holds at once; past it a new connection is
+    #: answered 503 at once. 0: the process's open-file limit less a reserve of 64.
+    max_connections: int = 0
+    #: The key that signs tokens for the admin API (``/api/admin/*``: fault injection). Never
+    #: one of ``access_keys``: an application's key must not reach every application. None:
+    #: the admin API is off (404).
+    admin_key: str | None = None
     #: ``auto``: a hub with a connected app server routes its clients there, a hub without
     #: one is served by the relay itself (serverless); ``default``: a client of a hub without
     #: an app server gets a handshake error (Azure's Default mode); ``serverless``: the relay
@@ -136,14 +151,20 @@ class RelayConfig:
                      "server_timeout", "upstream_timeout", "upstream_concurrency",
                      "max_message_size", "send_buffer_limit", "server_send_buffer_limit",
                      "max_request_body",
-                     "max_request_head", "max_service_message_size"):
+                     "max_request_head", "max_service_message_size", "request_timeout",
+                     "max_http_connections"):
             if getattr(self, name) <= 0:
                 raise _SettingError(name, f"{name} must be > 0, got {getattr(self, name)!r}")
-        for name in ("max_connections_per_hub", "capacity", "upstream_queue_limit",
+        for name in ("max_connections_per_hub", "max_connections", "capacity",
+                     "upstream_queue_limit",
                      "upstream_retry_for", "upstream_retry_max_delay", "max_upstream_response",
                      "token_clock_skew"):
             if getattr(self, name) < 0:
                 raise _SettingError(name, f"{name} must be >= 0, got {getattr(self, name)!r}")
+        if self.admin_key is not None and (not self.admin_key
+                                           or self.admin_key in self.access_keys):
+            raise _SettingError("admin_key", "admin_key must be a non-empty key that is not one "
+                                "of the access keys (it opens the admin API of every application)")
         if self.service_mode not in ("auto", "default", "serverless"):
             raise _SettingError("service_mode", f"service_mode must be auto, default or "
                                 f"serverless, got {self.service_mode!r}")
@@ -283,7 +304,6 @@ def _from_env(env: Mapping[str, str]) -> dict[str, tuple[Any, str]]:
     for key, raw in env.items():
         if not key.startswith("RELAYCORE_") or key in (
             "RELAYCORE_NO_EXTENSIONS", "RELAYCORE_REQUIRE_EXTENSIONS", "RELAYCORE_BUILD_EXTENSION",
-            "RELAYCORE_VECTORS_DIR",
         ):
             continue
         name = _canonical(key[len("RELAYCORE_"):].lower())

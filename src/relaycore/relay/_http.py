@@ -137,12 +137,16 @@ class HttpConnection:
         self.max_body = max_body
         self.peer = peer_address(stream)
         self._method = ""
+        #: Whether bytes of the request being read have arrived (a slow sender, when it
+        #: times out; an idle keep-alive connection otherwise).
+        self.received = False
 
     async def _next_event(self) -> object:
         while True:
             event = self.conn.next_event()
             if event is h11.NEED_DATA:
                 data = await self.stream.receive_some(_READ_SIZE)
+                self.received = self.received or bool(data)
                 self.conn.receive_data(data)
                 continue
             return event
@@ -156,6 +160,7 @@ class HttpConnection:
         # request's, so that an error answer to a request that never parsed has its body
         # (a HEAD before it once left the answer's body off under its Content-Length).
         self._method = ""
+        self.received = False
         try:
             event = await self._next_event()
         except h11.RemoteProtocolError as exc:

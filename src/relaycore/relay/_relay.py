@@ -33,6 +33,7 @@ from ..protocol._negotiate import (
     parse_negotiate_version,
 )
 from ..protocol._websocket import Opcode, accept_key, frame, is_valid_client_key
+from ._accept import serve_accept
 from ._client import ClientConnection
 from ._config import RelayConfig
 from ._http import HttpConnection, HttpError, Request, Response, bearer_token, query_without
@@ -71,6 +72,11 @@ class RelayStats:
     upstream_events_sent: int = 0
     upstream_failures: int = 0
     upstream_dropped: int = 0
+    #: HTTP requests that did not arrive whole in time (408, or an idle keep-alive closed),
+    #: HTTP connections closed to make room for new ones, connections refused with a 503.
+    request_timeouts: int = 0
+    http_evictions: int = 0
+    connections_refused: int = 0
     #: Requests and connections ended by an unexpected exception in the relay (each logged
     #: once with its traceback; the relay and every other connection carry on).
     internal_errors: int = 0
@@ -124,6 +130,9 @@ class Relay:
         self.port: int = config.port
         #: every upgraded connection, client or server, until its stream is closed
         self._live: set[Peer] = set()
+        #: every HTTP connection not (yet) upgraded, oldest first, with the scope that ends it
+        self._http: dict[trio.SocketStream, trio.CancelScope] = {}
+        self.max_connections = config.max_connections or _open_file_budget()
         self._live_clients = 0
         self.flusher = Flusher()
         self.poller = Poller(self.flusher)
@@ -390,9 +399,11 @@ class Relay:
         token = bearer_token(request) or request.arg("access_token")
         return self.check_token(token, self.audiences(request, f"{kind}/?hub={hub}"))
 
-    def check_token(self, token: str | None, audiences: list[str]) -> dict[str, Any]:
+    def check_token(self, token: str | None, audiences: list[str],
+                    validator: TokenValidator | None = None) -> dict[str, Any]:
         try:
-            return self.validator.validate(token, audiences=audiences, now=time.time())
+            return (validator or self.validator).validate(token, audiences=audiences,
+                                                          now=time.time())
         except TokenError as exc:
             self.stats.auth_failures += 1
             raise HttpError(401, str(exc), code=f"Unauthorized.{exc.reason}") from None
@@ -410,10 +421,31 @@ class Relay:
 
     # -- HTTP front -------------------------------------------------------------------------
 
+    def admit(self) -> str | None:
+        """Whether a new connection may be served (None), or why not (it gets a 503). Past
+        ``max_http_connections`` the HTTP connection that has waited longest makes room.
+
+        ``max_connections`` bounds WebSockets (an upgrade past it is a 503); a few HTTP
+        connections more are let in, so that health checks and negotiates are answered
+        while the relay is full."""
+        if len(self._live) + len(self._http) >= self.max_connections + _HTTP_OVER_LIMIT:
+            return (f"the relay holds its limit of {self.max_connections} connections; "
+                    "retry later")
+        if len(self._http) >= self.config.max_http_connections:
+            oldest = next(iter(self._http))
+            self._http.pop(oldest).cancel()
+            self.stats.http_evictions += 1
+        return None
+
+    def _refused(self, reason: str) -> None:
+        self.stats.connections_refused += 1
+
     async def handle_stream(self, stream: trio.SocketStream) -> None:
         upgraded = None
+        scope = self._http[stream] = trio.CancelScope()
         try:
-            upgraded = await self._serve_http(stream)
+            with scope:
+                upgraded = await self._serve_http(stream)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
         except Exception:
@@ -423,6 +455,7 @@ class Relay:
             self.stats.internal_errors += 1
             log.exception("relay: internal error on an HTTP connection; closing it")
         finally:
+            self._http.pop(stream, None)
             if upgraded is None:
                 with trio.CancelScope(shield=True):
                     await aclose_quietly(stream)
@@ -444,7 +477,11 @@ class Relay:
         request: Request | None = None
         while True:
             try:
-                request = await http.read_request()
+                request = None
+                with trio.move_on_after(self.config.request_timeout) as waiting:
+                    request = await http.read_request()
+                if waiting.cancelled_caught:
+                    return await self._request_timed_out(http)
                 if request is None:
                     return None
                 if request.is_websocket_upgrade:
@@ -469,6 +506,17 @@ class Relay:
             await http.send_response(self._with_cors(request, response))
             if not http.can_continue():
                 return None
+
+    async def _request_timed_out(self, http: HttpConnection) -> None:
+        """No whole request within ``request_timeout``: an idle keep-alive connection is
+        closed, a slow sender (slowloris) hears 408 first."""
+        self.stats.request_timeouts += 1
+        if http.received:
+            error = HttpError(408, f"the request did not arrive whole within "
+                                   f"{self.config.request_timeout:g} seconds")
+            with trio.move_on_after(1):  # a sender that does not read gets no more time
+                await http.send_response(Response.error(error), close=True)
+        return None
 
     async def route(self, request: Request) -> Response:
         path = request.path
@@ -544,6 +592,10 @@ class Relay:
                 raise HttpError(400, "missing or malformed Sec-WebSocket-Key")
             if self._shutting_down:
                 raise HttpError(503, "the relay is shutting down")
+            if len(self._live) >= self.max_connections:
+                self.stats.connections_refused += 1
+                raise HttpError(503, f"the relay holds its limit of {self.max_connections} "
+                                     "connections; retry later", headers=[("Retry-After", "1")])
             if kind == "server" and self.fault_mode in ("refuse", "drop"):
                 raise HttpError(503, "server connections are refused (fault injection)")
             if kind == "server" and self.fault_mode == "silence":
@@ -683,5 +735,27 @@ async def serve_relay(
         nursery.start_soon(relay.flusher.run)
         nursery.start_soon(relay.poller.run)
         await nursery.start(relay.upstream.run)
-        nursery.start_soon(trio.serve_listeners, relay.handle_stream, listeners)
+        for listener in listeners:
+            nursery.start_soon(serve_accept, listener, relay.handle_stream, relay.admit,
+                               relay._refused)
         task_status.started(relay)
+
+
+#: File descriptors kept back from ``max_connections``'s default: listeners, log files, the
+#: upstream's HTTP connections, the spare that refuses connections when none are left, and
+#: the HTTP connections let in past the limit (``_HTTP_OVER_LIMIT``).
+_FD_RESERVE = 64
+#: HTTP connections admitted beyond ``max_connections`` (health checks, negotiates).
+_HTTP_OVER_LIMIT = 32
+
+
+def _open_file_budget() -> int:
+    """The default ``max_connections``: the soft open-file limit less ``_FD_RESERVE``."""
+    try:
+        import resource
+    except ImportError:  # not a Unix: no limit known here
+        return 1 << 30
+    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return 1 << 30
+    return max(soft - _FD_RESERVE, 1)

@@ -16,7 +16,7 @@ from urllib.parse import unquote, urlsplit
 import msgpack
 import orjson
 
-from ..protocol._auth import is_valid_group_name, wire_hub_name
+from ..protocol._auth import TokenValidator, is_valid_group_name, wire_hub_name
 from ._http import HttpError, Request, Response, bearer_token
 from ._message import OutboundMessage
 
@@ -62,6 +62,10 @@ def _not_found(code: str, message: str) -> Response:
 class RestApi:
     def __init__(self, relay: Relay) -> None:
         self.relay = relay
+        config = relay.config
+        #: Checks admin tokens, signed with ``admin_key`` only (None: the admin API is off).
+        self.admin_validator = None if config.admin_key is None else TokenValidator(
+            [config.admin_key], clock_skew=config.token_clock_skew)
 
     async def handle(self, request: Request) -> Response:
         raw_path = urlsplit(request.target).path
@@ -93,7 +97,10 @@ class RestApi:
         if operation is RestApi.health:
             return Response(200)
         if operation is RestApi.faults:
-            self._authenticate(request, raw_path)
+            if self.admin_validator is None:
+                raise HttpError(404, "the admin API is off: start the relay with --admin-key "
+                                     "(RELAYCORE_ADMIN_KEY) to turn it on")
+            self._authenticate(request, raw_path, self.admin_validator)
             return await self.faults(request)
         if versioned and request.arg("api-version") is None:
             raise HttpError(400, f"missing the 'api-version' query parameter "
@@ -114,9 +121,10 @@ class RestApi:
             response.status = status
         return response
 
-    def _authenticate(self, request: Request, raw_path: str) -> None:
+    def _authenticate(self, request: Request, raw_path: str,
+                      validator: TokenValidator | None = None) -> None:
         """REST tokens are signed for the request URL, with or without its query (less the
-        parameters the SDK adds after signing)."""
+        parameters the SDK adds after signing); by an access key, or by ``validator``'s."""
         signed = "&".join(
             part for part in urlsplit(request.target).query.split("&")
             if part and part.split("=", 1)[0].lower() not in _UNSIGNED_QUERY)
@@ -124,7 +132,7 @@ class RestApi:
         candidates = self.relay.audiences(request, suffix)
         if signed:
             candidates += self.relay.audiences(request, f"{suffix}?{signed}")
-        self.relay.check_token(bearer_token(request), candidates)
+        self.relay.check_token(bearer_token(request), candidates, validator)
 
     # -- operations ---------------------------------------------------------------------------
 
