@@ -674,3 +674,28 @@ async def test_an_app_server_that_stops_reading_is_closed_and_its_clients_told_t
     with trio.fail_after(5):
         closing = await client.next_message()
     assert closing["type"] == 7 and closing["allowReconnect"] is True
+
+
+async def test_client_invocations_past_the_limit_fail_at_once_and_the_rest_still_complete(
+        nursery, app_server, raw_client):
+    relay = await nursery.start(serve_relay, RelayConfig(port=0, access_keys=[KEY],
+                                                         max_pending_invocations=3))
+    server = await app_server(relay)
+    client, opened = await bind_client(relay, server, raw_client)
+    for n in range(5):
+        await server.send(ClientInvocationMessage(
+            f"inv{n}", opened.connection_id, "pod1",
+            {"json": f'{{"type":1,"invocationId":"inv{n}","target":"ask","arguments":[]}}\x1e'
+             .encode()}))
+    refused = [await server.next(ErrorCompletionMessage) for _ in range(2)]
+    assert [m.invocation_id for m in refused] == ["inv3", "inv4"]
+    assert "3 client invocations waiting" in refused[0].error
+    assert relay.stats.invocations_refused == 2
+    # Answered ones make room again.
+    await server.send(ClientCompletionMessage("inv0", opened.connection_id, "pod1", "json",
+                                              b'{"type":3,"invocationId":"inv0","result":1}\x1e'))
+    await wait_for(lambda: len(relay.invocations.pending) == 2)
+    await server.send(ClientInvocationMessage(
+        "inv5", opened.connection_id, "pod1",
+        {"json": b'{"type":1,"invocationId":"inv5","target":"ask","arguments":[]}\x1e'}))
+    await wait_for(lambda: "inv5" in relay.invocations.pending)

@@ -296,3 +296,31 @@ async def test_an_exception_in_an_upstream_call_fails_that_call_only(nursery, up
     await wait_for(lambda: relay.stats.upstream_dropped == 1)
     assert relay.stats.internal_errors == 2
     assert await relay.user_exists("chat", "alice")
+
+
+async def test_invocations_past_the_limit_fail_at_once_while_the_upstream_is_slow(nursery,
+                                                                                  connect):
+    # An upstream that accepts and never answers: every call waits.
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    port = listeners[0].socket.getsockname()[1]
+    held = []
+
+    async def hold(stream):
+        held.append(stream)
+        await trio.sleep_forever()
+
+    nursery.start_soon(trio.serve_listeners, hold, listeners)
+    relay = await nursery.start(serve_relay, RelayConfig(
+        port=0, access_keys=[KEY], max_pending_invocations=3,
+        upstreams=[{"url_template": f"http://127.0.0.1:{port}/{{event}}",
+                    "category_pattern": "messages"}]))
+    client = await connect(relay, user="alice")
+    for n in range(5):
+        await client.ws.send_message(
+            f'{{"type":1,"invocationId":"{n}","target":"T","arguments":[]}}' + RS)
+    with trio.fail_after(5):
+        refused = [await client.next_message() for _ in range(2)]
+    assert [m["invocationId"] for m in refused] == ["3", "4"]
+    assert "3 invocations of this connection are already waiting" in refused[0]["error"]
+    assert relay.stats.invocations_refused == 2
+    await wait_for(lambda: len(held) == 3)

@@ -119,6 +119,10 @@ class RelayConfig:
     #: How long a failing system event is retried, and the longest pause between attempts.
     upstream_retry_for: float = 300.0
     upstream_retry_max_delay: float = 5.0
+    #: Invocations in flight per client connection: upstream calls a serverless client made,
+    #: client results app servers await from it. Past it a new one fails at once with an
+    #: error completion (a client cannot make the relay hold tasks or entries without end).
+    max_pending_invocations: int = 100
     #: Largest upstream answer to an invocation that is passed to the client.
     max_upstream_response: int = 16 << 20
     #: Clock skew allowed when checking token expiry.
@@ -152,7 +156,7 @@ class RelayConfig:
                      "max_message_size", "send_buffer_limit", "server_send_buffer_limit",
                      "max_request_body",
                      "max_request_head", "max_service_message_size", "request_timeout",
-                     "max_http_connections"):
+                     "max_http_connections", "max_pending_invocations"):
             if getattr(self, name) <= 0:
                 raise _SettingError(name, f"{name} must be > 0, got {getattr(self, name)!r}")
         for name in ("max_connections_per_hub", "max_connections", "capacity",

@@ -23,6 +23,7 @@ never silence. The relay pings every ``server_keep_alive_interval`` with the hub
 
 from __future__ import annotations
 
+import collections
 import logging
 from typing import TYPE_CHECKING, Any
 
@@ -610,6 +611,8 @@ class ClientInvocations:
         self.relay = relay
         #: invocation id -> (hub, caller server id, client connection id, expiry time)
         self.pending: dict[str, tuple[str, str, str, float]] = {}
+        #: (hub, client connection id) -> how many of ``pending`` it has
+        self._per_client: collections.Counter[tuple[str, str]] = collections.Counter()
 
     def invoke(self, caller: ServerConnection, m: ClientInvocationMessage) -> None:
         client = self.relay._connection(caller.hub, m.connection_id)
@@ -623,6 +626,17 @@ class ClientInvocations:
                 )
             )
             return
+        limit = self.relay.config.max_pending_invocations
+        key = (caller.hub, m.connection_id)
+        if self._per_client[key] >= limit or m.invocation_id in self.pending:
+            self.relay.stats.invocations_refused += 1
+            caller.send(ErrorCompletionMessage(
+                m.invocation_id, m.connection_id, m.caller_server_id,
+                f"Connection '{m.connection_id}' has {limit} client invocations waiting "
+                "already." if m.invocation_id not in self.pending
+                else f"Invocation '{m.invocation_id}' is already waiting."))
+            return
+        self._per_client[key] += 1
         self.pending[m.invocation_id] = (caller.hub, m.caller_server_id, m.connection_id,
                                          self.relay.now() + self.TIMEOUT)
         self.relay._deliver((client,), OutboundMessage(payloads=m.payloads))
@@ -634,6 +648,8 @@ class ClientInvocations:
         self, sender: ServerConnection, m: ClientCompletionMessage | ErrorCompletionMessage
     ) -> None:
         entry = self.pending.pop(m.invocation_id, None)
+        if entry is not None:
+            self._forget(entry[0], entry[2])
         if entry is None or sender.server_id == entry[1]:
             return  # unknown, or the caller cleaning up after itself
         self._to_caller(entry[0], entry[1], m)
@@ -652,8 +668,15 @@ class ClientInvocations:
         for invocation_id, (hub, caller_id, conn_id, expiry) in list(self.pending.items()):
             if which(hub, conn_id, expiry):
                 del self.pending[invocation_id]
+                self._forget(hub, conn_id)
                 self._to_caller(hub, caller_id, ErrorCompletionMessage(
                     invocation_id, conn_id, caller_id, error.format(conn_id)))
+
+    def _forget(self, hub: str, connection_id: str) -> None:
+        key = (hub, connection_id)
+        self._per_client[key] -= 1
+        if self._per_client[key] <= 0:
+            del self._per_client[key]
 
     def _to_caller(self, hub: str, caller_id: str, message: Any) -> None:
         for server in self.relay.servers_of(hub):

@@ -134,6 +134,8 @@ class Upstream:
         self._wakeups: dict[str, trio.Event] = {}
         self._nursery: trio.Nursery | None = None
         self._http: httpx.AsyncClient | None = None
+        #: Upstream calls in flight per client connection (``max_pending_invocations``).
+        self._in_flight: collections.Counter[ClientConnection] = collections.Counter()
 
     @property
     def enabled(self) -> bool:
@@ -276,11 +278,29 @@ class Upstream:
         url = self.url_for(conn.hub, MESSAGES, target)
         if url is None or self._nursery is None:
             return False
+        limit = self.relay.config.max_pending_invocations
+        if self._in_flight[conn] >= limit:
+            self.relay.stats.invocations_refused += 1
+            if invocation_id is not None:
+                conn.reply(CompletionMessage(invocation_id=invocation_id, error=(
+                    f"Invocation refused: {limit} invocations of this connection are already "
+                    "waiting for the upstream")))
+            return True
         headers = self._headers(conn, MESSAGES, target)
         headers["Content-Type"] = ("application/x-msgpack" if conn.protocol_name == "messagepack"
                                    else "application/json")
-        self._nursery.start_soon(self._invoke, conn, url, headers, body, target, invocation_id)
+        self._in_flight[conn] += 1
+        self._nursery.start_soon(self._invoke_counted, conn, url, headers, body, target,
+                                 invocation_id)
         return True
+
+    async def _invoke_counted(self, conn: ClientConnection, *args: Any) -> None:
+        try:
+            await self._invoke(conn, *args)
+        finally:
+            self._in_flight[conn] -= 1
+            if not self._in_flight[conn]:
+                del self._in_flight[conn]
 
     async def _invoke(self, conn: ClientConnection, url: str, headers: dict[str, Any],
                       body: bytes, target: str, invocation_id: str | None) -> None:
