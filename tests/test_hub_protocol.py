@@ -945,3 +945,5 @@ def test_msgpack_a_target_nested_deeper_than_python_recurses_is_a_short_protocol
     with pytest.raises(RemoteProtocolError) as caught:
         MessagePackHubProtocol().parse(encode_varint(len(body)) + body)
     assert len(str(caught.value)) < 300
+    if depth > 2000:  # past msgpack's own nesting limit
+        assert "(values nested too deeply)" in str(caught.value)

@@ -41,3 +41,11 @@ def show_value(value: Any) -> str:
     if len(text) > _SHOW_LIMIT:
         text = text[: _SHOW_LIMIT - 3] + "..."
     return f"{type(value).__name__} {text}"
+
+
+def unpack_error_text(exc: Exception) -> str:
+    """Why a MessagePack body did not unpack, for an error message: msgpack's own text, or
+    for its nesting limit (a ``StackError`` has no text) what it means."""
+    if type(exc).__name__ == "StackError":
+        return "values nested too deeply"
+    return str(exc) or type(exc).__name__

@@ -43,7 +43,7 @@ import msgpack  # type: ignore[import-untyped]
 import orjson
 
 from .._accel import decode_varint, encode_varint, split_records, split_varint_frames
-from ._errors import LocalProtocolError, RemoteProtocolError, show_value
+from ._errors import LocalProtocolError, RemoteProtocolError, show_value, unpack_error_text
 
 __all__ = [
     "MAX_HUB_PROTOCOL_VERSION",
@@ -1108,7 +1108,7 @@ def _read_msgpack_body(body: bytes) -> HubMessage | None:
     except (ValueError, TypeError, OverflowError) as exc:
         raise RemoteProtocolError(
             f"MessagePack hub message of {len(body)} bytes is not valid MessagePack "
-            f"({exc or type(exc).__name__}); expected one array"
+            f"({unpack_error_text(exc)}); expected one array"
         ) from None
     if type(array) is not list or not array:
         raise RemoteProtocolError(

@@ -47,7 +47,7 @@ from typing import Any, ClassVar, Final
 import msgpack  # type: ignore[import-untyped]
 
 from .._accel import decode_varint, encode_varint, split_varint_frames
-from ._errors import LocalProtocolError, RemoteProtocolError, show_value
+from ._errors import LocalProtocolError, RemoteProtocolError, show_value, unpack_error_text
 
 __all__ = [
     "ASRS_INSTANCE_ID_HEADER",
@@ -2194,7 +2194,7 @@ def _unpack(body: bytes | bytearray | memoryview) -> Any:
     except (ValueError, TypeError, OverflowError, msgpack.UnpackException) as exc:
         raise RemoteProtocolError(
             f"service message{_type_hint(body)} of {len(body)} bytes is not valid MessagePack "
-            f"({exc or type(exc).__name__}); expected one array"
+            f"({unpack_error_text(exc)}); expected one array"
         ) from None
 
 
