@@ -66,5 +66,14 @@ lint: $(STAMP)
 	$(PY) -m ruff check src tests bench
 	$(PY) -m mypy
 
+# Every harness of fuzz/ for FUZZ_SECONDS each, one after the other, with the inputs each
+# executed (fuzz/README.md). atheris (the [fuzz] extra) makes it coverage-guided; where it has
+# no wheel the harnesses fall back to random mutation.
+FUZZ_SECONDS ?= 60
+fuzz: $(STAMP)
+	@$(PY) -c 'import atheris' 2>/dev/null || $(PY) -m pip install --quiet 'atheris>=2.3' \
+	  || echo "make fuzz: atheris did not install; the harnesses use random mutation" >&2
+	$(PY) fuzz/run.py --seconds $(FUZZ_SECONDS)
+
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info src/relaycore/_fastpath.c src/relaycore/*.so
