@@ -280,6 +280,55 @@ def test_fault_without_an_admin_key_says_which_flag_is_missing():
     assert line.startswith("relaycore fault: the relay's admin key is needed: --admin-key")
 
 
+def test_serve_drains_on_a_sigint_that_arrives_while_it_prints_its_start_lines():
+    # Its stdout is a pipe kept full, so the relay blocks writing its first line once it
+    # listens; a SIGINT then must drain it and exit 0 (the handler used to be installed after
+    # the start lines: KeyboardInterrupt, a traceback, exit status 1).
+    read_fd, write_fd = os.pipe()
+    os.set_blocking(write_fd, False)
+    filled = 0
+    with contextlib.suppress(BlockingIOError):
+        while True:
+            filled += os.write(write_fd, bytes(65536))
+    os.set_blocking(write_fd, True)  # the flag is the pipe's: the relay's writes must block
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    errors = tempfile.TemporaryFile()
+    proc = subprocess.Popen([sys.executable, "-m", "relaycore", "serve", "--port", str(port)],
+                            stdout=write_fd, stderr=errors, env=cli_env())
+    os.close(write_fd)
+    try:
+        deadline = time.monotonic() + 30
+        while True:  # wait until it listens: its next step is the blocked write
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert proc.poll() is None and time.monotonic() < deadline, "serve did not start"
+                time.sleep(0.05)  # poll interval
+        proc.send_signal(signal.SIGINT)
+        out = b""
+        with selectors.DefaultSelector() as selector:
+            selector.register(read_fd, selectors.EVENT_READ)
+            while chunk := (os.read(read_fd, 65536)
+                            if selector.select(deadline - time.monotonic()) else None):
+                out += chunk
+        assert chunk == b"", "serve did not end after SIGINT"
+        status = proc.wait(timeout=30)
+        errors.seek(0)
+        assert status == 0, errors.read().decode(errors="replace")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        os.close(read_fd)
+        errors.close()
+    lines = out[filled:].decode().splitlines()
+    assert lines[0].startswith(f"relaycore {relaycore.__version__} listening on ")
+    assert "relaycore: draining connections" in lines
+
+
 def test_serve_start_line_says_the_extension_was_disabled():
     with running_relay(env=cli_env(RELAYCORE_NO_EXTENSIONS="1")) as (_, lines):
         assert lines[0].endswith(

@@ -94,28 +94,30 @@ def _serve(args: argparse.Namespace) -> int:
     failure: list[str] = []
 
     async def main() -> None:
-        async with trio.open_nursery() as nursery:
-            try:
-                relay = await nursery.start(serve_relay, config)
-            except socket.gaierror as exc:
-                failure.append(f"cannot resolve host {config.host!r}: {_reason(exc)}")
-                return
-            except OSError as exc:
-                hint = ""
-                if exc.errno == errno.EADDRINUSE:
-                    hint = " (another process listens there; choose another --port)"
-                failure.append(f"cannot listen on {config.host}:{config.port}: "
-                               f"{_reason(exc)}{hint}")
-                return
-            print(f"relaycore {__version__} listening on {config.host}:{relay.port} "
-                  f"(fast path: {fast_path})", flush=True)
-            print(f"connection string: {relay.connection_string}", flush=True)
-            if open_files:
-                print(open_files, flush=True)
-            if config.uses_development_key:
-                print("WARNING: using the built-in development access key; set --access-key "
-                      "or RELAYCORE_ACCESS_KEY for anything but local development", flush=True)
-            with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        # Signals are taken from the start: one that arrives while the relay starts or prints
+        # its start lines drains it like any other, instead of a KeyboardInterrupt traceback.
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async with trio.open_nursery() as nursery:
+                try:
+                    relay = await nursery.start(serve_relay, config)
+                except socket.gaierror as exc:
+                    failure.append(f"cannot resolve host {config.host!r}: {_reason(exc)}")
+                    return
+                except OSError as exc:
+                    hint = ""
+                    if exc.errno == errno.EADDRINUSE:
+                        hint = " (another process listens there; choose another --port)"
+                    failure.append(f"cannot listen on {config.host}:{config.port}: "
+                                   f"{_reason(exc)}{hint}")
+                    return
+                print(f"relaycore {__version__} listening on {config.host}:{relay.port} "
+                      f"(fast path: {fast_path})", flush=True)
+                print(f"connection string: {relay.connection_string}", flush=True)
+                if open_files:
+                    print(open_files, flush=True)
+                if config.uses_development_key:
+                    print("WARNING: using the built-in development access key; set --access-key "
+                          "or RELAYCORE_ACCESS_KEY for anything but local development", flush=True)
                 async for _ in signals:
                     print("relaycore: draining connections", flush=True)
                     await relay.drain()
