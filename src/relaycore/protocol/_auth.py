@@ -479,6 +479,8 @@ def _json_object(segment: bytes, what: str) -> dict[str, Any]:
         value = json.loads(base64url_decode(segment), parse_constant=_reject_constant)
     except (ValueError, TypeError):  # binascii.Error, UnicodeDecodeError are ValueErrors
         raise _malformed(f"its {what} is not base64url-encoded JSON") from None
+    except RecursionError:  # json recurses once per level of nesting
+        raise _malformed(f"its {what} nests JSON values too deeply") from None
     if not isinstance(value, dict):
         raise _malformed(f"its {what} is not a JSON object")
     return value
