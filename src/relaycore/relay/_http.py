@@ -171,6 +171,9 @@ class HttpConnection:
             return None
         if not isinstance(event, h11.Request):
             raise HttpError(400, "expected an HTTP request")
+        # Known from here on, so that even an error answer to this request is framed for it
+        # (no body after a HEAD).
+        self._method = event.method.decode("ascii")
         target = event.target.decode("latin-1")
         try:
             path, raw_query, query = parse_target(target)
@@ -181,9 +184,7 @@ class HttpConnection:
             key = name.decode("latin-1").lower()
             text = value.decode("latin-1")
             headers[key] = f"{headers[key]}, {text}" if key in headers else text
-        request = Request(event.method.decode("ascii"), target, path, raw_query, query, headers,
-                          peer=self.peer)
-        self._method = request.method
+        request = Request(self._method, target, path, raw_query, query, headers, peer=self.peer)
         if request.is_websocket_upgrade:
             return request
         length = headers.get("content-length")
