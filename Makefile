@@ -60,6 +60,7 @@ bench: $(STAMP)
 bench-smoke: $(STAMP)
 	$(PY) -m pytest bench/bench_fastpath.py --benchmark-disable -q
 	$(PY) bench/fanout.py --smoke
+	$(PY) bench/hostile.py --smoke
 	$(PY) bench/run.py --smoke
 
 lint: $(STAMP)
