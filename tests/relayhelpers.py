@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -64,3 +65,19 @@ async def wait_for(predicate, timeout=5):
     with trio.fail_after(timeout):
         while not predicate():
             await trio.sleep(0.005)
+
+
+async def open_stalled_client(port: int, user: str, hub: str = "chat") -> trio.SocketStream:
+    """A raw client that upgrades, sends its JSON handshake in the same write and then reads
+    nothing: its receive buffer is small, so the relay's writes back up quickly."""
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    stream.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    handshake = ('{"protocol":"json","version":1}' + RS).encode()
+    await stream.send_all(
+        (f"GET /client/?hub={hub}&access_token={client_token(hub, user)} HTTP/1.1\r\n"
+         "Host: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+         "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+         ).encode()
+        # one masked text frame, all-zero mask (the payload reads as is); under 126 bytes
+        + bytes([0x81, 0x80 | len(handshake)]) + b"\0\0\0\0" + handshake)
+    return stream

@@ -7,7 +7,6 @@ go through httpx. Every wait is bounded by ``trio.fail_after``.
 from __future__ import annotations
 
 import json
-import socket
 
 import httpx
 import msgpack
@@ -18,7 +17,7 @@ from trio_websocket import ConnectionClosed
 from relaycore._accel import apply_mask, encode_frame_header
 from relaycore.protocol._hub import JsonHubProtocol, MessagePackHubProtocol
 from relaycore.relay import OutboundMessage, RelayConfig, serve_relay
-from relayhelpers import KEY, RS, client_token, rest_token, wait_for
+from relayhelpers import KEY, RS, client_token, open_stalled_client, rest_token, wait_for
 
 
 @pytest.fixture
@@ -289,12 +288,6 @@ async def test_a_client_that_only_pings_stays_open_past_the_client_timeout(
         pings.cancel_scope.cancel()
 
 
-def masked_text_frame(text: str) -> bytes:
-    """A client text frame with an all-zero mask (so the payload reads as is); < 126 bytes."""
-    data = text.encode()
-    return bytes([0x81, 0x80 | len(data)]) + b"\0\0\0\0" + data
-
-
 async def assert_still_receives(rest, client):
     r = await rest.call("POST", "/api/hubs/chat/users/healthy/:send",
                         json_body={"target": "alive", "arguments": [1]})
@@ -474,13 +467,7 @@ async def test_slow_consumer_is_closed_and_counted_while_others_get_everything(n
     relay = await nursery.start(serve_relay, config)
     healthy = await connect(relay, user="healthy")
     # A client that completes the handshake and then never reads again.
-    stalled = await trio.open_tcp_stream("127.0.0.1", relay.port)
-    stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    await stalled.send_all(
-        (f"GET /client/?hub=chat&access_token={client_token('chat', 'stalled')} HTTP/1.1\r\n"
-         "Host: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-         "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
-         ).encode() + masked_text_frame('{"protocol":"json","version":1}' + RS))
+    stalled = await open_stalled_client(relay.port, "stalled")
     await wait_for(lambda: len(relay.table.get("chat").connections) == 2)
     big = "y" * 16000
     received = 0

@@ -5,8 +5,6 @@ finished before them)."""
 from __future__ import annotations
 
 import json
-import os
-import socket
 
 import pytest
 import trio
@@ -23,13 +21,7 @@ from relaycore.protocol._websocket import (
 )
 from relaycore.relay import OutboundMessage, RelayConfig, serve_relay
 from relaycore.relay._peer import _frame_boundary
-from relayhelpers import KEY, RS, client_token, wait_for
-
-
-def masked_text_frame(text: str) -> bytes:
-    payload = text.encode()
-    mask = os.urandom(4)
-    return encode_frame_header(Opcode.TEXT, len(payload), mask=mask) + apply_mask(payload, mask)
+from relayhelpers import KEY, RS, open_stalled_client, wait_for
 
 
 def test_frame_boundary_finds_the_end_of_the_frame_the_socket_took_part_of() -> None:
@@ -52,13 +44,7 @@ async def test_a_slow_consumer_reads_its_close_before_the_dropped_backlog(nurser
     config = RelayConfig(port=0, access_keys=[KEY], send_buffer_limit=256 << 10,
                          close_timeout=10)
     relay = await nursery.start(serve_relay, config)
-    stalled = await trio.open_tcp_stream("127.0.0.1", relay.port)
-    stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    await stalled.send_all(
-        (f"GET /client/?hub=chat&access_token={client_token('chat', 'stalled')} HTTP/1.1\r\n"
-         "Host: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-         "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
-         ).encode() + masked_text_frame('{"protocol":"json","version":1}' + RS))
+    stalled = await open_stalled_client(relay.port, "stalled")
     await wait_for(lambda: relay.table.get("chat") is not None
                    and len(relay.table.get("chat").connections) == 1)
     big = "y" * payload_size
@@ -108,13 +94,7 @@ async def test_a_client_that_pings_and_never_reads_is_closed_at_the_send_limit(n
     config = RelayConfig(port=0, access_keys=[KEY], send_buffer_limit=64 << 10)
     relay = await nursery.start(serve_relay, config)
     healthy = await connect(relay, user="healthy")
-    flooder = await trio.open_tcp_stream("127.0.0.1", relay.port)
-    flooder.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    await flooder.send_all(
-        (f"GET /client/?hub=chat&access_token={client_token('chat', 'flood')} HTTP/1.1\r\n"
-         "Host: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-         "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
-         ).encode() + masked_text_frame('{"protocol":"json","version":1}' + RS))
+    flooder = await open_stalled_client(relay.port, "flood")
     mask = b"\x01\x02\x03\x04"
     pings = (encode_frame_header(Opcode.PING, 125, mask=mask) + apply_mask(b"p" * 125, mask)) * 64
     # Each ping is answered with a pong the client never reads: without a bound the relay
