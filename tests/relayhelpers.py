@@ -5,12 +5,14 @@ from __future__ import annotations
 import json
 import socket
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import trio
 
 from relaycore.protocol._auth import generate_access_token
+from relaycore.relay._http import HttpConnection, Response
 
 KEY = "test-access-key-for-the-relay-suite"
 
@@ -81,3 +83,35 @@ async def open_stalled_client(port: int, user: str, hub: str = "chat") -> trio.S
         # one masked text frame, all-zero mask (the payload reads as is); under 126 bytes
         + bytes([0x81, 0x80 | len(handshake)]) + b"\0\0\0\0" + handshake)
     return stream
+
+
+class FakeUpstream:
+    """An upstream (a serverless app's webhook endpoint) on relaycore's own h11 front: it
+    records every request and answers what the test says (200 by default)."""
+
+    def __init__(self) -> None:
+        self.requests: list = []
+        self.answer: Callable[[object], Response] = lambda request: Response(200)
+        self.port = 0
+
+    async def serve(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        self.port = listeners[0].socket.getsockname()[1]
+        task_status.started()
+        await trio.serve_listeners(self._handle, listeners)
+
+    async def _handle(self, stream) -> None:
+        http = HttpConnection(stream, max_head=65536, max_body=1 << 20)
+        async with stream:
+            while True:
+                request = await http.read_request()
+                if request is None:
+                    return
+                self.requests.append(request)
+                await http.send_response(self.answer(request))
+                if not http.can_continue():
+                    return
+
+    def events(self, event: str | None = None) -> list:
+        return [r for r in self.requests
+                if event is None or r.headers.get("x-asrs-event") == event]

@@ -15,9 +15,8 @@ import httpx
 import trio
 
 from relaycore.relay import RelayConfig, serve_relay
-from relaycore.relay._http import HttpConnection, Response
 from relaycore.sdk import Hub, HubServer, ServiceOptions
-from relayhelpers import KEY, wait_for
+from relayhelpers import KEY, FakeUpstream, wait_for
 
 
 class Chat(Hub):
@@ -109,32 +108,9 @@ async def test_relay_logs_a_lost_app_server_once_as_a_warning_saying_why(caplog)
 # -- upstream -------------------------------------------------------------------------------
 
 
-class Upstream:
-    """An HTTP server answering 200 to everything, counting requests."""
-
-    def __init__(self) -> None:
-        self.port = 0
-        self.requests = 0
-
-    async def serve(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
-        self.port = listeners[0].socket.getsockname()[1]
-        task_status.started()
-        await trio.serve_listeners(self._handle, listeners)
-
-    async def _handle(self, stream) -> None:
-        http = HttpConnection(stream, max_head=65536, max_body=1 << 20)
-        async with stream:
-            while await http.read_request() is not None:
-                self.requests += 1
-                await http.send_response(Response(200))
-                if not http.can_continue():
-                    return
-
-
 async def test_upstream_posts_log_nothing_at_info_and_one_line_each_at_debug(nursery, connect,
                                                                              caplog):
-    upstream = Upstream()
+    upstream = FakeUpstream()
     await nursery.start(upstream.serve)
     relay = await nursery.start(serve_relay, RelayConfig(
         port=0, access_keys=[KEY],
@@ -142,7 +118,7 @@ async def test_upstream_posts_log_nothing_at_info_and_one_line_each_at_debug(nur
     caplog.set_level(logging.INFO)
     await connect(relay, user="alice")
     await wait_for(lambda: relay.stats.upstream_events_sent == 1)
-    assert upstream.requests == 1
+    assert len(upstream.requests) == 1
     assert [(r.name, r.getMessage()) for r in caplog.records] == []
 
     # At DEBUG, the relay's own line says what was posted; httpx's line stays out.

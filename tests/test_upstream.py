@@ -10,7 +10,6 @@ import hashlib
 import hmac
 import json
 import time
-from collections.abc import Callable
 
 import msgpack
 import pytest
@@ -19,39 +18,10 @@ from trio_websocket import connect_websocket_url
 
 from relaycore.protocol import MessagePackHubProtocol, generate_access_token
 from relaycore.relay import RelayConfig, serve_relay
-from relaycore.relay._http import HttpConnection, Response
+from relaycore.relay._http import Response
 from relaycore.relay._upstream import UpstreamRule, parse_rules
 from relaycore.sdk.upstream import parse_request
-from relayhelpers import KEY, RS, wait_for
-
-
-class FakeUpstream:
-    def __init__(self) -> None:
-        self.requests: list = []
-        self.answer: Callable[[object], Response] = lambda request: Response(200)
-        self.port = 0
-
-    async def serve(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
-        self.port = listeners[0].socket.getsockname()[1]
-        task_status.started()
-        await trio.serve_listeners(self._handle, listeners)
-
-    async def _handle(self, stream) -> None:
-        http = HttpConnection(stream, max_head=65536, max_body=1 << 20)
-        async with stream:
-            while True:
-                request = await http.read_request()
-                if request is None:
-                    return
-                self.requests.append(request)
-                await http.send_response(self.answer(request))
-                if not http.can_continue():
-                    return
-
-    def events(self, event: str | None = None) -> list:
-        return [r for r in self.requests
-                if event is None or r.headers.get("x-asrs-event") == event]
+from relayhelpers import KEY, RS, FakeUpstream, wait_for
 
 
 @pytest.fixture
