@@ -371,6 +371,7 @@ class Publisher:
         self.http = httpx.AsyncClient(headers={"Authorization": f"Bearer {token}"},
                                       timeout=10.0)
         self.sent: list[tuple[int, float]] = []  # (n, when the request went out), 202 only
+        self.took: dict[int, float] = {}  # n -> seconds from that request to its 202
         self.failures: list[tuple[float, str]] = []
         self.retries: list[float] = []
         self.paused = False
@@ -386,6 +387,7 @@ class Publisher:
             else:
                 if response.status_code == 202:
                     self.sent.append((n, started))
+                    self.took[n] = now() - started
                     return
                 reason = f"HTTP {response.status_code}: {response.text[:200]}"
             if attempt < 2:
@@ -554,13 +556,28 @@ async def attack_slowloris(ctx: Context) -> dict[str, Any]:
                 await stream.aclose()
             await trio.sleep(args.reconnect)
 
+    newcomer: dict[str, Any] = {}
+
+    async def new_client_midway() -> None:
+        # Can a new client get in while the attack holds the relay's HTTP slots?
+        await trio.sleep(args.slowloris_s / 2)
+        started = now()
+        try:
+            with trio.fail_after(30):
+                stream, _ = await open_hub_client(ctx.relay.port, "newcomer")
+            await stream.aclose()
+            newcomer["connected_in_ms"] = round((now() - started) * 1000, 1)
+        except (OSError, ConnectionError, trio.TooSlowError) as exc:
+            newcomer["error"] = repr(exc)
+
     async with trio.open_nursery() as nursery:
+        nursery.start_soon(new_client_midway)
         for i in range(args.slowloris):
             nursery.start_soon(one, i)
             if i % 100 == 99:
                 await trio.sleep(0)
     return {**counts, "connections": args.slowloris, "most_open_at_once": most_open[0],
-            "duration_s": args.slowloris_s}
+            "new_client_midway": newcomer, **ctx.notes}
 
 
 class RawAppServer:
@@ -755,6 +772,7 @@ async def run_attack(ctx: Context, attack: Attack, healthy: HealthyClient,
     received = healthy.received
     sent_at = dict(publisher.sent)
     latencies = [received[n] - sent_at[n] for n in during if n in received]
+    posts = [publisher.took[n] for n in during]
     peak = sampler.peak_rss(t0, t1)
     log = ctx.relay.lines_between(t0, t1)
     return {
@@ -773,6 +791,7 @@ async def run_attack(ctx: Context, attack: Attack, healthy: HealthyClient,
         "ticks_after": len(after),
         "ticks_after_received": sum(n in received for n in after),
         "tick_latency_max_ms": round(max(latencies) * 1000, 1) if latencies else None,
+        "rest_request_max_ms": round(max(posts) * 1000, 1) if posts else None,
         "publish_failures": sum(t0 <= t < t_after for t, _ in publisher.failures),
         "publish_retries": sum(t0 <= t < t_after for t in publisher.retries),
         "healthy_closed": healthy.closed_because,
@@ -848,7 +867,8 @@ def what_was_sent(r: dict[str, Any]) -> str:
         return (f"{r['connections']:,} for {r['duration_s']} s: {r['opened']:,} opened "
                 f"(at most {r['most_open_at_once']:,} at once), {r['answered_408']:,} got 408, "
                 f"{r['closed_silently']:,} closed silently, {r['answered_other']} other, "
-                f"{r['connect_errors']} connect errors; relay fds peak {r['relay_fds_peak']:,}")
+                f"{r['connect_errors']} connect errors; relay fds peak {r['relay_fds_peak']:,}; "
+                f"a new client midway: {r['new_client_midway']}")
     logged = r.get("sent_when_logged")
     return (f"{mb(r['sent_bytes'])} ({r['messages']:,} messages of {r['message_bytes']:,} B); "
             f"relay closed it after {mb(logged) if logged is not None else '(not logged)'} "
@@ -863,7 +883,8 @@ def line_for(r: dict[str, Any]) -> str:
             f"{'within' if r['within_bound'] else 'OVER'}; healthy client "
             f"{r['ticks_during_received']}/{r['ticks_during']} during, "
             f"{r['ticks_after_received']}/{r['ticks_after']} after, max latency "
-            f"{r['tick_latency_max_ms']} ms; publish failures {r['publish_failures']}, retries "
+            f"{r['tick_latency_max_ms']} ms (longest REST request {r['rest_request_max_ms']} "
+            f"ms); publish failures {r['publish_failures']}, retries "
             f"{r['publish_retries']}; relay log {r['relay_log']['lines']} lines "
             f"{ {k: v for k, v in r['relay_log'].items() if k not in ('lines', 'first_lines')} }")
 
