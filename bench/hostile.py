@@ -184,6 +184,12 @@ class Relay:
                 self.proc.wait()
 
 
+def cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def read_rss(pid: int) -> int:
     with open(f"/proc/{pid}/status") as f:
         for line in f:
@@ -756,12 +762,14 @@ async def run_attack(ctx: Context, attack: Attack, healthy: HealthyClient,
     allowance, how = attack.allowance(ctx.config)
     bound = before + allowance + MARGIN
     t0 = now()
+    cpu0 = cpu_seconds(ctx.relay.pid)
     print(f"  {attack.name}: RSS before {before / MiB:.1f} MiB ...", flush=True)
     try:
         detail = await attack.run(ctx)
     except (OSError, ConnectionError) as exc:
         detail = {"error": repr(exc)}
     t_end = now()
+    cpu = cpu_seconds(ctx.relay.pid) - cpu0
     # After: a few more ticks, then everything sent must arrive.
     await trio.sleep(ctx.args.after)
     t_after = now()
@@ -779,6 +787,7 @@ async def run_attack(ctx: Context, attack: Attack, healthy: HealthyClient,
         "attack": attack.name,
         **detail,
         "duration_s": round(t_end - t0, 1),
+        "relay_cpu_s": round(cpu, 1),
         "rss_before": before,
         "rss_peak": peak,
         "rss_after": sampler.current(),
@@ -878,6 +887,7 @@ def what_was_sent(r: dict[str, Any]) -> str:
 
 def line_for(r: dict[str, Any]) -> str:
     return (f"  {r['attack']}: {what_was_sent(r)}\n"
+            f"    relay CPU {r['relay_cpu_s']} s in {r['duration_s']} s\n"
             f"    RSS {mb(r['rss_before'])} -> peak {mb(r['rss_peak'])} (after: "
             f"{mb(r['rss_after'])}), bound {mb(r['bound'])}: "
             f"{'within' if r['within_bound'] else 'OVER'}; healthy client "
@@ -937,6 +947,8 @@ def main() -> None:
                         help="seconds of ticks after each attack")
     parser.add_argument("--working-tree", action="store_true",
                         help="run the relay from src/ as it is, not from a snapshot of HEAD")
+    parser.add_argument("--tag", default="",
+                        help="added to the result file's name (a run with other numbers)")
     parser.add_argument("--smoke", action="store_true",
                         help="tiny numbers and small relay limits, seconds (CI); no result file")
     args = parser.parse_args()
@@ -984,7 +996,8 @@ def main() -> None:
             "margin": MARGIN, "per_http_connection": PER_HTTP_CONNECTION,
             "arguments": {k: v for k, v in vars(args).items() if k != "smoke"},
             "relay_tracebacks": tracebacks, "attacks": results}
-        out = ROOT / "results" / f"{info['date']}-{info['commit']}-hostile.json"
+        tag = f"-{args.tag}" if args.tag else ""
+        out = ROOT / "results" / f"{info['date']}-{info['commit']}-hostile{tag}.json"
         out.parent.mkdir(exist_ok=True)
         out.write_text(json.dumps(result, indent=2))
         print(f"written {out.relative_to(ROOT.parent)}")
