@@ -422,9 +422,13 @@ class Context:
     args: argparse.Namespace
     relay: Relay
     config: RelayConfig
-    #: What the running attack has sent so far (bytes); read when the relay logs its verdict.
-    progress: int = 0
+    #: What the running attack had sent (bytes) and when: read against the time of the relay's
+    #: log line that gives its verdict.
+    timeline: list[tuple[float, int]] = field(default_factory=list)
     notes: dict[str, Any] = field(default_factory=dict)
+
+    def sent(self, total: int) -> None:
+        self.timeline.append((now(), total))
 
 
 async def when_logged(ctx: Context, t0: float, pattern: str,
@@ -436,15 +440,10 @@ async def when_logged(ctx: Context, t0: float, pattern: str,
             await trio.sleep(0.05)
     if found is None:
         return None
-    return {"after_s": round(found[0] - t0, 2), "line": found[1][:300]}
-
-
-async def watch_progress(ctx: Context, t0: float, pattern: str, into: dict[str, Any]) -> None:
-    """Note how much the attack had sent when the relay logged ``pattern`` (a log line takes
-    a few ms to arrive: the figure is a little late, never early)."""
-    while ctx.relay.first_line_after(t0, pattern) is None:
-        await trio.sleep(0.02)
-    into["sent_when_logged"] = ctx.progress
+    # What the attack had sent when the line arrived (it takes a few ms through the pipe:
+    # the figure is a little high, never low).
+    sent = max((n for t, n in ctx.timeline if t <= found[0]), default=0)
+    return {"after_s": round(found[0] - t0, 2), "sent_by_then": sent, "line": found[1][:300]}
 
 
 async def attack_pings(ctx: Context) -> dict[str, Any]:
@@ -454,25 +453,21 @@ async def attack_pings(ctx: Context) -> dict[str, Any]:
     block = one * 500
     pattern = r"send buffer limit of \d+ bytes exceeded"
     t0 = now()
-    result: dict[str, Any] = {"frame_bytes": len(one)}
-    ctx.progress = sent = 0
+    ctx.timeline = []
+    sent = 0
     outcome = f"sent the whole {ctx.args.ping_mb} MB"
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(watch_progress, ctx, t0, pattern, result)
-        try:
-            while sent < limit:
-                await stream.send_all(block)
-                sent += len(block)
-                ctx.progress = sent
-        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-            outcome = f"socket broke ({type(exc.__cause__ or exc).__name__})"
-        logged = await when_logged(ctx, t0, pattern)
-        await trio.sleep(0.05)  # watch_progress notes the figure
-        nursery.cancel_scope.cancel()
+    try:
+        while sent < limit:
+            await stream.send_all(block)
+            sent += len(block)
+            ctx.sent(sent)
+    except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+        outcome = f"socket broke ({type(exc.__cause__ or exc).__name__})"
+    logged = await when_logged(ctx, t0, pattern)
     await stream.aclose()
-    result.update(sent_bytes=sent, pings=sent // len(one), outcome=outcome,
-                  relay_closed=logged)
-    return result
+    return {"frame_bytes": len(one), "sent_bytes": sent, "pings": sent // len(one),
+            "outcome": outcome, "relay_closed": logged,
+            "sent_when_logged": logged["sent_by_then"] if logged else None}
 
 
 async def attack_continuations(ctx: Context) -> dict[str, Any]:
@@ -481,7 +476,8 @@ async def attack_continuations(ctx: Context) -> dict[str, Any]:
     empty = masked_frame(Opcode.CONTINUATION, b"", fin=False)
     block = empty * (65536 // len(empty))
     t0 = now()
-    ctx.progress = sent = 0
+    ctx.timeline = []
+    sent = 0
     outcome = f"sent the whole {ctx.args.continuation_mb} MB"
     served_after = False
     try:
@@ -490,7 +486,6 @@ async def attack_continuations(ctx: Context) -> dict[str, Any]:
         while sent < limit:
             await stream.send_all(block)
             sent += len(block)
-            ctx.progress = sent
         flood_s = now() - t0
         await stream.send_all(masked_frame(Opcode.CONTINUATION, b"6}" + RS.encode())
                               + masked_frame(Opcode.PING, b"still there?"))
@@ -669,8 +664,8 @@ async def attack_appserver(ctx: Context) -> dict[str, Any]:
     message = ws.data_to_send()  # the same masked frame each time is fine for the relay
     pattern = r"app server .* did not read"
     t0 = now()
-    result: dict[str, Any] = {"message_bytes": len(message)}
-    ctx.progress = sent = 0
+    ctx.timeline = []
+    sent = 0
     told: list[str] = []
     outcome = f"sent the whole {ctx.args.appserver_mb} MB"
 
@@ -694,14 +689,13 @@ async def attack_appserver(ctx: Context) -> dict[str, Any]:
                     return
 
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(watch_progress, ctx, t0, pattern, result)
         nursery.start_soon(server_pings)
         nursery.start_soon(client_reads)
         try:
             while sent < limit and not told and ctx.relay.first_line_after(t0, pattern) is None:
                 await client.send_all(message)
                 sent += len(message)
-                ctx.progress = sent
+                ctx.sent(sent)
             if told or sent < limit:
                 outcome = "the relay closed the app server and told the client"
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
@@ -714,10 +708,11 @@ async def attack_appserver(ctx: Context) -> dict[str, Any]:
     await client.aclose()
     await server.stream.aclose()
     dropped = re.search(r"\((\d+) dropped\)", logged["line"]) if logged else None
-    result.update(sent_bytes=sent, messages=sent // len(message), outcome=outcome,
-                  relay_closed=logged, dropped_bytes=int(dropped.group(1)) if dropped else None,
-                  client_told=told[0] if told else None)
-    return result
+    return {"message_bytes": len(message), "sent_bytes": sent,
+            "messages": sent // len(message), "outcome": outcome, "relay_closed": logged,
+            "sent_when_logged": logged["sent_by_then"] if logged else None,
+            "dropped_bytes": int(dropped.group(1)) if dropped else None,
+            "client_told": told[0] if told else None}
 
 
 # -- running one attack ---------------------------------------------------------------------
