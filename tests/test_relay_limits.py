@@ -169,3 +169,31 @@ def test_serve_raises_its_open_file_limit_to_the_hard_limit_and_says_so():
         relay.communicate(timeout=10)
     shown = "unlimited" if hard == resource.RLIM_INFINITY else str(hard)
     assert f"open files: 256 -> {shown}" in "".join(lines), lines
+
+
+async def test_a_busy_keep_alive_connection_is_not_taken_for_a_slow_one(nursery):
+    relay = await nursery.start(serve_relay, RelayConfig(port=0, access_keys=[KEY],
+                                                         max_http_connections=10))
+    busy = await trio.open_tcp_stream("127.0.0.1", relay.port)  # the oldest connection
+    silent = []
+
+    async def ask() -> None:
+        await busy.send_all(b"GET /api/health HTTP/1.1\r\nHost: x\r\n\r\n")
+        answer = b""
+        with trio.fail_after(5):
+            while b"\r\n\r\n" not in answer:
+                chunk = await busy.receive_some(4096)
+                assert chunk, "the relay closed a keep-alive connection that was in use"
+                answer += chunk
+        assert answer.startswith(b"HTTP/1.1 200 ")
+
+    await ask()
+    for n in range(40):
+        silent.append(await trio.open_tcp_stream("127.0.0.1", relay.port))
+        await silent[-1].send_all(b"GET / HTTP/1.1\r\n")
+        if n % 5 == 4:
+            await wait_for(lambda: len(relay._http) <= 10)
+            await ask()
+    assert relay.stats.http_evictions >= 30
+    for stream in [busy, *silent]:
+        await stream.aclose()

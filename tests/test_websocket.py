@@ -784,7 +784,8 @@ def test_protocol_receive_messages_steps_aside_unless_nothing_is_pending():
 
 @pytest.mark.parametrize("opcode", [Opcode.TEXT, Opcode.BINARY])
 def test_max_size_a_flood_of_empty_fragments_holds_nothing(opcode):
-    server = make(Role.SERVER, max_message_size=1 << 20)
+    # (max_message_frames would end it after 4,096: lifted to see what the fragments hold)
+    server = WebSocketProtocol(Role.SERVER, max_message_size=1 << 20, max_message_frames=1 << 30)
     server.receive_data(masked(opcode, b"a", fin=False))
     empty = masked(Opcode.CONTINUATION, b"", fin=False) * 1000
     tracemalloc.start()
@@ -800,3 +801,26 @@ def test_max_size_a_flood_of_empty_fragments_holds_nothing(opcode):
     server.receive_data(masked(Opcode.CONTINUATION, b"b"))
     expected = TextMessage("ab") if opcode == Opcode.TEXT else BinaryMessage(b"ab")
     assert server.events_received() == [expected]
+
+
+def test_max_frames_a_message_in_more_frames_than_allowed_fails_with_1009():
+    server = make(Role.SERVER, max_message_size=1 << 20)
+    assert server.max_message_frames == 4096  # max_message_size // 256
+    server = WebSocketProtocol(Role.SERVER, max_message_size=1 << 20, max_message_frames=10)
+    server.receive_data(masked(Opcode.TEXT, b"a", fin=False))
+    server.receive_data(masked(Opcode.CONTINUATION, b"", fin=False) * 5
+                        + masked(Opcode.PING, b"") * 4)  # control frames count: 10 frames
+    assert server.error is None
+    server.receive_data(masked(Opcode.CONTINUATION, b"", fin=False))
+    assert server.close_code == CloseCode.MESSAGE_TOO_BIG
+    assert "more than 10 frames" in server.close_reason
+
+
+def test_max_frames_counts_each_message_afresh():
+    server = WebSocketProtocol(Role.SERVER, max_message_size=1 << 20, max_message_frames=3)
+    for _ in range(5):
+        server.receive_data(masked(Opcode.BINARY, b"a", fin=False)
+                            + masked(Opcode.CONTINUATION, b"b", fin=False)
+                            + masked(Opcode.CONTINUATION, b"c"))
+    assert server.error is None
+    assert server.events_received() == [BinaryMessage(b"abc")] * 5

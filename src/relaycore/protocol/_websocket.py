@@ -270,7 +270,11 @@ class WebSocketProtocol:
     """One WebSocket connection after its opening handshake, as a sans-I/O state machine.
 
     ``max_message_size`` bounds a reassembled incoming message in bytes (``None``: no bound);
-    a bigger one fails the connection with 1009. A ``CLIENT`` must pass ``mask_key``, a
+    a bigger one fails the connection with 1009. ``max_message_frames`` bounds the frames one
+    fragmented message may take, control frames between its fragments included (default:
+    ``max_message_size // 256``, at least 64; so a flood of tiny or empty fragments ends in
+    1009 too, after a few thousand frames rather than millions). A ``CLIENT`` must pass
+    ``mask_key``, a
     callable returning 4 fresh random bytes per frame (§5.3); a ``SERVER`` must not.
 
     Attributes:
@@ -286,6 +290,7 @@ class WebSocketProtocol:
         "role", "max_message_size", "_mask_key", "close_code", "close_reason", "error",
         "_close_sent", "_close_rcvd", "_close_unflushed", "_eof", "_input_done", "_buf",
         "_events", "_out", "_msg_opcode", "_msg_len", "_msg_buf", "_msg_decoder",
+        "max_message_frames", "_msg_frames",
     )
 
     def __init__(
@@ -294,6 +299,7 @@ class WebSocketProtocol:
         *,
         max_message_size: int | None = 1 << 20,
         mask_key: Callable[[], bytes] | None = None,
+        max_message_frames: int | None = None,
     ) -> None:
         if role is Role.CLIENT and mask_key is None:
             raise ValueError("a CLIENT must mask its frames (RFC 6455 §5.3): pass mask_key")
@@ -301,6 +307,9 @@ class WebSocketProtocol:
             raise ValueError("a SERVER must not mask its frames (RFC 6455 §5.1): drop mask_key")
         self.role = role
         self.max_message_size = max_message_size
+        if max_message_frames is None and max_message_size is not None:
+            max_message_frames = max(64, max_message_size // 256)
+        self.max_message_frames = max_message_frames
         self._mask_key = mask_key
 
         self.close_code: int | None = None
@@ -325,6 +334,7 @@ class WebSocketProtocol:
         # UTF-8 as fragments arrive (a bad byte fails the connection without waiting for FIN).
         self._msg_opcode: int | None = None
         self._msg_len = 0
+        self._msg_frames = 0
         self._msg_buf = bytearray()
         self._msg_decoder: codecs.IncrementalDecoder | None = None
 
@@ -577,6 +587,17 @@ class WebSocketProtocol:
                     "a server sent a masked frame; expected no masking (RFC 6455 §5.1)",
                 )
                 break
+            if self._msg_opcode is not None:
+                self._msg_frames += 1
+                frames = self.max_message_frames
+                if frames is not None and self._msg_frames > frames:
+                    self._fail(
+                        CloseCode.MESSAGE_TOO_BIG,
+                        f"message in more than {frames} frames",
+                        f"a fragmented message went on past {frames} frames (control frames "
+                        f"between its fragments included); expected at most {frames}",
+                    )
+                    break
             if limit is not None and not opcode & 0x08 and self._msg_len + length > limit:
                 self._fail(
                     CloseCode.MESSAGE_TOO_BIG,
@@ -619,6 +640,7 @@ class WebSocketProtocol:
                 return
             self._msg_opcode = opcode
             self._msg_len = 0
+            self._msg_frames = 1
             if opcode == Opcode.TEXT:
                 self._msg_decoder = codecs.getincrementaldecoder("utf-8")()
         self._msg_len += len(payload)
@@ -691,6 +713,7 @@ class WebSocketProtocol:
     def _reset_message(self) -> None:
         self._msg_opcode = None
         self._msg_len = 0
+        self._msg_frames = 0
         self._msg_buf = bytearray()
         self._msg_decoder = None
 

@@ -425,7 +425,8 @@ class Relay:
 
     def admit(self) -> str | None:
         """Whether a new connection may be served (None), or why not (it gets a 503). Past
-        ``max_http_connections`` the HTTP connection that has waited longest makes room.
+        ``max_http_connections`` the HTTP connection that has waited longest for its current
+        request makes room.
 
         ``max_connections`` bounds WebSockets (an upgrade past it is a 503); a few HTTP
         connections more are let in, so that health checks and negotiates are answered
@@ -508,6 +509,12 @@ class Relay:
             await http.send_response(self._with_cors(request, response))
             if not http.can_continue():
                 return None
+            # Answered: it now waits for its next request, the newest wait of all (the
+            # oldest waits are what ``admit`` closes first: a busy keep-alive connection
+            # is never taken for a slow one).
+            scope = self._http.pop(stream, None)
+            if scope is not None:
+                self._http[stream] = scope
 
     async def _request_timed_out(self, http: HttpConnection) -> None:
         """No whole request within ``request_timeout``: an idle keep-alive connection is
