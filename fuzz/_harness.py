@@ -20,12 +20,11 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import os
 import random
 import sys
 import time
 import traceback
-from collections.abc import Callable, Coroutine, Iterator, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -92,37 +91,8 @@ class ScriptedStream:
 # Running
 
 
-#: A failure already reported and being fixed: (exception type, text in its message, what it is).
-KnownFailure = tuple[type[BaseException], str, str]
-
-
-def _skipping_known(test_one_input: Callable[[bytes], None],
-                    known: Sequence[KnownFailure]) -> Callable[[bytes], None]:
-    """``test_one_input`` that lets the known failures pass, saying so once for each, so that
-    a long run goes on looking for new ones (``FUZZ_SKIP_KNOWN=1``)."""
-    said: set[str] = set()
-
-    def run(data: bytes) -> None:
-        try:
-            test_one_input(data)
-        except Exception as exc:
-            for kind, text, what in known:
-                if isinstance(exc, kind) and text in str(exc):
-                    if what not in said:
-                        said.add(what)
-                        print(f"KNOWN FAILURE (skipped): {what}; input {data!r}",
-                              file=sys.stderr, flush=True)
-                    return
-            raise
-
-    return run
-
-
-def main(test_one_input: Callable[[bytes], None], known: Sequence[KnownFailure] = ()) -> None:
-    """Fuzz ``test_one_input`` with libFuzzer's command line (``sys.argv``). With
-    ``FUZZ_SKIP_KNOWN=1`` the ``known`` failures are let through (each said once)."""
-    if known and env_flag("FUZZ_SKIP_KNOWN"):
-        test_one_input = _skipping_known(test_one_input, known)
+def main(test_one_input: Callable[[bytes], None]) -> None:
+    """Fuzz ``test_one_input`` with libFuzzer's command line (``sys.argv``)."""
     if atheris is not None:
         atheris.Setup(sys.argv, test_one_input)
         atheris.Fuzz()
@@ -198,20 +168,3 @@ def _mutation_fuzz(test_one_input: Callable[[bytes], None], args: Sequence[str])
     print(f"Done {runs} runs in {int(time.monotonic() - start)} second(s)", file=sys.stderr)
     return 0
 
-
-@contextlib.contextmanager
-def quiet_logs() -> Iterator[None]:
-    """Keep the relay's expected WARNING lines out of the fuzzer's output; ERROR stays."""
-    import logging
-
-    logger = logging.getLogger("relaycore")
-    before = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        logger.setLevel(before)
-
-
-def env_flag(name: str) -> bool:
-    return os.environ.get(name, "") not in ("", "0")

@@ -321,12 +321,13 @@ async def healthy_client(port: int, stream: Stream, connected: trio.Event,
 
 async def _healthy_client(url: str, stream: Stream, connected: trio.Event,
                           task_status: trio.TaskStatus[None]) -> None:
-    async with open_websocket_url(url) as ws:
+    async with open_websocket_url(url) as ws, trio.open_nursery() as nursery:
         await ws.send_message('{"protocol":"json","version":1}\x1e')
         reply = await ws.get_message()
         assert reply in ("{}\x1e", b"{}\x1e"), reply
         connected.set()
         task_status.started()
+        nursery.start_soon(_keep_alive, ws)
         while True:
             message = await ws.get_message()
             text = message if isinstance(message, str) else message.decode()
@@ -336,7 +337,15 @@ async def _healthy_client(url: str, stream: Stream, connected: trio.Event,
                     stream.received.append(hub_message["arguments"][0])
                 elif hub_message.get("type") == 7:
                     stream.errors.append(f"the healthy client was closed: {record}")
+                    nursery.cancel_scope.cancel()
                     return
+
+
+async def _keep_alive(ws: Any) -> None:
+    """Pings, as every SignalR client sends them (the relay closes a silent client)."""
+    while True:
+        await trio.sleep(5)
+        await ws.send_message('{"type":6}\x1e')
 
 
 async def sender(port: int, stream: Stream, deadline: float) -> None:

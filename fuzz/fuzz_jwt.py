@@ -13,10 +13,6 @@ with instrumented():
     from relaycore.protocol._auth import TokenError, TokenValidator, audience_matches
 
 KEY = "fuzz-access-key"
-#: Found by fuzzing (issue 15), being fixed: a header or payload nested deeper than Python's
-#: recursion limit makes json.loads raise RecursionError instead of a TokenError.
-KNOWN = [(RecursionError, "maximum recursion depth",
-          "a token whose JSON is nested 1,000+ deep: RecursionError")]
 VALIDATOR = TokenValidator([KEY, "another-key"])
 AUDIENCES = ["http://127.0.0.1/client/?hub=chat", "https://h/api/hubs/chat/users/u/:send"]
 REASONS = {"missing", "malformed", "expired", "bad_signature", "wrong_audience", "not_yet_valid"}
@@ -37,4 +33,4 @@ def test_one_input(data: bytes) -> None:
 
 
 if __name__ == "__main__":
-    main(test_one_input, KNOWN)
+    main(test_one_input)
