@@ -75,10 +75,10 @@ class RelayStats:
     #: HTTP requests that did not arrive whole in time (408, or an idle keep-alive closed),
     #: HTTP connections closed to make room for new ones, connections refused with a 503.
     request_timeouts: int = 0
-    #: Invocations refused for ``max_pending_invocations`` (answered with an error).
-    invocations_refused: int = 0
     http_evictions: int = 0
     connections_refused: int = 0
+    #: Invocations refused for ``max_pending_invocations`` (answered with an error).
+    invocations_refused: int = 0
     #: Requests and connections ended by an unexpected exception in the relay (each logged
     #: once with its traceback; the relay and every other connection carry on).
     internal_errors: int = 0
