@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import time
@@ -102,6 +103,11 @@ class FakeUpstream:
 
     async def _handle(self, stream) -> None:
         http = HttpConnection(stream, max_head=65536, max_body=1 << 20)
+        # A relay that stops while its keep-alive connection is open may reset it.
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+            await self._serve(http, stream)
+
+    async def _serve(self, http: HttpConnection, stream) -> None:
         async with stream:
             while True:
                 request = await http.read_request()
