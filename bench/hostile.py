@@ -31,10 +31,8 @@ from __future__ import annotations
 import argparse
 import atexit
 import contextlib
-import datetime
 import json
 import os
-import platform
 import re
 import resource
 import shutil
@@ -51,9 +49,9 @@ from typing import Any
 
 import httpx
 import trio
+from fanout import facts  # noqa: E402 - bench/ is this script's folder on sys.path
 
-from relaycore import __version__
-from relaycore._accel import ACCELERATED, apply_mask, encode_frame_header
+from relaycore._accel import apply_mask, encode_frame_header
 from relaycore.protocol import (
     BinaryMessage,
     ConnectionDataMessage,
@@ -905,17 +903,6 @@ def table(results: list[dict[str, Any]]) -> str:
             f"{r['ticks_during_received']}/{r['ticks_during']} | "
             f"{r['ticks_after_received']}/{r['ticks_after']} | {r['tick_latency_max_ms']} ms |")
     return "\n".join(rows)
-
-
-def facts() -> dict[str, Any]:
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                                text=True, cwd=ROOT, check=False).stdout.strip()
-    except OSError:
-        commit = ""
-    return {"commit": commit or "unknown", "relaycore": __version__,
-            "python": platform.python_version(), "accelerated": ACCELERATED,
-            "cores": os.cpu_count(), "date": datetime.date.today().isoformat()}
 
 
 def main() -> None:
