@@ -83,12 +83,12 @@ def test_fastpath(benchmark: Any, case: str, impl: str) -> None:
 class _Conn:
     """A client connection as a broadcast sees it; the relay's have ``__slots__`` too."""
 
-    __slots__ = ("state", "protocol_name", "_out")
+    __slots__ = ("state", "wire_format", "_out")
 
     def __init__(self, state: object) -> None:
         self.state = state
         # Its own string object, as the relay's ``request.protocol.lower()`` gives each client.
-        self.protocol_name = "JSON".lower()
+        self.wire_format = "JSON".lower()
         self._out = bytearray()
 
 

@@ -1,5 +1,5 @@
 """REST routes, negotiate and their query values, as the relay routes a parsed request
-(``Relay.route``: the REST API of ``relay._rest``, ``/client/negotiate``, the 404s).
+(``HttpFront.route``: the REST API of ``relay._rest``, ``/client/negotiate``, the 404s).
 
 Input: a flag byte, then one or more HTTP requests. Flag bit 0: sign each request with a valid
 token for its URL (as the SDK does), so that routing reaches the operations and their query
@@ -39,7 +39,7 @@ logging.raiseExceptions = True
 def relay() -> Relay:
     if _state["relay"] is None or _state["served"] >= 1000:  # type: ignore[operator]
         fresh = Relay(RelayConfig(port=0, access_keys=[KEY]))
-        fresh.now = lambda: 1000.0  # type: ignore[method-assign]  # no trio clock here
+        fresh.ops.now = lambda: 1000.0  # type: ignore[method-assign]  # no trio clock here
         _state["relay"], _state["served"] = fresh, 0
     _state["served"] += 1  # type: ignore[operator]
     return _state["relay"]  # type: ignore[return-value]
@@ -71,7 +71,7 @@ def test_one_input(data: bytes) -> None:
                 return
             if flags & 1:
                 sign(request)
-            response = drive(node.route(request))
+            response = drive(node.front.route(request))
         except HttpError as err:
             assert err.status != 500, err
             drive(http.send_response(Response.error(err), close=True))

@@ -465,11 +465,11 @@ def test_split_varint_frames_over_max_size_raises(fastpath: ModuleType) -> None:
 class Conn:
     """A relay connection as ``queue_frame`` sees it; the relay's have ``__slots__`` too."""
 
-    __slots__ = ("name", "state", "protocol_name", "_out")
+    __slots__ = ("name", "state", "wire_format", "_out")
 
-    def __init__(self, name: str, protocol_name: str, state: object, out: bytes) -> None:
+    def __init__(self, name: str, wire_format: str, state: object, out: bytes) -> None:
         self.name = name
-        self.protocol_name = protocol_name
+        self.wire_format = wire_format
         self.state = state
         self._out = bytearray(out)
 
@@ -745,9 +745,9 @@ def test_queue_frame_bad_frame_or_buffer_raises_after_the_earlier_connections(
 class DictConn:
     """A connection without ``__slots__``: its attributes live in the instance ``__dict__``."""
 
-    def __init__(self, name: str, protocol_name: str, state: object, out: bytes) -> None:
+    def __init__(self, name: str, wire_format: str, state: object, out: bytes) -> None:
         self.name = name
-        self.protocol_name = protocol_name
+        self.wire_format = wire_format
         self.state = state
         self._out = bytearray(out)
 
@@ -757,17 +757,17 @@ class WiderConn(Conn):
 
     __slots__ = ("extra", "more")
 
-    def __init__(self, name: str, protocol_name: str, state: object, out: bytes) -> None:
+    def __init__(self, name: str, wire_format: str, state: object, out: bytes) -> None:
         self.extra = self.more = None
-        super().__init__(name, protocol_name, state, out)
+        super().__init__(name, wire_format, state, out)
 
 
 class PropertyConn:
-    """``state`` is a property and ``protocol_name`` comes from ``__getattr__``."""
+    """``state`` is a property and ``wire_format`` comes from ``__getattr__``."""
 
     __slots__ = ("name", "_state", "_out")
 
-    def __init__(self, name: str, protocol_name: str, state: object, out: bytes) -> None:
+    def __init__(self, name: str, wire_format: str, state: object, out: bytes) -> None:
         self.name = name
         self._state = state
         self._out = bytearray(out)
@@ -777,7 +777,7 @@ class PropertyConn:
         return self._state
 
     def __getattr__(self, attribute: str) -> str:
-        if attribute == "protocol_name":
+        if attribute == "wire_format":
             return "messagepack"
         raise AttributeError(attribute)
 
@@ -810,7 +810,7 @@ def test_queue_frame_any_connection_class_is_read_through_its_attributes(
     ]
 
 
-@pytest.mark.parametrize("attribute", ["state", "protocol_name", "_out"])
+@pytest.mark.parametrize("attribute", ["state", "wire_format", "_out"])
 def test_queue_frame_unset_slot_raises_attribute_error(
     fastpath: ModuleType, attribute: str
 ) -> None:
@@ -848,11 +848,11 @@ class Meddling:
     """A connection whose buffer attribute drops the frames and grows the target list: the loop
     must neither use a freed frame nor run past the list's end."""
 
-    __slots__ = ("state", "protocol_name", "frames", "targets")
+    __slots__ = ("state", "wire_format", "frames", "targets")
 
     def __init__(self, frames: dict[str, bytes | None], targets: list[Any]) -> None:
         self.state = OPEN
-        self.protocol_name = "json"
+        self.wire_format = "json"
         self.frames = frames
         self.targets = targets
 

@@ -310,11 +310,11 @@ def test_varint_frames_cross_round_trip(bodies: list[bytes], tail: bytes) -> Non
 class Conn:
     """A relay connection as ``queue_frame`` sees it (the relay's have ``__slots__`` too)."""
 
-    __slots__ = ("state", "protocol_name", "_out")
+    __slots__ = ("state", "wire_format", "_out")
 
-    def __init__(self, state: object, protocol_name: str, out: Any) -> None:
+    def __init__(self, state: object, wire_format: str, out: Any) -> None:
         self.state = state
-        self.protocol_name = protocol_name
+        self.wire_format = wire_format
         self._out = out
 
 
@@ -327,9 +327,9 @@ class WiderConn(Conn):
 class DictConn:
     """No ``__slots__``: the attributes live in the instance ``__dict__``."""
 
-    def __init__(self, state: object, protocol_name: str, out: Any) -> None:
+    def __init__(self, state: object, wire_format: str, out: Any) -> None:
         self.state = state
-        self.protocol_name = protocol_name
+        self.wire_format = wire_format
         self._out = out
 
 

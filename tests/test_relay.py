@@ -499,12 +499,12 @@ async def test_a_client_that_stops_reading_gets_everything_in_order_when_it_read
     count = 400  # 24 MB
     for i in range(count):
         await relay.send_to_user("chat", "reader", OutboundMessage.invocation("n", i, payload))
-    await wait_for(lambda: conn._blocked)  # the socket refused part of it
+    await wait_for(lambda: conn.transport._blocked)  # the socket refused part of it
     with trio.fail_after(30):
         for i in range(count):
             message = await client.next_message()
             assert message["arguments"] == [i, payload]
-    await wait_for(lambda: not conn._blocked and not conn._out)
+    await wait_for(lambda: not conn.transport._blocked and not conn._out)
     assert await relay.user_exists("chat", "reader")
 
 

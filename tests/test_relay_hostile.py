@@ -110,7 +110,7 @@ async def test_relay_an_exception_in_a_handler_is_a_500_for_that_request_only(
     def broken(request):
         raise RuntimeError("injected")
 
-    monkeypatch.setattr(relay, "_negotiate", broken)
+    monkeypatch.setattr(relay.front, "_negotiate", broken)
     answer = await exchange(relay, b"POST /client/negotiate?hub=chat HTTP/1.1\r\nHost: x\r\n"
                                    b"Content-Length: 0\r\nConnection: close\r\n\r\n")
     assert statuses(answer) == [500]
@@ -196,15 +196,15 @@ HTTP_STAGES = {
     # stage: (what to break, the request that meets it)
     "request parse": ("relaycore.relay._http.HttpConnection.read_request",
                       b"GET /api/health HTTP/1.1\r\nHost: x\r\n\r\n"),
-    "routing": ("relaycore.relay._relay.Relay.route",
+    "routing": ("relaycore.relay._front.HttpFront.route",
                 b"GET /api/health HTTP/1.1\r\nHost: x\r\n\r\n"),
-    "auth": ("relaycore.relay._relay.Relay.check_token",
+    "auth": ("relaycore.relay._tokens.RequestAuth.check_token",
              b"POST /api/hubs/chat/:send?api-version=2022-06-01 HTTP/1.1\r\nHost: x\r\n"
              b"Content-Length: 2\r\n\r\n{}"),
-    "negotiate": ("relaycore.relay._relay.Relay._negotiate",
+    "negotiate": ("relaycore.relay._front.HttpFront._negotiate",
                   b"POST /client/negotiate?hub=chat HTTP/1.1\r\nHost: x\r\n"
                   b"Content-Length: 0\r\n\r\n"),
-    "upgrade": ("relaycore.relay._relay.Relay._upgrade",
+    "upgrade": ("relaycore.relay._front.HttpFront._upgrade",
                 b"GET /client/?hub=chat HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
                 b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
                 b"Sec-WebSocket-Version: 13\r\n\r\n"),
@@ -237,21 +237,22 @@ async def test_relay_an_exception_in_a_client_connection_closes_it_with_1011_onl
         relay, connect, monkeypatch, stage):
     healthy = await connect(relay, "chat", "healthy")
     if stage == "handshake":
-        monkeypatch.setattr("relaycore.relay._client.ClientConnection._try_handshake", _raise)
+        monkeypatch.setattr("relaycore.relay._session.ClientSession._try_handshake", _raise)
         victim = await connect(relay, "chat", "victim", handshake=False)
         await victim.send_message('{"protocol":"json","version":1}' + RS)
     else:
         client = await connect(relay, "chat", "victim")
         victim = client.ws
         if stage == "message handling":
-            monkeypatch.setattr("relaycore.relay._client.ClientConnection._handle_messages",
+            monkeypatch.setattr("relaycore.relay._session.ClientSession.receive",
                                 _raise)
             await victim.send_message('{"type":6}' + RS)
         else:
-            monkeypatch.setattr("relaycore.relay._client.ClientConnection.tick", _raise)
+            monkeypatch.setattr("relaycore.relay._session.ClientSession.tick", _raise)
             for conn in relay.table.get("chat").connections.values():
                 if conn.user_id == "victim":
-                    conn.last_send = -1e9  # due for a keep-alive: the ticker calls its tick()
+                    # due for a keep-alive: the ticker calls its tick()
+                    conn.transport.last_send = -1e9
     with trio.fail_after(5):
         with pytest.raises(ConnectionClosed) as closed:
             while True:

@@ -61,7 +61,7 @@ async def test_many_silent_connections_make_room_for_new_clients(nursery, connec
         silent.append(await trio.open_tcp_stream("127.0.0.1", relay.port))
         await silent[-1].send_all(b"GET / HTTP/1.1\r\n")  # a head that never ends
     await wait_for(lambda: relay.stats.http_evictions >= 40)
-    assert len(relay._http) <= 20
+    assert len(relay.front._http) <= 20
     # New clients and health checks are served all the same.
     assert (await health(relay.port)).startswith(b"HTTP/1.1 200 ")
     client = await connect(relay, "chat", "alice")
@@ -192,7 +192,7 @@ async def test_a_busy_keep_alive_connection_is_not_taken_for_a_slow_one(nursery)
         silent.append(await trio.open_tcp_stream("127.0.0.1", relay.port))
         await silent[-1].send_all(b"GET / HTTP/1.1\r\n")
         if n % 5 == 4:
-            await wait_for(lambda: len(relay._http) <= 10)
+            await wait_for(lambda: len(relay.front._http) <= 10)
             await ask()
     assert relay.stats.http_evictions >= 30
     for stream in [busy, *silent]:

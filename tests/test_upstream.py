@@ -18,8 +18,8 @@ from trio_websocket import connect_websocket_url
 
 from relaycore.protocol import MessagePackHubProtocol, generate_access_token
 from relaycore.relay import RelayConfig, serve_relay
+from relaycore.relay._config import UpstreamRule, parse_rules
 from relaycore.relay._http import Response
-from relaycore.relay._upstream import UpstreamRule, parse_rules
 from relaycore.sdk.upstream import parse_request
 from relayhelpers import KEY, RS, FakeUpstream, wait_for
 

@@ -489,9 +489,9 @@ def split_varint_frames(data, max_size=0x7FFFFFFF):
 def queue_frame(targets, frames, open_state, limit, dirty):
     """Append a shared frame to the send buffer of every open target connection.
 
-    ``targets`` is any iterable of connections with ``state``, ``protocol_name`` and ``_out``
-    (exactly a ``bytearray``); ``frames`` maps a protocol name to its frame (``bytes``) or
-    ``None``. A connection is served when its ``state`` *is* ``open_state`` and its protocol has a
+    ``targets`` is any iterable of connections with ``state``, ``wire_format`` and ``_out``
+    (exactly a ``bytearray``); ``frames`` maps a wire format to its frame (``bytes``) or
+    ``None``. A connection is served when its ``state`` *is* ``open_state`` and its format has a
     frame; one whose buffer would grow past ``limit`` is collected in ``over`` instead, and one
     whose buffer was empty is appended to ``dirty``. Returns ``(count, over)``. Raises
     ``TypeError`` for a ``frames`` that is not a ``dict``, a ``dirty`` that is not a ``list``, a
@@ -517,7 +517,7 @@ def queue_frame(targets, frames, open_state, limit, dirty):
     for conn in targets:
         if conn.state is not open_state:
             continue
-        name = conn.protocol_name
+        name = conn.wire_format
         # Borrowed, and held as ``data`` before any other Python code can run.
         found = PyDict_GetItemWithError(frames, name)
         if found == NULL:

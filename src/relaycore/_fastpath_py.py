@@ -25,7 +25,7 @@ if TYPE_CHECKING:
         @property
         def state(self) -> object: ...
         @property
-        def protocol_name(self) -> str: ...
+        def wire_format(self) -> str: ...
         @property
         def _out(self) -> bytearray: ...
 
@@ -289,11 +289,11 @@ def queue_frame(
 ) -> tuple[int, list[_C]]:
     """Append a shared frame to the send buffer of every open target connection.
 
-    ``targets`` is any iterable of connections; each has ``state``, ``protocol_name`` (a
-    ``str``) and ``_out`` (its send buffer, exactly a ``bytearray``). ``frames`` maps a protocol
-    name to the complete frame for clients of that protocol (``bytes``) or ``None``. A
-    connection is served when its ``state`` *is* ``open_state`` and ``frames`` has a frame for
-    its protocol; the others are skipped silently.
+    ``targets`` is any iterable of connections; each has ``state``, ``wire_format`` (a
+    ``str``) and ``_out`` (its send buffer, exactly a ``bytearray``). ``frames`` maps a wire
+    format (a hub protocol as one transport frames it) to the complete frame for connections of
+    that format (``bytes``) or ``None``. A connection is served when its ``state`` *is*
+    ``open_state`` and ``frames`` has a frame for its format; the others are skipped silently.
 
     A connection whose ``len(_out) + len(frame)`` would exceed ``limit`` is left alone and
     collected in ``over``. Otherwise the frame is appended to ``_out`` in place (the buffer stays
@@ -318,7 +318,7 @@ def queue_frame(
             continue
         # dict's and list's own methods, as in the extension: a subclass's overrides (get,
         # __missing__, append) are not consulted.
-        name = conn.protocol_name
+        name = conn.wire_format
         data = dict.get(frames, name)
         if data is None:
             continue

@@ -7,19 +7,19 @@ environment variables, command-line flags.
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import os
 import sys
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any, Union
+from urllib.parse import quote
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # the backport, same API (a dependency on 3.10)
     import tomli as tomllib
-
-from ._upstream import parse_rules
 
 #: The access key of the embedded development default. Printed at start; never use it in
 #: production (``--access-key`` or ``RELAYCORE_ACCESS_KEY`` replace it).
@@ -37,6 +37,55 @@ def split_access_keys(raw: str) -> list[str]:
     """The keys of ``--access-key``, ``RELAYCORE_ACCESS_KEY`` or a TOML ``access_key`` string:
     comma-separated, blanks around each key dropped (``"k1, k2"`` is ``["k1", "k2"]``)."""
     return [key.strip() for key in raw.split(",") if key.strip()]
+
+
+def _pattern_matches(pattern: str, value: str) -> bool:
+    """``*``, a name, or a comma-separated list of names (compared case-insensitively)."""
+    items = [p.strip() for p in pattern.split(",") if p.strip()]
+    return any(p == "*" or fnmatch.fnmatchcase(value.lower(), p.lower()) for p in items)
+
+
+@dataclasses.dataclass(frozen=True)
+class UpstreamRule:
+    """One upstream setting: where events of matching hubs, categories and events go."""
+
+    url_template: str
+    hub_pattern: str = "*"
+    category_pattern: str = "*"
+    event_pattern: str = "*"
+
+    def url_for(self, hub: str, category: str, event: str) -> str | None:
+        if not (_pattern_matches(self.hub_pattern, hub)
+                and _pattern_matches(self.category_pattern, category)
+                and _pattern_matches(self.event_pattern, event)):
+            return None
+        return (self.url_template.replace("{hub}", quote(hub, safe=""))
+                .replace("{category}", quote(category, safe=""))
+                .replace("{event}", quote(event, safe="")))
+
+    @classmethod
+    def parse(cls, value: str | Mapping[str, Any], where: str = "upstream") -> UpstreamRule:
+        """From a URL template string, or a table with ``url_template`` and patterns."""
+        if isinstance(value, str):
+            rule = cls(value)
+        else:
+            known = {f.name for f in dataclasses.fields(cls)}
+            fields = {k.replace("-", "_"): v for k, v in value.items()}
+            fields.pop("auth", None)  # managed identity has no meaning here
+            unknown = set(fields) - known
+            if unknown:
+                raise ValueError(f"{where}: unknown upstream settings {sorted(unknown)}")
+            if "url_template" not in fields:
+                raise ValueError(f"{where}: an upstream needs a url_template")
+            rule = cls(**fields)
+        if not rule.url_template.startswith(("http://", "https://")):
+            raise ValueError(f"{where}: url_template must be an http(s) URL, got "
+                             f"{rule.url_template!r}")
+        return rule
+
+
+def parse_rules(values: Iterable[str | Mapping[str, Any]]) -> list[UpstreamRule]:
+    return [UpstreamRule.parse(v, f"upstream #{i + 1}") for i, v in enumerate(values)]
 
 
 class _SettingError(ValueError):

@@ -1,13 +1,16 @@
-"""A hub message to fan out, encoded once per hub protocol and framed once.
+"""A hub message to fan out, encoded once per wire format and framed once.
 
-``OutboundMessage.frame(protocol_name)`` returns the complete WebSocket frame (header and
-payload) for clients of that protocol, computed on first use and then shared by every target:
-encode once, write many.
+A *wire format* is a hub protocol as one transport frames it: today ``json`` (WebSocket text
+frames) and ``messagepack`` (WebSocket binary frames); each client session names its own in
+``wire_format``. ``OutboundMessage.frame(wire_format)`` returns the complete frame for clients
+of that format, computed on first use and then shared by every target: encode once, write
+many. A transport that frames differently (Server-Sent Events, say) adds its format to
+``WIRE_FORMATS``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from .._accel import queue_frame
@@ -15,9 +18,18 @@ from ..protocol._hub import get_protocol
 from ..protocol._websocket import Opcode, frame
 from ._peer import ConnState, Flusher
 
-#: WebSocket opcode per hub protocol: JSON travels in text frames, MessagePack in binary ones
-#: (client-protocol §2.1: .NET sends all MessagePack output as binary frames).
-_OPCODES = {"json": Opcode.TEXT, "messagepack": Opcode.BINARY}
+
+def _websocket(opcode: Opcode) -> Callable[[bytes], bytes]:
+    return lambda payload: frame(opcode, payload)
+
+
+#: Wire format -> (hub protocol, how a payload of it is framed). JSON travels in WebSocket
+#: text frames, MessagePack in binary ones (client-protocol §2.1: .NET sends all MessagePack
+#: output as binary frames).
+WIRE_FORMATS: dict[str, tuple[str, Callable[[bytes], bytes]]] = {
+    "json": ("json", _websocket(Opcode.TEXT)),
+    "messagepack": ("messagepack", _websocket(Opcode.BINARY)),
+}
 #: Not framed yet (``None`` in a frame cache means "no payload for that protocol").
 _UNSEEN = object()
 
@@ -55,13 +67,23 @@ class OutboundMessage:
             return self.payloads.get(protocol_name)
         return get_protocol(protocol_name).write_invocation(self.target, self.arguments)
 
-    def frame(self, protocol_name: str) -> bytes | None:
-        data = self._frames.get(protocol_name, _UNSEEN)
+    def payload_map(self) -> dict[str, bytes]:
+        """The message as an app server sends it: hub protocol -> framed hub message (what
+        the service protocol's data messages carry, and so what another node receives)."""
+        if self.target is None:
+            return self.payloads
+        return {name: get_protocol(name).write_invocation(self.target, self.arguments)
+                for name in ("json", "messagepack")}
+
+    def frame(self, wire_format: str) -> bytes | None:
+        """The complete frame for clients of ``wire_format``, or ``None`` if there is none."""
+        data = self._frames.get(wire_format, _UNSEEN)
         if data is not _UNSEEN:
             return data  # type: ignore[return-value]
+        protocol_name, framing = WIRE_FORMATS[wire_format]
         payload = self.payload(protocol_name)
-        data = None if payload is None else frame(_OPCODES[protocol_name], payload)
-        self._frames[protocol_name] = data
+        data = None if payload is None else framing(payload)
+        self._frames[wire_format] = data
         return data
 
 
@@ -77,19 +99,19 @@ def fan_out(targets: Iterable[Any], message: OutboundMessage, flusher: Flusher,
     """
     if isinstance(targets, (tuple, list)) and len(targets) <= 2:
         return _fan_out_few(targets, message)
-    frames = {name: message.frame(name) for name in _OPCODES}
+    frames = {name: message.frame(name) for name in WIRE_FORMATS}
     delivered, over = queue_frame(targets, frames, ConnState.OPEN, limit, flusher.dirty)
     flusher.wake()
     for conn in over:
-        conn.enqueue(frames[conn.protocol_name])
+        conn.enqueue(frames[conn.wire_format])
     return delivered
 
 
 def _fan_out_few(targets: Sequence[Any], message: OutboundMessage) -> int:
-    """One or two targets: encode only for the protocols they use."""
+    """One or two targets: encode only for the formats they use."""
     delivered = 0
     for conn in targets:
-        data = message.frame(conn.protocol_name)
+        data = message.frame(conn.wire_format)
         if data is not None and conn.enqueue(data):
             delivered += 1
     return delivered
@@ -97,18 +119,19 @@ def _fan_out_few(targets: Sequence[Any], message: OutboundMessage) -> int:
 
 def queue_payloads(targets: Sequence[Any], payloads: Mapping[str, bytes]) -> int:
     """Queue an app server's payload map on a few targets (a user's connections): each is
-    framed once per protocol in a row of targets that use it. The keys must already be the
+    framed once per wire format in a row of targets that use it. The keys must already be the
     lower-case protocol names (the service parser's raw ``UserData`` guarantees it); a
     target whose protocol has no entry gets nothing. Returns how many accepted it."""
     delivered = 0
     name = framed = None
     for conn in targets:
-        if conn.protocol_name != name:
-            payload = payloads.get(conn.protocol_name)
+        if conn.wire_format != name:
+            protocol_name, framing = WIRE_FORMATS[conn.wire_format]
+            payload = payloads.get(protocol_name)
             if payload is None:
                 continue
-            name = conn.protocol_name
-            framed = frame(_OPCODES[name], payload)
+            name = conn.wire_format
+            framed = framing(payload)
         if conn.enqueue(framed):
             delivered += 1
     return delivered

@@ -52,16 +52,14 @@ import logging
 import math
 import os
 import select
-from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import trio
 
 from .._accel import parse_frame_header
 from ..protocol._websocket import CloseCode, Role, State, WebSocketProtocol
-
-if TYPE_CHECKING:
-    from ._relay import Relay
+from ._stats import RelayStats
 
 log = logging.getLogger("relaycore.relay")
 
@@ -287,22 +285,41 @@ class Poller:
             epoll.close()
 
 
+class PeerIO:
+    """What every peer of one relay shares: the poller and flusher that move its bytes, how
+    long a closing peer may take, the counters, and who to tell when a peer is gone."""
+
+    __slots__ = ("poller", "flusher", "close_timeout", "stats", "forget")
+
+    def __init__(self, poller: Poller, flusher: Flusher, close_timeout: float,
+                 stats: RelayStats, forget: Callable[[Peer], None]) -> None:
+        self.poller = poller
+        self.flusher = flusher
+        self.close_timeout = close_timeout
+        self.stats = stats
+        #: Called once when a peer's socket is closed (the relay's set of live peers).
+        self.forget = forget
+
+
 class Peer:
     """One upgraded WebSocket stream with an unbounded-in-time, buffered, coalescing writer."""
 
-    __slots__ = ("relay", "ws", "state", "created", "last_receive", "last_send",
-                 "_out", "_limit", "_fd", "_reading", "_blocked", "_head_left",
+    __slots__ = ("io", "ws", "state", "created", "last_receive", "last_send",
+                 "_out", "_sink", "_limit", "_fd", "_reading", "_blocked", "_head_left",
                  "_close_deadline")
 
-    def __init__(self, relay: Relay, *, max_message_size: int, send_limit: int,
+    def __init__(self, io: PeerIO, *, max_message_size: int, send_limit: int,
                  now: float) -> None:
-        self.relay = relay
+        self.io = io
         self.ws = WebSocketProtocol(Role.SERVER, max_message_size=max_message_size)
         self.state = ConnState.HANDSHAKE
         self.created = now
         self.last_receive = now
         self.last_send = now
         self._out = bytearray()
+        #: What the flusher writes when this peer is marked: the peer itself (a client
+        #: session, marked by the fan-out, names its transport here).
+        self._sink = self
         #: Bytes ``_out`` may hold while the connection is not closing; past it,
         #: ``_overflow`` decides (whatever was queued: frames, pongs, error texts).
         self._limit = send_limit
@@ -332,7 +349,7 @@ class Peer:
             self._overflow(len(data))
             return False
         if not out:
-            self.relay.flusher.mark(self)
+            self.io.flusher.mark(self)
         out += data
         return True
 
@@ -346,7 +363,7 @@ class Peer:
         self._head_left = _frame_boundary(self._out, self._head_left, sent) - sent
         del self._out[:sent]
         self._blocked = True
-        self.relay.poller.watch(self, _IN | _OUT if self._reading else _OUT)
+        self.io.poller.watch(self, _IN | _OUT if self._reading else _OUT)
 
     def writable(self, now: float) -> None:
         """The poller saw the full socket writable again: write what waits. (A bug met here
@@ -357,7 +374,7 @@ class Peer:
             if not self._blocked:
                 self._head_left = 0  # everything went: the buffer starts at a frame again
             if not self._blocked and self.state is not ConnState.CLOSED:
-                self.relay.poller.watch(self, _IN if self._reading else 0)
+                self.io.poller.watch(self, _IN if self._reading else 0)
         except Exception:
             self._internal_error()
 
@@ -378,7 +395,7 @@ class Peer:
     def _start_close_timer(self) -> None:
         """The peer has ``close_timeout`` from now to finish; then the ticker drops it."""
         self._close_deadline = min(
-            self._close_deadline, trio.current_time() + self.relay.config.close_timeout
+            self._close_deadline, trio.current_time() + self.io.close_timeout
         )
 
     def close_due(self, now: float) -> bool:
@@ -395,7 +412,7 @@ class Peer:
         (``initial``: bytes already read past the upgrade)."""
         self._fd = stream.socket.detach()
         self._reading = True
-        self.relay.poller.add(self)
+        self.io.poller.add(self)
         if initial:
             self.receive(initial, trio.current_time())
 
@@ -441,7 +458,7 @@ class Peer:
         """A bug met while serving this connection: log it once, tell the peer (a close frame
         1011, written now, best effort) and drop the connection. Never the poller, never
         another connection."""
-        self.relay.stats.internal_errors += 1
+        self.io.stats.internal_errors += 1
         log.exception("dropping a connection after an internal error")
         try:
             if self._fd >= 0 and self.ws.state is State.OPEN:
@@ -460,14 +477,14 @@ class Peer:
             self.drop()
             return
         self._start_close_timer()
-        self.relay.poller.watch(self, _OUT if self._blocked else 0)
+        self.io.poller.watch(self, _OUT if self._blocked else 0)
 
     def drop(self) -> None:
         """Close the socket now (what is queued is lost) and leave every table; idempotent."""
         if self.state is ConnState.CLOSED:
             return
         self._reading = False
-        self.relay.poller.remove(self)
+        self.io.poller.remove(self)
         try:
             self._ended()
         finally:
@@ -476,6 +493,7 @@ class Peer:
             if self._fd >= 0:
                 os.close(self._fd)
                 self._fd = -1
+            self.io.forget(self)
 
     # -- for subclasses ------------------------------------------------------------------------
 
@@ -510,14 +528,15 @@ class Peer:
         raise NotImplementedError
 
 
-def _write_out(peers: Iterable[Peer], now: float) -> None:
+def _write_out(peers: Iterable[Any], now: float) -> None:
     """``Peer.flush`` for each of ``peers``, as one loop: a broadcast writes a thousand peers
     in a row, and the Python around each ``write()`` (a method call, its look-ups) had 14 %
     of py-spy's samples of the relay at 400k deliveries/s. One loop took 2-12 % off the CPU per
     delivery (bench/README.md, "What changed", item 12)."""
     write = os.write
     closed = ConnState.CLOSED
-    for peer in peers:
+    for marked in peers:
+        peer = marked._sink
         out = peer._out
         if not out or peer._blocked or peer.state is closed:
             continue

@@ -1,6 +1,6 @@
 """The Azure SignalR data-plane REST API (service-protocol §12): 2022-06-01 and v1 routes.
 
-Each route maps a method and a path shape to one operation of ``Relay``. Path segments are
+Each route maps a method and a path shape to one operation of ``Operations``. Path segments are
 split before they are unescaped, so a group name may hold an escaped ``/``. Failures answer a
 JSON body ``{"code", "message"}``; existence checks answer 404 with the ``x-ms-error-code``
 header the Management SDK needs (§12.1).
@@ -10,23 +10,31 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING
+from typing import Protocol
 from urllib.parse import unquote, urlsplit
 
 import msgpack
 import orjson
 
 from ..protocol._auth import TokenValidator, is_valid_group_name, wire_hub_name
+from ._config import RelayConfig
 from ._http import HttpError, Request, Response, bearer_token
 from ._message import OutboundMessage
+from ._operations import Operations
+from ._tokens import RequestAuth
 
 #: What the fault-injection switch can do to server connections: nothing; refuse new ones
 #: (503); drop the existing ones (TCP closed, no goodbye) and refuse new ones; or go silent
 #: (existing ones get and send nothing, new ones are never answered): a blocked port.
 FAULT_MODES = ("none", "refuse", "drop", "silence")
 
-if TYPE_CHECKING:
-    from ._relay import Relay
+
+class FaultSwitch(Protocol):
+    """The relay's fault-injection switch (``Relay.inject_fault``)."""
+
+    fault_mode: str
+
+    def inject_fault(self, mode: str) -> None: ...
 
 API_VERSION = "2022-06-01"
 #: Query parameters the SDK adds after signing a REST token (§8.2), so not part of ``aud``.
@@ -60,9 +68,11 @@ def _not_found(code: str, message: str) -> Response:
 
 
 class RestApi:
-    def __init__(self, relay: Relay) -> None:
-        self.relay = relay
-        config = relay.config
+    def __init__(self, config: RelayConfig, ops: Operations, auth: RequestAuth,
+                 faults: FaultSwitch) -> None:
+        self.ops = ops
+        self.auth = auth
+        self.switch = faults
         #: Checks admin tokens, signed with ``admin_key`` only (None: the admin API is off).
         self.admin_validator = None if config.admin_key is None else TokenValidator(
             [config.admin_key], clock_skew=config.token_clock_skew)
@@ -129,10 +139,10 @@ class RestApi:
             part for part in urlsplit(request.target).query.split("&")
             if part and part.split("=", 1)[0].lower() not in _UNSIGNED_QUERY)
         suffix = raw_path.lstrip("/")
-        candidates = self.relay.audiences(request, suffix)
+        candidates = self.auth.audiences(request, suffix)
         if signed:
-            candidates += self.relay.audiences(request, f"{suffix}?{signed}")
-        self.relay.check_token(bearer_token(request), candidates, validator)
+            candidates += self.auth.audiences(request, f"{suffix}?{signed}")
+        self.auth.check_token(bearer_token(request), candidates, validator)
 
     # -- operations ---------------------------------------------------------------------------
 
@@ -147,36 +157,36 @@ class RestApi:
             if mode not in FAULT_MODES:
                 raise HttpError(400, f"serverConnections must be one of {', '.join(FAULT_MODES)}, "
                                      f"got {mode!r}")
-            self.relay.inject_fault(mode)
-        return Response.json(200, {"serverConnections": self.relay.fault_mode})
+            self.switch.inject_fault(mode)
+        return Response.json(200, {"serverConnections": self.switch.fault_mode})
 
     async def send_to_all(self, call: Call) -> Response:
-        return _sent(await self.relay.send_to_all(call.hub, _message(call.request),
+        return _sent(self.ops.send_to_all(call.hub, _message(call.request),
                                                   call.excluded()))
 
     async def send_to_user(self, call: Call) -> Response:
-        return _sent(await self.relay.send_to_user(call.hub, call.params["user"],
+        return _sent(self.ops.send_to_user(call.hub, call.params["user"],
                                                    _message(call.request)))
 
     async def send_to_connection(self, call: Call) -> Response:
-        return _sent(await self.relay.send_to_connection(call.hub, call.params["connection"],
+        return _sent(self.ops.send_to_connection(call.hub, call.params["connection"],
                                                          _message(call.request)))
 
     async def send_to_group(self, call: Call) -> Response:
-        return _sent(await self.relay.send_to_group(call.hub, call.params["group"],
+        return _sent(self.ops.send_to_group(call.hub, call.params["group"],
                                                     _message(call.request), call.excluded()))
 
     async def close_all(self, call: Call) -> Response:
-        await self.relay.close_all_connections(call.hub, call.reason(), call.excluded())
+        self.ops.close_all_connections(call.hub, call.reason(), call.excluded())
         return Response(0)
 
     async def close_group(self, call: Call) -> Response:
-        await self.relay.close_group_connections(call.hub, call.params["group"], call.reason(),
+        self.ops.close_group_connections(call.hub, call.params["group"], call.reason(),
                                                  call.excluded())
         return Response(0)
 
     async def close_user(self, call: Call) -> Response:
-        await self.relay.close_user_connections(call.hub, call.params["user"], call.reason(),
+        self.ops.close_user_connections(call.hub, call.params["user"], call.reason(),
                                                 call.excluded())
         return Response(0)
 
@@ -187,23 +197,23 @@ class RestApi:
             return await self.send_to_connection(call)
         conn_id = call.params["connection"]
         if method == "DELETE":
-            found = await self.relay.close_connection(call.hub, conn_id, call.reason())
+            found = self.ops.close_connection(call.hub, conn_id, call.reason())
         else:
-            found = await self.relay.connection_exists(call.hub, conn_id)
+            found = self.ops.connection_exists(call.hub, conn_id)
         if not found:
             return _not_found("Warning.Connection.NotExisted",
                               f"connection '{conn_id}' does not exist in hub '{call.hub}'")
         return Response(0 if method == "DELETE" else 200)
 
     async def remove_connection_from_all_groups(self, call: Call) -> Response:
-        await self.relay.remove_connection_from_all_groups(call.hub, call.params["connection"])
+        self.ops.remove_connection_from_group(call.hub, None, call.params["connection"])
         return Response(0)
 
     async def group(self, call: Call) -> Response:
         """HEAD/GET: does the group have a connection (v1 POST: send to it)."""
         if call.request.method == "POST":
             return await self.send_to_group(call)
-        if not await self.relay.group_exists(call.hub, call.params["group"]):
+        if not self.ops.group_exists(call.hub, call.params["group"]):
             return _not_found("Warning.Group.NotExisted",
                               f"group '{call.params['group']}' has no connection in hub "
                               f"'{call.hub}'")
@@ -212,10 +222,10 @@ class RestApi:
     async def group_connection(self, call: Call) -> Response:
         group, conn_id = call.params["group"], call.params["connection"]
         if call.request.method == "PUT":
-            found = await self.relay.add_connection_to_group(call.hub, group, conn_id)
+            found = self.ops.add_connection_to_group(call.hub, group, conn_id)
         else:
-            found = await self.relay.connection_exists(call.hub, conn_id)
-            await self.relay.remove_connection_from_group(call.hub, group, conn_id)
+            found = self.ops.connection_exists(call.hub, conn_id)
+            self.ops.remove_connection_from_group(call.hub, group, conn_id)
         if not found:
             return _not_found("Error.Connection.NotExisted",
                               f"connection '{conn_id}' does not exist in hub '{call.hub}'")
@@ -225,7 +235,7 @@ class RestApi:
         """HEAD/GET: does the user have a connection (v1 POST: send to it)."""
         if call.request.method == "POST":
             return await self.send_to_user(call)
-        if not await self.relay.user_exists(call.hub, call.params["user"]):
+        if not self.ops.user_exists(call.hub, call.params["user"]):
             return _not_found("Warning.User.NotExisted",
                               f"user '{call.params['user']}' has no connection in hub "
                               f"'{call.hub}'")
@@ -235,11 +245,11 @@ class RestApi:
         group, user = call.params["group"], call.params["user"]
         method = call.request.method
         if method == "PUT":
-            await self.relay.add_user_to_group(call.hub, group, user, _ttl(call.request))
+            self.ops.add_user_to_group(call.hub, group, user, _ttl(call.request))
         elif method == "DELETE":
-            await self.relay.remove_user_from_group(call.hub, group, user)
+            self.ops.remove_user_from_group(call.hub, group, user)
             return Response(204 if call.versioned else 0)
-        elif not await self.relay.user_in_group(call.hub, group, user):
+        elif not self.ops.user_in_group(call.hub, group, user):
             return _not_found("Info.User.NotInGroup",
                               f"user '{user}' is not in group '{group}' of hub '{call.hub}'")
         else:
@@ -247,7 +257,7 @@ class RestApi:
         return Response(0)
 
     async def remove_user_from_all_groups(self, call: Call) -> Response:
-        await self.relay.remove_user_from_all_groups(call.hub, call.params["user"])
+        self.ops.remove_user_from_group(call.hub, None, call.params["user"])
         return Response(0)
 
 

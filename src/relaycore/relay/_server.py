@@ -8,13 +8,16 @@ may hold several (service-protocol §1). The first message must be the handshake
 relay answers it and the connection becomes OPEN:
 
 * **Default** and **OnDemand** connections carry clients: a new client of hub H is bound to one
-  of them (``Relay.choose_server``), which gets ``OpenConnection`` and then the client's bytes,
+  of them (``Operations.choose_server``), which gets ``OpenConnection`` and then the client's bytes,
   handshake first, as ``ConnectionData``; what the hub writes back goes to the client as is.
 * **Weak** connections (secondary endpoints, management clients) never carry clients; they only
   send fan-out, group and close operations.
 
 Everything a server sends on one connection is handled in order (§7: an ack-able operation
-follows the sends before it). Operations that want an answer get a ``ServiceAck`` on the same
+follows the sends before it). What a message asks of the relay (a send, a group change, an
+existence check, a close) is done by the operations layer (``Operations.perform``); this class
+keeps only what belongs to the connection: its handshake, its clients' data, pings, acks and
+client results. Operations that want an answer get a ``ServiceAck`` on the same
 connection. A malformed message closes this connection with a ``ServiceError`` saying why; its
 clients get a Close message with ``allowReconnect`` (they come back through another app server),
 never silence. The relay pings every ``server_keep_alive_interval`` with the hub's metrics
@@ -23,9 +26,8 @@ never silence. The relay pings every ``server_keep_alive_interval`` with the hub
 
 from __future__ import annotations
 
-import collections
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import trio
 
@@ -34,29 +36,14 @@ from ..protocol._service import (
     ASRS_INSTANCE_ID_HEADER,
     SERVICE_PROTOCOL_VERSION,
     AckStatus,
-    BroadcastDataMessage,
-    CheckConnectionExistenceWithAckMessage,
-    CheckGroupExistenceWithAckMessage,
-    CheckUserExistenceWithAckMessage,
-    CheckUserInGroupWithAckMessage,
     ClientCompletionMessage,
     ClientInvocationMessage,
     CloseConnectionMessage,
-    CloseConnectionsWithAckMessage,
-    CloseConnectionWithAckMessage,
-    CloseGroupConnectionsWithAckMessage,
-    CloseUserConnectionsWithAckMessage,
     ConnectionDataMessage,
     ConnectionType,
     ErrorCompletionMessage,
-    GroupBroadcastDataMessage,
     JoinGroupMessage,
-    JoinGroupWithAckMessage,
     LeaveGroupMessage,
-    LeaveGroupWithAckMessage,
-    MultiConnectionDataMessage,
-    MultiGroupBroadcastDataMessage,
-    MultiUserDataMessage,
     OpenConnectionMessage,
     PingKey,
     ServiceAckMessage,
@@ -69,10 +56,6 @@ from ..protocol._service import (
     ServicePing,
     ServiceProtocolParser,
     UserDataMessage,
-    UserJoinGroupMessage,
-    UserJoinGroupWithAckMessage,
-    UserLeaveGroupMessage,
-    UserLeaveGroupWithAckMessage,
     connection_data_prefix,
     write_connection_data,
     write_message,
@@ -85,13 +68,8 @@ from ..protocol._websocket import (
     TextMessage,
     frame,
 )
-from ._message import OutboundMessage
-from ._peer import ConnState, Peer
-from ._table import HubShard
-
-if TYPE_CHECKING:
-    from ._client import ClientConnection
-    from ._relay import Relay
+from ._operations import OPERATION_MESSAGES, Operations
+from ._peer import ConnState, Peer, PeerIO
 
 log = logging.getLogger("relaycore.relay.server")
 
@@ -137,21 +115,22 @@ def _claims_for_server(claims: dict[str, Any]) -> dict[str, str | tuple[str, ...
 class ServerConnection(Peer):
     """An app server's connection to one hub of this relay."""
 
-    __slots__ = ("hub", "server_id", "connection_type", "accepting", "clients", "_parser",
-                 "silenced")
+    __slots__ = ("ops", "hub", "server_id", "connection_type", "accepting", "clients",
+                 "_parser", "silenced")
 
     def __init__(
-        self, relay: Relay, *, hub: str, server_id: str, now: float
+        self, io: PeerIO, ops: Operations, *, hub: str, server_id: str, now: float
     ) -> None:
-        config = relay.config
-        super().__init__(relay, max_message_size=config.max_service_message_size,
+        config = ops.config
+        super().__init__(io, max_message_size=config.max_service_message_size,
                          send_limit=config.server_send_buffer_limit, now=now)
+        self.ops = ops
         self.hub = hub
         self.server_id = server_id
         self.connection_type = ConnectionType.DEFAULT
         #: False after the server said it is leaving (``shutdown fin:*``): no new clients.
         self.accepting = True
-        self.clients: dict[str, ClientConnection] = {}
+        self.clients: dict[str, Any] = {}
         self._parser = ServiceProtocolParser(max_message_size=config.max_service_message_size,
                                              raw_connection_data=True,
                                              raw_user_data=True)
@@ -176,11 +155,11 @@ class ServerConnection(Peer):
 
     # -- clients bound to this connection ------------------------------------------------------
 
-    def client_opened(self, client: ClientConnection, handshake: bytes) -> None:
+    def client_opened(self, client: Any, handshake: bytes) -> None:
         headers: dict[str, list[str]] = {
             name: [value] for name, value in client.headers.items()
         }
-        headers[ASRS_INSTANCE_ID_HEADER] = [self.relay.instance_id]
+        headers[ASRS_INSTANCE_ID_HEADER] = [self.ops.instance_id]
         client.headers = {}  # sent once, never needed again: idle connections are memory
         client.data_prefix = connection_data_prefix(client.id)
         self.clients[client.id] = client
@@ -195,21 +174,21 @@ class ServerConnection(Peer):
         )
         self.client_data(client, handshake)
 
-    def client_data(self, client: ClientConnection, data: bytes) -> None:
+    def client_data(self, client: Any, data: bytes) -> None:
         """Forward a client's bytes as ``ConnectionData`` (written without building the
         message: this is every client message's path to its app server)."""
         if self.state is ConnState.OPEN and not self.silenced:
             self._push(frame(Opcode.BINARY, write_connection_data(client.data_prefix, data)))
 
-    def client_closed(self, client: ClientConnection, error: str | None) -> None:
+    def client_closed(self, client: Any, error: str | None) -> None:
         if self.clients.pop(client.id, None) is not None:
             self.send(CloseConnectionMessage(client.id, error or ""))
-            self.relay.invocations.client_gone(client)
+            self.ops.invocations.client_gone(client)
 
     # -- timers --------------------------------------------------------------------------------
 
     def tick(self, now: float) -> None:
-        config = self.relay.config
+        config = self.ops.config
         if self.state is ConnState.HANDSHAKE:
             if now - self.created > config.handshake_timeout:
                 self.fail("the service handshake did not arrive in time", broken=False)
@@ -218,7 +197,7 @@ class ServerConnection(Peer):
                 self.fail(f"the app server sent nothing for {config.server_timeout:g} seconds",
                           broken=False)
             elif now - self.last_send >= config.server_keep_alive_interval:
-                self.send(ServicePing.of(self.relay.hub_metrics(self.hub)))
+                self.send(ServicePing.of(self.ops.hub_metrics(self.hub)))
 
     # -- closing -------------------------------------------------------------------------------
 
@@ -230,7 +209,7 @@ class ServerConnection(Peer):
         app server reconnects (elsewhere) and logs no error, as for any planned restart."""
         if self.state >= ConnState.CLOSING:
             return
-        if self.relay._shutting_down:
+        if self.ops.draining:
             self._leave(reason, expected=True)
             self._send_close_frame(CloseCode.GOING_AWAY, reason)
         else:
@@ -242,7 +221,7 @@ class ServerConnection(Peer):
     def _joined(self) -> None:
         """Log the app server's first connection of a type to this hub (INFO), the others
         at DEBUG: an app server opens several (five by default) at once."""
-        same = [s for s in self.relay.servers_of(self.hub)
+        same = [s for s in self.ops.servers_of(self.hub)
                 if s.server_id == self.server_id and s.connection_type == self.connection_type]
         kind = _type_name(self.connection_type)
         if len(same) == 1:
@@ -256,7 +235,7 @@ class ServerConnection(Peer):
         others there, else one line for the app server, INFO when it left on purpose (it
         closed its connections, or the relay drains) and WARNING when it was lost."""
         kind = _type_name(self.connection_type)
-        left = sum(s.server_id == self.server_id for s in self.relay.servers_of(self.hub))
+        left = sum(s.server_id == self.server_id for s in self.ops.servers_of(self.hub))
         if left:
             log.log(logging.DEBUG if expected else each,
                     "a %s connection of app server %s to hub %s closed (%s); %d still open",
@@ -270,7 +249,7 @@ class ServerConnection(Peer):
     def _leave(self, reason: str | None, *, expected: bool = False,
                each: int = logging.DEBUG) -> None:
         if self.state is ConnState.OPEN:
-            self.relay._remove_server(self)
+            self.ops.server_closed(self)
             self._left(reason or "closed", expected, each)
         if self.state < ConnState.CLOSING:
             self.state = ConnState.CLOSING
@@ -284,7 +263,6 @@ class ServerConnection(Peer):
 
     def _ended(self) -> None:
         self._leave("the connection dropped without a WebSocket close")
-        self.relay._forget(self)
 
     def _on_protocol_error(self, reason: str, code: int | None) -> None:
         self._leave(f"WebSocket protocol error: {reason}", each=logging.WARNING)
@@ -294,7 +272,7 @@ class ServerConnection(Peer):
         """The app server stopped reading (its clients' messages piled up past
         ``server_send_buffer_limit``): drop what waits, close with a ServiceError first."""
         dropped = self.drop_backlog() + size
-        stats = self.relay.stats
+        stats = self.ops.stats
         stats.server_slow_closes += 1
         stats.server_dropped_bytes += dropped
         reason = (f"the app server did not read: more than {self._limit} bytes were queued "
@@ -352,8 +330,7 @@ class ServerConnection(Peer):
                         if client is not None:
                             client.server_data(message[1])
                     else:  # UserData (8, user id, payloads)
-                        self.relay._deliver_payloads(
-                            self._shard().user_targets(message[1]), message[2])
+                        self.ops.send_payloads_to_user(self.hub, message[1], message[2])
                     continue
                 self._dispatch(message)
 
@@ -361,9 +338,17 @@ class ServerConnection(Peer):
         if self.state is ConnState.HANDSHAKE:
             self._handshake(message)
             return
-        handler = _HANDLERS.get(type(message))
+        kind = type(message)
+        handler = _HANDLERS.get(kind)
         if handler is not None:
             handler(self, message)
+        elif kind in OPERATION_MESSAGES:
+            result = self.ops.perform(self.hub, message)
+            if kind in _REPORTS_MISSING:
+                if not result:
+                    self._not_existed(message.connection_id)
+            elif kind not in _UNACKED:
+                self._ack(message.ack_id, bool(result))
 
     def _handshake(self, message: Any) -> None:
         if not isinstance(message, ServiceHandshakeRequest):
@@ -382,9 +367,10 @@ class ServerConnection(Peer):
             return
         self.connection_type = message.connection_type
         self.send(ServiceHandshakeResponse())
-        self.relay._add_server(self)
+        self.state = ConnState.OPEN
+        self.ops.server_opened(self)
         self._joined()
-        self.send(ServicePing.of(self.relay.hub_metrics(self.hub)))
+        self.send(ServicePing.of(self.ops.hub_metrics(self.hub)))
 
     # -- messages ------------------------------------------------------------------------------
 
@@ -397,28 +383,21 @@ class ServerConnection(Peer):
     def _ack(self, ack_id: int, ok: bool, message: str = "") -> None:
         self.send(ServiceAckMessage(ack_id, AckStatus.OK if ok else AckStatus.NOT_FOUND, message))
 
-    def _hub_has_clients(self) -> bool:
-        """The ``status`` answer: whether this hub still has clients on this relay, whichever
-        app server they are bound to. An app server removing this endpoint waits for "0", so
-        it keeps sending here until no client of the hub could miss its messages."""
-        shard = self._shard()
-        return bool(shard.connections) or any(s.clients for s in shard.servers)
-
     def _on_ping(self, ping: ServicePing) -> None:
         status = ping.get(PingKey.STATUS)
         if status is not None:
             self.send(
                 ServicePing.of(
                     {
-                        PingKey.STATUS: "1" if self._hub_has_clients() else "0",
-                        **self.relay.hub_metrics(self.hub),
+                        PingKey.STATUS: "1" if self.ops.hub_has_clients(self.hub) else "0",
+                        **self.ops.hub_metrics(self.hub),
                     }
                 )
             )
         elif ping.get(PingKey.SERVERS) is not None:
             self.send(
                 ServicePing.servers_reply(
-                    int(trio.current_time() * 1000), self.relay.server_ids(self.hub)
+                    int(trio.current_time() * 1000), self.ops.server_ids(self.hub)
                 )
             )
         shutdown = ping.get(PingKey.SHUTDOWN)
@@ -434,252 +413,30 @@ class ServerConnection(Peer):
     def _on_close_connection(self, message: CloseConnectionMessage) -> None:
         client = self.clients.pop(message.connection_id, None)
         if client is not None:
-            self.relay.invocations.client_gone(client)
+            self.ops.invocations.client_gone(client)
             client.close_from_server(message.error_message or None)
         else:  # a client of another server connection: close it as an operation
-            conn = self.relay._connection(self.hub, message.connection_id)
-            self.relay._close_each(() if conn is None else (conn,),
-                                   message.error_message or None)
-
-    def _send(self, targets: Any, payloads: dict[str, bytes]) -> None:
-        self.relay._deliver(targets, OutboundMessage(payloads=payloads))
-
-    def _shard(self) -> HubShard:
-        """This hub's shard, for reading (empty when the hub has nothing)."""
-        return self.relay.table.view(self.hub)
-
-    def _on_broadcast(self, m: BroadcastDataMessage) -> None:
-        self._send(self._shard().all_targets(m.excluded_connection_ids), m.payloads)
-
-    def _on_multi_connection(self, m: MultiConnectionDataMessage) -> None:
-        connections = self._shard().connections
-        found = (connections.get(c) for c in dict.fromkeys(m.connection_ids))
-        self._send([c for c in found if c is not None], m.payloads)
-
-    def _on_user(self, m: UserDataMessage) -> None:
-        self._send(self._shard().user_targets(m.user_id), m.payloads)
-
-    def _on_multi_user(self, m: MultiUserDataMessage) -> None:
-        shard = self._shard()
-        targets = {c.id: c for u in m.user_ids for c in shard.user_targets(u)}
-        self._send(targets.values(), m.payloads)
-
-    def _on_group(self, m: GroupBroadcastDataMessage) -> None:
-        targets = self._shard().group_targets(m.group_name, m.excluded_connection_ids)
-        if m.excluded_user_ids:
-            users = set(m.excluded_user_ids)
-            targets = (c for c in targets if c.user_id not in users)
-        self._send(targets, m.payloads)
-
-    def _on_multi_group(self, m: MultiGroupBroadcastDataMessage) -> None:
-        shard = self._shard()
-        targets = {c.id: c for g in m.group_names for c in shard.group_targets(g)}
-        self._send(targets.values(), m.payloads)
-
-    def _join(self, connection_id: str, group: str) -> bool:
-        conn = self.relay._connection(self.hub, connection_id)
-        if conn is None:
-            return False
-        self.relay.table.shard(self.hub).join(conn, group)
-        return True
-
-    def _leave_group(self, connection_id: str, group: str | None) -> bool:
-        conn = self.relay._connection(self.hub, connection_id)
-        if conn is None:
-            return False
-        shard = self.relay.table.shard(self.hub)
-        if group is None:
-            shard.leave_all(conn)
-        else:
-            shard.leave(conn, group)
-        return True
-
-    def _user_join(self, user_id: str, group: str, ttl: int | None) -> None:
-        self.relay.table.shard(self.hub).add_user_to_group(
-            user_id, group, None if ttl is None else float(ttl), self.relay.now()
-        )
-
-    def _user_leave(self, user_id: str, group: str | None) -> None:
-        shard = self.relay.table.get(self.hub)
-        if shard is None:
-            return
-        if group is None:
-            shard.remove_user_from_all_groups(user_id)
-        else:
-            shard.remove_user_from_group(user_id, group)
-        self.relay.table.prune(self.hub)
+            self.ops.close_connection(self.hub, message.connection_id,
+                                      message.error_message or None)
 
     def _on_client_invocation(self, m: ClientInvocationMessage) -> None:
-        self.relay.invocations.invoke(self, m)
+        self.ops.invocations.invoke(self, m)
 
     def _on_client_completion(self, m: ClientCompletionMessage | ErrorCompletionMessage) -> None:
-        self.relay.invocations.complete(self, m)
-
-
-def _close_connections(s: ServerConnection, m: CloseConnectionsWithAckMessage) -> None:
-    s.relay._close_each(s._shard().all_targets(m.excluded_connection_ids), m.reason)
-    s._ack(m.ack_id, True)
-
-
-def _close_user(s: ServerConnection, m: CloseUserConnectionsWithAckMessage) -> None:
-    excluded = set(m.excluded_connection_ids)
-    targets = [c for c in s._shard().user_targets(m.user_id) if c.id not in excluded]
-    s.relay._close_each(targets, m.reason)
-    s._ack(m.ack_id, True)
-
-
-def _close_group(s: ServerConnection, m: CloseGroupConnectionsWithAckMessage) -> None:
-    s.relay._close_each(s._shard().group_targets(m.group_name, m.excluded_connection_ids), m.reason)
-    s._ack(m.ack_id, True)
-
-
-def _close_one(s: ServerConnection, m: CloseConnectionWithAckMessage) -> None:
-    conn = s.relay._connection(s.hub, m.connection_id)
-    s.relay._close_each(() if conn is None else (conn,), m.reason)
-    s._ack(m.ack_id, conn is not None)
-
-
-def _shard_has(s: ServerConnection, index: str, key: str) -> bool:
-    return key in getattr(s._shard(), index)
+        self.ops.invocations.complete(self, m)
 
 
 _S = ServerConnection
+#: The messages this connection answers itself; the other operations go to ``Operations``.
 _HANDLERS: dict[type, Any] = {
     ServicePing: _S._on_ping,
     ConnectionDataMessage: _S._on_connection_data,
     CloseConnectionMessage: _S._on_close_connection,
-    BroadcastDataMessage: _S._on_broadcast,
-    MultiConnectionDataMessage: _S._on_multi_connection,
-    UserDataMessage: _S._on_user,
-    MultiUserDataMessage: _S._on_multi_user,
-    GroupBroadcastDataMessage: _S._on_group,
-    MultiGroupBroadcastDataMessage: _S._on_multi_group,
-    JoinGroupMessage: lambda s, m: s._join(m.connection_id, m.group_name)
-    or s._not_existed(m.connection_id),
-    LeaveGroupMessage: lambda s, m: s._leave_group(m.connection_id, m.group_name)
-    or s._not_existed(m.connection_id),
-    JoinGroupWithAckMessage: lambda s, m: s._ack(m.ack_id, s._join(m.connection_id, m.group_name)),
-    LeaveGroupWithAckMessage: lambda s, m: s._ack(
-        m.ack_id, s._leave_group(m.connection_id, m.group_name)
-    ),
-    UserJoinGroupMessage: lambda s, m: s._user_join(m.user_id, m.group_name, m.ttl),
-    UserLeaveGroupMessage: lambda s, m: s._user_leave(m.user_id, m.group_name),
-    UserJoinGroupWithAckMessage: lambda s, m: (
-        s._user_join(m.user_id, m.group_name, m.ttl),
-        s._ack(m.ack_id, True),
-    ),
-    UserLeaveGroupWithAckMessage: lambda s, m: (
-        s._user_leave(m.user_id, m.group_name),
-        s._ack(m.ack_id, True),
-    ),
-    CheckUserInGroupWithAckMessage: lambda s, m: s._ack(
-        m.ack_id,
-        s._shard().user_in_group(m.user_id, m.group_name, s.relay.now()),
-    ),
-    CheckGroupExistenceWithAckMessage: lambda s, m: s._ack(
-        m.ack_id, _shard_has(s, "groups", m.group_name)
-    ),
-    CheckConnectionExistenceWithAckMessage: lambda s, m: s._ack(
-        m.ack_id, _shard_has(s, "connections", m.connection_id)
-    ),
-    CheckUserExistenceWithAckMessage: lambda s, m: s._ack(
-        m.ack_id, _shard_has(s, "users", m.user_id)
-    ),
-    CloseConnectionWithAckMessage: _close_one,
-    CloseConnectionsWithAckMessage: _close_connections,
-    CloseUserConnectionsWithAckMessage: _close_user,
-    CloseGroupConnectionsWithAckMessage: _close_group,
     ClientInvocationMessage: _S._on_client_invocation,
     ClientCompletionMessage: _S._on_client_completion,
     ErrorCompletionMessage: _S._on_client_completion,
 }
-
-
-class ClientInvocations:
-    """Client results across app servers (§2.5): which server asked, for which client.
-
-    The caller server sends ClientInvocation; the relay writes the payload to the client and,
-    when another server owns the client, tells that server (it routes the client's completion).
-    The owner answers with ClientCompletion or ErrorCompletion, which goes to a connection of
-    the caller server. A client that leaves first gets its pending invocations failed.
-    """
-
-    #: How long the relay keeps a pending client invocation (§2.5: at most 10 minutes).
-    TIMEOUT = 600.0
-
-    def __init__(self, relay: Relay) -> None:
-        self.relay = relay
-        #: invocation id -> (hub, caller server id, client connection id, expiry time)
-        self.pending: dict[str, tuple[str, str, str, float]] = {}
-        #: (hub, client connection id) -> how many of ``pending`` it has
-        self._per_client: collections.Counter[tuple[str, str]] = collections.Counter()
-
-    def invoke(self, caller: ServerConnection, m: ClientInvocationMessage) -> None:
-        client = self.relay._connection(caller.hub, m.connection_id)
-        if client is None:
-            caller.send(
-                ErrorCompletionMessage(
-                    m.invocation_id,
-                    m.connection_id,
-                    m.caller_server_id,
-                    f"Connection '{m.connection_id}' does not exist.",
-                )
-            )
-            return
-        limit = self.relay.config.max_pending_invocations
-        key = (caller.hub, m.connection_id)
-        if self._per_client[key] >= limit or m.invocation_id in self.pending:
-            self.relay.stats.invocations_refused += 1
-            caller.send(ErrorCompletionMessage(
-                m.invocation_id, m.connection_id, m.caller_server_id,
-                f"Connection '{m.connection_id}' has {limit} client invocations waiting "
-                "already." if m.invocation_id not in self.pending
-                else f"Invocation '{m.invocation_id}' is already waiting."))
-            return
-        self._per_client[key] += 1
-        self.pending[m.invocation_id] = (caller.hub, m.caller_server_id, m.connection_id,
-                                         self.relay.now() + self.TIMEOUT)
-        self.relay._deliver((client,), OutboundMessage(payloads=m.payloads))
-        owner = client.server
-        if owner is not None and owner.server_id != m.caller_server_id:
-            owner.send(m)
-
-    def complete(
-        self, sender: ServerConnection, m: ClientCompletionMessage | ErrorCompletionMessage
-    ) -> None:
-        entry = self.pending.pop(m.invocation_id, None)
-        if entry is not None:
-            self._forget(entry[0], entry[2])
-        if entry is None or sender.server_id == entry[1]:
-            return  # unknown, or the caller cleaning up after itself
-        self._to_caller(entry[0], entry[1], m)
-
-    def client_gone(self, client: ClientConnection) -> None:
-        self._fail(lambda hub, conn_id, expiry: conn_id == client.id and hub == client.hub,
-                   "Connection '{}' disconnected.")
-
-    def expire(self, now: float) -> None:
-        self._fail(lambda hub, conn_id, expiry: expiry <= now,
-                   "The client invocation on connection '{}' timed out.")
-
-    def _fail(self, which: Any, error: str) -> None:
-        if not self.pending:
-            return
-        for invocation_id, (hub, caller_id, conn_id, expiry) in list(self.pending.items()):
-            if which(hub, conn_id, expiry):
-                del self.pending[invocation_id]
-                self._forget(hub, conn_id)
-                self._to_caller(hub, caller_id, ErrorCompletionMessage(
-                    invocation_id, conn_id, caller_id, error.format(conn_id)))
-
-    def _forget(self, hub: str, connection_id: str) -> None:
-        key = (hub, connection_id)
-        self._per_client[key] -= 1
-        if self._per_client[key] <= 0:
-            del self._per_client[key]
-
-    def _to_caller(self, hub: str, caller_id: str, message: Any) -> None:
-        for server in self.relay.servers_of(hub):
-            if server.server_id == caller_id:
-                server.send(message)
-                return
+#: Operations without an ack that say so when their connection does not exist (ServiceEvent).
+_REPORTS_MISSING = frozenset({JoinGroupMessage, LeaveGroupMessage})
+#: Operations answered with nothing: the sends and the user-group changes without an ack.
+_UNACKED = frozenset(m for m in OPERATION_MESSAGES if not m.__name__.endswith("WithAckMessage"))

@@ -27,11 +27,9 @@ from __future__ import annotations
 import collections
 import contextvars
 import dataclasses
-import fnmatch
 import logging
-from collections.abc import Iterable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
-from urllib.parse import quote
+from collections.abc import Sequence
+from typing import Any, Protocol
 
 import httpx
 import orjson
@@ -39,10 +37,8 @@ import trio
 
 from ..protocol._hub import CompletionMessage
 from ..protocol._service import upstream_signature
-
-if TYPE_CHECKING:
-    from ._client import ClientConnection
-    from ._relay import Relay
+from ._config import RelayConfig, UpstreamRule
+from ._stats import RelayStats
 
 log = logging.getLogger("relaycore.relay.upstream")
 
@@ -65,52 +61,19 @@ CONNECTIONS = "connections"
 MESSAGES = "messages"
 
 
-def _matches(pattern: str, value: str) -> bool:
-    """``*``, a name, or a comma-separated list of names (compared case-insensitively)."""
-    items = [p.strip() for p in pattern.split(",") if p.strip()]
-    return any(p == "*" or fnmatch.fnmatchcase(value.lower(), p.lower()) for p in items)
+class ClientConnection(Protocol):
+    """A serverless client as the upstream sees it (``_session.ClientSession``)."""
 
+    id: str
+    hub: str
+    query: str
+    user_id: str | None
+    claims: dict[str, Any]
+    protocol_name: str
 
-@dataclasses.dataclass(frozen=True)
-class UpstreamRule:
-    """One upstream setting: where events of matching hubs, categories and events go."""
+    def reply(self, message: Any) -> None: ...
 
-    url_template: str
-    hub_pattern: str = "*"
-    category_pattern: str = "*"
-    event_pattern: str = "*"
-
-    def url_for(self, hub: str, category: str, event: str) -> str | None:
-        if not (_matches(self.hub_pattern, hub) and _matches(self.category_pattern, category)
-                and _matches(self.event_pattern, event)):
-            return None
-        return (self.url_template.replace("{hub}", quote(hub, safe=""))
-                .replace("{category}", quote(category, safe=""))
-                .replace("{event}", quote(event, safe="")))
-
-    @classmethod
-    def parse(cls, value: str | Mapping[str, Any], where: str = "upstream") -> UpstreamRule:
-        """From a URL template string, or a table with ``url_template`` and patterns."""
-        if isinstance(value, str):
-            rule = cls(value)
-        else:
-            known = {f.name for f in dataclasses.fields(cls)}
-            fields = {k.replace("-", "_"): v for k, v in value.items()}
-            fields.pop("auth", None)  # managed identity has no meaning here
-            unknown = set(fields) - known
-            if unknown:
-                raise ValueError(f"{where}: unknown upstream settings {sorted(unknown)}")
-            if "url_template" not in fields:
-                raise ValueError(f"{where}: an upstream needs a url_template")
-            rule = cls(**fields)
-        if not rule.url_template.startswith(("http://", "https://")):
-            raise ValueError(f"{where}: url_template must be an http(s) URL, got "
-                             f"{rule.url_template!r}")
-        return rule
-
-
-def parse_rules(values: Iterable[str | Mapping[str, Any]]) -> list[UpstreamRule]:
-    return [UpstreamRule.parse(v, f"upstream #{i + 1}") for i, v in enumerate(values)]
+    def send_framed(self, payload: bytes) -> None: ...
 
 
 @dataclasses.dataclass
@@ -125,10 +88,11 @@ class _SystemEvent:
 class Upstream:
     """Sends a relay's upstream events; ``run()`` lives in the relay's nursery."""
 
-    def __init__(self, relay: Relay, rules: Sequence[UpstreamRule]) -> None:
-        self.relay = relay
+    def __init__(self, config: RelayConfig, stats: RelayStats,
+                 rules: Sequence[UpstreamRule]) -> None:
+        self.config = config
+        self.stats = stats
         self.rules = list(rules)
-        config = relay.config
         self._limiter = trio.CapacityLimiter(config.upstream_concurrency)
         self._queues: dict[str, collections.deque[_SystemEvent]] = {}
         self._wakeups: dict[str, trio.Event] = {}
@@ -149,7 +113,7 @@ class Upstream:
         return None
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        timeout = httpx.Timeout(self.relay.config.upstream_timeout)
+        timeout = httpx.Timeout(self.config.upstream_timeout)
         logging.getLogger("httpx").addFilter(_QUIET)  # once: addFilter skips a duplicate
         async with httpx.AsyncClient(timeout=timeout) as self._http, \
                 trio.open_nursery() as self._nursery:
@@ -168,7 +132,7 @@ class Upstream:
             "X-ASRS-Category": category,
             "X-ASRS-Event": event,
             "X-ASRS-Client-Query": conn.query,
-            "X-ASRS-Signature": upstream_signature(conn.id, self.relay.config.access_keys),
+            "X-ASRS-Signature": upstream_signature(conn.id, self.config.access_keys),
         }
         if conn.user_id is not None:
             headers["X-ASRS-User-Id"] = conn.user_id
@@ -196,8 +160,8 @@ class Upstream:
             queue = self._queues[conn.hub] = collections.deque()
             self._wakeups[conn.hub] = trio.Event()
             self._nursery.start_soon(self._hub_worker, conn.hub)
-        if len(queue) >= self.relay.config.upstream_queue_limit:
-            self.relay.stats.upstream_dropped += 1
+        if len(queue) >= self.config.upstream_queue_limit:
+            self.stats.upstream_dropped += 1
             log.error("upstream queue of hub %s is full (%d events): dropped %s of %s",
                       conn.hub, len(queue), event, conn.id)
             return
@@ -217,14 +181,14 @@ class Upstream:
             try:
                 await self._deliver_system_event(event)
             except Exception:  # one event is lost (and counted), never the relay
-                self.relay.stats.internal_errors += 1
-                self.relay.stats.upstream_dropped += 1
+                self.stats.internal_errors += 1
+                self.stats.upstream_dropped += 1
                 log.exception("upstream %s event of connection %s dropped: internal error",
                               event.event, event.connection_id)
             queue.popleft()
 
     async def _deliver_system_event(self, event: _SystemEvent) -> None:
-        config = self.relay.config
+        config = self.config
         deadline = trio.current_time() + config.upstream_retry_for
         delay = 0.25
         attempt = 0
@@ -232,10 +196,10 @@ class Upstream:
             attempt += 1
             problem = await self._post_once(event.url, event.headers, event.body)
             if problem is None:
-                self.relay.stats.upstream_events_sent += 1
+                self.stats.upstream_events_sent += 1
                 return
             if trio.current_time() + delay > deadline:
-                self.relay.stats.upstream_dropped += 1
+                self.stats.upstream_dropped += 1
                 log.error("upstream %s event of connection %s dropped after %d attempts: %s",
                           event.event, event.connection_id, attempt, problem)
                 return
@@ -278,9 +242,9 @@ class Upstream:
         url = self.url_for(conn.hub, MESSAGES, target)
         if url is None or self._nursery is None:
             return False
-        limit = self.relay.config.max_pending_invocations
+        limit = self.config.max_pending_invocations
         if self._in_flight[conn] >= limit:
-            self.relay.stats.invocations_refused += 1
+            self.stats.invocations_refused += 1
             if invocation_id is not None:
                 conn.reply(CompletionMessage(invocation_id=invocation_id, error=(
                     f"Invocation refused: {limit} invocations of this connection are already "
@@ -304,15 +268,15 @@ class Upstream:
 
     async def _invoke(self, conn: ClientConnection, url: str, headers: dict[str, Any],
                       body: bytes, target: str, invocation_id: str | None) -> None:
-        limit = self.relay.config.max_upstream_response
+        limit = self.config.max_upstream_response
         try:
             response = await self._post(url, headers, body)
         except Exception as exc:  # noqa: BLE001 - one call fails, never the relay
-            self.relay.stats.upstream_failures += 1
+            self.stats.upstream_failures += 1
             if isinstance(exc, httpx.HTTPError):
                 log.warning("upstream invocation %s of %s failed: %r", target, conn.id, exc)
             else:
-                self.relay.stats.internal_errors += 1
+                self.stats.internal_errors += 1
                 log.exception("upstream invocation %s of %s: internal error", target, conn.id)
             if invocation_id is not None:
                 conn.reply(CompletionMessage(invocation_id=invocation_id, error=(
@@ -331,7 +295,7 @@ class Upstream:
         elif response.status_code in (200, 204):
             conn.reply(CompletionMessage(invocation_id=invocation_id))
         else:
-            self.relay.stats.upstream_failures += 1
+            self.stats.upstream_failures += 1
             conn.reply(CompletionMessage(
                 invocation_id=invocation_id,
                 error=f"Invocation failed, status code {response.status_code}"))

@@ -1,13 +1,21 @@
-"""One client connection: the SignalR handshake, then either an app server or the relay itself.
+"""One client session: the SignalR handshake, then either an app server or the relay itself.
 
 Theory of operation
 -------------------
-A ``ClientConnection`` is a ``Peer`` (see ``_peer``) created after the WebSocket upgrade. The
-first 0x1E-terminated record it receives is the SignalR handshake request; the relay reads it
-to learn the client's hub protocol, then one of two things happens:
+A ``ClientSession`` is what a client is to the relay, whatever carries its bytes: its id, hub,
+user, claims, groups, hub protocol, the app-server connection it is bound to, and its state.
+A *transport* carries its frames (``_transport.WebSocketTransport`` today; Server-Sent Events
+and long polling are transports too): it hands the session the client's whole messages
+(``receive``), tells it when the client went away (``transport_ended``), and takes the frames
+the session sends (``push``). The connection table and the fan-out see the session: it has the
+fan-out's ``state``, ``wire_format`` (its hub protocol as its transport frames it) and ``_out``,
+which *is* its transport's send buffer, so a broadcast appends to it directly.
+
+The first 0x1E-terminated record the client sends is the SignalR handshake request; the session
+reads it to learn the client's hub protocol, then one of two things happens:
 
 * **Bound to an app server** (the hub has a live server connection that carries clients): the
-  relay sends that server connection ``OpenConnection`` and forwards the client's bytes,
+  session sends that server connection ``OpenConnection`` and forwards the client's bytes,
   beginning with the handshake request, as ``ConnectionData``, unchanged. The app server's hub
   answers the handshake; the client becomes OPEN (routable) when that answer is ``{}``.
 * **Serverless** (no app server and the relay's mode allows it): the relay answers the
@@ -15,15 +23,16 @@ to learn the client's hub protocol, then one of two things happens:
   completion error rather than silence).
 
 HANDSHAKE -> OPEN (in the connection table) -> CLOSING (out of the table; a Close message and
-close frame queued) -> CLOSED. Timers (handshake, keep-alive, client timeout) are driven by the
-relay's ticker through ``tick(now)``. ``enqueue`` never awaits; a connection whose send buffer
-passes ``send_buffer_limit`` is closed with a reason and counted (slow-consumer policy).
+the transport's close queued) -> CLOSED. Timers (handshake, keep-alive, client timeout) are
+driven by the relay's ticker through the transport's ``tick(now)``. Nothing here awaits; a
+session whose transport buffer passes ``send_buffer_limit`` is closed with a reason and counted
+(slow-consumer policy).
 """
 
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from .._accel import encode_varint, split_records, split_varint_frames
 from ..protocol._errors import RemoteProtocolError
@@ -31,6 +40,7 @@ from ..protocol._hub import (
     CloseMessage,
     CompletionMessage,
     InvocationMessage,
+    PingMessage,
     StreamInvocationMessage,
     check_handshake_request,
     get_protocol,
@@ -38,37 +48,63 @@ from ..protocol._hub import (
     parse_handshake_response,
     write_handshake_response,
 )
-from ..protocol._websocket import (
-    BinaryMessage,
-    CloseCode,
-    CloseReceived,
-    Opcode,
-    TextMessage,
-    frame,
-)
-from ._peer import ConnState, Peer
-
-if TYPE_CHECKING:
-    from ._relay import Relay
-    from ._server import ServerConnection
+from ..protocol._websocket import CloseCode
+from ._message import WIRE_FORMATS
+from ._operations import Operations
+from ._peer import ConnState
 
 log = logging.getLogger("relaycore.relay.client")
 
-#: A whole WebSocket message that is one Ping hub message, as the official clients send it
-#: (JSON ``{"type":6}`` + record separator; MessagePack ``[6]`` with its varint length).
+#: A whole message that is one Ping hub message, as the official clients send it (JSON
+#: ``{"type":6}`` + record separator; MessagePack ``[6]`` with its varint length).
 _PINGS = frozenset({b'{"type":6}\x1e', b"\x02\x91\x06"})
 
+#: The keep-alive Ping hub message per protocol, written once.
+_PING_PAYLOADS = {name: get_protocol(name).write(PingMessage())
+                  for name in ("json", "messagepack")}
 
-class ClientConnection(Peer):
-    """A SignalR client connected to a hub of this relay."""
 
-    __slots__ = ("id", "hub", "claims", "user_id", "query", "headers", "groups",
-                 "protocol_name", "protocol", "server", "close_reason", "data_prefix",
-                 "_inbox")
+class Transport(Protocol):
+    """What a session needs of whatever carries its frames."""
+
+    state: ConnState
+    created: float
+    last_receive: float
+    last_send: float
+    _out: bytearray
+
+    def wire_format_for(self, protocol_name: str) -> str:
+        """The fan-out's key for ``protocol_name`` as this transport frames it."""
+
+    def push(self, data: bytes) -> bool:
+        """Queue complete frames; False (and the session is closed) past the send limit."""
+
+    def close(self, code: int, reason: str = "") -> None:
+        """End the transport once what is queued is out (within the close timeout)."""
+
+
+class ServerBinding(Protocol):
+    """The app-server connection a session is bound to (``_server.ServerConnection``)."""
+
+    server_id: str
+
+    def client_opened(self, client: ClientSession, handshake: bytes) -> None: ...
+
+    def client_data(self, client: ClientSession, data: bytes) -> None: ...
+
+    def client_closed(self, client: ClientSession, error: str | None) -> None: ...
+
+
+class ClientSession:
+    """A SignalR client connected to a hub of this relay (see the module's docstring)."""
+
+    __slots__ = ("ops", "transport", "id", "hub", "claims", "user_id", "query", "headers",
+                 "groups", "protocol_name", "protocol", "wire_format", "server",
+                 "close_reason", "data_prefix", "state", "_out", "_sink", "_inbox")
 
     def __init__(
         self,
-        relay: Relay,
+        ops: Operations,
         *,
         connection_id: str,
         hub: str,
@@ -76,10 +112,9 @@ class ClientConnection(Peer):
         user_id: str | None,
         query: str,
         headers: dict[str, str],
-        now: float,
     ) -> None:
-        super().__init__(relay, max_message_size=relay.config.max_message_size,
-                         send_limit=relay.config.send_buffer_limit, now=now)
+        self.ops = ops
+        self.transport: Any = None
         self.id = connection_id
         self.hub = hub
         self.claims = claims
@@ -89,26 +124,53 @@ class ClientConnection(Peer):
         self.groups: set[str] = set()
         self.protocol_name = ""
         self.protocol: Any = None
-        self.server: ServerConnection | None = None
+        self.wire_format = ""
+        self.server: ServerBinding | None = None
         #: The start of every ``ConnectionData`` body for this client (set when bound).
         self.data_prefix = b""
         self.close_reason: str | None = None
+        self.state = ConnState.HANDSHAKE
+        self._out = bytearray()
+        self._sink: Any = None
         self._inbox = bytearray()  # bytes received but not yet handled
+
+    def attach(self, transport: Transport) -> None:
+        """Carry this session's frames on ``transport`` from now on."""
+        self.transport = transport
+        self._out = transport._out  # the fan-out appends to the transport's buffer
+        self._sink = transport  # and the flusher writes the transport
 
     # -- outbound ------------------------------------------------------------------------------
 
+    def _set_state(self, state: ConnState) -> None:
+        self.state = state
+        self.transport.state = state
+
     def enqueue(self, data: bytes) -> bool:
-        """Queue a complete frame; False if the connection is not open or fell too far behind."""
+        """Queue a complete frame; False if the session is not open or fell too far behind."""
         if self.state is not ConnState.OPEN:
             return False
-        return self._push(data)
+        return self.transport.push(data)
 
-    def _overflow(self, size: int) -> None:
-        """The slow-consumer policy: the backlog goes (but the rest of a frame the socket
-        took part of) so that the Close message and the close frame are the next things the
-        client reads; the close timer drops the socket if it never reads again."""
-        dropped = self.drop_backlog() + size
-        stats = self.relay.stats
+    def _send(self, payload: bytes, wire_format: str | None = None) -> bool:
+        """Frame hub-protocol bytes for this session's transport and queue them."""
+        return self.transport.push(WIRE_FORMATS[wire_format or self.wire_format][1](payload))
+
+    def reply(self, message: Any) -> None:
+        """Send one hub message to this client (a completion, say)."""
+        if self.state is ConnState.OPEN:
+            self._send(self.protocol.write(message))
+
+    def send_framed(self, payload: bytes) -> None:
+        """Send complete framed hub messages (an upstream's answer) to this client as is."""
+        if self.state is ConnState.OPEN:
+            self._send(payload)
+
+    def slow_consumer(self, dropped: int, limit: int) -> None:
+        """The transport's buffer would pass ``limit``: its backlog (``dropped`` bytes) is
+        gone, so that the Close message and the close are the next things the client reads;
+        the close timer drops the transport if the client never reads again."""
+        stats = self.ops.stats
         stats.slow_consumer_closes += 1
         stats.slow_consumer_dropped_bytes += dropped
         log.warning(
@@ -116,25 +178,14 @@ class ClientConnection(Peer):
             "backlog dropped",
             self.id,
             self.hub,
-            self._limit,
+            limit,
             dropped,
         )
         self.close(
-            f"Connection closed: the send buffer limit of {self._limit} bytes was "
+            f"Connection closed: the send buffer limit of {limit} bytes was "
             "exceeded (slow consumer).",
             code=CloseCode.POLICY_VIOLATION,
         )
-
-    def _frame(self, payload: bytes) -> bytes:
-        return frame(Opcode.BINARY if self.protocol_name == "messagepack" else Opcode.TEXT, payload)
-
-    def _hub_frame(self, message: Any) -> bytes:
-        return self._frame(self.protocol.write(message))
-
-    def reply(self, message: Any) -> None:
-        """Send one hub message to this client (a completion, say)."""
-        if self.state is ConnState.OPEN:
-            self._push(self._hub_frame(message))
 
     def close(
         self,
@@ -143,14 +194,14 @@ class ClientConnection(Peer):
         allow_reconnect: bool = False,
         code: int = CloseCode.NORMAL_CLOSURE,
     ) -> None:
-        """Send a Close hub message (with ``reason`` as its error) and close the WebSocket."""
+        """Send a Close hub message (with ``reason`` as its error) and close the transport."""
         if self.state >= ConnState.CLOSING:
             return
         self._leave(reason)
         if self.protocol is not None:
-            self._push(self._hub_frame(CloseMessage(error=reason, allow_reconnect=allow_reconnect)))
-        self._send_close_frame(code, reason or "")
-        self._start_close_timer()
+            self._send(self.protocol.write(
+                CloseMessage(error=reason, allow_reconnect=allow_reconnect)))
+        self.transport.close(code, reason or "")
 
     def close_from_server(self, error: str | None) -> None:
         """The app server ended this client; its hub has already sent the Close message."""
@@ -158,8 +209,7 @@ class ClientConnection(Peer):
             return
         self.server = None  # the server knows; do not tell it back
         self._leave(error)
-        self._send_close_frame(CloseCode.NORMAL_CLOSURE)
-        self._start_close_timer()
+        self.transport.close(CloseCode.NORMAL_CLOSURE)
 
     def _leave(self, reason: str | None) -> None:
         """Leave the connection table and the app server (once)."""
@@ -167,57 +217,55 @@ class ClientConnection(Peer):
             return
         self.close_reason = reason
         if self.state is ConnState.OPEN:
-            self.relay._remove_connection(self)
-        self.state = ConnState.CLOSING
+            self.ops.connection_closed(self, reason)
+        self._set_state(ConnState.CLOSING)
         if self.server is not None:
             self.server.client_closed(self, reason)
             self.server = None
 
-    def _ended(self) -> None:
-        self._leave(self.close_reason)
-        self.relay._forget(self)
+    def _open(self) -> None:
+        self.transport.state = ConnState.OPEN
+        self.ops.connection_opened(self)
 
-    # -- timers --------------------------------------------------------------------------------
+    # -- from the transport --------------------------------------------------------------------
+
+    def transport_ended(self) -> None:
+        """The transport is gone (closed, dropped, timed out): leave everything."""
+        self._leave(self.close_reason)
+        self.state = ConnState.CLOSED
+
+    def transport_closing(self) -> None:
+        """The client started to close its transport."""
+        self._leave(self.close_reason)
+
+    def transport_failed(self, reason: str, code: int | None) -> None:
+        """The client broke its transport's protocol; the transport closes itself after the
+        Close message this queues."""
+        if self.state is ConnState.OPEN and self.protocol is not None:
+            self._send(self.protocol.write(CloseMessage(error=f"Connection closed: {reason}")))
+        self._leave(reason)
+        self.ops.stats.protocol_errors += 1
+        log.info(
+            "connection %s on hub %s failed: %s (close code %s)", self.id, self.hub, reason, code
+        )
 
     def tick(self, now: float) -> None:
-        config = self.relay.config
+        config = self.ops.config
+        transport = self.transport
         if self.state is ConnState.HANDSHAKE:
-            if now - self.created > config.handshake_timeout:
+            if now - transport.created > config.handshake_timeout:
                 self._handshake_failed("Handshake was canceled.")
         elif self.state is ConnState.OPEN:
-            if now - self.last_receive > config.client_timeout:
+            if now - transport.last_receive > config.client_timeout:
                 self.close(
                     "Connection closed: the client sent nothing for "
                     f"{config.client_timeout:g} seconds (client timeout)."
                 )
-            elif now - self.last_send >= config.keep_alive_interval and not self._out:
-                self._push(self.relay.ping_frame(self.protocol_name))
+            elif now - transport.last_send >= config.keep_alive_interval and not self._out:
+                self._send(_PING_PAYLOADS[self.protocol_name])
 
-    # -- inbound -------------------------------------------------------------------------------
-
-    def _on_protocol_error(self, reason: str, code: int | None) -> None:
-        if self.state is ConnState.OPEN and self.protocol is not None:
-            # The hub Close message must go out before the close frame the protocol queued.
-            close_frame = self.ws.data_to_send()
-            self._push(self._hub_frame(CloseMessage(error=f"Connection closed: {reason}")))
-            self._push(close_frame)
-        self._leave(reason)
-        self.relay.stats.protocol_errors += 1
-        log.info(
-            "connection %s on hub %s failed: %s (close code %s)", self.id, self.hub, reason, code
-        )
-        self._start_close_timer()
-
-    def _handle_events(self, events: list[Any]) -> None:
-        for event in events:
-            if isinstance(event, (TextMessage, BinaryMessage)):
-                self._handle_messages(
-                    [event.data.encode() if isinstance(event, TextMessage) else event.data]
-                )
-            elif isinstance(event, CloseReceived):
-                self._leave(self.close_reason)
-
-    def _handle_messages(self, messages: list[bytes]) -> None:
+    def receive(self, messages: list[bytes]) -> None:
+        """Whole messages from the client (each one transport message)."""
         server = self.server
         for data in messages:
             if self.state >= ConnState.CLOSING:
@@ -234,15 +282,15 @@ class ClientConnection(Peer):
             if self.state is ConnState.OPEN and self._inbox and server is None:
                 self._parse_hub_messages()
 
-    # -- SignalR ----------------------------------------------------------------------------
+    # -- SignalR -------------------------------------------------------------------------------
 
     def _handshake_failed(self, error: str) -> None:
         log.info("handshake of %s on hub %s failed: %s", self.id, self.hub, error)
-        self.relay.stats.handshake_errors += 1
-        self._push(frame(Opcode.TEXT, write_handshake_response(error)))
+        self.ops.stats.handshake_errors += 1
+        self._send(write_handshake_response(error),
+                   self.transport.wire_format_for("json"))
         self._leave(error)
-        self._send_close_frame(CloseCode.NORMAL_CLOSURE)
-        self._start_close_timer()
+        self.transport.close(CloseCode.NORMAL_CLOSURE)
 
     def _try_handshake(self) -> None:
         try:
@@ -251,7 +299,7 @@ class ClientConnection(Peer):
             self._handshake_failed(f"Invalid handshake request: {exc}")
             return
         if got is None:
-            if len(self._inbox) > self.relay.config.max_message_size:
+            if len(self._inbox) > self.ops.config.max_message_size:
                 self._handshake_failed("Handshake was canceled.")
             return
         request, consumed = got
@@ -263,20 +311,21 @@ class ClientConnection(Peer):
             return
         self.protocol_name = request.protocol.lower()
         self.protocol = get_protocol(self.protocol_name)
-        server = self.relay.choose_server(self.hub)
+        self.wire_format = self.transport.wire_format_for(self.protocol_name)
+        server = self.ops.choose_server(self.hub)
         if server is not None:
             # The app server's hub answers the handshake: forward it and what follows, as is.
             data, self._inbox = bytes(self._inbox), bytearray()
             self.server = server
             server.client_opened(self, data)
             return
-        if not self.relay.serves_hubs_itself:
+        if not self.ops.serves_hubs_itself:
             self._handshake_failed(f"No app server is connected to hub '{self.hub}'.")
             return
         del self._inbox[:consumed]
         self.headers = {}  # only an app server is ever told them
-        self._push(self._frame(write_handshake_response(None)))
-        self.relay._add_connection(self)
+        self._send(write_handshake_response(None))
+        self._open()
 
     def server_data(self, payload: bytes) -> None:
         """Bytes from the app server's hub: framed hub messages, written as they are."""
@@ -285,34 +334,33 @@ class ClientConnection(Peer):
                 answer = parse_handshake_response(payload)
             except RemoteProtocolError:
                 answer = None
-            self._push(self._frame(payload))
+            self._send(payload)
             if answer is not None and answer[0] is None:
-                self.relay._add_connection(self)
+                self._open()
             elif answer is not None:
-                self.relay.stats.handshake_errors += 1
+                self.ops.stats.handshake_errors += 1
                 self._leave(answer[0])
-                self._send_close_frame(CloseCode.NORMAL_CLOSURE)
-                self._start_close_timer()
+                self.transport.close(CloseCode.NORMAL_CLOSURE)
         elif self.state is ConnState.OPEN:
-            self.enqueue(self._frame(payload))
+            self.enqueue(WIRE_FORMATS[self.wire_format][1](payload))
 
     def _parse_hub_messages(self) -> None:
         """Serverless: handle the client's complete hub messages (each kept as its raw bytes,
         which is what an upstream receives)."""
-        limit = self.relay.config.max_message_size
+        limit = self.ops.config.max_message_size
         try:
             for body, message in self._split_messages(limit):
                 if isinstance(message, CloseMessage):
                     self._leave(None)
-                    self._send_close_frame(CloseCode.NORMAL_CLOSURE)
-                    self._start_close_timer()
+                    self.transport.close(CloseCode.NORMAL_CLOSURE)
                     return
-                if isinstance(message, (InvocationMessage, StreamInvocationMessage)):
-                    self.relay._client_invocation(self, message, body)
+                if (isinstance(message, (InvocationMessage, StreamInvocationMessage))
+                        and not self.ops.client_invocation(self, message, body)):
+                    self.not_delivered(message)
         except (RemoteProtocolError, ValueError) as exc:
             too_big = "exceed" in str(exc)
             self._inbox.clear()
-            self.relay.stats.protocol_errors += 1
+            self.ops.stats.protocol_errors += 1
             self.close(f"Connection closed with an error: {exc}",
                        code=CloseCode.MESSAGE_TOO_BIG if too_big
                        else CloseCode.INVALID_FRAME_PAYLOAD_DATA)
@@ -336,11 +384,6 @@ class ClientConnection(Peer):
             if messages:
                 out.append((body, messages[0]))
         return out
-
-    def send_framed(self, payload: bytes) -> None:
-        """Send complete framed hub messages (an upstream's answer) to this client as is."""
-        if self.state is ConnState.OPEN:
-            self._push(self._frame(payload))
 
     def not_delivered(self, message: InvocationMessage | StreamInvocationMessage) -> None:
         if message.invocation_id is not None:

@@ -1,0 +1,415 @@
+"""The HTTP front of a relay node: accepting, routing, negotiate, and the WebSocket upgrade.
+
+Theory of operation
+-------------------
+Every accepted TCP connection is an HTTP/1.1 connection first (``_http.HttpConnection``),
+served by one task until it closes or is upgraded. ``route`` sends ``/api/...`` to the REST
+API, answers negotiate, and refuses what is not an endpoint; an upgrade of ``/client`` becomes
+a ``ClientSession`` carried by a ``WebSocketTransport``, an upgrade of ``/server`` a
+``ServerConnection``. From then on the connection is its peer alone: a file descriptor in the
+poller's epoll set and no task (``Peer.start``). The front keeps the set of live peers, which
+bounds the connections a node holds (``max_connections``) and which the ticker, the drain and
+the fault switch walk.
+
+Limits: ``admit`` refuses a new TCP connection past ``max_connections`` plus a few for HTTP
+(health checks, negotiates) and evicts the HTTP connection that waited longest when
+``max_http_connections`` are open; a request that does not arrive whole in ``request_timeout``
+is answered 408 (or, idle, closed).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import secrets
+
+import trio
+
+from ..protocol._auth import user_id_from_claims, wire_hub_name
+from ..protocol._errors import RemoteProtocolError
+from ..protocol._negotiate import (
+    TRANSPORTS_WEBSOCKETS_ONLY,
+    negotiate_error,
+    negotiate_response,
+    parse_negotiate_version,
+)
+from ..protocol._websocket import accept_key, is_valid_client_key
+from ._config import RelayConfig
+from ._http import HttpConnection, HttpError, Request, Response, query_without
+from ._operations import Operations
+from ._peer import Flusher, Peer, PeerIO, Poller, aclose_quietly
+from ._rest import RestApi
+from ._server import ServerConnection
+from ._session import ClientSession
+from ._tokens import RequestAuth
+from ._transport import WebSocketTransport
+
+log = logging.getLogger("relaycore.relay")
+
+#: Request headers a client connection does not keep (credentials, and the upgrade's own):
+#: what is left is what app servers get in OpenConnection (service-protocol §6.2).
+_NOT_FORWARDED = frozenset({
+    "authorization", "cookie", "upgrade", "connection", "sec-websocket-key",
+    "sec-websocket-version", "sec-websocket-extensions", "sec-websocket-protocol",
+})
+
+
+#: Query parameters a client connection does not forward: its credential, like the
+#: ``Authorization`` header. Everything else goes to app servers (OpenConnection) and upstreams
+#: (``X-ASRS-Client-Query``) exactly as it arrived, still percent-encoded and with the
+#: transport's own ``hub`` and ``id``: Azure's service forwards the connect request's query as
+#: is (the ASP.NET SDK reads the transport's ``connectionToken`` and ``transport`` from it, the
+#: Core SDK ``asrs.op`` and ``asrs_lang``). Whether Azure drops ``access_token`` is not
+#: published; the relay keeps credentials away from app servers, which already get the claims.
+_QUERY_NOT_FORWARDED = frozenset({"access_token"})
+
+
+def _forwarded_headers(request: Request) -> dict[str, str]:
+    """The client's request headers as app servers get them in OpenConnection: without
+    credentials and the upgrade's own, plus ``X-Forwarded-For`` ending with the client's
+    address, as Azure adds it (the Azure SDK makes the first address of that header the
+    connection's remote IP; a proxy in front of the relay keeps its client first)."""
+    headers = {k: v for k, v in request.headers.items() if k not in _NOT_FORWARDED}
+    if request.peer is not None:
+        earlier = headers.get("x-forwarded-for")
+        headers["x-forwarded-for"] = f"{earlier}, {request.peer}" if earlier else request.peer
+    return headers
+
+
+@dataclasses.dataclass
+class _Pending:
+    connection_id: str
+    hub: str
+    expires: float
+
+
+#: File descriptors kept back from ``max_connections``'s default: listeners, log files, the
+#: upstream's HTTP connections, the spare that refuses connections when none are left, and
+#: the HTTP connections let in past the limit (``_HTTP_OVER_LIMIT``).
+_FD_RESERVE = 64
+#: HTTP connections admitted beyond ``max_connections`` (health checks, negotiates).
+_HTTP_OVER_LIMIT = 32
+
+
+class HttpFront:
+    """Serves one relay node's TCP connections until they are upgraded (see above)."""
+
+    def __init__(self, config: RelayConfig, ops: Operations, auth: RequestAuth,
+                 poller: Poller, flusher: Flusher) -> None:
+        self.config = config
+        self.ops = ops
+        self.auth = auth
+        self.stats = ops.stats
+        #: what the peers this front creates share (they tell ``forget`` when they are gone)
+        self.io = PeerIO(poller, flusher, config.close_timeout, ops.stats, self.forget)
+        self.rest = RestApi(config, ops, auth, faults=self)
+        #: every upgraded connection, client or server, until its socket is closed
+        self.live: set[Peer] = set()
+        self._live_clients = 0
+        self._all_gone: trio.Event | None = None
+        #: every HTTP connection not (yet) upgraded, oldest first, with the scope that ends it
+        self._http: dict[trio.SocketStream, trio.CancelScope] = {}
+        self.max_connections = config.max_connections or open_file_budget()
+        #: negotiated connection tokens not yet used by a WebSocket, with their expiry
+        self._pending: dict[str, _Pending] = {}
+        #: The fault-injection switch (``inject_fault``); ``none`` in normal operation.
+        self.fault_mode = "none"
+        #: Set when a ``silence`` fault ends: the upgrades it held get their answer.
+        self._silence_lifted = trio.Event()
+
+    def forget(self, peer: Peer) -> None:
+        """A peer's socket is closed: it no longer counts (``PeerIO.forget``)."""
+        if peer not in self.live:
+            return
+        self.live.remove(peer)
+        if isinstance(peer, WebSocketTransport):
+            self._live_clients -= 1
+            if self._all_gone is not None and not self._live_clients:
+                self._all_gone.set()
+
+    async def clients_gone(self, timeout: float) -> None:
+        """Wait until every client transport is gone, or ``timeout``."""
+        self._all_gone = trio.Event()
+        if self._live_clients:
+            with trio.move_on_after(timeout):
+                await self._all_gone.wait()
+
+    def expire(self, now: float) -> None:
+        """Forget negotiated connection tokens that were not used in time."""
+        if self._pending:
+            for token in [t for t, p in self._pending.items() if p.expires < now]:
+                del self._pending[token]
+
+    def inject_fault(self, mode: str) -> None:
+        """Make server connections fail as in an outage, to rehearse failover: ``refuse``
+        new ones (503), ``drop`` the existing ones too (no goodbye), or go ``silence``
+        (existing ones get and send nothing; new ones hang), or ``none`` to heal."""
+        log.warning("fault injection: server connections -> %s", mode)
+        if mode == "silence" and self.fault_mode != "silence":
+            self._silence_lifted = trio.Event()
+        elif mode != "silence":
+            self._silence_lifted.set()
+        self.fault_mode = mode
+        for peer in list(self.live):
+            if isinstance(peer, ServerConnection):
+                if mode == "drop":
+                    peer.abort()
+                peer.silenced = mode == "silence"
+
+    def admit(self) -> str | None:
+        """Whether a new connection may be served (None), or why not (it gets a 503). Past
+        ``max_http_connections`` the HTTP connection that has waited longest for its current
+        request makes room.
+
+        ``max_connections`` bounds WebSockets (an upgrade past it is a 503); a few HTTP
+        connections more are let in, so that health checks and negotiates are answered
+        while the relay is full."""
+        if len(self.live) + len(self._http) >= self.max_connections + _HTTP_OVER_LIMIT:
+            return (f"the relay holds its limit of {self.max_connections} connections; "
+                    "retry later")
+        if len(self._http) >= self.config.max_http_connections:
+            oldest = next(iter(self._http))
+            self._http.pop(oldest).cancel()
+            self.stats.http_evictions += 1
+        return None
+
+    def refused(self, reason: str) -> None:
+        self.stats.connections_refused += 1
+
+    async def handle_stream(self, stream: trio.SocketStream) -> None:
+        upgraded = None
+        scope = self._http[stream] = trio.CancelScope()
+        try:
+            with scope:
+                upgraded = await self._serve_http(stream)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        except Exception:
+            # A fault while serving one connection ends that connection only, never the
+            # listener (an exception escaping this task would end serve_listeners and the
+            # process, and with it every other client).
+            self.stats.internal_errors += 1
+            log.exception("relay: internal error on an HTTP connection; closing it")
+        finally:
+            self._http.pop(stream, None)
+            if upgraded is None:
+                with trio.CancelScope(shield=True):
+                    await aclose_quietly(stream)
+        if upgraded is not None:
+            # From here on an open connection is its peer alone: a file descriptor in the
+            # poller's epoll set, no task, no HTTP state (idle connections are the relay's
+            # memory). This task ends.
+            peer, trailing = upgraded
+            self.live.add(peer)
+            if isinstance(peer, WebSocketTransport):
+                self._live_clients += 1
+            peer.start(stream, trailing)
+
+    async def _serve_http(self, stream: trio.abc.Stream) -> tuple[Peer, bytes] | None:
+        """Answer HTTP requests until the connection closes or is upgraded to a WebSocket
+        (then return the peer to run and the bytes already read past the upgrade)."""
+        http = HttpConnection(stream, max_head=self.config.max_request_head,
+                              max_body=self.config.max_request_body)
+        request: Request | None = None
+        while True:
+            try:
+                request = None
+                with trio.move_on_after(self.config.request_timeout) as waiting:
+                    request = await http.read_request()
+                if waiting.cancelled_caught:
+                    return await self._request_timed_out(http)
+                if request is None:
+                    return None
+                if request.is_websocket_upgrade:
+                    return await self._upgrade(http, request)
+                response = await self.route(request)
+            except HttpError as exc:
+                await http.send_response(self._with_cors(request, Response.error(exc)),
+                                         close=True)
+                await http.linger(max_bytes=4 * self.config.max_request_body)
+                return None
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                raise
+            except Exception:
+                self.stats.internal_errors += 1
+                where = f"{request.method} {request.path}" if request is not None else "a request"
+                log.exception("relay: internal error answering %s", where)
+                error = HttpError(500, "internal error in the relay (logged on the relay)")
+                await http.send_response(self._with_cors(request, Response.error(error)),
+                                         close=True)
+                await http.linger(max_bytes=4 * self.config.max_request_body)
+                return None
+            await http.send_response(self._with_cors(request, response))
+            if not http.can_continue():
+                return None
+            # Answered: it now waits for its next request, the newest wait of all (the
+            # oldest waits are what ``admit`` closes first: a busy keep-alive connection
+            # is never taken for a slow one).
+            scope = self._http.pop(stream, None)
+            if scope is not None:
+                self._http[stream] = scope
+
+    async def _request_timed_out(self, http: HttpConnection) -> None:
+        """No whole request within ``request_timeout``: an idle keep-alive connection is
+        closed, a slow sender (slowloris) hears 408 first."""
+        self.stats.request_timeouts += 1
+        if http.received:
+            error = HttpError(408, f"the request did not arrive whole within "
+                                   f"{self.config.request_timeout:g} seconds")
+            with trio.move_on_after(1):  # a sender that does not read gets no more time
+                await http.send_response(Response.error(error), close=True)
+        return None
+
+    async def route(self, request: Request) -> Response:
+        path = request.path
+        if request.method == "OPTIONS":
+            return Response(204)
+        if path.startswith("/api/"):
+            return await self.rest.handle(request)
+        if path.rstrip("/") == "/client/negotiate":
+            if request.method != "POST":
+                raise HttpError(405, "negotiate expects POST", headers=[("Allow", "POST")])
+            return self._negotiate(request)
+        if path.rstrip("/") == "/client":
+            raise HttpError(400, "the client endpoint expects a WebSocket upgrade "
+                                 "(Server-Sent Events and long polling are not enabled)")
+        raise HttpError(404, f"no such endpoint: {request.method} {path}")
+
+    def _with_cors(self, request: Request | None, response: Response) -> Response:
+        origin = request.headers.get("origin") if request is not None else None
+        # Browsers send an ASCII origin (IDNA hosts are punycode); anything else is not a
+        # value a header can echo.
+        allowed = self.config.cors_origins
+        if (origin and origin.isascii() and origin.isprintable()
+                and ("*" in allowed or origin in allowed)):
+            response.headers += [
+                ("Access-Control-Allow-Origin", origin),
+                ("Access-Control-Allow-Credentials", "true"),
+                ("Access-Control-Allow-Headers",
+                 "Authorization, X-Requested-With, X-SignalR-User-Agent, Content-Type"),
+                ("Access-Control-Allow-Methods", "GET, POST, PUT, DELETE, HEAD, OPTIONS"),
+                ("Vary", "Origin"),
+            ]
+        return response
+
+    def _hub_of(self, request: Request) -> str:
+        hub = request.arg("hub")
+        if not hub:
+            raise HttpError(400, "missing the 'hub' query parameter")
+        try:
+            return wire_hub_name(hub, request.arg("application"))
+        except ValueError as exc:
+            raise HttpError(400, str(exc)) from None
+
+    def _negotiate(self, request: Request) -> Response:
+        hub = self._hub_of(request)
+        self.auth.authenticate(request, "client", hub)
+        if self.ops.draining:
+            raise HttpError(503, "the relay is shutting down; negotiate again elsewhere")
+        try:
+            version = parse_negotiate_version(request.arg("negotiateVersion"))
+        except RemoteProtocolError as exc:
+            return Response.json(200, negotiate_error(str(exc)))
+        connection_id = secrets.token_urlsafe(16)
+        token = secrets.token_urlsafe(24) if version >= 1 else connection_id
+        self._pending[token] = _Pending(connection_id, hub,
+                                        self.ops.now() + self.config.negotiate_timeout)
+        return Response.json(200, negotiate_response(
+            connection_id, token if version >= 1 else None, version,
+            transports=TRANSPORTS_WEBSOCKETS_ONLY))
+
+    async def _upgrade(self, http: HttpConnection, request: Request
+                       ) -> tuple[Peer, bytes] | None:
+        kind = request.path.strip("/")
+        try:
+            if kind not in ("client", "server"):
+                raise HttpError(404, f"no WebSocket endpoint at {request.path}")
+            hub = self._hub_of(request)
+            claims = self.auth.authenticate(request, kind, hub)
+            key = request.headers.get("sec-websocket-key", "")
+            if request.headers.get("sec-websocket-version") != "13":
+                raise HttpError(426, "only WebSocket version 13 is supported",
+                                headers=[("Sec-WebSocket-Version", "13")])
+            if not is_valid_client_key(key):
+                raise HttpError(400, "missing or malformed Sec-WebSocket-Key")
+            if self.ops.draining:
+                raise HttpError(503, "the relay is shutting down")
+            if len(self.live) >= self.max_connections:
+                self.stats.connections_refused += 1
+                raise HttpError(503, f"the relay holds its limit of {self.max_connections} "
+                                     "connections; retry later", headers=[("Retry-After", "1")])
+            if kind == "server" and self.fault_mode in ("refuse", "drop"):
+                raise HttpError(503, "server connections are refused (fault injection)")
+            if kind == "server" and self.fault_mode == "silence":
+                await self._hold_silenced(http.stream)
+                raise HttpError(503, "server connections were silenced (fault injection)")
+            if kind == "server":
+                server_id = (request.headers.get("x-asrs-server-id")
+                             or user_id_from_claims(claims) or secrets.token_hex(8))
+                return await self._accept(http, key, ServerConnection(
+                    self.io, self.ops, hub=hub, server_id=server_id, now=self.ops.now()))
+            token = request.arg("id")
+            if token is not None:
+                pending = self._pending.pop(token, None)
+                if pending is None or pending.hub != hub:
+                    raise HttpError(404, "unknown or expired connection id; negotiate again")
+                connection_id = pending.connection_id
+            else:  # skipNegotiation
+                connection_id = secrets.token_urlsafe(16)
+            limit = self.config.max_connections_per_hub
+            shard = self.ops.table.get(hub)
+            if limit and shard is not None and len(shard.connections) >= limit:
+                raise HttpError(429, f"hub '{hub}' has reached its limit of {limit} connections")
+        except HttpError as exc:
+            await http.send_response(self._with_cors(request, Response.error(exc)), close=True)
+            return None
+        query = query_without(request.raw_query, _QUERY_NOT_FORWARDED)
+        session = ClientSession(
+            self.ops, connection_id=connection_id, hub=hub, claims=claims,
+            user_id=user_id_from_claims(claims), query=f"?{query}" if query else "",
+            headers=_forwarded_headers(request))
+        config = self.config
+        return await self._accept(http, key, WebSocketTransport(
+            self.io, session, max_message_size=config.max_message_size,
+            send_limit=config.send_buffer_limit, now=self.ops.now()))
+
+    async def _hold_silenced(self, stream: trio.abc.Stream) -> None:
+        """A ``silence`` fault: leave an app server's upgrade unanswered, as a blocked port
+        would, until the fault ends or the app server gives up and closes (then the attempt
+        holds nothing more: no file descriptor, no task)."""
+        lifted = self._silence_lifted
+
+        async def until_closed(cancel_scope: trio.CancelScope) -> None:
+            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                while await stream.receive_some(4096):
+                    pass  # whatever it sends while waiting is not read as HTTP
+            cancel_scope.cancel()
+
+        async def until_lifted(cancel_scope: trio.CancelScope) -> None:
+            await lifted.wait()
+            cancel_scope.cancel()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(until_closed, nursery.cancel_scope)
+            nursery.start_soon(until_lifted, nursery.cancel_scope)
+
+    @staticmethod
+    async def _accept(http: HttpConnection, key: str, peer: Peer) -> tuple[Peer, bytes]:
+        trailing = await http.send_switching_protocols(
+            {"Upgrade": "websocket", "Connection": "Upgrade",
+             "Sec-WebSocket-Accept": accept_key(key)})
+        return peer, trailing
+
+
+
+def open_file_budget() -> int:
+    """The default ``max_connections``: the soft open-file limit less ``_FD_RESERVE``."""
+    try:
+        import resource
+    except ImportError:  # not a Unix: no limit known here
+        return 1 << 30
+    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return 1 << 30
+    return max(soft - _FD_RESERVE, 1)

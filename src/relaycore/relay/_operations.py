@@ -1,0 +1,580 @@
+"""Every operation of the relay, written once: the REST API, the service protocol, the upstream
+and the library API all call these, and nothing else touches the connection table.
+
+Theory of operation
+-------------------
+``Operations`` holds the connection table, the fan-out's flusher, the counters and the
+backplane. Each operation is synchronous (it never awaits: a send queues frames, which the
+flusher writes once the caller yields) and returns what happened: how many connections a send
+reached, whether a connection existed, how many connections a close reached. A face only turns
+its wire's request into a call and the result into its wire's answer.
+
+An operation is applied to this node's connections and then, when other nodes may hold some of
+its targets, handed to the backplane as the service-protocol message that encodes it (see
+``_backplane``). An operation that arrives from another node goes through ``apply``, which
+runs the same code without publishing it again. The service-protocol face hands the messages it
+receives to ``perform``, which is ``apply`` plus publishing: one table (``_BY_MESSAGE``) says
+what each message does, for both.
+
+Sessions (client connections) and server links (app-server connections) are seen through the
+small protocols below, so this floor imports no face.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+from collections.abc import Callable, Collection, Iterable
+from typing import Any, Protocol
+
+from ..protocol._hub import InvocationMessage, StreamInvocationMessage
+from ..protocol._service import (
+    BroadcastDataMessage,
+    CheckConnectionExistenceWithAckMessage,
+    CheckGroupExistenceWithAckMessage,
+    CheckUserExistenceWithAckMessage,
+    CheckUserInGroupWithAckMessage,
+    ClientCompletionMessage,
+    ClientInvocationMessage,
+    CloseConnectionMessage,
+    CloseConnectionsWithAckMessage,
+    CloseConnectionWithAckMessage,
+    CloseGroupConnectionsWithAckMessage,
+    CloseUserConnectionsWithAckMessage,
+    ErrorCompletionMessage,
+    GroupBroadcastDataMessage,
+    JoinGroupMessage,
+    JoinGroupWithAckMessage,
+    LeaveGroupMessage,
+    LeaveGroupWithAckMessage,
+    MultiConnectionDataMessage,
+    MultiGroupBroadcastDataMessage,
+    MultiUserDataMessage,
+    UserDataMessage,
+    UserJoinGroupMessage,
+    UserJoinGroupWithAckMessage,
+    UserLeaveGroupMessage,
+    UserLeaveGroupWithAckMessage,
+)
+from ._backplane import Backplane
+from ._config import RelayConfig
+from ._message import OutboundMessage, fan_out, queue_payloads
+from ._peer import ConnState, Flusher
+from ._stats import RelayStats
+from ._table import ConnectionTable, HubShard
+
+log = logging.getLogger("relaycore.relay")
+
+
+class Session(Protocol):
+    """A client connection as the operations see it (``_session.ClientSession``)."""
+
+    id: str
+    hub: str
+    user_id: str | None
+    protocol_name: str
+    groups: set[str]
+    state: ConnState
+    server: Any
+
+    def enqueue(self, data: bytes) -> bool: ...
+
+    def close(self, reason: str | None = None, *, allow_reconnect: bool = False) -> None: ...
+
+
+class ServerLink(Protocol):
+    """An app-server connection as the operations see it (``_server.ServerConnection``)."""
+
+    hub: str
+    server_id: str
+    clients: dict[str, Any]
+
+    @property
+    def carries_clients(self) -> bool: ...
+
+    def send(self, message: Any) -> None: ...
+
+
+class Serverless(Protocol):
+    """Where a hub without app servers sends its clients' events (``_upstream.Upstream``)."""
+
+    def connected(self, conn: Any) -> None: ...
+
+    def disconnected(self, conn: Any, error: str | None) -> None: ...
+
+    def invoke(self, conn: Any, target: str, invocation_id: str | None, body: bytes) -> bool: ...
+
+
+class _NoUpstream:
+    def connected(self, conn: Any) -> None:
+        pass
+
+    def disconnected(self, conn: Any, error: str | None) -> None:
+        pass
+
+    def invoke(self, conn: Any, target: str, invocation_id: str | None, body: bytes) -> bool:
+        return False
+
+
+class Operations:
+    """The relay's operations on one node (see the module's docstring)."""
+
+    def __init__(self, config: RelayConfig, stats: RelayStats, flusher: Flusher,
+                 backplane: Backplane, clock: Callable[[], float]) -> None:
+        self.config = config
+        self.stats = stats
+        self.table = ConnectionTable()
+        self.flusher = flusher
+        self.backplane = backplane
+        self.now = clock
+        #: The serverless hubs' upstream (set by the relay when it has one).
+        self.serverless: Serverless = _NoUpstream()
+        self.invocations = ClientInvocations(self)
+        #: Set while the relay drains: no new clients, app servers are told "going away".
+        self.draining = False
+
+    # -- looking up ----------------------------------------------------------------------------
+
+    def connection(self, hub: str, connection_id: str) -> Any:
+        """This node's connection ``connection_id`` of ``hub``, or None."""
+        return self.table.view(hub).connections.get(connection_id)
+
+    def connection_exists(self, hub: str, connection_id: str) -> bool:
+        return (connection_id in self.table.view(hub).connections
+                or self.backplane.holds(hub, "connection", connection_id))
+
+    def user_exists(self, hub: str, user_id: str) -> bool:
+        return user_id in self.table.view(hub).users or self.backplane.holds(hub, "user", user_id)
+
+    def group_exists(self, hub: str, group: str) -> bool:
+        return group in self.table.view(hub).groups or self.backplane.holds(hub, "group", group)
+
+    def user_in_group(self, hub: str, group: str, user_id: str) -> bool:
+        return self.table.view(hub).user_in_group(user_id, group, self.now())
+
+    # -- sending -------------------------------------------------------------------------------
+
+    def _deliver(self, targets: Iterable[Any], message: OutboundMessage) -> int:
+        reached = fan_out(targets, message, self.flusher, self.config.send_buffer_limit)
+        self.stats.messages_sent += 1
+        self.stats.deliveries += reached
+        return reached
+
+    def _publish(self, hub: str, operation: Any) -> None:
+        self.backplane.publish(hub, operation)
+
+    def send_to_all(self, hub: str, message: OutboundMessage,
+                    excluded: Collection[str] = (), *, publish: bool = True) -> int:
+        """Send to every connection of ``hub`` but ``excluded``; returns how many it reached."""
+        reached = self._deliver(self.table.view(hub).all_targets(excluded), message)
+        if publish and self.backplane.publishes:
+            self._publish(hub, BroadcastDataMessage(message.payload_map(), list(excluded)))
+        return reached
+
+    def send_to_connection(self, hub: str, connection_id: str, message: OutboundMessage,
+                           *, publish: bool = True) -> int:
+        conn = self.connection(hub, connection_id)
+        if conn is not None:
+            return self._deliver((conn,), message)
+        if publish and self.backplane.publishes:
+            self._publish(hub, MultiConnectionDataMessage([connection_id], message.payload_map()))
+        return 0
+
+    def send_to_connections(self, hub: str, connection_ids: Iterable[str],
+                            message: OutboundMessage, *, publish: bool = True) -> int:
+        connections = self.table.view(hub).connections
+        ids = list(dict.fromkeys(connection_ids))
+        found = [c for c in map(connections.get, ids) if c is not None]
+        reached = self._deliver(found, message)
+        if publish and self.backplane.publishes and len(found) < len(ids):
+            missing = [i for i in ids if i not in connections]
+            self._publish(hub, MultiConnectionDataMessage(missing, message.payload_map()))
+        return reached
+
+    def send_to_user(self, hub: str, user_id: str, message: OutboundMessage,
+                     *, publish: bool = True) -> int:
+        reached = self._deliver(self.table.view(hub).user_targets(user_id), message)
+        if publish and self.backplane.publishes:
+            self._publish(hub, UserDataMessage(user_id, message.payload_map()))
+        return reached
+
+    def send_payloads_to_user(self, hub: str, user_id: str, payloads: dict[str, bytes]) -> int:
+        """``send_to_user`` for an app server's payload map whose keys are already the
+        lower-case protocol names (the service parser's raw ``UserData``): no message object,
+        each payload framed once for the user's few connections."""
+        reached = queue_payloads(self.table.view(hub).user_targets(user_id), payloads)
+        self.stats.messages_sent += 1
+        self.stats.deliveries += reached
+        if self.backplane.publishes:
+            self._publish(hub, UserDataMessage(user_id, payloads))
+        return reached
+
+    def send_to_users(self, hub: str, user_ids: Iterable[str], message: OutboundMessage,
+                      *, publish: bool = True) -> int:
+        shard = self.table.view(hub)
+        users = list(user_ids)
+        targets = {c.id: c for u in users for c in shard.user_targets(u)}
+        reached = self._deliver(targets.values(), message)
+        if publish and self.backplane.publishes:
+            self._publish(hub, MultiUserDataMessage(users, message.payload_map()))
+        return reached
+
+    def send_to_group(self, hub: str, group: str, message: OutboundMessage,
+                      excluded: Collection[str] = (), excluded_users: Collection[str] = (),
+                      *, publish: bool = True) -> int:
+        targets: Iterable[Any] = self.table.view(hub).group_targets(group, excluded)
+        if excluded_users:
+            users = set(excluded_users)
+            targets = (c for c in targets if c.user_id not in users)
+        reached = self._deliver(targets, message)
+        if publish and self.backplane.publishes:
+            self._publish(hub, GroupBroadcastDataMessage(
+                group, message.payload_map(), list(excluded), list(excluded_users)))
+        return reached
+
+    def send_to_groups(self, hub: str, groups: Iterable[str], message: OutboundMessage,
+                       *, publish: bool = True) -> int:
+        shard = self.table.view(hub)
+        names = list(groups)
+        targets = {c.id: c for g in names for c in shard.group_targets(g)}
+        reached = self._deliver(targets.values(), message)
+        if publish and self.backplane.publishes:
+            self._publish(hub, MultiGroupBroadcastDataMessage(names, message.payload_map()))
+        return reached
+
+    # -- groups --------------------------------------------------------------------------------
+
+    def add_connection_to_group(self, hub: str, group: str, connection_id: str,
+                                *, publish: bool = True) -> bool:
+        """False when the connection does not exist (on any node)."""
+        conn = self.connection(hub, connection_id)
+        if conn is not None:
+            self.table.shard(hub).join(conn, group)
+            return True
+        if publish and self.backplane.holds(hub, "connection", connection_id):
+            self._publish(hub, JoinGroupMessage(connection_id, group))
+            return True
+        return False
+
+    def remove_connection_from_group(self, hub: str, group: str | None, connection_id: str,
+                                     *, publish: bool = True) -> bool:
+        """Leave ``group`` (every group when None); False when the connection does not
+        exist."""
+        conn = self.connection(hub, connection_id)
+        if conn is not None:
+            shard = self.table.shard(hub)
+            if group is None:
+                shard.leave_all(conn)
+            else:
+                shard.leave(conn, group)
+            return True
+        if publish and self.backplane.holds(hub, "connection", connection_id):
+            self._publish(hub, LeaveGroupMessage(connection_id, group))
+            return True
+        return False
+
+    def add_user_to_group(self, hub: str, group: str, user_id: str, ttl: float | None = None,
+                          *, publish: bool = True) -> None:
+        """Add the user's connections, and unless ``ttl == 0`` its later ones, for ``ttl``
+        seconds (None: the longest a membership lasts)."""
+        self.table.shard(hub).add_user_to_group(user_id, group, ttl, self.now())
+        if publish and self.backplane.publishes:
+            self._publish(hub, UserJoinGroupMessage(
+                user_id, group, None if ttl is None else int(ttl)))
+
+    def remove_user_from_group(self, hub: str, group: str | None, user_id: str,
+                               *, publish: bool = True) -> None:
+        """End the user's membership of ``group`` (of every group when None)."""
+        shard = self.table.get(hub)
+        if shard is not None:
+            if group is None:
+                shard.remove_user_from_all_groups(user_id)
+            else:
+                shard.remove_user_from_group(user_id, group)
+            self.table.prune(hub)
+        if publish and self.backplane.publishes:
+            self._publish(hub, UserLeaveGroupMessage(user_id, group))
+
+    # -- closing -------------------------------------------------------------------------------
+
+    @staticmethod
+    def _close_each(targets: Iterable[Any], reason: str | None) -> int:
+        """A Close message with the reason and ``allowReconnect`` (as Microsoft's emulator
+        does; the app's negotiate decides whether the client may come back)."""
+        count = 0
+        for conn in list(targets):
+            conn.close(reason, allow_reconnect=True)
+            count += 1
+        return count
+
+    def close_connection(self, hub: str, connection_id: str, reason: str | None = None,
+                         *, publish: bool = True) -> bool:
+        conn = self.connection(hub, connection_id)
+        if conn is not None:
+            self._close_each((conn,), reason)
+            return True
+        if publish and self.backplane.holds(hub, "connection", connection_id):
+            self._publish(hub, CloseConnectionWithAckMessage(connection_id, 0, reason))
+            return True
+        return False
+
+    def close_all_connections(self, hub: str, reason: str | None = None,
+                              excluded: Collection[str] = (), *, publish: bool = True) -> int:
+        closed = self._close_each(self.table.view(hub).all_targets(excluded), reason)
+        if publish and self.backplane.publishes:
+            self._publish(hub, CloseConnectionsWithAckMessage(0, reason, list(excluded)))
+        return closed
+
+    def close_user_connections(self, hub: str, user_id: str, reason: str | None = None,
+                               excluded: Collection[str] = (), *, publish: bool = True) -> int:
+        skip = set(excluded)
+        closed = self._close_each(
+            [c for c in self.table.view(hub).user_targets(user_id) if c.id not in skip], reason)
+        if publish and self.backplane.publishes:
+            self._publish(hub, CloseUserConnectionsWithAckMessage(
+                user_id, 0, reason, list(excluded)))
+        return closed
+
+    def close_group_connections(self, hub: str, group: str, reason: str | None = None,
+                                excluded: Collection[str] = (), *, publish: bool = True) -> int:
+        closed = self._close_each(self.table.view(hub).group_targets(group, excluded), reason)
+        if publish and self.backplane.publishes:
+            self._publish(hub, CloseGroupConnectionsWithAckMessage(
+                group, 0, reason, list(excluded)))
+        return closed
+
+    # -- service-protocol messages ------------------------------------------------------------
+
+    def perform(self, hub: str, message: Any) -> Any:
+        """Do what a service-protocol operation message says (from an app server of this
+        node) and publish it; returns the operation's result (what an ack reports)."""
+        return _BY_MESSAGE[type(message)](self, hub, message, True)
+
+    def apply(self, hub: str, message: Any) -> Any:
+        """Do what an operation published by another node says, on this node only."""
+        return _BY_MESSAGE[type(message)](self, hub, message, False)
+
+    # -- connections and app servers -----------------------------------------------------------
+
+    def connection_opened(self, conn: Session) -> None:
+        """A client finished its handshake: it is routable from now on."""
+        conn.state = ConnState.OPEN
+        self.table.shard(conn.hub).add(conn, self.now())
+        self.stats.connections_opened += 1
+        if conn.server is None:
+            self.serverless.connected(conn)
+        log.debug("connection %s opened on hub %s (user %s)", conn.id, conn.hub, conn.user_id)
+
+    def connection_closed(self, conn: Session, reason: str | None) -> None:
+        """An open client left (it is no longer routable)."""
+        self.table.shard(conn.hub).remove(conn)
+        self.table.prune(conn.hub)
+        if conn.server is None:
+            self.serverless.disconnected(conn, reason)
+        self.stats.connections_closed += 1
+
+    def client_invocation(self, conn: Session,
+                          message: InvocationMessage | StreamInvocationMessage,
+                          body: bytes) -> bool:
+        """A serverless client invoked a hub method: it goes to the matching upstream; False
+        when none takes it (the session then answers with a completion error)."""
+        return self.serverless.invoke(conn, message.target, message.invocation_id, body)
+
+    def server_opened(self, server: ServerLink) -> None:
+        self.table.shard(server.hub).servers.append(server)
+
+    def server_closed(self, server: ServerLink) -> None:
+        shard = self.table.get(server.hub)
+        if shard is not None and server in shard.servers:
+            shard.servers.remove(server)
+            self.table.prune(server.hub)
+
+    def servers_of(self, hub: str) -> list[Any]:
+        return self.table.view(hub).servers
+
+    def server_ids(self, hub: str) -> list[str]:
+        return sorted({s.server_id for s in self.servers_of(hub)})
+
+    @property
+    def serves_hubs_itself(self) -> bool:
+        """Whether a hub without an app server is served by the relay (serverless)."""
+        return self.config.service_mode != "default"
+
+    def choose_server(self, hub: str) -> Any:
+        """The server connection a new client of ``hub`` is bound to: spread over app servers
+        (the server with the fewest clients), then over that server's connections; None when
+        the hub has none that carries clients (or the relay is serverless)."""
+        if self.config.service_mode == "serverless":
+            return None
+        load: dict[str, int] = {}
+        best: dict[str, Any] = {}
+        for server in self.servers_of(hub):
+            if not server.carries_clients:
+                continue
+            count = len(server.clients)
+            load[server.server_id] = load.get(server.server_id, 0) + count
+            current = best.get(server.server_id)
+            if current is None or count < len(current.clients):
+                best[server.server_id] = server
+        if not best:
+            return None
+        return best[min(load, key=load.__getitem__)]
+
+    def hub_metrics(self, hub: str) -> dict[str, int]:
+        """The endpoint metrics app servers read from pings (service-protocol §4.4)."""
+        shard = self.table.view(hub)
+        metrics = {"clientcount": len(shard.connections), "servercount": len(shard.servers)}
+        if self.config.capacity:
+            metrics["capacity"] = self.config.capacity
+        return metrics
+
+    def hub_has_clients(self, hub: str) -> bool:
+        """Whether ``hub`` still has clients on this relay, whichever app server they are
+        bound to (the ``status`` ping's answer: an app server removing this endpoint waits
+        until no client of the hub could miss its messages)."""
+        shard = self.table.view(hub)
+        return bool(shard.connections) or any(s.clients for s in shard.servers)
+
+    def shard(self, hub: str) -> HubShard:
+        """The shard of ``hub`` for reading (empty when the hub has nothing)."""
+        return self.table.view(hub)
+
+
+#: What each service-protocol operation message does: ``(operations, hub, message, publish)``
+#: -> the result an ack reports (a bool) or what a send reached.
+_BY_MESSAGE: dict[type, Callable[[Operations, str, Any, bool], Any]] = {
+    BroadcastDataMessage: lambda o, h, m, p: o.send_to_all(
+        h, OutboundMessage(payloads=m.payloads), m.excluded_connection_ids, publish=p),
+    MultiConnectionDataMessage: lambda o, h, m, p: o.send_to_connections(
+        h, m.connection_ids, OutboundMessage(payloads=m.payloads), publish=p),
+    UserDataMessage: lambda o, h, m, p: o.send_to_user(
+        h, m.user_id, OutboundMessage(payloads=m.payloads), publish=p),
+    MultiUserDataMessage: lambda o, h, m, p: o.send_to_users(
+        h, m.user_ids, OutboundMessage(payloads=m.payloads), publish=p),
+    GroupBroadcastDataMessage: lambda o, h, m, p: o.send_to_group(
+        h, m.group_name, OutboundMessage(payloads=m.payloads), m.excluded_connection_ids,
+        m.excluded_user_ids, publish=p),
+    MultiGroupBroadcastDataMessage: lambda o, h, m, p: o.send_to_groups(
+        h, m.group_names, OutboundMessage(payloads=m.payloads), publish=p),
+    JoinGroupMessage: lambda o, h, m, p: o.add_connection_to_group(
+        h, m.group_name, m.connection_id, publish=p),
+    JoinGroupWithAckMessage: lambda o, h, m, p: o.add_connection_to_group(
+        h, m.group_name, m.connection_id, publish=p),
+    LeaveGroupMessage: lambda o, h, m, p: o.remove_connection_from_group(
+        h, m.group_name, m.connection_id, publish=p),
+    LeaveGroupWithAckMessage: lambda o, h, m, p: o.remove_connection_from_group(
+        h, m.group_name, m.connection_id, publish=p),
+    UserJoinGroupMessage: lambda o, h, m, p: o.add_user_to_group(
+        h, m.group_name, m.user_id, None if m.ttl is None else float(m.ttl), publish=p),
+    UserJoinGroupWithAckMessage: lambda o, h, m, p: o.add_user_to_group(
+        h, m.group_name, m.user_id, None if m.ttl is None else float(m.ttl), publish=p) or True,
+    UserLeaveGroupMessage: lambda o, h, m, p: o.remove_user_from_group(
+        h, m.group_name, m.user_id, publish=p),
+    UserLeaveGroupWithAckMessage: lambda o, h, m, p: o.remove_user_from_group(
+        h, m.group_name, m.user_id, publish=p) or True,
+    CheckUserInGroupWithAckMessage: lambda o, h, m, p: o.user_in_group(
+        h, m.group_name, m.user_id),
+    CheckGroupExistenceWithAckMessage: lambda o, h, m, p: o.group_exists(h, m.group_name),
+    CheckConnectionExistenceWithAckMessage: lambda o, h, m, p: o.connection_exists(
+        h, m.connection_id),
+    CheckUserExistenceWithAckMessage: lambda o, h, m, p: o.user_exists(h, m.user_id),
+    CloseConnectionMessage: lambda o, h, m, p: o.close_connection(
+        h, m.connection_id, m.error_message or None, publish=p),
+    CloseConnectionWithAckMessage: lambda o, h, m, p: o.close_connection(
+        h, m.connection_id, m.reason, publish=p),
+    CloseConnectionsWithAckMessage: lambda o, h, m, p: o.close_all_connections(
+        h, m.reason, m.excluded_connection_ids, publish=p) >= 0,
+    CloseUserConnectionsWithAckMessage: lambda o, h, m, p: o.close_user_connections(
+        h, m.user_id, m.reason, m.excluded_connection_ids, publish=p) >= 0,
+    CloseGroupConnectionsWithAckMessage: lambda o, h, m, p: o.close_group_connections(
+        h, m.group_name, m.reason, m.excluded_connection_ids, publish=p) >= 0,
+}
+
+#: The service-protocol messages that are operations (``Operations.perform`` takes them).
+OPERATION_MESSAGES = frozenset(_BY_MESSAGE)
+
+
+class ClientInvocations:
+    """Client results across app servers (§2.5): which server asked, for which client.
+
+    The caller server sends ClientInvocation; the relay writes the payload to the client and,
+    when another server owns the client, tells that server (it routes the client's completion).
+    The owner answers with ClientCompletion or ErrorCompletion, which goes to a connection of
+    the caller server. A client that leaves first gets its pending invocations failed.
+    """
+
+    #: How long the relay keeps a pending client invocation (§2.5: at most 10 minutes).
+    TIMEOUT = 600.0
+
+    def __init__(self, operations: Operations) -> None:
+        self._ops = operations
+        #: invocation id -> (hub, caller server id, client connection id, expiry time)
+        self.pending: dict[str, tuple[str, str, str, float]] = {}
+        #: (hub, client connection id) -> how many of ``pending`` it has
+        self._per_client: collections.Counter[tuple[str, str]] = collections.Counter()
+
+    def invoke(self, caller: ServerLink, m: ClientInvocationMessage) -> None:
+        ops = self._ops
+        client = ops.connection(caller.hub, m.connection_id)
+        if client is None:
+            caller.send(ErrorCompletionMessage(
+                m.invocation_id, m.connection_id, m.caller_server_id,
+                f"Connection '{m.connection_id}' does not exist."))
+            return
+        limit = ops.config.max_pending_invocations
+        key = (caller.hub, m.connection_id)
+        if self._per_client[key] >= limit or m.invocation_id in self.pending:
+            ops.stats.invocations_refused += 1
+            caller.send(ErrorCompletionMessage(
+                m.invocation_id, m.connection_id, m.caller_server_id,
+                f"Connection '{m.connection_id}' has {limit} client invocations waiting "
+                "already." if m.invocation_id not in self.pending
+                else f"Invocation '{m.invocation_id}' is already waiting."))
+            return
+        self._per_client[key] += 1
+        self.pending[m.invocation_id] = (caller.hub, m.caller_server_id, m.connection_id,
+                                         ops.now() + self.TIMEOUT)
+        ops._deliver((client,), OutboundMessage(payloads=m.payloads))
+        owner = client.server
+        if owner is not None and owner.server_id != m.caller_server_id:
+            owner.send(m)
+
+    def complete(self, sender: ServerLink,
+                 m: ClientCompletionMessage | ErrorCompletionMessage) -> None:
+        entry = self.pending.pop(m.invocation_id, None)
+        if entry is not None:
+            self._forget(entry[0], entry[2])
+        if entry is None or sender.server_id == entry[1]:
+            return  # unknown, or the caller cleaning up after itself
+        self._to_caller(entry[0], entry[1], m)
+
+    def client_gone(self, client: Session) -> None:
+        self._fail(lambda hub, conn_id, expiry: conn_id == client.id and hub == client.hub,
+                   "Connection '{}' disconnected.")
+
+    def expire(self, now: float) -> None:
+        self._fail(lambda hub, conn_id, expiry: expiry <= now,
+                   "The client invocation on connection '{}' timed out.")
+
+    def _fail(self, which: Callable[[str, str, float], bool], error: str) -> None:
+        if not self.pending:
+            return
+        for invocation_id, (hub, caller_id, conn_id, expiry) in list(self.pending.items()):
+            if which(hub, conn_id, expiry):
+                del self.pending[invocation_id]
+                self._forget(hub, conn_id)
+                self._to_caller(hub, caller_id, ErrorCompletionMessage(
+                    invocation_id, conn_id, caller_id, error.format(conn_id)))
+
+    def _forget(self, hub: str, connection_id: str) -> None:
+        key = (hub, connection_id)
+        self._per_client[key] -= 1
+        if self._per_client[key] <= 0:
+            del self._per_client[key]
+
+    def _to_caller(self, hub: str, caller_id: str, message: Any) -> None:
+        for server in self._ops.servers_of(hub):
+            if server.server_id == caller_id:
+                server.send(message)
+                return
+
