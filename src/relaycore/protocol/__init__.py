@@ -2,6 +2,9 @@
 
 * WebSocket (RFC 6455), server and client roles: ``WebSocketProtocol``, ``frame``.
 * The SignalR hub protocol: handshake, ``JsonHubProtocol``, ``MessagePackHubProtocol``.
+* The handshakes as both ends run them: ``HubHandshake`` (the hub's side),
+  ``HandshakeResponseReader`` (the client's), ``answer_service_handshake`` and
+  ``check_service_handshake_response`` (the service protocol's two sides).
 * Negotiate documents.
 * Azure SignalR connection strings and access tokens: ``ConnectionString``,
   ``generate_access_token``, ``TokenValidator``.
@@ -17,6 +20,7 @@ from ._auth import (
     TokenValidator,
     audience_matches,
     generate_access_token,
+    is_system_claim,
     is_valid_application_name,
     is_valid_group_name,
     is_valid_hub_name,
@@ -26,6 +30,16 @@ from ._auth import (
     wire_hub_name,
 )
 from ._errors import LocalProtocolError, ProtocolError, RemoteProtocolError
+from ._handshake import (
+    HUB_PROTOCOL_OPCODES,
+    HandshakeAccepted,
+    HandshakeRefused,
+    HandshakeResponse,
+    HandshakeResponseReader,
+    HubHandshake,
+    answer_service_handshake,
+    check_service_handshake_response,
+)
 from ._hub import (
     MAX_HUB_PROTOCOL_VERSION,
     RECORD_SEPARATOR,
@@ -194,7 +208,13 @@ __all__ = [
     "GroupBroadcastDataMessage",
     "GroupMemberQueryMessage",
     "HUB_NAME_PATTERN",
+    "HUB_PROTOCOL_OPCODES",
+    "HandshakeAccepted",
+    "HandshakeRefused",
     "HandshakeRequest",
+    "HandshakeResponse",
+    "HandshakeResponseReader",
+    "HubHandshake",
     "HubMessage",
     "InvocationMessage",
     "JoinGroupMessage",
@@ -252,13 +272,16 @@ __all__ = [
     "UserLeaveGroupWithAckMessage",
     "WebSocketProtocol",
     "accept_key",
+    "answer_service_handshake",
     "audience_matches",
     "check_handshake_request",
+    "check_service_handshake_response",
     "connection_data_prefix",
     "frame",
     "generate_access_token",
     "get_protocol",
     "header_for",
+    "is_system_claim",
     "is_valid_client_key",
     "is_valid_group_name",
     "is_valid_application_name",

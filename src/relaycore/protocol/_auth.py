@@ -41,6 +41,7 @@ __all__ = [
     "TokenValidator",
     "audience_matches",
     "generate_access_token",
+    "is_system_claim",
     "is_valid_group_name",
     "is_valid_hub_name",
     "normalize_audience",
@@ -341,9 +342,8 @@ _HMAC_ALGORITHMS: Final[Mapping[str, HMACAlgorithm]] = {
     "HS512": HMACAlgorithm(HMACAlgorithm.SHA512),
 }
 
-#: §9.2: a user claim with one of these names is renamed ``asrs.u.<name>`` by the SDK, so that
-#: it cannot override the token's own lifetime or audience.
-_RESERVED_CLAIMS: Final = frozenset(
+#: §6.2, §9.2: claims that describe the token, not its user (see ``is_system_claim``).
+_SYSTEM_CLAIMS: Final = frozenset(
     {"aud", "exp", "iat", "nbf", "iss", "actort", "acr", "azp", "c_hash", "jti", "nonce"}
 )
 
@@ -411,7 +411,7 @@ def generate_access_token(
     if user_id is not None:
         payload[USER_ID_CLAIM] = user_id
     for name, value in (claims or {}).items():
-        payload[f"asrs.u.{name}" if name in _RESERVED_CLAIMS else name] = value
+        payload[f"asrs.u.{name}" if is_system_claim(name) else name] = value
     if user_id is not None:
         payload.setdefault(NAME_ID_CLAIM, user_id)
     with warnings.catch_warnings():
@@ -684,6 +684,22 @@ def audience_matches(aud: Any, candidates: Iterable[str], *, query_optional: boo
             if aud_query == query or (query_optional and (not aud_query or not query)):
                 return True
     return False
+
+
+def is_system_claim(name: str) -> bool:
+    """Whether a token claim describes the token (its audience, lifetime, issuer, the
+    validator's bookkeeping) rather than its user.
+
+    The one rule for all three places that need it (§6.2, §9.2): the service strips these
+    claims before passing a client's claims to the app server in OpenConnection; the SDK
+    drops them from the claims a hub sees (with the ``asrs.*`` ones, which are the service's);
+    and a signer renames a user claim of such a name ``asrs.u.<name>``, so that it can
+    neither override the token's own lifetime or audience nor be stripped on the way.
+
+    >>> is_system_claim("exp"), is_system_claim("role")
+    (True, False)
+    """
+    return name in _SYSTEM_CLAIMS
 
 
 def user_id_from_claims(claims: Mapping[str, Any]) -> str | None:

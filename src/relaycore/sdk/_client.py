@@ -43,6 +43,8 @@ from relaycore.protocol import (
     CloseMessage,
     CompletionMessage,
     ConnectionDataMessage,
+    HandshakeRefused,
+    HubHandshake,
     InvocationMessage,
     JsonHubProtocol,
     LocalProtocolError,
@@ -51,11 +53,8 @@ from relaycore.protocol import (
     RemoteProtocolError,
     StreamInvocationMessage,
     StreamItemMessage,
-    check_handshake_request,
-    get_protocol,
     header_for,
-    parse_handshake_request,
-    write_handshake_response,
+    is_system_claim,
 )
 
 from ._errors import HubException
@@ -80,10 +79,6 @@ current_service_connection: contextvars.ContextVar[ServiceConnection | None] = (
 #: server connection's reader waits (backpressure), as the Azure SDK's pipes do.
 _INBOX_SIZE = 256
 
-#: §6.2 / §9.2: claims that describe the token, not the user.
-_SYSTEM_CLAIMS = frozenset(
-    {"aud", "exp", "iat", "nbf", "iss", "actort", "acr", "azp", "c_hash", "jti", "nonce"}
-)
 _NAME_IDENTIFIER = "http://schemas.xmlsoap.org/ws/2005/05/identity/claims/nameidentifier"
 #: The claim an app server's token sets when its identity's role claim type is not .NET's
 #: default (ClaimsUtility.BuildJwtClaims): the type whose values are the roles.
@@ -106,7 +101,7 @@ def claims_and_user_id(
     for name, values in claims.items():
         if name.startswith("asrs.u."):
             name = name[len("asrs.u.") :]
-        elif name.startswith("asrs.") or name in _SYSTEM_CLAIMS:
+        elif name.startswith("asrs.") or is_system_claim(name):
             continue
         for value in values if isinstance(values, tuple) else (values,):
             user_claims.append((name, value))
@@ -255,49 +250,36 @@ class ClientConnection:
             await self._finish(connected, hurried or self._scope.cancel_called)
 
     async def _handshake(self) -> bytearray | None:
+        """Read the client's handshake and answer it; the bytes that followed it (hub
+        messages), or ``None`` when the client is not connected after all."""
         options = self.router.options
-        buffer = bytearray()
+        handshake = HubHandshake(options.max_message_size)
         with anyio.move_on_after(options.client_handshake_timeout):
-            while True:
-                try:
-                    found = parse_handshake_request(buffer)
-                except RemoteProtocolError as exc:
-                    await self._refuse_handshake(str(exc))
-                    return None
-                if found is not None:
-                    break
-                if len(buffer) > options.max_message_size:
-                    await self._refuse_handshake("Handshake was canceled.")
-                    return None
+            while handshake.result is None:
                 data = await self._inbox.get()
                 if data is None:
                     return None  # the client left before its handshake
-                buffer += data
-            request, consumed = found
-            # Any version up to MAX_HUB_PROTOCOL_VERSION, 0 included, as ASP.NET Core accepts.
-            error = check_handshake_request(request)
-            if error is not None:
-                await self._refuse_handshake(error)
+                handshake.receive_data(data)
+        if handshake.result is None:
+            handshake.cancel()
+        result = handshake.result
+        if isinstance(result, HandshakeRefused):
+            _log.info("client %s handshake refused: %s", self.connection_id, result.error)
+            try:
+                await self.send_bytes(handshake.data_to_send())
+            except ConnectionError:
+                pass
+            self._close_reason = result.error
+            return None
+        assert result is not None  # cancel() decided an undecided handshake
+        self.protocol = result.hub_protocol
+        if not self._migrated:
+            # A migrated client already had its handshake answered by its first server.
+            try:
+                await self.send_bytes(handshake.data_to_send())
+            except ConnectionError:
                 return None
-            self.protocol = get_protocol(request.protocol)
-            if not self._migrated:
-                # A migrated client already had its handshake answered by its first server.
-                try:
-                    await self.send_bytes(write_handshake_response())
-                except ConnectionError:
-                    return None
-            del buffer[:consumed]
-            return buffer
-        await self._refuse_handshake("Handshake was canceled.")
-        return None
-
-    async def _refuse_handshake(self, error: str) -> None:
-        _log.info("client %s handshake refused: %s", self.connection_id, error)
-        try:
-            await self.send_bytes(write_handshake_response(error))
-        except ConnectionError:
-            pass
-        self._close_reason = error
+        return bytearray(result.rest)
 
     async def _run_on_connected(self) -> bool:
         hub = self.make_hub()

@@ -95,10 +95,10 @@ from relaycore.protocol import (
     ServiceErrorMessage,
     ServiceEventMessage,
     ServiceHandshakeRequest,
-    ServiceHandshakeResponse,
     ServiceMessage,
     ServicePing,
     ServiceProtocolParser,
+    check_service_handshake_response,
     generate_access_token,
     header_for,
     write_service_message,
@@ -396,13 +396,10 @@ class ServiceConnection:
             messages = parser.messages_received()
             if not messages:
                 continue
-            first = messages[0]
-            if not isinstance(first, ServiceHandshakeResponse):
-                raise _SessionEnded(
-                    f"the service sent {type(first).__name__} first; expected a handshake response"
-                )
-            if not first.succeeded:
-                raise _SessionEnded(f"the service refused the handshake: {first.error_message}")
+            try:
+                check_service_handshake_response(messages[0])
+            except RemoteProtocolError as exc:
+                raise _SessionEnded(str(exc)) from None
             return messages[1:]
 
     async def _read_loop(
