@@ -46,8 +46,8 @@ from typing import Any, ClassVar, Final
 
 import msgpack  # type: ignore[import-untyped]
 
-from .._accel import decode_varint, encode_varint, split_varint_frames
-from ._errors import LocalProtocolError, RemoteProtocolError, show_value, unpack_error_text
+from ..._accel import decode_varint, encode_varint, split_varint_frames
+from .._errors import LocalProtocolError, RemoteProtocolError, show_value, unpack_error_text
 
 __all__ = [
     "ASRS_INSTANCE_ID_HEADER",
