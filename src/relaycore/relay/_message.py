@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from .._accel import queue_frame
+from ..protocol._handshake import HUB_PROTOCOL_OPCODES
 from ..protocol._hub import get_protocol
 from ..protocol._websocket import Opcode, frame
 from ._peer import ConnState, Flusher
@@ -23,12 +24,11 @@ def _websocket(opcode: Opcode) -> Callable[[bytes], bytes]:
     return lambda payload: frame(opcode, payload)
 
 
-#: Wire format -> (hub protocol, how a payload of it is framed). JSON travels in WebSocket
-#: text frames, MessagePack in binary ones (client-protocol §2.1: .NET sends all MessagePack
-#: output as binary frames).
+#: Wire format -> (hub protocol, how a payload of it is framed). Over WebSockets a format is
+#: its hub protocol's name: JSON travels in text frames, MessagePack in binary ones
+#: (``HUB_PROTOCOL_OPCODES``; client-protocol §2.1).
 WIRE_FORMATS: dict[str, tuple[str, Callable[[bytes], bytes]]] = {
-    "json": ("json", _websocket(Opcode.TEXT)),
-    "messagepack": ("messagepack", _websocket(Opcode.BINARY)),
+    name: (name, _websocket(opcode)) for name, opcode in HUB_PROTOCOL_OPCODES.items()
 }
 #: Not framed yet (``None`` in a frame cache means "no payload for that protocol").
 _UNSEEN = object()

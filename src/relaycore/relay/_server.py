@@ -31,10 +31,11 @@ from typing import Any
 
 import trio
 
+from ..protocol._auth import is_system_claim
 from ..protocol._errors import RemoteProtocolError
+from ..protocol._handshake import answer_service_handshake
 from ..protocol._service import (
     ASRS_INSTANCE_ID_HEADER,
-    SERVICE_PROTOCOL_VERSION,
     AckStatus,
     ClientCompletionMessage,
     ClientInvocationMessage,
@@ -51,7 +52,6 @@ from ..protocol._service import (
     ServiceEventKind,
     ServiceEventMessage,
     ServiceEventObjectType,
-    ServiceHandshakeRequest,
     ServiceHandshakeResponse,
     ServicePing,
     ServiceProtocolParser,
@@ -82,12 +82,6 @@ def _type_name(value: int) -> str:
         return f"type {value}"
 
 
-#: Claims of a client token that are about the token itself, not the user (§6.2).
-_SYSTEM_CLAIMS = frozenset(
-    {"aud", "exp", "iat", "nbf", "iss", "jti", "nonce", "actort", "acr", "azp", "c_hash"}
-)
-
-
 def _claim_text(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
@@ -100,7 +94,7 @@ def _claims_for_server(claims: dict[str, Any]) -> dict[str, str | tuple[str, ...
     which goes on the wire as that claim type repeated, as Azure sends it."""
     out: dict[str, str | tuple[str, ...]] = {}
     for key, value in claims.items():
-        if key in _SYSTEM_CLAIMS:
+        if is_system_claim(key):
             continue
         if isinstance(value, list):
             if not value:
@@ -351,22 +345,18 @@ class ServerConnection(Peer):
                 self._ack(message.ack_id, bool(result))
 
     def _handshake(self, message: Any) -> None:
-        if not isinstance(message, ServiceHandshakeRequest):
-            self.fail(f"expected a handshake request first, got {type(message).__name__}")
+        try:
+            answer = answer_service_handshake(message)
+        except RemoteProtocolError as exc:
+            self.fail(str(exc))
             return
-        if message.version != SERVICE_PROTOCOL_VERSION:
-            self.send(
-                ServiceHandshakeResponse(
-                    f"Protocol version {message.version} is not supported; this relay speaks "
-                    f"version {SERVICE_PROTOCOL_VERSION}."
-                )
-            )
+        self.send(answer)
+        if not answer.succeeded:
             self._leave("unsupported version")
             self._send_close_frame(CloseCode.NORMAL_CLOSURE)
             self._start_close_timer()
             return
         self.connection_type = message.connection_type
-        self.send(ServiceHandshakeResponse())
         self.state = ConnState.OPEN
         self.ops.server_opened(self)
         self._joined()

@@ -36,17 +36,14 @@ from typing import Any, Protocol
 
 from .._accel import encode_varint, split_records, split_varint_frames
 from ..protocol._errors import RemoteProtocolError
+from ..protocol._handshake import HandshakeRefused, HandshakeResponseReader, HubHandshake
 from ..protocol._hub import (
     CloseMessage,
     CompletionMessage,
     InvocationMessage,
     PingMessage,
     StreamInvocationMessage,
-    check_handshake_request,
     get_protocol,
-    parse_handshake_request,
-    parse_handshake_response,
-    write_handshake_response,
 )
 from ..protocol._websocket import CloseCode
 from ._message import WIRE_FORMATS
@@ -100,7 +97,8 @@ class ClientSession:
 
     __slots__ = ("ops", "transport", "id", "hub", "claims", "user_id", "query", "headers",
                  "groups", "protocol_name", "protocol", "wire_format", "server",
-                 "close_reason", "data_prefix", "state", "_out", "_sink", "_inbox")
+                 "close_reason", "data_prefix", "state", "_out", "_sink", "_inbox",
+                 "_handshake", "_answer")
 
     def __init__(
         self,
@@ -133,6 +131,10 @@ class ClientSession:
         self._out = bytearray()
         self._sink: Any = None
         self._inbox = bytearray()  # bytes received but not yet handled
+        #: The client's handshake, until it is decided; then the app server's answer to it,
+        #: until that has arrived (an open session keeps neither).
+        self._handshake: HubHandshake | None = HubHandshake(ops.config.max_message_size)
+        self._answer: HandshakeResponseReader | None = None
 
     def attach(self, transport: Transport) -> None:
         """Carry this session's frames on ``transport`` from now on."""
@@ -254,7 +256,7 @@ class ClientSession:
         transport = self.transport
         if self.state is ConnState.HANDSHAKE:
             if now - transport.created > config.handshake_timeout:
-                self._handshake_failed("Handshake was canceled.")
+                self._handshake_failed(cancel=True)
         elif self.state is ConnState.OPEN:
             if now - transport.last_receive > config.client_timeout:
                 self.close(
@@ -275,71 +277,84 @@ class ClientSession:
                 continue
             if data in _PINGS and not self._inbox and self.state is ConnState.OPEN:
                 continue  # a keep-alive ping, the most common message: nothing to do
-            self._inbox += data
             if self.protocol is None:
-                self._try_handshake()
+                self._try_handshake(data)
                 server = self.server
+            else:
+                self._inbox += data
             if self.state is ConnState.OPEN and self._inbox and server is None:
                 self._parse_hub_messages()
 
     # -- SignalR -------------------------------------------------------------------------------
 
-    def _handshake_failed(self, error: str) -> None:
-        log.info("handshake of %s on hub %s failed: %s", self.id, self.hub, error)
+    def _handshake_failed(self, error: str | None = None, *, cancel: bool = False) -> None:
+        """Answer the handshake with its refusal (the one it reached, ``error``, or the
+        timeout's) and close."""
+        handshake = self._handshake
+        if handshake is None:  # the app server's answer did not come in time
+            handshake = HubHandshake(self.ops.config.max_message_size)
+            cancel = True
+        if cancel:
+            handshake.cancel()
+        elif error is not None:
+            handshake.refuse(error)
+        refused = handshake.result
+        assert isinstance(refused, HandshakeRefused)
+        log.info("handshake of %s on hub %s failed: %s", self.id, self.hub, refused.error)
         self.ops.stats.handshake_errors += 1
-        self._send(write_handshake_response(error),
-                   self.transport.wire_format_for("json"))
-        self._leave(error)
+        self._send(handshake.data_to_send(), self.transport.wire_format_for("json"))
+        self._handshake = None
+        self._leave(refused.error)
         self.transport.close(CloseCode.NORMAL_CLOSURE)
 
-    def _try_handshake(self) -> None:
-        try:
-            got = parse_handshake_request(self._inbox)
-        except RemoteProtocolError as exc:
-            self._handshake_failed(f"Invalid handshake request: {exc}")
+    def _try_handshake(self, data: bytes) -> None:
+        handshake = self._handshake
+        assert handshake is not None
+        handshake.receive_data(data)
+        accepted = handshake.result
+        if accepted is None:
             return
-        if got is None:
-            if len(self._inbox) > self.ops.config.max_message_size:
-                self._handshake_failed("Handshake was canceled.")
+        if isinstance(accepted, HandshakeRefused):
+            self._handshake_failed()
             return
-        request, consumed = got
-        # Versions up to MAX_HUB_PROTOCOL_VERSION, 0 included (what signalrcore sends); 2 only
-        # turns on stateful reconnect, which the relay does not negotiate.
-        error = check_handshake_request(request)
-        if error is not None:
-            self._handshake_failed(error)
-            return
-        self.protocol_name = request.protocol.lower()
-        self.protocol = get_protocol(self.protocol_name)
+        self.protocol_name = accepted.protocol
+        self.protocol = accepted.hub_protocol
         self.wire_format = self.transport.wire_format_for(self.protocol_name)
         server = self.ops.choose_server(self.hub)
         if server is not None:
             # The app server's hub answers the handshake: forward it and what follows, as is.
-            data, self._inbox = bytes(self._inbox), bytearray()
             self.server = server
-            server.client_opened(self, data)
+            self._answer = HandshakeResponseReader(self.ops.config.max_message_size)
+            server.client_opened(self, accepted.request + accepted.rest)
             return
         if not self.ops.serves_hubs_itself:
             self._handshake_failed(f"No app server is connected to hub '{self.hub}'.")
             return
-        del self._inbox[:consumed]
         self.headers = {}  # only an app server is ever told them
-        self._send(write_handshake_response(None))
+        self._send(handshake.data_to_send())
+        self._handshake = None
+        self._inbox += accepted.rest
         self._open()
 
     def server_data(self, payload: bytes) -> None:
         """Bytes from the app server's hub: framed hub messages, written as they are."""
         if self.state is ConnState.HANDSHAKE:
+            answer = self._answer
             try:
-                answer = parse_handshake_response(payload)
+                if answer is not None:
+                    answer.receive_data(payload)
             except RemoteProtocolError:
-                answer = None
+                pass  # not an answer the relay can read: forwarded all the same
             self._send(payload)
-            if answer is not None and answer[0] is None:
+            read = None if answer is None else answer.result
+            if read is None:
+                return
+            self._handshake = self._answer = None
+            if read.succeeded:
                 self._open()
-            elif answer is not None:
+            else:
                 self.ops.stats.handshake_errors += 1
-                self._leave(answer[0])
+                self._leave(read.error)
                 self.transport.close(CloseCode.NORMAL_CLOSURE)
         elif self.state is ConnState.OPEN:
             self.enqueue(WIRE_FORMATS[self.wire_format][1](payload))
