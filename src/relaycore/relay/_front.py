@@ -358,8 +358,7 @@ class HttpFront:
             else:  # skipNegotiation
                 connection_id = secrets.token_urlsafe(16)
             limit = self.config.max_connections_per_hub
-            shard = self.ops.table.get(hub)
-            if limit and shard is not None and len(shard.connections) >= limit:
+            if limit and self.ops.connection_count(hub) >= limit:
                 raise HttpError(429, f"hub '{hub}' has reached its limit of {limit} connections")
         except HttpError as exc:
             await http.send_response(self._with_cors(request, Response.error(exc)), close=True)

@@ -27,41 +27,14 @@ import logging
 from collections.abc import Callable, Collection, Iterable
 from typing import Any, Protocol
 
+from ..protocol import _service as service
 from ..protocol._hub import InvocationMessage, StreamInvocationMessage
-from ..protocol._service import (
-    BroadcastDataMessage,
-    CheckConnectionExistenceWithAckMessage,
-    CheckGroupExistenceWithAckMessage,
-    CheckUserExistenceWithAckMessage,
-    CheckUserInGroupWithAckMessage,
-    ClientCompletionMessage,
-    ClientInvocationMessage,
-    CloseConnectionMessage,
-    CloseConnectionsWithAckMessage,
-    CloseConnectionWithAckMessage,
-    CloseGroupConnectionsWithAckMessage,
-    CloseUserConnectionsWithAckMessage,
-    ErrorCompletionMessage,
-    GroupBroadcastDataMessage,
-    JoinGroupMessage,
-    JoinGroupWithAckMessage,
-    LeaveGroupMessage,
-    LeaveGroupWithAckMessage,
-    MultiConnectionDataMessage,
-    MultiGroupBroadcastDataMessage,
-    MultiUserDataMessage,
-    UserDataMessage,
-    UserJoinGroupMessage,
-    UserJoinGroupWithAckMessage,
-    UserLeaveGroupMessage,
-    UserLeaveGroupWithAckMessage,
-)
 from ._backplane import Backplane
 from ._config import RelayConfig
 from ._message import OutboundMessage, fan_out, queue_payloads
 from ._peer import ConnState, Flusher
 from ._stats import RelayStats
-from ._table import ConnectionTable, HubShard
+from ._table import ConnectionTable
 
 log = logging.getLogger("relaycore.relay")
 
@@ -132,6 +105,8 @@ class Operations:
         self.invocations = ClientInvocations(self)
         #: Set while the relay drains: no new clients, app servers are told "going away".
         self.draining = False
+        #: This node's id, as ``Asrs-Instance-Id`` tells app servers (service-protocol §6.2).
+        self.instance_id = ""
 
     # -- looking up ----------------------------------------------------------------------------
 
@@ -168,7 +143,7 @@ class Operations:
         """Send to every connection of ``hub`` but ``excluded``; returns how many it reached."""
         reached = self._deliver(self.table.view(hub).all_targets(excluded), message)
         if publish and self.backplane.publishes:
-            self._publish(hub, BroadcastDataMessage(message.payload_map(), list(excluded)))
+            self._publish(hub, service.BroadcastDataMessage(message.payload_map(), list(excluded)))
         return reached
 
     def send_to_connection(self, hub: str, connection_id: str, message: OutboundMessage,
@@ -176,8 +151,9 @@ class Operations:
         conn = self.connection(hub, connection_id)
         if conn is not None:
             return self._deliver((conn,), message)
-        if publish and self.backplane.publishes:
-            self._publish(hub, MultiConnectionDataMessage([connection_id], message.payload_map()))
+        if publish and self.backplane.holds(hub, "connection", connection_id):
+            self._publish(hub, service.MultiConnectionDataMessage(
+                [connection_id], message.payload_map()))
         return 0
 
     def send_to_connections(self, hub: str, connection_ids: Iterable[str],
@@ -188,14 +164,14 @@ class Operations:
         reached = self._deliver(found, message)
         if publish and self.backplane.publishes and len(found) < len(ids):
             missing = [i for i in ids if i not in connections]
-            self._publish(hub, MultiConnectionDataMessage(missing, message.payload_map()))
+            self._publish(hub, service.MultiConnectionDataMessage(missing, message.payload_map()))
         return reached
 
     def send_to_user(self, hub: str, user_id: str, message: OutboundMessage,
                      *, publish: bool = True) -> int:
         reached = self._deliver(self.table.view(hub).user_targets(user_id), message)
         if publish and self.backplane.publishes:
-            self._publish(hub, UserDataMessage(user_id, message.payload_map()))
+            self._publish(hub, service.UserDataMessage(user_id, message.payload_map()))
         return reached
 
     def send_payloads_to_user(self, hub: str, user_id: str, payloads: dict[str, bytes]) -> int:
@@ -206,18 +182,24 @@ class Operations:
         self.stats.messages_sent += 1
         self.stats.deliveries += reached
         if self.backplane.publishes:
-            self._publish(hub, UserDataMessage(user_id, payloads))
+            self._publish(hub, service.UserDataMessage(user_id, payloads))
+        return reached
+
+    def _send_to_each(self, hub: str, keys: list[str], targets_of: Callable[[str], Any],
+                      message: OutboundMessage, encoded: Any) -> int:
+        """Send once to the union of ``targets_of(key)`` for every key (a connection in two
+        of the groups gets the message once); ``encoded`` is the service message class that
+        carries the operation to other nodes (``None``: do not publish)."""
+        targets = {c.id: c for key in keys for c in targets_of(key)}
+        reached = self._deliver(targets.values(), message)
+        if encoded is not None and self.backplane.publishes:
+            self._publish(hub, encoded(keys, message.payload_map()))
         return reached
 
     def send_to_users(self, hub: str, user_ids: Iterable[str], message: OutboundMessage,
                       *, publish: bool = True) -> int:
-        shard = self.table.view(hub)
-        users = list(user_ids)
-        targets = {c.id: c for u in users for c in shard.user_targets(u)}
-        reached = self._deliver(targets.values(), message)
-        if publish and self.backplane.publishes:
-            self._publish(hub, MultiUserDataMessage(users, message.payload_map()))
-        return reached
+        return self._send_to_each(hub, list(user_ids), self.table.view(hub).user_targets,
+                                  message, service.MultiUserDataMessage if publish else None)
 
     def send_to_group(self, hub: str, group: str, message: OutboundMessage,
                       excluded: Collection[str] = (), excluded_users: Collection[str] = (),
@@ -228,50 +210,53 @@ class Operations:
             targets = (c for c in targets if c.user_id not in users)
         reached = self._deliver(targets, message)
         if publish and self.backplane.publishes:
-            self._publish(hub, GroupBroadcastDataMessage(
+            self._publish(hub, service.GroupBroadcastDataMessage(
                 group, message.payload_map(), list(excluded), list(excluded_users)))
         return reached
 
     def send_to_groups(self, hub: str, groups: Iterable[str], message: OutboundMessage,
                        *, publish: bool = True) -> int:
-        shard = self.table.view(hub)
-        names = list(groups)
-        targets = {c.id: c for g in names for c in shard.group_targets(g)}
-        reached = self._deliver(targets.values(), message)
-        if publish and self.backplane.publishes:
-            self._publish(hub, MultiGroupBroadcastDataMessage(names, message.payload_map()))
-        return reached
+        return self._send_to_each(
+            hub, list(groups), self.table.view(hub).group_targets, message,
+            service.MultiGroupBroadcastDataMessage if publish else None)
 
     # -- groups --------------------------------------------------------------------------------
+
+    def _on_connection(self, hub: str, connection_id: str, here: Callable[[Any], Any],
+                       elsewhere: Callable[[], Any] | None) -> bool:
+        """Do ``here(connection)`` when this node holds the connection; else, when another
+        node holds it, publish ``elsewhere()`` (the message that does it there; ``None``: do
+        not publish). False when no node holds it."""
+        conn = self.connection(hub, connection_id)
+        if conn is not None:
+            here(conn)
+            return True
+        if elsewhere is not None and self.backplane.holds(hub, "connection", connection_id):
+            self._publish(hub, elsewhere())
+            return True
+        return False
 
     def add_connection_to_group(self, hub: str, group: str, connection_id: str,
                                 *, publish: bool = True) -> bool:
         """False when the connection does not exist (on any node)."""
-        conn = self.connection(hub, connection_id)
-        if conn is not None:
-            self.table.shard(hub).join(conn, group)
-            return True
-        if publish and self.backplane.holds(hub, "connection", connection_id):
-            self._publish(hub, JoinGroupMessage(connection_id, group))
-            return True
-        return False
+        return self._on_connection(
+            hub, connection_id, lambda conn: self.table.shard(hub).join(conn, group),
+            (lambda: service.JoinGroupMessage(connection_id, group)) if publish else None)
 
     def remove_connection_from_group(self, hub: str, group: str | None, connection_id: str,
                                      *, publish: bool = True) -> bool:
         """Leave ``group`` (every group when None); False when the connection does not
         exist."""
-        conn = self.connection(hub, connection_id)
-        if conn is not None:
+        def here(conn: Any) -> None:
             shard = self.table.shard(hub)
             if group is None:
                 shard.leave_all(conn)
             else:
                 shard.leave(conn, group)
-            return True
-        if publish and self.backplane.holds(hub, "connection", connection_id):
-            self._publish(hub, LeaveGroupMessage(connection_id, group))
-            return True
-        return False
+
+        return self._on_connection(
+            hub, connection_id, here,
+            (lambda: service.LeaveGroupMessage(connection_id, group)) if publish else None)
 
     def add_user_to_group(self, hub: str, group: str, user_id: str, ttl: float | None = None,
                           *, publish: bool = True) -> None:
@@ -279,7 +264,7 @@ class Operations:
         seconds (None: the longest a membership lasts)."""
         self.table.shard(hub).add_user_to_group(user_id, group, ttl, self.now())
         if publish and self.backplane.publishes:
-            self._publish(hub, UserJoinGroupMessage(
+            self._publish(hub, service.UserJoinGroupMessage(
                 user_id, group, None if ttl is None else int(ttl)))
 
     def remove_user_from_group(self, hub: str, group: str | None, user_id: str,
@@ -293,7 +278,7 @@ class Operations:
                 shard.remove_user_from_group(user_id, group)
             self.table.prune(hub)
         if publish and self.backplane.publishes:
-            self._publish(hub, UserLeaveGroupMessage(user_id, group))
+            self._publish(hub, service.UserLeaveGroupMessage(user_id, group))
 
     # -- closing -------------------------------------------------------------------------------
 
@@ -309,20 +294,16 @@ class Operations:
 
     def close_connection(self, hub: str, connection_id: str, reason: str | None = None,
                          *, publish: bool = True) -> bool:
-        conn = self.connection(hub, connection_id)
-        if conn is not None:
-            self._close_each((conn,), reason)
-            return True
-        if publish and self.backplane.holds(hub, "connection", connection_id):
-            self._publish(hub, CloseConnectionWithAckMessage(connection_id, 0, reason))
-            return True
-        return False
+        return self._on_connection(
+            hub, connection_id, lambda conn: self._close_each((conn,), reason),
+            (lambda: service.CloseConnectionWithAckMessage(connection_id, 0, reason))
+            if publish else None)
 
     def close_all_connections(self, hub: str, reason: str | None = None,
                               excluded: Collection[str] = (), *, publish: bool = True) -> int:
         closed = self._close_each(self.table.view(hub).all_targets(excluded), reason)
         if publish and self.backplane.publishes:
-            self._publish(hub, CloseConnectionsWithAckMessage(0, reason, list(excluded)))
+            self._publish(hub, service.CloseConnectionsWithAckMessage(0, reason, list(excluded)))
         return closed
 
     def close_user_connections(self, hub: str, user_id: str, reason: str | None = None,
@@ -331,7 +312,7 @@ class Operations:
         closed = self._close_each(
             [c for c in self.table.view(hub).user_targets(user_id) if c.id not in skip], reason)
         if publish and self.backplane.publishes:
-            self._publish(hub, CloseUserConnectionsWithAckMessage(
+            self._publish(hub, service.CloseUserConnectionsWithAckMessage(
                 user_id, 0, reason, list(excluded)))
         return closed
 
@@ -339,7 +320,7 @@ class Operations:
                                 excluded: Collection[str] = (), *, publish: bool = True) -> int:
         closed = self._close_each(self.table.view(hub).group_targets(group, excluded), reason)
         if publish and self.backplane.publishes:
-            self._publish(hub, CloseGroupConnectionsWithAckMessage(
+            self._publish(hub, service.CloseGroupConnectionsWithAckMessage(
                 group, 0, reason, list(excluded)))
         return closed
 
@@ -435,58 +416,64 @@ class Operations:
         shard = self.table.view(hub)
         return bool(shard.connections) or any(s.clients for s in shard.servers)
 
-    def shard(self, hub: str) -> HubShard:
-        """The shard of ``hub`` for reading (empty when the hub has nothing)."""
-        return self.table.view(hub)
+    def connection_count(self, hub: str) -> int:
+        """How many clients of ``hub`` are open on this node."""
+        return len(self.table.view(hub).connections)
+
+    def expire(self, now: float) -> None:
+        """End what has timed out by ``now``: user-group memberships past their TTL, client
+        invocations nobody answered (the relay's ticker calls this)."""
+        self.invocations.expire(now)
+        self.table.expire_user_groups(now)
 
 
 #: What each service-protocol operation message does: ``(operations, hub, message, publish)``
 #: -> the result an ack reports (a bool) or what a send reached.
 _BY_MESSAGE: dict[type, Callable[[Operations, str, Any, bool], Any]] = {
-    BroadcastDataMessage: lambda o, h, m, p: o.send_to_all(
+    service.BroadcastDataMessage: lambda o, h, m, p: o.send_to_all(
         h, OutboundMessage(payloads=m.payloads), m.excluded_connection_ids, publish=p),
-    MultiConnectionDataMessage: lambda o, h, m, p: o.send_to_connections(
+    service.MultiConnectionDataMessage: lambda o, h, m, p: o.send_to_connections(
         h, m.connection_ids, OutboundMessage(payloads=m.payloads), publish=p),
-    UserDataMessage: lambda o, h, m, p: o.send_to_user(
+    service.UserDataMessage: lambda o, h, m, p: o.send_to_user(
         h, m.user_id, OutboundMessage(payloads=m.payloads), publish=p),
-    MultiUserDataMessage: lambda o, h, m, p: o.send_to_users(
+    service.MultiUserDataMessage: lambda o, h, m, p: o.send_to_users(
         h, m.user_ids, OutboundMessage(payloads=m.payloads), publish=p),
-    GroupBroadcastDataMessage: lambda o, h, m, p: o.send_to_group(
+    service.GroupBroadcastDataMessage: lambda o, h, m, p: o.send_to_group(
         h, m.group_name, OutboundMessage(payloads=m.payloads), m.excluded_connection_ids,
         m.excluded_user_ids, publish=p),
-    MultiGroupBroadcastDataMessage: lambda o, h, m, p: o.send_to_groups(
+    service.MultiGroupBroadcastDataMessage: lambda o, h, m, p: o.send_to_groups(
         h, m.group_names, OutboundMessage(payloads=m.payloads), publish=p),
-    JoinGroupMessage: lambda o, h, m, p: o.add_connection_to_group(
+    service.JoinGroupMessage: lambda o, h, m, p: o.add_connection_to_group(
         h, m.group_name, m.connection_id, publish=p),
-    JoinGroupWithAckMessage: lambda o, h, m, p: o.add_connection_to_group(
+    service.JoinGroupWithAckMessage: lambda o, h, m, p: o.add_connection_to_group(
         h, m.group_name, m.connection_id, publish=p),
-    LeaveGroupMessage: lambda o, h, m, p: o.remove_connection_from_group(
+    service.LeaveGroupMessage: lambda o, h, m, p: o.remove_connection_from_group(
         h, m.group_name, m.connection_id, publish=p),
-    LeaveGroupWithAckMessage: lambda o, h, m, p: o.remove_connection_from_group(
+    service.LeaveGroupWithAckMessage: lambda o, h, m, p: o.remove_connection_from_group(
         h, m.group_name, m.connection_id, publish=p),
-    UserJoinGroupMessage: lambda o, h, m, p: o.add_user_to_group(
+    service.UserJoinGroupMessage: lambda o, h, m, p: o.add_user_to_group(
         h, m.group_name, m.user_id, None if m.ttl is None else float(m.ttl), publish=p),
-    UserJoinGroupWithAckMessage: lambda o, h, m, p: o.add_user_to_group(
+    service.UserJoinGroupWithAckMessage: lambda o, h, m, p: o.add_user_to_group(
         h, m.group_name, m.user_id, None if m.ttl is None else float(m.ttl), publish=p) or True,
-    UserLeaveGroupMessage: lambda o, h, m, p: o.remove_user_from_group(
+    service.UserLeaveGroupMessage: lambda o, h, m, p: o.remove_user_from_group(
         h, m.group_name, m.user_id, publish=p),
-    UserLeaveGroupWithAckMessage: lambda o, h, m, p: o.remove_user_from_group(
+    service.UserLeaveGroupWithAckMessage: lambda o, h, m, p: o.remove_user_from_group(
         h, m.group_name, m.user_id, publish=p) or True,
-    CheckUserInGroupWithAckMessage: lambda o, h, m, p: o.user_in_group(
+    service.CheckUserInGroupWithAckMessage: lambda o, h, m, p: o.user_in_group(
         h, m.group_name, m.user_id),
-    CheckGroupExistenceWithAckMessage: lambda o, h, m, p: o.group_exists(h, m.group_name),
-    CheckConnectionExistenceWithAckMessage: lambda o, h, m, p: o.connection_exists(
+    service.CheckGroupExistenceWithAckMessage: lambda o, h, m, p: o.group_exists(h, m.group_name),
+    service.CheckConnectionExistenceWithAckMessage: lambda o, h, m, p: o.connection_exists(
         h, m.connection_id),
-    CheckUserExistenceWithAckMessage: lambda o, h, m, p: o.user_exists(h, m.user_id),
-    CloseConnectionMessage: lambda o, h, m, p: o.close_connection(
+    service.CheckUserExistenceWithAckMessage: lambda o, h, m, p: o.user_exists(h, m.user_id),
+    service.CloseConnectionMessage: lambda o, h, m, p: o.close_connection(
         h, m.connection_id, m.error_message or None, publish=p),
-    CloseConnectionWithAckMessage: lambda o, h, m, p: o.close_connection(
+    service.CloseConnectionWithAckMessage: lambda o, h, m, p: o.close_connection(
         h, m.connection_id, m.reason, publish=p),
-    CloseConnectionsWithAckMessage: lambda o, h, m, p: o.close_all_connections(
+    service.CloseConnectionsWithAckMessage: lambda o, h, m, p: o.close_all_connections(
         h, m.reason, m.excluded_connection_ids, publish=p) >= 0,
-    CloseUserConnectionsWithAckMessage: lambda o, h, m, p: o.close_user_connections(
+    service.CloseUserConnectionsWithAckMessage: lambda o, h, m, p: o.close_user_connections(
         h, m.user_id, m.reason, m.excluded_connection_ids, publish=p) >= 0,
-    CloseGroupConnectionsWithAckMessage: lambda o, h, m, p: o.close_group_connections(
+    service.CloseGroupConnectionsWithAckMessage: lambda o, h, m, p: o.close_group_connections(
         h, m.group_name, m.reason, m.excluded_connection_ids, publish=p) >= 0,
 }
 
@@ -513,11 +500,11 @@ class ClientInvocations:
         #: (hub, client connection id) -> how many of ``pending`` it has
         self._per_client: collections.Counter[tuple[str, str]] = collections.Counter()
 
-    def invoke(self, caller: ServerLink, m: ClientInvocationMessage) -> None:
+    def invoke(self, caller: ServerLink, m: service.ClientInvocationMessage) -> None:
         ops = self._ops
         client = ops.connection(caller.hub, m.connection_id)
         if client is None:
-            caller.send(ErrorCompletionMessage(
+            caller.send(service.ErrorCompletionMessage(
                 m.invocation_id, m.connection_id, m.caller_server_id,
                 f"Connection '{m.connection_id}' does not exist."))
             return
@@ -525,7 +512,7 @@ class ClientInvocations:
         key = (caller.hub, m.connection_id)
         if self._per_client[key] >= limit or m.invocation_id in self.pending:
             ops.stats.invocations_refused += 1
-            caller.send(ErrorCompletionMessage(
+            caller.send(service.ErrorCompletionMessage(
                 m.invocation_id, m.connection_id, m.caller_server_id,
                 f"Connection '{m.connection_id}' has {limit} client invocations waiting "
                 "already." if m.invocation_id not in self.pending
@@ -540,7 +527,7 @@ class ClientInvocations:
             owner.send(m)
 
     def complete(self, sender: ServerLink,
-                 m: ClientCompletionMessage | ErrorCompletionMessage) -> None:
+                 m: service.ClientCompletionMessage | service.ErrorCompletionMessage) -> None:
         entry = self.pending.pop(m.invocation_id, None)
         if entry is not None:
             self._forget(entry[0], entry[2])
@@ -563,7 +550,7 @@ class ClientInvocations:
             if which(hub, conn_id, expiry):
                 del self.pending[invocation_id]
                 self._forget(hub, conn_id)
-                self._to_caller(hub, caller_id, ErrorCompletionMessage(
+                self._to_caller(hub, caller_id, service.ErrorCompletionMessage(
                     invocation_id, conn_id, caller_id, error.format(conn_id)))
 
     def _forget(self, hub: str, connection_id: str) -> None:

@@ -69,6 +69,9 @@ class Relay:
             TokenValidator(config.access_keys, clock_skew=config.token_clock_skew),
             self.stats, lambda: self.endpoint)
         self.front = HttpFront(config, self.ops, self.auth, self.poller, self.flusher)
+        #: the connection table and pending client invocations, for reading (tests, tools)
+        self.table = self.ops.table
+        self.invocations = self.ops.invocations
 
     # -- what the parts are, for programs and tests -------------------------------------------
 
@@ -79,18 +82,6 @@ class Relay:
     @property
     def connection_string(self) -> str:
         return self.config.connection_string(self.port)
-
-    @property
-    def table(self) -> Any:
-        return self.ops.table
-
-    @property
-    def invocations(self) -> Any:
-        return self.ops.invocations
-
-    @property
-    def instance_id(self) -> str:
-        return self.ops.instance_id
 
     @property
     def fault_mode(self) -> str:
@@ -222,8 +213,7 @@ class Relay:
                 gc.freeze()
                 frozen_at = len(live)
             self.front.expire(now)
-            self.ops.invocations.expire(now)
-            self.ops.table.expire_user_groups(now)
+            self.ops.expire(now)
 
     async def drain(self, reason: str = "The relay is shutting down.",
                     timeout: float | None = None) -> None:
