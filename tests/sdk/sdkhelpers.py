@@ -319,7 +319,7 @@ async def sent_to(service: FakeService, server: Any, index: int, hub: str = "cha
     A marker ping is written on the same server connection after them, so that once it has
     arrived, everything written before it has too.
     """
-    container = server._router(hub).containers[index]
+    container = server._dispatcher(hub).containers[index]
     connection = container.pick()
     assert connection is not None, f"endpoint {index} of {hub} is offline"
     marker = f"marker-{id(connection)}-{connection.sessions}-{len(service.connections)}"

@@ -217,7 +217,7 @@ def test_staging_waits_for_every_hubs_connections(backend):
                 assert added
                 hubs = sorted(c.query["hub"] for c in b.open_connections())
                 assert hubs == ["chat", "chat", "other", "other"]
-                assert all(c.online for c in server._router("other").containers)
+                assert all(c.online for c in server._dispatcher("other").containers)
             tg.cancel_scope.cancel()
 
     run(backend, scenario)
@@ -401,7 +401,7 @@ def test_set_endpoints_adds_removes_and_renames_in_place(backend):
                                  ServiceEndpoint(b.connection_string, name="b"))
             async with server:
                 await server.wait_online()
-                container_a = server._router("chat").containers[0]
+                container_a = server._dispatcher("chat").containers[0]
                 assert await server.set_endpoints([
                     ServiceEndpoint(a.connection_string, EndpointType.SECONDARY, "a2"),
                     ServiceEndpoint(c.connection_string, name="c"),
@@ -410,7 +410,7 @@ def test_set_endpoints_adds_removes_and_renames_in_place(backend):
                 assert [e.type for e in server.endpoints] == [EndpointType.SECONDARY,
                                                               EndpointType.PRIMARY]
                 # Renamed in place: same connections, now offered as a secondary.
-                assert server._router("chat").containers[0] is container_a
+                assert server._dispatcher("chat").containers[0] is container_a
                 assert a.connected_count == 1
                 assert await offered(server) == {c.port}
                 await wait_for(lambda: not b.open_connections())
@@ -447,7 +447,7 @@ def test_config_file_changes_add_and_remove_endpoints_and_bad_files_are_ignored(
                 assert names(server) == ["a"]
                 write_config(path, {"a": a.connection_string, "b:secondary": b.connection_string})
                 await wait_for(lambda: names(server) == ["a", "b"]
-                               and server._router("chat").containers[1].state == "active")
+                               and server._dispatcher("chat").containers[1].state == "active")
                 assert server.endpoints[1].type is EndpointType.SECONDARY
                 path.write_text(path.read_text().replace("b:secondary", "b:tertiary"))
                 await wait_for(lambda: "role 'tertiary' is invalid" in caplog.text)

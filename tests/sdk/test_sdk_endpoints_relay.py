@@ -278,7 +278,7 @@ def test_new_endpoint_is_offered_only_once_every_app_server_is_connected_to_it(b
                 await wait_for(lambda: [e.online for e in pod1.hub_endpoints("chat")]
                                == [True, True])
                 # Two rounds of servers pings answered by both relays, and still staging.
-                await wait_for(lambda: pod1._router("chat").containers[1].servers_replies >= 2)
+                await wait_for(lambda: pod1._dispatcher("chat").containers[1].servers_replies >= 2)
                 for _ in range(20):
                     assert await negotiated_port(pod1) == relay_a.port
                 assert added == []

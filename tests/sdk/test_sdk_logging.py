@@ -35,7 +35,7 @@ def sdk_lines(caplog, level: int = logging.INFO) -> list[tuple[str, str]]:
 
 
 def slots(server: HubServer) -> list:
-    return server._router("chat").containers[0].connections
+    return server._dispatcher("chat").containers[0].connections
 
 
 async def test_sdk_connecting_five_server_connections_logs_one_line_and_stopping_one(caplog):

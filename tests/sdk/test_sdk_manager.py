@@ -432,12 +432,12 @@ def test_persistent_manager_connections_are_weak_and_never_carry_clients(backend
                                    connection_count=2) as manager:
                 chat = await manager.create_hub_context("chat")
                 server = manager._weak["chat"]
-                connections = server._router("chat").containers[0].connections
+                connections = server._dispatcher("chat").containers[0].connections
                 assert [c.connection_type.name for c in connections] == ["WEAK", "WEAK"]
                 client = await connect(chat, tg, "alice")
                 reply = await client.invoke("anything")
                 assert "error" in reply  # no upstream configured: a completion error
-                assert not server._router("chat").local_clients
+                assert not server._dispatcher("chat").local_clients
                 await client.aclose()
                 tg.cancel_scope.cancel()
 

@@ -129,7 +129,7 @@ def test_pod_reconnects_when_the_relay_comes_back(backend):
                     await negotiate_with_app(server.asgi(), user="dave"), tg)
                 assert (await client.invoke("whoami"))["result"]["user"] == "dave"
                 # Both server connections come back (each on its own retry schedule).
-                connections = server._router("chat").containers[0].connections
+                connections = server._dispatcher("chat").containers[0].connections
                 await wait_for(lambda: [c.sessions for c in connections] == [2, 2], timeout=10)
                 await client.aclose()
                 tg.cancel_scope.cancel()

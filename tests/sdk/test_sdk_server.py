@@ -306,7 +306,7 @@ def test_server_sends_status_pings(backend):
         while status.get("status") is None:
             status = await conn.next(ServicePing)
         assert status.get("status") == "1"
-        container = server._router("chat").containers[0]
+        container = server._dispatcher("chat").containers[0]
         await wait_for(lambda: container.has_clients is False and container.server_count == 1)
 
     run(backend, lambda: serving(scenario, status_interval=0.05))
@@ -592,7 +592,7 @@ def test_close_connection_runs_on_disconnected_and_forgets_the_client(backend):
         (_, cid, error) = events[-1]
         assert cid == "c1" and isinstance(error, ConnectionError)
         assert str(error) == "client went away"
-        await wait_for(lambda: not server._router("chat").local_clients)
+        await wait_for(lambda: not server._dispatcher("chat").local_clients)
         # data for a forgotten client is ignored; the server connection is fine
         await conn.send(ConnectionDataMessage("c1", b"garbage"))
         await open_client(conn, "c2")

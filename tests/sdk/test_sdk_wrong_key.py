@@ -51,7 +51,7 @@ def sdk_records(caplog, level: int = logging.WARNING) -> list[logging.LogRecord]
 
 
 def failures(server: HubServer) -> list[int]:
-    return [c.failures for c in server._router("chat").containers[0].connections]
+    return [c.failures for c in server._dispatcher("chat").containers[0].connections]
 
 
 async def negotiate(server: HubServer) -> httpx.Response:

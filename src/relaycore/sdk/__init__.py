@@ -28,7 +28,14 @@ server connections (PERSISTENT); its clients' events reach it as upstream webhoo
 """
 
 from ._asgi import NegotiateApp, UserIdProvider, default_user_id_provider
-from ._endpoints import EndpointEvents, EndpointMetrics, EndpointStatusEvent, HubServiceEndpoint
+from ._endpoints import (
+    EndpointEvents,
+    EndpointMetrics,
+    EndpointStatusEvent,
+    EndpointType,
+    HubServiceEndpoint,
+    ServiceEndpoint,
+)
 from ._errors import (
     AckTimeoutError,
     HubException,
@@ -58,7 +65,7 @@ from ._manager import (
     ServiceManager,
     TransportType,
 )
-from ._options import EndpointType, ServiceEndpoint, ServiceOptions, default_retry_delay
+from ._options import ServiceOptions, default_retry_delay
 from ._restclient import (
     RetryOptions,
     ServiceInvalidArgumentError,

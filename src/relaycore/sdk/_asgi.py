@@ -14,17 +14,20 @@ from __future__ import annotations
 import inspect
 import logging
 from collections.abc import Awaitable, Callable, Iterable, Mapping, MutableMapping
-from typing import TYPE_CHECKING, Any, Final, TypeAlias
+from typing import Any, Final, Protocol, TypeAlias
 from urllib.parse import parse_qsl, urlencode
 
 import orjson
 
 from ._errors import NOT_CONNECTED_MESSAGE, NegotiateError, ServiceUnavailableError
 
-if TYPE_CHECKING:
-    from ._server import HubServer
-
-__all__ = ["NegotiateApp", "UserIdProvider", "default_user_id_provider"]
+__all__ = [
+    "NegotiateApp",
+    "Negotiator",
+    "UserIdProvider",
+    "default_user_id_provider",
+    "serve_lifespan",
+]
 
 _log = logging.getLogger("relaycore.sdk")
 
@@ -40,6 +43,26 @@ UserIdProvider: TypeAlias = Callable[[Scope], "str | None | Awaitable[str | None
 _ALLOWED_HEADERS: Final = (
     "authorization, content-type, x-requested-with, x-signalr-user-agent, x-user-id"
 )
+
+
+class Negotiator(Protocol):
+    """What a ``NegotiateApp`` asks of its ``HubServer``."""
+
+    @property
+    def hubs(self) -> list[str]: ...
+
+    async def negotiate(
+        self,
+        hub: str,
+        *,
+        user_id: str | None,
+        path: str | None,
+        query: str | None,
+        headers: Mapping[str, str] | None,
+        scope: Mapping[str, Any] | None,
+    ) -> dict[str, Any]: ...
+
+    def refusal(self, hub: str) -> str | None: ...
 
 
 def _header(scope: Scope, name: bytes) -> str | None:
@@ -85,7 +108,7 @@ class NegotiateApp:
 
     def __init__(
         self,
-        server: HubServer,
+        server: Negotiator,
         *,
         user_id_provider: UserIdProvider | None = None,
         cors_origins: Iterable[str] = ("*",),
@@ -97,7 +120,7 @@ class NegotiateApp:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
         if kind == "lifespan":
-            await _lifespan(receive, send)
+            await serve_lifespan(receive, send)
             return
         if kind == "websocket":
             await send({"type": "websocket.close", "code": 1008})
@@ -211,7 +234,9 @@ async def _json(
     await send({"type": "http.response.body", "body": data})
 
 
-async def _lifespan(receive: Receive, send: Send) -> None:
+async def serve_lifespan(receive: Receive, send: Send) -> None:
+    """Acknowledge an ASGI ``lifespan`` scope's startup and shutdown (the SDK's apps have
+    nothing to start), so that they also run alone under an ASGI server."""
     while True:
         message = await receive()
         if message["type"] == "lifespan.startup":

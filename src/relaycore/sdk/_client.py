@@ -61,8 +61,8 @@ from ._errors import HubException
 from ._hub import ROLE_CLAIM_TYPES, GroupManager, Hub, HubCallerClients, HubCallerContext
 
 if TYPE_CHECKING:
+    from ._connection import Dispatcher as HubRouter
     from ._connection import ServiceConnection
-    from ._server import HubRouter
 
 __all__ = ["ClientConnection", "claims_and_user_id", "current_service_connection"]
 

@@ -60,6 +60,16 @@ writes one line per event of the endpoint, not one per slot (each slot's own eve
 
 A refusal (HTTP 4xx on the upgrade, except 408 and 429) is also what negotiate answers while
 no endpoint of the hub is online (``refusal``): a 503 that says why, not "not connected yet".
+
+Above and below
+---------------
+
+The slots carry the clients and write for the hub's ``HubDispatcher``, both of which stand above
+this module. So that it imports neither, it declares what it needs of them as protocols:
+``Client`` (what a slot feeds and closes) and ``Dispatcher`` (the hub's identity, options and
+clients, and where the service's word on client results goes). ``Channel`` is what it offers:
+what the dispatcher writes on, implemented by ``ServiceConnection`` here and by the REST
+transport's ``RestChannel``.
 """
 
 from __future__ import annotations
@@ -70,8 +80,8 @@ import platform
 import random
 import time
 import uuid
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Final, Literal
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Final, Literal, Protocol
 from urllib.parse import quote
 
 import anyio
@@ -104,10 +114,15 @@ from relaycore.protocol import (
     write_service_message,
 )
 
-from ._client import ClientConnection
-from ._endpoints import EndpointMetrics, EndpointStatusEvent, HubServiceEndpoint
+from ._endpoints import (
+    EndpointMetrics,
+    EndpointStatusEvent,
+    EndpointType,
+    HubServiceEndpoint,
+    ServiceEndpoint,
+)
 from ._errors import AckTimeoutError, ServiceUnavailableError
-from ._options import EndpointType, ServiceEndpoint
+from ._hub import Hub, HubCallerContext, HubMethodTable, HubSender
 from ._websocket import (
     WebSocketClosed,
     WebSocketConnection,
@@ -116,9 +131,27 @@ from ._websocket import (
 )
 
 if TYPE_CHECKING:
-    from ._server import HubRouter
+    from relaycore.protocol import (
+        CompletionMessage,
+        JsonHubProtocol,
+        MessagePackHubProtocol,
+    )
 
-__all__ = ["EndpointHub", "ServiceConnection"]
+    from ._options import ServiceOptions
+
+__all__ = [
+    "ACTIVE",
+    "REMOVING",
+    "STAGING",
+    "USER_AGENT",
+    "Channel",
+    "Client",
+    "Dispatcher",
+    "EndpointHub",
+    "EndpointState",
+    "ServiceConnection",
+    "connection_type_name",
+]
 
 _log = logging.getLogger("relaycore.sdk")
 
@@ -128,7 +161,8 @@ ACTIVE: Final = "active"
 REMOVING: Final = "removing"
 EndpointState = Literal["staging", "active", "removing"]
 
-_USER_AGENT: Final = (
+#: ``Asrs-User-Agent`` of the SDK's requests: server connections and REST calls.
+USER_AGENT: Final = (
     f"relaycore-sdk/0.1 (Python {platform.python_version()}; {platform.system()}; "
     f"{platform.machine()})"
 )
@@ -222,13 +256,119 @@ class _AckWaiter:
         self.lost = False
 
 
-class ServiceConnection:
+# --------------------------------------------------------------------------------------------
+# What a server connection offers, and what it needs from the layers above
+
+
+class Channel(Protocol):
+    """What a hub's messages are written on, one for each endpoint they go to: a
+    ``ServiceConnection``, or the management SDK's ``RestChannel`` (the REST API in the place
+    of a server connection). ``EndpointHub.pick`` chooses one."""
+
+    @property
+    def endpoint(self) -> ServiceEndpoint:
+        """The endpoint it reaches."""
+        ...
+
+    async def send(self, message: ServiceMessage) -> None:
+        """Write one service message; ``ServiceUnavailableError`` when it cannot go out."""
+        ...
+
+    async def request_ack(
+        self, message_for: Callable[[int], ServiceMessage], ack_id: int
+    ) -> tuple[int, str | None]:
+        """Send ``message_for(ack_id)`` and wait for its Ack: ``(status, message)``."""
+        ...
+
+
+class Client(Protocol):
+    """A logical client, as the server connection that carries it and the hub's dispatcher
+    see it (``_client.ClientConnection``)."""
+
+    connection_id: str
+    context: HubCallerContext
+    #: The server connection that owns it: everything for the client goes out there.
+    service_connection: ServiceConnection
+
+    @property
+    def protocol(self) -> JsonHubProtocol | MessagePackHubProtocol | None:
+        """Its hub protocol, once its handshake is done."""
+        ...
+
+    @property
+    def protocol_name(self) -> str: ...
+
+    async def run(self) -> None:
+        """Serve the client until it leaves."""
+        ...
+
+    async def feed(self, payload: bytes) -> None:
+        """Hand over the bytes of one ConnectionData."""
+        ...
+
+    def close_input(self, error: BaseException | None = None, *, lost: bool = False) -> None:
+        """The client left (``error``: why), or with ``lost`` its server connection did."""
+        ...
+
+
+class Dispatcher(HubSender, Protocol):
+    """What the server connections of one hub, and the clients they carry, need from the hub's
+    ``HubDispatcher``: its identity and options, its clients, and where the service's
+    messages about them go."""
+
+    #: The hub, as mapped.
+    name: str
+    #: The hub as the service knows it (``{application}_{hub}``).
+    wire_name: str
+    server_id: str
+    options: ServiceOptions
+    hub_factory: Callable[[], Hub]
+    methods: HubMethodTable
+
+    @property
+    def weak_connections(self) -> bool:
+        """Every server connection is Weak (``HubServer.weak_connections``)."""
+        ...
+
+    @property
+    def local_clients(self) -> Mapping[str, Client]:
+        """The clients of the hub this app server's connections own, by connection id."""
+        ...
+
+    def publish_status(self, event: EndpointStatusEvent) -> None:
+        """An endpoint went online or offline for the hub."""
+        ...
+
+    def open_client(self, connection: ServiceConnection, message: OpenConnectionMessage) -> Client:
+        """The client ``message`` announces, owned by ``connection`` (not yet running)."""
+        ...
+
+    def client_gone(self, client: Client) -> None:
+        """Forget a client that left."""
+        ...
+
+    async def client_completed(self, client: Client, completion: CompletionMessage) -> None:
+        """A client answered a server-to-client invocation (§2.5)."""
+        ...
+
+    async def client_result(
+        self, message: ClientInvocationMessage | ClientCompletionMessage | ErrorCompletionMessage
+    ) -> None:
+        """The service's word on a client invocation (§2.5)."""
+        ...
+
+
+# --------------------------------------------------------------------------------------------
+# A server connection slot
+
+
+class ServiceConnection(Channel):
     """One server connection slot (see the module doc)."""
 
     def __init__(self, container: EndpointHub, index: int) -> None:
         self.container = container
-        self.router = container.router
-        self.options = container.router.options
+        self.dispatcher = container.dispatcher
+        self.options = container.dispatcher.options
         self.index = index
         #: Whether a session is established (handshake done, not yet dropped).
         self.connected = False
@@ -245,7 +385,7 @@ class ServiceConnection:
         self.sessions = 0
         self.last_send = 0.0
         #: Logical clients owned by this connection, by connection id.
-        self.clients: dict[str, ClientConnection] = {}
+        self.clients: dict[str, Client] = {}
         self._ws: WebSocketConnection | None = None
         self._task_group: anyio.abc.TaskGroup | None = None
         self._acks: dict[int, _AckWaiter] = {}
@@ -254,7 +394,9 @@ class ServiceConnection:
 
     def __repr__(self) -> str:
         state = "connected" if self.connected else "disconnected"
-        return f"<ServiceConnection {self.router.wire_name}#{self.index} {self.endpoint} {state}>"
+        return (
+            f"<ServiceConnection {self.dispatcher.wire_name}#{self.index} {self.endpoint} {state}>"
+        )
 
     @property
     def endpoint(self) -> ServiceEndpoint:
@@ -271,7 +413,7 @@ class ServiceConnection:
         """Default on a primary endpoint; Weak (never given clients) on a secondary one, and
         on every endpoint of a server that carries no clients (``HubServer.weak_connections``:
         the management SDK's persistent transport)."""
-        if self.endpoint.type is EndpointType.SECONDARY or self.router.server.weak_connections:
+        if self.endpoint.type is EndpointType.SECONDARY or self.dispatcher.weak_connections:
             return ConnectionType.WEAK
         return ConnectionType.DEFAULT
 
@@ -302,7 +444,7 @@ class ServiceConnection:
 
     def _url_and_headers(self) -> tuple[str, list[tuple[str, str]]]:
         connection = self.endpoint.connection
-        hub = self.router.wire_name
+        hub = self.dispatcher.wire_name
         self.cid = str(uuid.uuid4())
         url = f"{connection.server_base}server/?hub={quote(hub, safe='')}&cid={self.cid}"
         token = generate_access_token(
@@ -310,12 +452,12 @@ class ServiceConnection:
             connection.server_audience(hub),
             now=time.time(),
             lifetime=self.options.access_token_lifetime,
-            claims={"nameid": self.router.server_id},
+            claims={"nameid": self.dispatcher.server_id},
         )
         headers = [
             ("Authorization", f"Bearer {token}"),
-            ("X-ASRS-Server-Id", self.router.server_id),
-            ("Asrs-User-Agent", _USER_AGENT),
+            ("X-ASRS-Server-Id", self.dispatcher.server_id),
+            ("Asrs-User-Agent", USER_AGENT),
             ("X-Requested-With", "XMLHttpRequest"),
         ]
         return url, headers
@@ -433,7 +575,7 @@ class ServiceConnection:
     async def _keep_alive(self) -> None:
         ping = ServicePing.of(
             {
-                PingKey.CLIENTS_IN_HUB: len(self.router.local_clients),
+                PingKey.CLIENTS_IN_HUB: len(self.dispatcher.local_clients),
                 PingKey.CLIENTS_ON_CONNECTION: len(self.clients),
             }
         )
@@ -463,12 +605,10 @@ class ServiceConnection:
                 waiter.status = message.status
                 waiter.message = message.message
                 waiter.done.set()
-        elif isinstance(message, ClientInvocationMessage):
-            await self.router.routed_invocation(message)
-        elif isinstance(message, ClientCompletionMessage):
-            self.router.completion_from_service(message)
-        elif isinstance(message, ErrorCompletionMessage):
-            self.router.error_from_service(message)
+        elif isinstance(
+            message, (ClientInvocationMessage, ClientCompletionMessage, ErrorCompletionMessage)
+        ):
+            await self.dispatcher.client_result(message)
         elif isinstance(message, ServiceErrorMessage):
             raise _SessionEnded(f"the service reported an error: {message.error_message}")
         elif isinstance(message, ServiceEventMessage):
@@ -482,19 +622,18 @@ class ServiceConnection:
             return
         if message.connection_id in self.clients:
             return
-        client = ClientConnection(self.router, self, message)
+        client = self.dispatcher.open_client(self, message)
         self.clients[message.connection_id] = client
-        self.router.local_clients[message.connection_id] = client
         self._task_group.start_soon(self._run_client, client)
 
-    async def _run_client(self, client: ClientConnection) -> None:
+    async def _run_client(self, client: Client) -> None:
         try:
             await client.run()
         except Exception:
             _log.exception("client connection %s failed", client.connection_id)
         finally:
             self.clients.pop(client.connection_id, None)
-            self.router.client_gone(client)
+            self.dispatcher.client_gone(client)
             self.container.notify()
 
     async def _ping(self, ping: ServicePing) -> None:
@@ -526,7 +665,7 @@ class ServiceConnection:
         if servers is not None:
             self.container.servers_reply(servers)
 
-    # Used by the router and the server ------------------------------------------------------
+    # Used by the dispatcher and the server ------------------------------------------------
 
     async def send(self, message: ServiceMessage) -> None:
         """Write one service message. Raises ``ServiceUnavailableError`` when the connection
@@ -583,15 +722,15 @@ class EndpointHub:
     about that endpoint (service-protocol §11.1 "container"; states in the module doc)."""
 
     def __init__(
-        self, router: HubRouter, endpoint: ServiceEndpoint, state: EndpointState = ACTIVE
+        self, dispatcher: Dispatcher, endpoint: ServiceEndpoint, state: EndpointState = ACTIVE
     ) -> None:
-        self.router = router
+        self.dispatcher = dispatcher
         self.endpoint = endpoint
         self.state: EndpointState = state
         #: What routers see: the endpoint with this hub's status.
-        self.hub_endpoint = HubServiceEndpoint(endpoint, router.name, self)
+        self.hub_endpoint = HubServiceEndpoint(endpoint, dispatcher.name, self)
         self.connections = [
-            ServiceConnection(self, i) for i in range(router.options.connection_count)
+            ServiceConnection(self, i) for i in range(dispatcher.options.connection_count)
         ]
         #: From the service's pings (§4.4): used to weigh negotiate (§11.2).
         self.metrics = EndpointMetrics()
@@ -618,7 +757,7 @@ class EndpointHub:
         self._escalated_at: float | None = None  # when the streak's last ERROR was logged
 
     def __repr__(self) -> str:
-        return f"<EndpointHub {self.router.name} {self.endpoint} {self.state}>"
+        return f"<EndpointHub {self.dispatcher.name} {self.endpoint} {self.state}>"
 
     # Status ----------------------------------------------------------------------------------
 
@@ -628,19 +767,15 @@ class EndpointHub:
         return any(c.connected for c in self.connections)
 
     @property
-    def client_count(self) -> int:
-        """The hub's clients on this endpoint, as last reported (``metrics``)."""
-        return self.metrics.client_connection_count
-
-    @property
     def server_count(self) -> int:
-        """The hub's server connections to this endpoint, as last reported."""
+        """The hub's server connections to this endpoint, as last reported (``metrics``)."""
         return self.metrics.server_connection_count
 
-    @property
-    def capacity(self) -> int:
-        """The endpoint's connection quota, as last reported (0: unknown)."""
-        return self.metrics.connection_capacity
+    def holds_connection(self, connection_id: str) -> bool:
+        """Whether the client ``connection_id`` of this app server is carried by one of these
+        server connections."""
+        client = self.dispatcher.local_clients.get(connection_id)
+        return client is not None and client.service_connection.container is self
 
     def notify(self) -> None:
         """Wake the tasks in ``wait_until`` (something about this container changed)."""
@@ -658,8 +793,8 @@ class EndpointHub:
         online = self.online
         if online != self._online:
             self._online = online
-            self.router.server.publish_status(
-                EndpointStatusEvent(self.router.name, self.hub_endpoint, online)
+            self.dispatcher.publish_status(
+                EndpointStatusEvent(self.dispatcher.name, self.hub_endpoint, online)
             )
         self.notify()
 
@@ -680,7 +815,7 @@ class EndpointHub:
         _log.debug(
             "server connection %s of hub %s to %s is up (cid %s)",
             connection.index,
-            self.router.name,
+            self.dispatcher.name,
             self.endpoint,
             connection.cid,
         )
@@ -692,8 +827,8 @@ class EndpointHub:
         after = f", after {self._failed} failed attempts" if self._failed else ""
         _log.info(
             "app server %s connected to hub %s on %s: %d server connections (%s)%s",
-            self.router.server_id,
-            self.router.name,
+            self.dispatcher.server_id,
+            self.dispatcher.name,
             self.endpoint,
             len(self.connections),
             connection_type_name(connection.connection_type),
@@ -712,7 +847,7 @@ class EndpointHub:
         _log.debug(
             "server connection %s of hub %s to %s ended (%s); reconnecting in %.1f s",
             connection.index,
-            self.router.name,
+            self.dispatcher.name,
             self.endpoint,
             problem.text,
             delay,
@@ -725,7 +860,7 @@ class EndpointHub:
             _log.log(
                 logging.INFO if problem.going_away else logging.WARNING,
                 "hub %s: the server connections to %s %s (%s); reconnecting",
-                self.router.name,
+                self.dispatcher.name,
                 self.endpoint,
                 "were closed by the service" if problem.going_away else "were lost",
                 problem.text,
@@ -739,7 +874,7 @@ class EndpointHub:
             self._warned_refusal = self._warned_refusal or problem.refused
             if problem.refused or not self._outage_logged:
                 self._announced = False
-                _log.warning("hub %s: %s; retrying in the background", self.router.name, why)
+                _log.warning("hub %s: %s; retrying in the background", self.dispatcher.name, why)
             return
         now = anyio.current_time()
         if connection.failures >= _ERROR_AFTER and (
@@ -749,7 +884,7 @@ class EndpointHub:
             self._announced = False
             _log.error(
                 "hub %s: %s (%d failed attempts in a row); still retrying, next in %.2g s",
-                self.router.name,
+                self.dispatcher.name,
                 why,
                 connection.failures,
                 delay,
@@ -760,7 +895,7 @@ class EndpointHub:
         connections stay; a new role applies to their connection type from their next
         session on, as the Azure SDK does (§11.3)."""
         self.endpoint = endpoint
-        self.hub_endpoint = HubServiceEndpoint(endpoint, self.router.name, self)
+        self.hub_endpoint = HubServiceEndpoint(endpoint, self.dispatcher.name, self)
 
     def read_metrics(self, ping: ServicePing) -> None:
         """Update the metrics from any ping that carries them."""
@@ -800,7 +935,7 @@ class EndpointHub:
 
     # Choosing a connection -------------------------------------------------------------------
 
-    def pick(self, preferred: ServiceConnection | None = None) -> ServiceConnection | None:
+    def pick(self, preferred: ServiceConnection | None = None) -> Channel | None:
         """The connection to write on: ``preferred`` when it belongs here and is up, else the
         first connected one (a stable choice keeps one task's messages in order)."""
         if preferred is not None and preferred.container is self and preferred.connected:
@@ -828,7 +963,7 @@ class EndpointHub:
                         await connection.first_attempt.wait()
                     self.ready.set()
                     while True:
-                        await anyio.sleep(self.router.options.status_interval)
+                        await anyio.sleep(self.dispatcher.options.status_interval)
                         connected = [c for c in self.connections if c.connected]
                         if connected:
                             try:

@@ -1,4 +1,4 @@
-"""Endpoints at run time: what one hub of this app server knows about each endpoint.
+"""Endpoints: as configured, and as one hub of this app server sees them at run time.
 
 ``ServiceEndpoint`` is configuration (a connection string, a role, a name). Once a hub is mapped,
 every endpoint gets, for that hub, a ``HubServiceEndpoint``: the same endpoint plus what is true
@@ -16,27 +16,155 @@ iterator. (The container logs it, with the reason: see ``_connection``, "What is
 from __future__ import annotations
 
 import dataclasses
+import enum
 import inspect
 import logging
 from collections import deque
-from collections.abc import Callable
-from types import TracebackType
-from typing import TYPE_CHECKING, Any, Final
+from collections.abc import Callable, Iterable
+from typing import Any, Final, Protocol
+from urllib.parse import urlsplit
 
 import anyio
 
-from ._options import ServiceEndpoint
+from relaycore.protocol import ConnectionString
 
-if TYPE_CHECKING:
-    from ._connection import EndpointHub
-
-__all__ = ["EndpointEvents", "EndpointMetrics", "EndpointStatusEvent", "HubServiceEndpoint"]
+__all__ = [
+    "Container",
+    "EndpointEvents",
+    "EndpointMetrics",
+    "EndpointStatusEvent",
+    "EndpointType",
+    "HubServiceEndpoint",
+    "ServiceEndpoint",
+    "publish_status",
+    "select_endpoints",
+]
 
 _log = logging.getLogger("relaycore.sdk")
 
 #: Events an ``EndpointEvents`` iterator holds for a consumer that does not keep up; older ones
 #: are dropped beyond this (with a warning), so that a forgotten iterator cannot grow forever.
 _EVENT_BUFFER: Final = 1024
+
+
+# --------------------------------------------------------------------------------------------
+# Configuration
+
+
+class EndpointType(enum.IntEnum):
+    """The role of an endpoint (service-protocol §11.1)."""
+
+    #: Gets Default server connections that carry clients; negotiate prefers it.
+    PRIMARY = 0
+    #: Gets Weak server connections that only send; negotiate uses it when no primary is online.
+    SECONDARY = 1
+
+
+def _endpoint_type(value: Any, where: str) -> EndpointType:
+    if isinstance(value, EndpointType):
+        return value
+    if isinstance(value, str):
+        try:
+            return EndpointType[value.strip().upper()]
+        except KeyError:
+            pass
+    elif isinstance(value, int) and not isinstance(value, bool):
+        try:
+            return EndpointType(value)
+        except ValueError:
+            pass
+    raise ValueError(f"{where}: endpoint type {value!r} is invalid; expected primary or secondary")
+
+
+@dataclasses.dataclass(frozen=True)
+class ServiceEndpoint:
+    """One relay (or Azure SignalR) endpoint the app server connects to.
+
+    The connection string is parsed at construction; a bad one raises ``ValueError`` saying
+    what is wrong::
+
+        ServiceEndpoint("Endpoint=http://localhost:8080;AccessKey=...;Version=1.0;")
+        ServiceEndpoint(backup_string, EndpointType.SECONDARY, name="west")
+
+    ``str()`` and ``repr()`` never show the access key.
+    """
+
+    connection_string: str = dataclasses.field(repr=False)
+    type: EndpointType = EndpointType.PRIMARY
+    name: str = ""
+    #: The parsed connection string.
+    connection: ConnectionString = dataclasses.field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        where = f"endpoint {self.name!r}" if self.name else "endpoint"
+        object.__setattr__(self, "type", _endpoint_type(self.type, where))
+        if not isinstance(self.connection_string, str):
+            raise ValueError(
+                f"{where}: connection string must be a str, got "
+                f"{type(self.connection_string).__name__}"
+            )
+        try:
+            connection = ConnectionString.parse(self.connection_string)
+        except ValueError as exc:
+            raise ValueError(f"{where}: invalid connection string: {exc}") from None
+        if connection.access_key is None:
+            raise ValueError(
+                f"{where}: connection string has AuthType={connection.auth_type} but no "
+                "AccessKey; relaycore's SDK signs tokens with an access key (Entra mode is not "
+                "supported)"
+            )
+        object.__setattr__(self, "connection", connection)
+
+    @property
+    def endpoint(self) -> str:
+        """The ``Endpoint`` URI of the connection string (no trailing ``/``)."""
+        return self.connection.endpoint
+
+    @property
+    def access_key(self) -> str:
+        """The key that signs server and client tokens for this endpoint."""
+        assert self.connection.access_key is not None  # checked in __post_init__
+        return self.connection.access_key
+
+    @property
+    def identity(self) -> str:
+        """``{scheme}://{host}:{port}`` of the connection base: endpoints with the same
+        identity are one endpoint (§11.1)."""
+        parts = urlsplit(self.connection.server_base)
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        return f"{parts.scheme.lower()}://{(parts.hostname or '').lower()}:{port}"
+
+    def __str__(self) -> str:
+        role = self.type.name.lower()
+        # The connection base (with Port=), so that two relays on one host read apart.
+        return f"{self.name or '(default)'} {self.connection.server_base.rstrip('/')} [{role}]"
+
+
+def select_endpoints(candidates: Iterable[ServiceEndpoint]) -> tuple[ServiceEndpoint, ...]:
+    """De-duplicate endpoints by ``{scheme}://{host}:{port}``, preferring the primary
+    (§11.1); raise ``ValueError`` when none is left or none is primary."""
+    chosen: dict[str, ServiceEndpoint] = {}
+    for endpoint in candidates:
+        if not isinstance(endpoint, ServiceEndpoint):
+            raise ValueError(f"expected ServiceEndpoint objects, got {type(endpoint).__name__}")
+        seen = chosen.get(endpoint.identity)
+        if seen is None or (
+            seen.type is EndpointType.SECONDARY and endpoint.type is EndpointType.PRIMARY
+        ):
+            chosen[endpoint.identity] = endpoint
+    if not chosen:
+        raise ValueError(
+            "no endpoint configured; give ServiceOptions(connection_string=...) or "
+            "endpoints=[ServiceEndpoint(...)], or set Azure__SignalR__ConnectionString"
+        )
+    endpoints = tuple(chosen.values())
+    if not any(e.type is EndpointType.PRIMARY for e in endpoints):
+        raise ValueError("no primary endpoint configured; at least one endpoint must be primary")
+    return endpoints
+
+
+# --------------------------------------------------------------------------------------------
+# At run time
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,6 +185,19 @@ class EndpointMetrics:
     connection_capacity: int = 0
 
 
+class Container(Protocol):
+    """Where a ``HubServiceEndpoint`` reads what is true now: the hub's container of the
+    endpoint (``_connection.EndpointHub``, or the management SDK's ``RestEndpointHub``)."""
+
+    @property
+    def online(self) -> bool: ...
+
+    @property
+    def metrics(self) -> EndpointMetrics: ...
+
+    def holds_connection(self, connection_id: str) -> bool: ...
+
+
 class HubServiceEndpoint(ServiceEndpoint):
     """An endpoint as one hub of this app server sees it: the configured ``ServiceEndpoint``
     (``name``, ``type``, ``endpoint``, ...) plus ``hub``, ``online`` and ``metrics``, always
@@ -73,9 +214,9 @@ class HubServiceEndpoint(ServiceEndpoint):
     # Not a dataclass itself: it adds run-time state to a frozen ServiceEndpoint, which a
     # frozen dataclass allows on subclasses for names that are not its fields.
     hub: str
-    _container: EndpointHub
+    _container: Container
 
-    def __init__(self, endpoint: ServiceEndpoint, hub: str, container: EndpointHub) -> None:
+    def __init__(self, endpoint: ServiceEndpoint, hub: str, container: Container) -> None:
         super().__init__(endpoint.connection_string, endpoint.type, endpoint.name)
         object.__setattr__(self, "hub", hub)
         object.__setattr__(self, "_container", container)
@@ -109,8 +250,7 @@ class HubServiceEndpoint(ServiceEndpoint):
     def holds_connection(self, connection_id: str) -> bool:
         """Whether the client ``connection_id`` is connected to this app server through this
         endpoint (a client of another app server is not known here)."""
-        client = self._container.router.local_clients.get(connection_id)
-        return client is not None and client.service_connection.container is self._container
+        return self._container.holds_connection(connection_id)
 
     def __repr__(self) -> str:
         state = "online" if self.online else "offline"
@@ -182,12 +322,7 @@ class EndpointEvents:
     async def __aenter__(self) -> EndpointEvents:
         return self
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    async def __aexit__(self, *exc_info: object) -> None:
         self.close()
 
 

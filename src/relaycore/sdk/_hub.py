@@ -16,7 +16,7 @@ import inspect
 import ipaddress
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Final, Protocol, TypeVar, overload
+from typing import Any, Final, Protocol, TypeVar, overload
 
 from relaycore.protocol import (
     BroadcastDataMessage,
@@ -35,20 +35,36 @@ from relaycore.protocol import (
     is_valid_group_name,
 )
 
-if TYPE_CHECKING:
-    from ._client import ClientConnection
-
 __all__ = [
-    "ClientProxy",
-    "GroupManager",
+    # What app authors use (``relaycore.sdk`` exports it).
     "Hub",
-    "HubCallerClients",
-    "HubCallerContext",
-    "HubClients",
-    "HubContext",
-    "SingleClientProxy",
-    "UserGroupManager",
     "hub_method",
+    "HubCallerContext",
+    "HubCallerClients",
+    "HubClients",
+    "ClientProxy",
+    "SingleClientProxy",
+    "GroupManager",
+    "UserGroupManager",
+    "HubContext",
+    # What the rest of the SDK builds on.
+    "ALL",
+    "BROADCAST",
+    "CONNECTIONS",
+    "GROUPS",
+    "ROLE_CLAIM_TYPES",
+    "USERS",
+    "USER_GROUP",
+    "CallerConnection",
+    "HubMethod",
+    "HubMethodTable",
+    "HubSender",
+    "Recipients",
+    "Route",
+    "check_method",
+    "checked_group",
+    "checked_id",
+    "checked_ids",
 ]
 
 _F = TypeVar("_F", bound=Callable[..., Any])
@@ -73,7 +89,8 @@ GROUPS: Final = "groups"
 CONNECTIONS: Final = "connections"
 USER_GROUP: Final = "user_group"
 
-_BROADCAST: Final = Route(ALL)
+#: Every client of the hub.
+BROADCAST: Final = Route(ALL)
 
 #: The claim types whose values are a connection's roles, unless its token names another
 #: (``asrs.s.rt``): .NET's default role claim type, and the JWT name ``role``, under which the
@@ -81,42 +98,52 @@ _BROADCAST: Final = Route(ALL)
 ROLE_CLAIM_TYPES: Final = ("role", "http://schemas.microsoft.com/ws/2008/06/identity/claims/role")
 
 
-class _Router(Protocol):
-    """What proxies need from the server (implemented by ``_server.HubRouter``)."""
+@dataclass(frozen=True)
+class Recipients:
+    """The clients a proxy sends to (internal): ``build`` makes the service message (§7) that
+    carries a payload map; ``route`` is what the endpoint router chooses endpoints for;
+    ``connection_id`` names the one client of ``clients.client(id)``, which a send may reach
+    on the server connection that owns it."""
 
-    async def send(
-        self,
-        method: str,
-        args: tuple[Any, ...],
-        build: Callable[[dict[str, bytes]], ServiceMessage],
-        *,
-        connection_id: str | None = None,
-        route: Route = _BROADCAST,
-    ) -> None: ...
+    build: Callable[[dict[str, bytes]], ServiceMessage]
+    route: Route = BROADCAST
+    connection_id: str | None = None
 
-    async def request_ack(
-        self,
-        build: Callable[[int], ServiceMessage],
-        *,
-        connection_scoped: bool,
-        route: Route = _BROADCAST,
-    ) -> bool: ...
+
+class HubSender(Protocol):
+    """What proxies and group managers send through: a mapped hub's ``HubDispatcher`` in an
+    app server, a hub context's calls in the management SDK."""
+
+    async def send(self, to: Recipients, method: str, args: tuple[Any, ...]) -> None:
+        """Invoke ``method`` with ``args`` on the clients ``to`` names."""
+        ...
+
+    async def request_ack(self, build: Callable[[int], ServiceMessage], route: Route) -> bool:
+        """Send ``build(ack_id)`` (a ``...WithAck`` message) to the endpoints chosen for
+        ``route`` and wait for their Acks; True if any says Ok. A request about one connection
+        (``route`` of kind ``CONNECTIONS``) succeeds when the endpoint holding it says Ok."""
+        ...
 
     async def invoke_client(
         self, connection_id: str, method: str, args: tuple[Any, ...], timeout: float | None
-    ) -> Any: ...
+    ) -> Any:
+        """Invoke ``method`` on one client and return its result (§2.5)."""
+        ...
 
 
 # --------------------------------------------------------------------------------------------
-# Proxies
+# Checking what app code passes
 
 
-def _check_method(method: str) -> None:
+def check_method(method: str) -> None:
+    """Raise ``ValueError`` unless ``method`` (a client method's name) is a non-empty string."""
     if not isinstance(method, str) or not method:
         raise ValueError(f"method must be a non-empty string, got {method!r}")
 
 
-def _ids(values: Iterable[str], what: str) -> tuple[str, ...]:
+def checked_ids(values: Iterable[str], what: str) -> tuple[str, ...]:
+    """``values`` (connection or user ids, named ``what`` in errors) as a tuple; ``TypeError``
+    for one string in the place of a list, ``ValueError`` for an empty or non-string id."""
     if isinstance(values, str):
         raise TypeError(f"{what} must be a list of strings, not one string {values!r}")
     result = tuple(values)
@@ -126,7 +153,15 @@ def _ids(values: Iterable[str], what: str) -> tuple[str, ...]:
     return result
 
 
-def _group(name: str) -> str:
+def checked_id(value: str, what: str) -> str:
+    """One id, checked as ``checked_ids`` checks each."""
+    (value,) = checked_ids([value], what)
+    return value
+
+
+def checked_group(name: str) -> str:
+    """``name`` if it is a valid group name (1-1024 characters, not only white space), else
+    ``ValueError``."""
     if not isinstance(name, str) or not is_valid_group_name(name):
         raise ValueError(
             f"group name {name!r} is invalid; expected 1-1024 characters, not only whitespace"
@@ -134,23 +169,20 @@ def _group(name: str) -> str:
     return name
 
 
+# --------------------------------------------------------------------------------------------
+# Proxies
+
+
 class ClientProxy:
     """A set of clients chosen through ``clients``; ``await proxy.send(method, *args)`` invokes
     ``method`` on each of them (a non-blocking SignalR invocation: no result comes back)."""
 
-    __slots__ = ("_build", "_connection_id", "_route", "_router")
+    __slots__ = ("_sender", "recipients")
 
-    def __init__(
-        self,
-        router: _Router,
-        build: Callable[[dict[str, bytes]], ServiceMessage],
-        connection_id: str | None = None,
-        route: Route = _BROADCAST,
-    ) -> None:
-        self._router = router
-        self._build = build
-        self._connection_id = connection_id
-        self._route = route
+    def __init__(self, sender: HubSender, recipients: Recipients) -> None:
+        self._sender = sender
+        #: Who they are (the management SDK's reported sends read it).
+        self.recipients = recipients
 
     async def send(self, method: str, *args: Any) -> None:
         """Invoke the client method ``method`` with ``args`` on every client of this set.
@@ -158,10 +190,8 @@ class ClientProxy:
         Returns once the message is written to the service; raises
         ``ServiceUnavailableError`` when no endpoint is online.
         """
-        _check_method(method)
-        await self._router.send(
-            method, args, self._build, connection_id=self._connection_id, route=self._route
-        )
+        check_method(method)
+        await self._sender.send(self.recipients, method, args)
 
 
 class SingleClientProxy(ClientProxy):
@@ -179,9 +209,10 @@ class SingleClientProxy(ClientProxy):
 
             answer = await self.clients.caller.invoke("confirm", "Delete everything?", timeout=30)
         """
-        _check_method(method)
-        assert self._connection_id is not None
-        return await self._router.invoke_client(self._connection_id, method, args, timeout)
+        check_method(method)
+        connection_id = self.recipients.connection_id
+        assert connection_id is not None
+        return await self._sender.invoke_client(connection_id, method, args, timeout)
 
 
 class HubClients:
@@ -189,78 +220,72 @@ class HubClients:
     proxy whose ``send`` delivers to every matching client, on whichever pod or relay node it
     is connected."""
 
-    __slots__ = ("_router",)
+    __slots__ = ("_sender",)
 
-    def __init__(self, router: _Router) -> None:
-        self._router = router
+    def __init__(self, sender: HubSender) -> None:
+        self._sender = sender
+
+    def _proxy(self, recipients: Recipients) -> ClientProxy:
+        return ClientProxy(self._sender, recipients)
 
     @property
     def all(self) -> ClientProxy:
         """Every client of the hub (BroadcastData)."""
-        return ClientProxy(self._router, lambda p: BroadcastDataMessage(p))
+        return self._proxy(Recipients(lambda p: BroadcastDataMessage(p)))
 
     def all_except(self, excluded_connection_ids: Iterable[str]) -> ClientProxy:
         """Every client but the listed connections (BroadcastData with an excluded list)."""
-        excluded = _ids(excluded_connection_ids, "excluded_connection_ids")
-        return ClientProxy(self._router, lambda p: BroadcastDataMessage(p, excluded))
+        excluded = checked_ids(excluded_connection_ids, "excluded_connection_ids")
+        return self._proxy(Recipients(lambda p: BroadcastDataMessage(p, excluded)))
 
     def client(self, connection_id: str) -> SingleClientProxy:
         """One connection (MultiConnectionData); also offers ``invoke`` for a client result."""
-        (connection_id,) = _ids([connection_id], "connection_id")
-        return SingleClientProxy(
-            self._router,
+        connection_id = checked_id(connection_id, "connection_id")
+        recipients = Recipients(
             lambda p: MultiConnectionDataMessage((connection_id,), p),
-            connection_id,
             Route(CONNECTIONS, (connection_id,)),
+            connection_id,
         )
+        return SingleClientProxy(self._sender, recipients)
 
     def clients(self, connection_ids: Iterable[str]) -> ClientProxy:
         """The listed connections (MultiConnectionData)."""
-        ids = _ids(connection_ids, "connection_ids")
-        return ClientProxy(
-            self._router,
-            lambda p: MultiConnectionDataMessage(ids, p),
-            route=Route(CONNECTIONS, ids),
+        ids = checked_ids(connection_ids, "connection_ids")
+        return self._proxy(
+            Recipients(lambda p: MultiConnectionDataMessage(ids, p), Route(CONNECTIONS, ids))
         )
 
     def user(self, user_id: str) -> ClientProxy:
         """Every connection of one user (UserData)."""
-        (user_id,) = _ids([user_id], "user_id")
-        return ClientProxy(
-            self._router, lambda p: UserDataMessage(user_id, p), route=Route(USERS, (user_id,))
+        user_id = checked_id(user_id, "user_id")
+        return self._proxy(
+            Recipients(lambda p: UserDataMessage(user_id, p), Route(USERS, (user_id,)))
         )
 
     def users(self, user_ids: Iterable[str]) -> ClientProxy:
         """Every connection of the listed users (MultiUserData)."""
-        ids = _ids(user_ids, "user_ids")
-        return ClientProxy(
-            self._router, lambda p: MultiUserDataMessage(ids, p), route=Route(USERS, ids)
-        )
+        ids = checked_ids(user_ids, "user_ids")
+        return self._proxy(Recipients(lambda p: MultiUserDataMessage(ids, p), Route(USERS, ids)))
 
     def group(self, group_name: str) -> ClientProxy:
         """Every connection in a group (GroupBroadcastData)."""
-        name = _group(group_name)
-        return ClientProxy(
-            self._router, lambda p: GroupBroadcastDataMessage(name, p), route=Route(GROUPS, (name,))
-        )
+        return self.group_except(group_name, ())
 
     def groups(self, group_names: Iterable[str]) -> ClientProxy:
         """Every connection in any of the groups, once each (MultiGroupBroadcastData)."""
-        names = tuple(_group(n) for n in _ids(group_names, "group_names"))
-        return ClientProxy(
-            self._router,
-            lambda p: MultiGroupBroadcastDataMessage(names, p),
-            route=Route(GROUPS, names),
+        names = tuple(checked_group(n) for n in checked_ids(group_names, "group_names"))
+        return self._proxy(
+            Recipients(lambda p: MultiGroupBroadcastDataMessage(names, p), Route(GROUPS, names))
         )
 
     def group_except(self, group_name: str, excluded_connection_ids: Iterable[str]) -> ClientProxy:
         """Every connection in a group but the listed ones (GroupBroadcastData)."""
-        name = _group(group_name)
-        excluded = _ids(excluded_connection_ids, "excluded_connection_ids")
-        return ClientProxy(
-            self._router,
-            lambda p: GroupBroadcastDataMessage(name, p, excluded),
-            route=Route(GROUPS, (name,)),
+        name = checked_group(group_name)
+        excluded = checked_ids(excluded_connection_ids, "excluded_connection_ids")
+        return self._proxy(
+            Recipients(
+                lambda p: GroupBroadcastDataMessage(name, p, excluded), Route(GROUPS, (name,))
+            )
         )
 
 
@@ -269,8 +294,8 @@ class HubCallerClients(HubClients):
 
     __slots__ = ("_caller",)
 
-    def __init__(self, router: _Router, caller_connection_id: str) -> None:
-        super().__init__(router)
+    def __init__(self, sender: HubSender, caller_connection_id: str) -> None:
+        super().__init__(sender)
         self._caller = caller_connection_id
 
     @property
@@ -296,29 +321,26 @@ class GroupManager:
     does not know is not an error (the Ack says NotFound and nothing changes).
     """
 
-    __slots__ = ("_router",)
+    __slots__ = ("_sender",)
 
-    def __init__(self, router: _Router) -> None:
-        self._router = router
+    def __init__(self, sender: HubSender) -> None:
+        self._sender = sender
 
     async def add_to_group(self, connection_id: str, group_name: str) -> None:
         """Add a connection to a group. Raises ``AckTimeoutError`` without an Ack in time."""
-        (connection_id,) = _ids([connection_id], "connection_id")
-        name = _group(group_name)
-        await self._router.request_ack(
-            lambda ack: JoinGroupWithAckMessage(connection_id, name, ack),
-            connection_scoped=True,
-            route=Route(CONNECTIONS, (connection_id,)),
-        )
+        await self._change(JoinGroupWithAckMessage, connection_id, group_name)
 
     async def remove_from_group(self, connection_id: str, group_name: str) -> None:
         """Remove a connection from a group."""
-        (connection_id,) = _ids([connection_id], "connection_id")
-        name = _group(group_name)
-        await self._router.request_ack(
-            lambda ack: LeaveGroupWithAckMessage(connection_id, name, ack),
-            connection_scoped=True,
-            route=Route(CONNECTIONS, (connection_id,)),
+        await self._change(LeaveGroupWithAckMessage, connection_id, group_name)
+
+    async def _change(
+        self, kind: Callable[[str, str, int], ServiceMessage], connection_id: str, group: str
+    ) -> None:
+        connection_id = checked_id(connection_id, "connection_id")
+        name = checked_group(group)
+        await self._sender.request_ack(
+            lambda ack: kind(connection_id, name, ack), Route(CONNECTIONS, (connection_id,))
         )
 
 
@@ -326,54 +348,47 @@ class UserGroupManager:
     """Adds users to groups, with their current and future connections (UserJoinGroupWithAck
     and friends, service-protocol §2.4). Each call waits for the service's Ack."""
 
-    __slots__ = ("_router",)
+    __slots__ = ("_sender",)
 
-    def __init__(self, router: _Router) -> None:
-        self._router = router
+    def __init__(self, sender: HubSender) -> None:
+        self._sender = sender
 
     async def add_to_group(self, user_id: str, group_name: str, ttl: float | None = None) -> None:
         """Add a user to a group for ``ttl`` seconds (``None``: no expiry; ``0``: only the
         connections the user has now)."""
-        (user_id,) = _ids([user_id], "user_id")
-        name = _group(group_name)
+        user_id, name = checked_id(user_id, "user_id"), checked_group(group_name)
         ttl_seconds: int | None = None
         if ttl is not None:
             if ttl < 0:
                 raise ValueError(f"ttl must be >= 0 seconds, got {ttl!r}")
             ttl_seconds = int(ttl)
-        await self._router.request_ack(
+        await self._sender.request_ack(
             lambda ack: UserJoinGroupWithAckMessage(user_id, name, ack, ttl_seconds),
-            connection_scoped=False,
-            route=Route(USER_GROUP, (user_id, name)),
+            Route(USER_GROUP, (user_id, name)),
         )
 
     async def remove_from_group(self, user_id: str, group_name: str) -> None:
         """Remove a user from a group."""
-        (user_id,) = _ids([user_id], "user_id")
-        name = _group(group_name)
-        await self._router.request_ack(
-            lambda ack: UserLeaveGroupWithAckMessage(user_id, name, ack),
-            connection_scoped=False,
-            route=Route(USER_GROUP, (user_id, name)),
-        )
+        await self._leave(user_id, group_name)
 
     async def remove_from_all_groups(self, user_id: str) -> None:
         """Remove a user from every group (UserLeaveGroupWithAck with no group)."""
-        (user_id,) = _ids([user_id], "user_id")
-        await self._router.request_ack(
-            lambda ack: UserLeaveGroupWithAckMessage(user_id, None, ack),
-            connection_scoped=False,
-            route=Route(USER_GROUP, (user_id,)),
+        await self._leave(user_id, None)
+
+    async def _leave(self, user_id: str, group_name: str | None) -> None:
+        user_id = checked_id(user_id, "user_id")
+        name = None if group_name is None else checked_group(group_name)
+        keys = (user_id,) if name is None else (user_id, name)
+        await self._sender.request_ack(
+            lambda ack: UserLeaveGroupWithAckMessage(user_id, name, ack), Route(USER_GROUP, keys)
         )
 
     async def is_user_in_group(self, user_id: str, group_name: str) -> bool:
         """Whether the user is in the group (on any online endpoint)."""
-        (user_id,) = _ids([user_id], "user_id")
-        name = _group(group_name)
-        return await self._router.request_ack(
+        user_id, name = checked_id(user_id, "user_id"), checked_group(group_name)
+        return await self._sender.request_ack(
             lambda ack: CheckUserInGroupWithAckMessage(user_id, name, ack),
-            connection_scoped=False,
-            route=Route(USER_GROUP, (user_id, name)),
+            Route(USER_GROUP, (user_id, name)),
         )
 
 
@@ -397,6 +412,16 @@ class HubContext:
 
 # --------------------------------------------------------------------------------------------
 # The caller's context
+
+
+class CallerConnection(Protocol):
+    """What a ``HubCallerContext`` asks of the client connection it describes
+    (``_client.ClientConnection``)."""
+
+    @property
+    def protocol_name(self) -> str: ...
+
+    def abort(self) -> None: ...
 
 
 class HubCallerContext:
@@ -425,7 +450,7 @@ class HubCallerContext:
 
     def __init__(
         self,
-        client: ClientConnection,
+        client: CallerConnection,
         connection_id: str,
         user_id: str | None,
         claims: Iterable[tuple[str, str]],

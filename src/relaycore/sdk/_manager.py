@@ -15,10 +15,10 @@ Theory of operation
 
 A hub context is the server SDK's ``HubContext`` (``HubClients``, ``GroupManager``,
 ``UserGroupManager``: the same proxies, the same service messages of service-protocol §7)
-written through a ``HubRouter`` of the chosen transport:
+written through the ``HubDispatcher`` of the chosen transport:
 
 * **TRANSIENT**: the hub is mapped on a ``HubServer`` that is never entered and whose endpoint
-  containers are ``RestEndpointHub``\\ s: their one "connection" turns each service message into
+  containers are ``RestEndpointHub``\\ s: their one channel turns each service message into
   the REST call that does the same (``_restclient``). ``online`` comes from the
   ``HEAD /api/health`` probe (every ``health_check_interval``, an offline endpoint again after
   ``health_retry_interval``), run in the background under ``async with``, else before a call
@@ -50,8 +50,7 @@ import logging
 import socket
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from types import TracebackType
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import anyio.abc
@@ -67,10 +66,12 @@ from relaycore.protocol import (
     ServiceMessage,
 )
 
-from ._endpoints import HubServiceEndpoint
+from ._connection import EndpointHub, EndpointState
+from ._dispatcher import HubDispatcher
+from ._endpoints import HubServiceEndpoint, ServiceEndpoint
 from ._errors import NOT_CONNECTED_MESSAGE, ServiceUnavailableError
 from ._hub import (
-    ALL,
+    BROADCAST,
     CONNECTIONS,
     GROUPS,
     USERS,
@@ -78,13 +79,16 @@ from ._hub import (
     GroupManager,
     Hub,
     HubClients,
+    HubSender,
+    Recipients,
     Route,
     UserGroupManager,
-    _check_method,
-    _group,
-    _ids,
+    check_method,
+    checked_group,
+    checked_id,
+    checked_ids,
 )
-from ._options import ServiceEndpoint, ServiceOptions
+from ._options import ServiceOptions
 from ._restclient import (
     CallState,
     EndpointHealth,
@@ -94,7 +98,8 @@ from ._restclient import (
     current_call,
 )
 from ._router import EndpointRouter, NegotiateRequest
-from ._server import HubRouter, HubServer
+from ._scaling import Lifetime
+from ._server import HubServer
 
 if TYPE_CHECKING:
     import httpx
@@ -111,7 +116,6 @@ __all__ = [
 ]
 
 _log = logging.getLogger("relaycore.sdk")
-_BROADCAST: Final = Route(ALL)
 
 
 class TransportType(enum.IntEnum):
@@ -195,7 +199,7 @@ class _ScopedRouter(EndpointRouter):
             return endpoints
         return [e for e in endpoints if e.identity in scope]
 
-    # Each may return an awaitable (an async router): HubRouter resolves it.
+    # Each may return an awaitable (an async router): HubDispatcher resolves it.
     def get_negotiate_endpoint(
         self, request: NegotiateRequest, endpoints: Sequence[HubServiceEndpoint]
     ) -> Any:
@@ -224,78 +228,74 @@ class _ManagementHub(Hub):
     """The hub class mapped for a management hub: no methods (no client is ever bound)."""
 
 
-class _WeakServer(HubServer):
+class _ManagementServer(HubServer):
+    """A server of the management SDK: its hubs are mapped as they are asked for."""
+
+    def dispatcher_for(self, hub: str) -> HubDispatcher:
+        """The hub's dispatcher, mapping the hub on first use (``ValueError`` for an invalid
+        name)."""
+        try:
+            return self._dispatcher(hub)
+        except KeyError:
+            self.map_hub(hub, _ManagementHub)
+            return self._dispatcher(hub)
+
+
+class _WeakServer(_ManagementServer):
     """A hub context's server connections under PERSISTENT: all Weak, sending only."""
 
     weak_connections = True
 
 
-class _RestServer(HubServer):
+class _RestServer(_ManagementServer):
     """The TRANSIENT transport's server: never entered; every hub's endpoint containers are
     ``RestEndpointHub``\\ s sharing the manager's health probes."""
 
     def __init__(
         self, options: ServiceOptions, client: RestClient, healths: Mapping[str, EndpointHealth]
     ) -> None:
-        super().__init__(options)
+        super().__init__(dataclasses.replace(options, connection_count=0))
         self._client = client
         self._healths = healths
 
-    def router_for(self, hub: str) -> HubRouter:
-        """The hub's router, mapping the hub on first use."""
-        if not isinstance(hub, str) or hub.lower() not in self._routers:
-            self.map_hub(hub, _ManagementHub)  # ValueError for an invalid name
-            router = self._router(hub)
-            router.containers = [
-                RestEndpointHub(
-                    router, c.endpoint, self._healths[c.endpoint.identity], self._client
-                )
-                for c in router.containers
-            ]
-        return self._router(hub)
+    def make_container(
+        self, dispatcher: HubDispatcher, endpoint: ServiceEndpoint, state: EndpointState
+    ) -> EndpointHub:
+        return RestEndpointHub(dispatcher, endpoint, self._healths[endpoint.identity], self._client)
 
 
 # --------------------------------------------------------------------------------------------
 # One hub context's writes
 
 
-class _HubChannel:
-    """What a hub context's proxies and managers write through (the ``_Router`` that
-    ``relaycore.sdk._hub`` expects): the transport's ``HubRouter``, plus the bookkeeping of a
-    management call (recipients, errors of several endpoints, the endpoint scope)."""
+@dataclasses.dataclass(frozen=True)
+class _HubSender(HubSender):
+    """What a hub context's proxies and managers send through: the hub's dispatcher on the
+    transport's server, plus the bookkeeping of a management call (recipients, errors of
+    several endpoints, the endpoint scope)."""
 
-    def __init__(
-        self,
-        manager: ServiceManager,
-        hub: str,
-        router: HubRouter,
-        rest: HubRouter,
-        scope: frozenset[str] | None = None,
-    ) -> None:
-        self.manager = manager
-        self.hub = hub
-        #: The transport's router (the REST one under TRANSIENT).
-        self.router = router
-        #: The REST router, for reported sends under PERSISTENT.
-        self.rest = rest
-        self.scope = scope
+    manager: ServiceManager
+    hub: str
+    #: The transport's server (the REST one under TRANSIENT).
+    server: _ManagementServer
+    #: The REST server, for reported sends under PERSISTENT.
+    rest: _RestServer
+    #: The identities of the endpoints the context may use (``None``: all).
+    scope: frozenset[str] | None = None
 
     @property
     def transient(self) -> bool:
-        return self.router is self.rest
+        return self.server is self.rest
 
-    def scoped(self, scope: frozenset[str]) -> _HubChannel:
-        return _HubChannel(self.manager, self.hub, self.router, self.rest, scope)
-
-    def endpoints(self, router: HubRouter | None = None) -> list[HubServiceEndpoint]:
-        """The hub's endpoints on ``router`` (default: the transport's) within the scope."""
-        endpoints = (router or self.router).server.hub_endpoints(self.hub)
+    def endpoints(self, server: HubServer | None = None) -> list[HubServiceEndpoint]:
+        """The hub's endpoints on ``server`` (default: the transport's) within the scope."""
+        endpoints = (server or self.server).hub_endpoints(self.hub)
         if self.scope is None:
             return endpoints
         return [e for e in endpoints if e.identity in self.scope]
 
     @contextlib.contextmanager
-    def calling(self, state: CallState, router: HubRouter) -> Iterator[None]:
+    def calling(self, state: CallState, server: HubServer) -> Iterator[None]:
         """Run one call: its state and scope visible to the channels it reaches."""
         self.manager._check_open()
         call_token = current_call.set(state)
@@ -303,7 +303,7 @@ class _HubChannel:
         try:
             yield
         except ServiceUnavailableError as exc:
-            endpoints = self.endpoints(router)
+            endpoints = self.endpoints(server)
             if not any(e.online for e in endpoints):
                 # The router saw no online endpoint: say that, not "the router chose none".
                 names = ", ".join(str(e) for e in endpoints) or "none configured"
@@ -327,50 +327,27 @@ class _HubChannel:
         if rest:
             await self.manager._refresh_health()
 
-    # The _Router protocol of relaycore.sdk._hub ----------------------------------------------
+    # HubSender -------------------------------------------------------------------------------
 
-    async def send(
-        self,
-        method: str,
-        args: tuple[Any, ...],
-        build: Callable[[dict[str, bytes]], ServiceMessage],
-        *,
-        connection_id: str | None = None,
-        route: Route = _BROADCAST,
-    ) -> None:
-        await self.deliver(method, args, build, connection_id=connection_id, route=route)
+    async def send(self, to: Recipients, method: str, args: tuple[Any, ...]) -> None:
+        await self.deliver(to, method, args)
 
     async def deliver(
-        self,
-        method: str,
-        args: tuple[Any, ...],
-        build: Callable[[dict[str, bytes]], ServiceMessage],
-        *,
-        connection_id: str | None = None,
-        route: Route = _BROADCAST,
-        report: bool = False,
+        self, to: Recipients, method: str, args: tuple[Any, ...], *, report: bool = False
     ) -> int | None:
         """``send``, returning the recipients when ``report`` is set (see the module doc)."""
-        router = self.rest if report else self.router
-        await self.prepare(router is self.rest)
+        server = self.rest if report else self.server
+        await self.prepare(server is self.rest)
         state = CallState()
-        with self.calling(state, router):
-            await router.send(method, args, build, connection_id=connection_id, route=route)
+        with self.calling(state, server):
+            await server.dispatcher_for(self.hub).send(to, method, args)
         self.raise_errors(state)
         return state.total() if report else None
 
-    async def request_ack(
-        self,
-        build: Callable[[int], ServiceMessage],
-        *,
-        connection_scoped: bool,
-        route: Route = _BROADCAST,
-    ) -> bool:
+    async def request_ack(self, build: Callable[[int], ServiceMessage], route: Route) -> bool:
         await self.prepare(self.transient)
-        with self.calling(CallState(), self.router):
-            return await self.router.request_ack(
-                build, connection_scoped=connection_scoped, route=route
-            )
+        with self.calling(CallState(), self.server):
+            return await self.server.dispatcher_for(self.hub).request_ack(build, route)
 
     async def invoke_client(
         self, connection_id: str, method: str, args: tuple[Any, ...], timeout: float | None
@@ -383,14 +360,9 @@ class _HubChannel:
     async def close_connection(self, message: CloseConnectionMessage) -> None:
         await self.prepare(self.transient)
         state = CallState()
-        with self.calling(state, self.router):
-            # HubRouter.send writes whatever ``build`` returns; CloseConnection (§7) carries
-            # no hub message, so the tiny invocation it serialises on the way is unused.
-            await self.router.send(
-                "close",
-                (),
-                lambda _payloads: message,
-                route=Route(CONNECTIONS, (message.connection_id,)),
+        with self.calling(state, self.server):
+            await self.server.dispatcher_for(self.hub).write(
+                message, Route(CONNECTIONS, (message.connection_id,))
             )
         self.raise_errors(state)
 
@@ -402,11 +374,11 @@ class _HubChannel:
 class ServiceClientProxy:
     """A set of clients chosen through ``ServiceHubContext.clients``."""
 
-    __slots__ = ("_channel", "_proxy")
+    __slots__ = ("_recipients", "_sender")
 
-    def __init__(self, channel: _HubChannel, proxy: ClientProxy) -> None:
-        self._channel = channel
-        self._proxy = proxy
+    def __init__(self, sender: _HubSender, proxy: ClientProxy) -> None:
+        self._sender = sender
+        self._recipients = proxy.recipients
 
     async def send(self, method: str, *args: Any, report: bool = False) -> int | None:
         """Invoke the client method ``method`` with ``args`` on every client of this set.
@@ -419,16 +391,8 @@ class ServiceClientProxy:
         Raises ``ServiceUnavailableError`` when no endpoint is online, and a
         ``ServiceRequestError`` subclass when the service refused the call.
         """
-        _check_method(method)
-        proxy = self._proxy
-        return await self._channel.deliver(
-            method,
-            args,
-            proxy._build,
-            connection_id=proxy._connection_id,
-            route=proxy._route,
-            report=report,
-        )
+        check_method(method)
+        return await self._sender.deliver(self._recipients, method, args, report=report)
 
 
 class ServiceHubClients:
@@ -438,14 +402,14 @@ class ServiceHubClients:
     reached = await chat.clients.user("alice").send("notify", "hi", report=True)
     """
 
-    __slots__ = ("_channel", "_clients")
+    __slots__ = ("_clients", "_sender")
 
-    def __init__(self, channel: _HubChannel) -> None:
-        self._channel = channel
-        self._clients = HubClients(channel)
+    def __init__(self, sender: _HubSender) -> None:
+        self._sender = sender
+        self._clients = HubClients(sender)
 
     def _wrap(self, proxy: ClientProxy) -> ServiceClientProxy:
-        return ServiceClientProxy(self._channel, proxy)
+        return ServiceClientProxy(self._sender, proxy)
 
     @property
     def all(self) -> ServiceClientProxy:
@@ -497,76 +461,68 @@ class ClientManager:
     await chat.client_manager.close_user_connections("mallory", reason="banned")
     """
 
-    __slots__ = ("_channel",)
+    __slots__ = ("_sender",)
 
-    def __init__(self, channel: _HubChannel) -> None:
-        self._channel = channel
+    def __init__(self, sender: _HubSender) -> None:
+        self._sender = sender
 
     async def connection_exists(self, connection_id: str) -> bool:
         """Whether the connection is connected (on any endpoint)."""
-        (connection_id,) = _ids([connection_id], "connection_id")
-        return await self._channel.request_ack(
-            lambda ack: CheckConnectionExistenceWithAckMessage(connection_id, ack),
-            connection_scoped=True,
-            route=Route(CONNECTIONS, (connection_id,)),
-        )
+        connection_id = checked_id(connection_id, "connection_id")
+        route = Route(CONNECTIONS, (connection_id,))
+        return await self._exists(CheckConnectionExistenceWithAckMessage, route)
 
     async def user_exists(self, user_id: str) -> bool:
         """Whether the user has a connection (on any endpoint)."""
-        (user_id,) = _ids([user_id], "user_id")
-        return await self._channel.request_ack(
-            lambda ack: CheckUserExistenceWithAckMessage(user_id, ack),
-            connection_scoped=False,
-            route=Route(USERS, (user_id,)),
+        return await self._exists(
+            CheckUserExistenceWithAckMessage, Route(USERS, (checked_id(user_id, "user_id"),))
         )
 
     async def group_exists(self, group_name: str) -> bool:
         """Whether the group has a connection (on any endpoint)."""
-        name = _group(group_name)
-        return await self._channel.request_ack(
-            lambda ack: CheckGroupExistenceWithAckMessage(name, ack),
-            connection_scoped=False,
-            route=Route(GROUPS, (name,)),
+        return await self._exists(
+            CheckGroupExistenceWithAckMessage, Route(GROUPS, (checked_group(group_name),))
         )
+
+    async def _exists(self, check: Callable[[str, int], ServiceMessage], route: Route) -> bool:
+        (key,) = route.keys
+        return await self._sender.request_ack(lambda ack: check(key, ack), route)
 
     async def close_connection(self, connection_id: str, reason: str | None = None) -> None:
         """Close a connection; its client gets a Close message with ``reason`` as the error.
         An unknown connection is not an error."""
-        (connection_id,) = _ids([connection_id], "connection_id")
-        await self._channel.close_connection(CloseConnectionMessage(connection_id, reason or ""))
+        connection_id = checked_id(connection_id, "connection_id")
+        await self._sender.close_connection(CloseConnectionMessage(connection_id, reason or ""))
 
     async def close_connections(
         self, reason: str | None = None, excluded: Iterable[str] = ()
     ) -> None:
         """Close every connection of the hub but ``excluded``."""
-        skip = _ids(excluded, "excluded")
-        await self._channel.request_ack(
-            lambda ack: CloseConnectionsWithAckMessage(ack, reason, skip),
-            connection_scoped=False,
+        skip = checked_ids(excluded, "excluded")
+        await self._sender.request_ack(
+            lambda ack: CloseConnectionsWithAckMessage(ack, reason, skip), BROADCAST
         )
 
     async def close_user_connections(
         self, user_id: str, reason: str | None = None, excluded: Iterable[str] = ()
     ) -> None:
         """Close every connection of a user but ``excluded``."""
-        (user_id,) = _ids([user_id], "user_id")
-        skip = _ids(excluded, "excluded")
-        await self._channel.request_ack(
+        user_id = checked_id(user_id, "user_id")
+        skip = checked_ids(excluded, "excluded")
+        await self._sender.request_ack(
             lambda ack: CloseUserConnectionsWithAckMessage(user_id, ack, reason, skip),
-            connection_scoped=False,
-            route=Route(USERS, (user_id,)),
+            Route(USERS, (user_id,)),
         )
 
     async def close_group_connections(
         self, group_name: str, reason: str | None = None, excluded: Iterable[str] = ()
     ) -> None:
         """Close every connection in a group but ``excluded``."""
-        name = _group(group_name)
-        skip = _ids(excluded, "excluded")
-        await self._channel.request_ack(
+        name = checked_group(group_name)
+        skip = checked_ids(excluded, "excluded")
+        await self._sender.request_ack(
             lambda ack: CloseGroupConnectionsWithAckMessage(name, ack, reason, skip),
-            connection_scoped=False,
-            route=Route(GROUPS, (name,)),
+            Route(GROUPS, (name,)),
         )
 
 
@@ -584,23 +540,23 @@ class ServiceHubContext:
     ``UserGroupManager``: each call returns once the service has done it.
     """
 
-    def __init__(self, manager: ServiceManager, channel: _HubChannel) -> None:
+    def __init__(self, manager: ServiceManager, sender: _HubSender) -> None:
         self._manager = manager
-        self._channel = channel
+        self._sender = sender
         #: The hub, as given to ``create_hub_context``.
-        self.hub = channel.hub
+        self.hub = sender.hub
         #: Who to send to.
-        self.clients = ServiceHubClients(channel)
+        self.clients = ServiceHubClients(sender)
         #: Connection membership in groups.
-        self.groups = GroupManager(channel)
+        self.groups = GroupManager(sender)
         #: User membership in groups (applies to the user's later connections too).
-        self.user_groups = UserGroupManager(channel)
+        self.user_groups = UserGroupManager(sender)
         #: Existence checks and closing connections.
-        self.client_manager = ClientManager(channel)
+        self.client_manager = ClientManager(sender)
 
     def __repr__(self) -> str:
-        transport = "TRANSIENT" if self._channel.transient else "PERSISTENT"
-        scope = "" if self._channel.scope is None else " (some endpoints)"
+        transport = "TRANSIENT" if self._sender.transient else "PERSISTENT"
+        scope = "" if self._sender.scope is None else " (some endpoints)"
         return f"<ServiceHubContext {self.hub!r} {transport}{scope}>"
 
     async def negotiate(
@@ -616,10 +572,10 @@ class ServiceHubContext:
 
         Raises ``ServiceUnavailableError`` when no endpoint is online.
         """
-        channel = self._channel
-        await channel.prepare(channel.transient)
-        with channel.calling(CallState(), channel.router):
-            document = await channel.router.server.negotiate(self.hub, user_id, claims, lifetime)
+        sender = self._sender
+        await sender.prepare(sender.transient)
+        with sender.calling(CallState(), sender.server):
+            document = await sender.server.negotiate(self.hub, user_id, claims, lifetime)
         return NegotiationResponse(document["url"], document["accessToken"])
 
     async def negotiate_all(
@@ -631,11 +587,11 @@ class ServiceHubContext:
         """A redirect to every endpoint, each with the endpoint's name, type and online flag,
         as the Azure Functions ``SignalRNegotiation`` binding gives: a client picks one (or
         the app does, e.g. by region)."""
-        channel = self._channel
+        sender = self._sender
         results = []
         for endpoint in await self.list_endpoints():
-            with channel.calling(CallState(), channel.router):
-                document = await channel.router.server.negotiate(
+            with sender.calling(CallState(), sender.server):
+                document = await sender.server.negotiate(
                     self.hub, user_id, claims, lifetime, endpoint=endpoint
                 )
             results.append(
@@ -651,8 +607,8 @@ class ServiceHubContext:
         """The hub's endpoints (``name``, ``type``, ``endpoint``, ``online``, ``metrics``), as
         the Azure Functions ``SignalREndpoints`` binding lists them. Under TRANSIENT a stale
         health status is probed again first."""
-        await self._channel.prepare(self._channel.transient)
-        return self._channel.endpoints()
+        await self._sender.prepare(self._sender.transient)
+        return self._sender.endpoints()
 
     def with_endpoints(self, endpoints: Iterable[ServiceEndpoint | str]) -> ServiceHubContext:
         """The same hub, limited to some endpoints (``ServiceEndpoint``\\ s, or names): its
@@ -677,7 +633,8 @@ class ServiceHubContext:
             chosen.update(e.identity for e in matches)
         if not chosen:
             raise ValueError("with_endpoints needs at least one endpoint")
-        return ServiceHubContext(self._manager, self._channel.scoped(frozenset(chosen)))
+        scoped = dataclasses.replace(self._sender, scope=frozenset(chosen))
+        return ServiceHubContext(self._manager, scoped)
 
 
 # --------------------------------------------------------------------------------------------
@@ -770,16 +727,13 @@ class ServiceManager:
             name_id=server_id,
             health_timeout=float(health_check_timeout),
         )
-        self._rest = _RestServer(
-            dataclasses.replace(self.options, connection_count=0), self._client, self._healths
-        )
+        self._rest = _RestServer(self.options, self._client, self._healths)
         self._weak: dict[str, _WeakServer] = {}
         self._stops: list[anyio.Event] = []
-        self._task_group: anyio.abc.TaskGroup | None = None
+        self._life = Lifetime()
         self._health_scope: anyio.CancelScope | None = None
         self._health_lock: anyio.Lock | None = None
         self._weak_lock: anyio.Lock | None = None
-        self._entered = False
         self._closed = False
 
     def __repr__(self) -> str:
@@ -800,30 +754,24 @@ class ServiceManager:
 
     async def __aenter__(self) -> ServiceManager:
         self._check_open()
-        if self._entered:
-            raise RuntimeError("a ServiceManager is entered once; make a new one to start again")
-        self._entered = True
-        task_group = anyio.create_task_group()
-        await task_group.__aenter__()
-        self._task_group = task_group
+        task_group = await self._life.begin(
+            "a ServiceManager is entered once; make a new one to start again"
+        )
         if self.transport is TransportType.TRANSIENT:
             task_group.start_soon(self._health_loop)
         return self
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        task_group = self._task_group
+    async def __aexit__(self, *exc_info: object) -> None:
+        life = self._life
+        task_group = life.task_group
         assert task_group is not None, "ServiceManager.__aexit__ without __aenter__"
         self._stop_background()
         try:
             # Weak servers say goodbye to the service (shutdown fin) within shutdown_timeout.
             await task_group.__aexit__(None, None, None)
         finally:
-            self._task_group = None
+            life.task_group = None
+            life.running = False
             await self._close_http()
 
     async def aclose(self) -> None:
@@ -831,7 +779,7 @@ class ServiceManager:
         the end of ``async with`` when inside one). Calls made afterwards raise
         ``RuntimeError``."""
         self._stop_background()
-        if self._task_group is None:
+        if self._life.task_group is None:
             await self._close_http()
 
     def _stop_background(self) -> None:
@@ -859,16 +807,17 @@ class ServiceManager:
         closed or, under PERSISTENT, not entered with ``async with``.
         """
         self._check_open()
-        rest = self._rest.router_for(hub)
+        self._rest.dispatcher_for(hub)  # ValueError for an invalid name
         if self.transport is TransportType.TRANSIENT:
-            channel = _HubChannel(self, hub, rest, rest)
+            sender = _HubSender(self, hub, self._rest, self._rest)
             await self._refresh_health()
         else:
-            channel = _HubChannel(self, hub, await self._weak_router(hub), rest)
-        return ServiceHubContext(self, channel)
+            sender = _HubSender(self, hub, await self._weak_server(hub), self._rest)
+        return ServiceHubContext(self, sender)
 
-    async def _weak_router(self, hub: str) -> HubRouter:
-        if self._task_group is None:
+    async def _weak_server(self, hub: str) -> _WeakServer:
+        task_group = self._life.task_group
+        if task_group is None:
             raise RuntimeError(
                 "TransportType.PERSISTENT keeps server connections open in the background: "
                 "use 'async with ServiceManager(...) as manager'"
@@ -879,12 +828,12 @@ class ServiceManager:
             server = self._weak.get(hub.lower())
             if server is None:
                 server = _WeakServer(self.options)
-                server.map_hub(hub, _ManagementHub)
+                server.dispatcher_for(hub)
                 stop = anyio.Event()
                 self._stops.append(stop)
-                await self._task_group.start(self._run_weak, server, stop)
+                await task_group.start(self._run_weak, server, stop)
                 self._weak[hub.lower()] = server
-        return server._router(hub)
+        return server
 
     @staticmethod
     async def _run_weak(

@@ -1,4 +1,4 @@
-"""Service endpoints and the SDK's options, from code, the environment or a configuration dict.
+"""The SDK's options and its endpoints, from code, the environment or a configuration dict.
 
 The configuration keys are those of the Azure SignalR SDK (service-protocol §8.2), read
 case-insensitively as .NET configuration is:
@@ -29,118 +29,19 @@ name raise ``ValueError`` naming the key.
 from __future__ import annotations
 
 import dataclasses
-import enum
 import json
 import os
 import random
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Final
-from urllib.parse import urlsplit
+from typing import Any, Final
 
-from relaycore.protocol import ConnectionString, is_valid_application_name
+from relaycore.protocol import is_valid_application_name
 
-if TYPE_CHECKING:
-    from ._endpoints import EndpointStatusEvent
-    from ._router import EndpointRouter
+from ._endpoints import EndpointStatusEvent, EndpointType, ServiceEndpoint, select_endpoints
+from ._router import EndpointRouter
 
-__all__ = [
-    "EndpointType",
-    "ServiceEndpoint",
-    "ServiceOptions",
-    "default_retry_delay",
-    "load_config_file",
-    "select_endpoints",
-]
-
-
-class EndpointType(enum.IntEnum):
-    """The role of an endpoint (service-protocol §11.1)."""
-
-    #: Gets Default server connections that carry clients; negotiate prefers it.
-    PRIMARY = 0
-    #: Gets Weak server connections that only send; negotiate uses it when no primary is online.
-    SECONDARY = 1
-
-
-def _endpoint_type(value: Any, where: str) -> EndpointType:
-    if isinstance(value, EndpointType):
-        return value
-    if isinstance(value, str):
-        try:
-            return EndpointType[value.strip().upper()]
-        except KeyError:
-            pass
-    elif isinstance(value, int) and not isinstance(value, bool):
-        try:
-            return EndpointType(value)
-        except ValueError:
-            pass
-    raise ValueError(f"{where}: endpoint type {value!r} is invalid; expected primary or secondary")
-
-
-@dataclasses.dataclass(frozen=True)
-class ServiceEndpoint:
-    """One relay (or Azure SignalR) endpoint the app server connects to.
-
-    The connection string is parsed at construction; a bad one raises ``ValueError`` saying
-    what is wrong::
-
-        ServiceEndpoint("Endpoint=http://localhost:8080;AccessKey=...;Version=1.0;")
-        ServiceEndpoint(backup_string, EndpointType.SECONDARY, name="west")
-
-    ``str()`` and ``repr()`` never show the access key.
-    """
-
-    connection_string: str = dataclasses.field(repr=False)
-    type: EndpointType = EndpointType.PRIMARY
-    name: str = ""
-    #: The parsed connection string.
-    connection: ConnectionString = dataclasses.field(init=False, repr=False, compare=False)
-
-    def __post_init__(self) -> None:
-        where = f"endpoint {self.name!r}" if self.name else "endpoint"
-        object.__setattr__(self, "type", _endpoint_type(self.type, where))
-        if not isinstance(self.connection_string, str):
-            raise ValueError(
-                f"{where}: connection string must be a str, got "
-                f"{type(self.connection_string).__name__}"
-            )
-        try:
-            connection = ConnectionString.parse(self.connection_string)
-        except ValueError as exc:
-            raise ValueError(f"{where}: invalid connection string: {exc}") from None
-        if connection.access_key is None:
-            raise ValueError(
-                f"{where}: connection string has AuthType={connection.auth_type} but no "
-                "AccessKey; relaycore's SDK signs tokens with an access key (Entra mode is not "
-                "supported)"
-            )
-        object.__setattr__(self, "connection", connection)
-
-    @property
-    def endpoint(self) -> str:
-        """The ``Endpoint`` URI of the connection string (no trailing ``/``)."""
-        return self.connection.endpoint
-
-    @property
-    def access_key(self) -> str:
-        """The key that signs server and client tokens for this endpoint."""
-        assert self.connection.access_key is not None  # checked in __post_init__
-        return self.connection.access_key
-
-    @property
-    def identity(self) -> str:
-        """``{scheme}://{host}:{port}`` of the connection base: endpoints with the same
-        identity are one endpoint (§11.1)."""
-        parts = urlsplit(self.connection.server_base)
-        port = parts.port or (443 if parts.scheme == "https" else 80)
-        return f"{parts.scheme.lower()}://{(parts.hostname or '').lower()}:{port}"
-
-    def __str__(self) -> str:
-        role = self.type.name.lower()
-        # The connection base (with Port=), so that two relays on one host read apart.
-        return f"{self.name or '(default)'} {self.connection.server_base.rstrip('/')} [{role}]"
+__all__ = ["ServiceOptions", "default_retry_delay", "load_config_file"]
 
 
 #: §4.5: the delay after the n-th consecutive failure, n = 0..5; 60 s after that.
@@ -265,8 +166,6 @@ class ServiceOptions:
             raise ValueError(
                 f"max_message_size must be an integer > 0, got {self.max_message_size!r}"
             )
-        from ._router import EndpointRouter
-
         if self.endpoint_router is not None and not isinstance(
             self.endpoint_router, EndpointRouter
         ):
@@ -386,29 +285,6 @@ class ServiceOptions:
         ...); ``env`` defaults to ``os.environ``. See ``from_config``."""
         source = os.environ if env is None else env
         return cls.from_config({k.replace("__", ":"): v for k, v in source.items()}, **overrides)
-
-
-def select_endpoints(candidates: Iterable[ServiceEndpoint]) -> tuple[ServiceEndpoint, ...]:
-    """De-duplicate endpoints by ``{scheme}://{host}:{port}``, preferring the primary
-    (§11.1); raise ``ValueError`` when none is left or none is primary."""
-    chosen: dict[str, ServiceEndpoint] = {}
-    for endpoint in candidates:
-        if not isinstance(endpoint, ServiceEndpoint):
-            raise ValueError(f"expected ServiceEndpoint objects, got {type(endpoint).__name__}")
-        seen = chosen.get(endpoint.identity)
-        if seen is None or (
-            seen.type is EndpointType.SECONDARY and endpoint.type is EndpointType.PRIMARY
-        ):
-            chosen[endpoint.identity] = endpoint
-    if not chosen:
-        raise ValueError(
-            "no endpoint configured; give ServiceOptions(connection_string=...) or "
-            "endpoints=[ServiceEndpoint(...)], or set Azure__SignalR__ConnectionString"
-        )
-    endpoints = tuple(chosen.values())
-    if not any(e.type is EndpointType.PRIMARY for e in endpoints):
-        raise ValueError("no primary endpoint configured; at least one endpoint must be primary")
-    return endpoints
 
 
 def load_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:

@@ -3,7 +3,7 @@
 Theory of operation
 -------------------
 
-The management SDK reuses the server SDK's routing (``HubRouter``: endpoint router, targets,
+The management SDK reuses the server SDK's routing (``HubDispatcher``: endpoint router, targets,
 acks) for both of its transports. For the transient one, each endpoint of a hub is a
 ``RestEndpointHub`` (an ``EndpointHub`` without server connections) whose one "connection" is a
 ``RestChannel``: it takes the service messages the hub proxies build (service-protocol §7) and
@@ -40,7 +40,7 @@ not be reached at all; with backoff, within ``RetryOptions.max_retries`` and ``b
 
 The recipients a send reached (the relay's ``{"recipients": n}``) and the errors of a call that
 went to several endpoints are collected in the ``CallState`` of the current call (a context
-variable the management SDK sets), so that ``HubRouter`` fans a call out unchanged and the SDK
+variable the management SDK sets), so that ``HubDispatcher`` fans a call out unchanged and the SDK
 sums or raises afterwards.
 """
 
@@ -52,45 +52,21 @@ import logging
 import math
 import time
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Final
 from urllib.parse import quote, urlencode
 
 import anyio
 import msgpack  # type: ignore[import-untyped]
 
-from relaycore.protocol import (
-    AckStatus,
-    BroadcastDataMessage,
-    CheckConnectionExistenceWithAckMessage,
-    CheckGroupExistenceWithAckMessage,
-    CheckUserExistenceWithAckMessage,
-    CheckUserInGroupWithAckMessage,
-    CloseConnectionMessage,
-    CloseConnectionsWithAckMessage,
-    CloseConnectionWithAckMessage,
-    CloseGroupConnectionsWithAckMessage,
-    CloseUserConnectionsWithAckMessage,
-    GroupBroadcastDataMessage,
-    JoinGroupWithAckMessage,
-    LeaveGroupWithAckMessage,
-    MultiConnectionDataMessage,
-    MultiGroupBroadcastDataMessage,
-    MultiUserDataMessage,
-    ServiceMessage,
-    UserDataMessage,
-    UserJoinGroupWithAckMessage,
-    UserLeaveGroupWithAckMessage,
-    generate_access_token,
-)
+from relaycore import protocol
+from relaycore.protocol import AckStatus, ServiceMessage, generate_access_token
 
-from ._connection import _USER_AGENT, EndpointHub
+from ._connection import USER_AGENT, Channel, Dispatcher, EndpointHub, ServiceConnection
+from ._endpoints import ServiceEndpoint
 from ._errors import ServiceError, ServiceUnavailableError
-from ._options import ServiceEndpoint
 
 if TYPE_CHECKING:
     import httpx
-
-    from ._server import HubRouter
 
 __all__ = [
     "API_VERSION",
@@ -313,6 +289,17 @@ class RestClient:
         connection = endpoint.connection
         return connection.server_base + suffix, connection.audience_base + suffix
 
+    def _headers(self, endpoint: ServiceEndpoint, audience: str) -> dict[str, str]:
+        """A fresh token for ``audience`` (§9.1) and the user agent."""
+        token = generate_access_token(
+            endpoint.access_key,
+            audience,
+            now=_now(),
+            lifetime=_TOKEN_LIFETIME,
+            claims={"nameid": self.name_id},
+        )
+        return {"Authorization": f"Bearer {token}", "Asrs-User-Agent": USER_AGENT}
+
     async def call(
         self, endpoint: ServiceEndpoint, hub: str, request: _Request
     ) -> httpx.Response | None:
@@ -327,14 +314,7 @@ class RestClient:
         started = anyio.current_time()
         retry = 0
         while True:
-            token = generate_access_token(
-                endpoint.access_key,
-                audience,
-                now=_now(),
-                lifetime=_TOKEN_LIFETIME,
-                claims={"nameid": self.name_id},
-            )
-            headers = {"Authorization": f"Bearer {token}", "Asrs-User-Agent": _USER_AGENT}
+            headers = self._headers(endpoint, audience)
             if request.body is not None:
                 headers["Content-Type"] = _MSGPACK
             failure: ServiceError
@@ -390,16 +370,8 @@ class RestClient:
         relay answers checks to both) for the reason; keep ``failure`` when that fails too."""
         import httpx
 
-        token = generate_access_token(
-            endpoint.access_key,
-            audience,
-            now=_now(),
-            lifetime=_TOKEN_LIFETIME,
-            claims={"nameid": self.name_id},
-        )
-        headers = {"Authorization": f"Bearer {token}", "Asrs-User-Agent": _USER_AGENT}
         try:
-            response = await self.http.get(url, headers=headers)
+            response = await self.http.get(url, headers=self._headers(endpoint, audience))
         except httpx.HTTPError:
             return failure
         if response.status_code != failure.status or not response.content:
@@ -414,7 +386,7 @@ class RestClient:
         url = f"{endpoint.connection.server_base}api/health?api-version={API_VERSION}"
         try:
             with anyio.fail_after(self.health_timeout):
-                response = await self.http.head(url, headers={"Asrs-User-Agent": _USER_AGENT})
+                response = await self.http.head(url, headers={"Asrs-User-Agent": USER_AGENT})
         except (httpx.HTTPError, TimeoutError) as exc:
             _log.debug("health probe of %s failed: %r", endpoint, exc)
             return False
@@ -464,9 +436,9 @@ def _recipients(response: httpx.Response) -> int | None:
 # The channel: service messages in, REST calls out
 
 
-class RestChannel:
+class RestChannel(Channel):
     """One endpoint's REST API for one hub, in the place of a server connection (see the
-    module doc): ``HubRouter`` writes on it with ``send`` and ``request_ack``."""
+    module doc): ``HubDispatcher`` writes on it with ``send`` and ``request_ack``."""
 
     def __init__(self, client: RestClient, container: RestEndpointHub, hub: str) -> None:
         self.client = client
@@ -475,11 +447,8 @@ class RestChannel:
 
     @property
     def endpoint(self) -> ServiceEndpoint:
+        """The container's endpoint (as renamed, when it is)."""
         return self.container.endpoint
-
-    @property
-    def connected(self) -> bool:
-        return self.container.online
 
     def __repr__(self) -> str:
         return f"<RestChannel {self.hub} {self.endpoint}>"
@@ -526,17 +495,9 @@ def _payload_body(payloads: dict[str, bytes]) -> bytes:
 
 
 def _send_requests(message: ServiceMessage) -> list[_Request]:
-    if isinstance(message, CloseConnectionMessage):
-        unsigned = (("reason", message.error_message),) if message.error_message else ()
-        return [
-            _Request(
-                "DELETE",
-                f"/connections/{_segment(message.connection_id)}",
-                f"close connection {message.connection_id!r}",
-                unsigned=unsigned,
-                expected_404=_CONNECTION_NOT_EXISTED,
-            )
-        ]
+    """The REST calls that send what ``message`` carries (the table in the module doc)."""
+    if isinstance(message, protocol.CloseConnectionMessage):
+        return [_close_connection(message.connection_id, message.error_message)]
     payloads = getattr(message, "payloads", None)
     if not isinstance(payloads, dict):
         raise TypeError(f"the REST API cannot send {type(message).__name__}")
@@ -545,153 +506,149 @@ def _send_requests(message: ServiceMessage) -> list[_Request]:
     def send(path: str, what: str, unsigned: tuple[tuple[str, str], ...] = ()) -> _Request:
         return _Request("POST", f"{path}/:send", what, send=True, unsigned=unsigned, body=body)
 
-    if isinstance(message, BroadcastDataMessage):
+    if isinstance(message, protocol.BroadcastDataMessage):
         return [send("", "send to all", _excluded(message.excluded_connection_ids))]
-    if isinstance(message, UserDataMessage):
-        return [send(f"/users/{_segment(message.user_id)}", f"send to user {message.user_id!r}")]
-    if isinstance(message, MultiUserDataMessage):
-        return [
-            send(f"/users/{_segment(u)}", f"send to user {u!r}")
-            for u in dict.fromkeys(message.user_ids)
-        ]
-    if isinstance(message, MultiConnectionDataMessage):
-        return [
-            send(f"/connections/{_segment(c)}", f"send to connection {c!r}")
-            for c in dict.fromkeys(message.connection_ids)
-        ]
-    if isinstance(message, GroupBroadcastDataMessage):
-        return [
-            send(
-                f"/groups/{_segment(message.group_name)}",
-                f"send to group {message.group_name!r}",
-                _excluded(message.excluded_connection_ids),
-            )
-        ]
-    if isinstance(message, MultiGroupBroadcastDataMessage):
+    if isinstance(message, protocol.GroupBroadcastDataMessage):
+        group = message.group_name
+        excluded = _excluded(message.excluded_connection_ids)
+        return [send(f"/groups/{_segment(group)}", f"send to group {group!r}", excluded)]
+    # One call per recipient, each once.
+    if isinstance(message, protocol.UserDataMessage):
+        recipients = [("user", message.user_id)]
+    elif isinstance(message, protocol.MultiUserDataMessage):
+        recipients = [("user", u) for u in dict.fromkeys(message.user_ids)]
+    elif isinstance(message, protocol.MultiConnectionDataMessage):
+        recipients = [("connection", c) for c in dict.fromkeys(message.connection_ids)]
+    elif isinstance(message, protocol.MultiGroupBroadcastDataMessage):
         # No multi-group send in the REST API: one call per group, so that a connection in
         # two of the groups gets the message twice (as with the Azure SDK's REST transport).
-        return [
-            send(f"/groups/{_segment(g)}", f"send to group {g!r}")
-            for g in dict.fromkeys(message.group_names)
-        ]
-    raise TypeError(f"the REST API cannot send {type(message).__name__}")
+        recipients = [("group", g) for g in dict.fromkeys(message.group_names)]
+    else:
+        raise TypeError(f"the REST API cannot send {type(message).__name__}")
+    return [send(f"/{kind}s/{_segment(k)}", f"send to {kind} {k!r}") for kind, k in recipients]
+
+
+#: ``Check{Connection,User,Group}ExistenceWithAck``: what is checked, the field naming it, and
+#: the ``x-ms-error-code`` of the 404 that answers "no".
+_EXISTENCE_CHECKS: Final[dict[type[ServiceMessage], tuple[str, str, str]]] = {
+    protocol.CheckConnectionExistenceWithAckMessage: (
+        "connection", "connection_id", _CONNECTION_NOT_EXISTED
+    ),
+    protocol.CheckUserExistenceWithAckMessage: ("user", "user_id", _USER_NOT_EXISTED),
+    protocol.CheckGroupExistenceWithAckMessage: ("group", "group_name", _GROUP_NOT_EXISTED),
+}
 
 
 def _ack_request(message: ServiceMessage) -> _Request:
-    if isinstance(message, JoinGroupWithAckMessage):
-        c, g = message.connection_id, message.group_name
-        return _Request(
-            "PUT",
-            f"/groups/{_segment(g)}/connections/{_segment(c)}",
-            f"add connection {c!r} to group {g!r}",
-            expected_404=_CONNECTION_NOT_EXISTED_ERROR,
-        )
-    if isinstance(message, LeaveGroupWithAckMessage):
-        c, group = message.connection_id, message.group_name
-        if group is None:
-            return _Request(
-                "DELETE",
-                f"/connections/{_segment(c)}/groups",
-                f"remove connection {c!r} from all groups",
-                expected_404=_CONNECTION_NOT_EXISTED,
-            )
-        return _Request(
-            "DELETE",
-            f"/groups/{_segment(group)}/connections/{_segment(c)}",
-            f"remove connection {c!r} from group {group!r}",
-            expected_404=_CONNECTION_NOT_EXISTED_ERROR,
-        )
-    if isinstance(message, UserJoinGroupWithAckMessage):
-        u, g = message.user_id, message.group_name
-        ttl = () if message.ttl is None else (("ttl", str(message.ttl)),)
-        return _Request(
-            "PUT",
-            f"/users/{_segment(u)}/groups/{_segment(g)}",
-            f"add user {u!r} to group {g!r}",
-            unsigned=ttl,
-        )
-    if isinstance(message, UserLeaveGroupWithAckMessage):
-        u, group = message.user_id, message.group_name
-        if group is None:
-            return _Request(
-                "DELETE", f"/users/{_segment(u)}/groups", f"remove user {u!r} from all groups"
-            )
-        return _Request(
-            "DELETE",
-            f"/users/{_segment(u)}/groups/{_segment(group)}",
-            f"remove user {u!r} from group {group!r}",
-        )
-    if isinstance(message, CheckUserInGroupWithAckMessage):
-        u, g = message.user_id, message.group_name
-        return _Request(
-            "GET",
-            f"/users/{_segment(u)}/groups/{_segment(g)}",
-            f"check whether user {u!r} is in group {g!r}",
-            expected_404=_USER_NOT_IN_GROUP,
-        )
-    if isinstance(message, CheckConnectionExistenceWithAckMessage):
-        c = message.connection_id
+    """The REST call that does what a ``...WithAck`` message asks (the table in the module
+    doc)."""
+    if isinstance(message, (protocol.JoinGroupWithAckMessage, protocol.LeaveGroupWithAckMessage)):
+        return _connection_in_group(message)
+    if isinstance(
+        message,
+        (
+            protocol.UserJoinGroupWithAckMessage,
+            protocol.UserLeaveGroupWithAckMessage,
+            protocol.CheckUserInGroupWithAckMessage,
+        ),
+    ):
+        return _user_in_group(message)
+    check = _EXISTENCE_CHECKS.get(type(message))
+    if check is not None:
+        kind, field, expected_404 = check
+        key = getattr(message, field)
         return _Request(
             "HEAD",
-            f"/connections/{_segment(c)}",
-            f"check whether connection {c!r} exists",
-            expected_404=_CONNECTION_NOT_EXISTED,
+            f"/{kind}s/{_segment(key)}",
+            f"check whether {kind} {key!r} exists",
+            expected_404=expected_404,
         )
-    if isinstance(message, CheckUserExistenceWithAckMessage):
-        u = message.user_id
-        return _Request(
-            "HEAD",
-            f"/users/{_segment(u)}",
-            f"check whether user {u!r} exists",
-            expected_404=_USER_NOT_EXISTED,
-        )
-    if isinstance(message, CheckGroupExistenceWithAckMessage):
-        g = message.group_name
-        return _Request(
-            "HEAD",
-            f"/groups/{_segment(g)}",
-            f"check whether group {g!r} exists",
-            expected_404=_GROUP_NOT_EXISTED,
-        )
-    if isinstance(message, CloseConnectionWithAckMessage):
-        c = message.connection_id
-        unsigned = (("reason", message.reason),) if message.reason else ()
-        return _Request(
-            "DELETE",
-            f"/connections/{_segment(c)}",
-            f"close connection {c!r}",
-            unsigned=unsigned,
-            expected_404=_CONNECTION_NOT_EXISTED,
-        )
-    if isinstance(message, CloseConnectionsWithAckMessage):
-        return _Request(
-            "POST",
-            "/:closeConnections",
-            "close all connections",
-            unsigned=_close_query(message.reason, message.excluded_connection_ids),
-        )
-    if isinstance(message, CloseUserConnectionsWithAckMessage):
-        u = message.user_id
-        return _Request(
-            "POST",
-            f"/users/{_segment(u)}/:closeConnections",
-            f"close the connections of user {u!r}",
-            unsigned=_close_query(message.reason, message.excluded_connection_ids),
-        )
-    if isinstance(message, CloseGroupConnectionsWithAckMessage):
-        g = message.group_name
-        return _Request(
-            "POST",
-            f"/groups/{_segment(g)}/:closeConnections",
-            f"close the connections in group {g!r}",
-            unsigned=_close_query(message.reason, message.excluded_connection_ids),
-        )
+    if isinstance(message, protocol.CloseConnectionWithAckMessage):
+        return _close_connection(message.connection_id, message.reason)
+    if isinstance(
+        message,
+        (
+            protocol.CloseConnectionsWithAckMessage,
+            protocol.CloseUserConnectionsWithAckMessage,
+            protocol.CloseGroupConnectionsWithAckMessage,
+        ),
+    ):
+        return _close_connections(message)
     raise TypeError(f"the REST API has no call for {type(message).__name__}")
 
 
-def _close_query(reason: str | None, excluded: Sequence[str]) -> tuple[tuple[str, str], ...]:
-    query = _excluded(excluded)
-    return (*query, ("reason", reason)) if reason else query
+def _connection_in_group(
+    message: protocol.JoinGroupWithAckMessage | protocol.LeaveGroupWithAckMessage,
+) -> _Request:
+    c, group = message.connection_id, message.group_name
+    if group is None:
+        return _Request(
+            "DELETE",
+            f"/connections/{_segment(c)}/groups",
+            f"remove connection {c!r} from all groups",
+            expected_404=_CONNECTION_NOT_EXISTED,
+        )
+    joining = isinstance(message, protocol.JoinGroupWithAckMessage)
+    return _Request(
+        "PUT" if joining else "DELETE",
+        f"/groups/{_segment(group)}/connections/{_segment(c)}",
+        f"add connection {c!r} to group {group!r}"
+        if joining
+        else f"remove connection {c!r} from group {group!r}",
+        expected_404=_CONNECTION_NOT_EXISTED_ERROR,
+    )
+
+
+def _user_in_group(
+    message: protocol.UserJoinGroupWithAckMessage
+    | protocol.UserLeaveGroupWithAckMessage
+    | protocol.CheckUserInGroupWithAckMessage,
+) -> _Request:
+    u, group = message.user_id, message.group_name
+    path = f"/users/{_segment(u)}/groups"
+    if group is None:
+        return _Request("DELETE", path, f"remove user {u!r} from all groups")
+    path += f"/{_segment(group)}"
+    if isinstance(message, protocol.UserJoinGroupWithAckMessage):
+        ttl = () if message.ttl is None else (("ttl", str(message.ttl)),)
+        return _Request("PUT", path, f"add user {u!r} to group {group!r}", unsigned=ttl)
+    if isinstance(message, protocol.CheckUserInGroupWithAckMessage):
+        return _Request(
+            "GET",
+            path,
+            f"check whether user {u!r} is in group {group!r}",
+            expected_404=_USER_NOT_IN_GROUP,
+        )
+    return _Request("DELETE", path, f"remove user {u!r} from group {group!r}")
+
+
+def _close_connection(connection_id: str, reason: str | None) -> _Request:
+    """``CloseConnection`` and ``CloseConnectionWithAck`` (an unknown connection is no error)."""
+    return _Request(
+        "DELETE",
+        f"/connections/{_segment(connection_id)}",
+        f"close connection {connection_id!r}",
+        unsigned=(("reason", reason),) if reason else (),
+        expected_404=_CONNECTION_NOT_EXISTED,
+    )
+
+
+def _close_connections(
+    message: protocol.CloseConnectionsWithAckMessage
+    | protocol.CloseUserConnectionsWithAckMessage
+    | protocol.CloseGroupConnectionsWithAckMessage,
+) -> _Request:
+    scope, whose = "", "all connections"
+    if isinstance(message, protocol.CloseUserConnectionsWithAckMessage):
+        u = message.user_id
+        scope, whose = f"/users/{_segment(u)}", f"the connections of user {u!r}"
+    elif isinstance(message, protocol.CloseGroupConnectionsWithAckMessage):
+        g = message.group_name
+        scope, whose = f"/groups/{_segment(g)}", f"the connections in group {g!r}"
+    query = _excluded(message.excluded_connection_ids)
+    if message.reason:
+        query = (*query, ("reason", message.reason))
+    return _Request("POST", f"{scope}/:closeConnections", f"close {whose}", unsigned=query)
 
 
 # --------------------------------------------------------------------------------------------
@@ -727,20 +684,20 @@ class EndpointHealth:
 
 
 class RestEndpointHub(EndpointHub):
-    """A hub's endpoint for the transient transport: no server connections; ``online`` is the
-    endpoint's health, and its one connection is a ``RestChannel``."""
+    """A hub's endpoint for the transient transport: no server connections (the transport's
+    ``ServiceOptions.connection_count`` is 0); ``online`` is the endpoint's health, and its one
+    channel is a ``RestChannel``."""
 
     def __init__(
         self,
-        router: HubRouter,
+        dispatcher: Dispatcher,
         endpoint: ServiceEndpoint,
         health: EndpointHealth,
         client: RestClient,
     ) -> None:
-        super().__init__(router, endpoint)
-        self.connections = []
+        super().__init__(dispatcher, endpoint)
         self.health = health
-        self.channel = RestChannel(client, self, router.name)
+        self.channel = RestChannel(client, self, dispatcher.name)
         health.containers.append(self)
         # The base class publishes a status event when ``online`` differs from this.
         self._online = health.online
@@ -749,7 +706,7 @@ class RestEndpointHub(EndpointHub):
     def online(self) -> bool:
         return self.health.online
 
-    def pick(self, preferred: Any = None) -> Any:
-        """The channel while the endpoint is online (``HubRouter`` writes on it as on a server
-        connection)."""
+    def pick(self, preferred: ServiceConnection | None = None) -> Channel | None:
+        """The channel while the endpoint is online (``HubDispatcher`` writes on it as on a
+        server connection)."""
         return self.channel if self.health.online else None

@@ -31,14 +31,11 @@ from __future__ import annotations
 import dataclasses
 import random
 from collections.abc import Iterable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from urllib.parse import parse_qsl
 
+from ._endpoints import EndpointType, HubServiceEndpoint, ServiceEndpoint
 from ._errors import NOT_CONNECTED_MESSAGE, ServiceUnavailableError
-from ._options import EndpointType, ServiceEndpoint
-
-if TYPE_CHECKING:
-    from ._endpoints import HubServiceEndpoint
 
 __all__ = ["EndpointRouter", "NegotiateRequest"]
 

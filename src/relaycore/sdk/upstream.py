@@ -40,6 +40,7 @@ import orjson
 from .._accel import encode_varint
 from ..protocol._errors import RemoteProtocolError
 from ..protocol._hub import CompletionMessage, InvocationMessage, get_protocol
+from ._asgi import serve_lifespan
 from ._errors import HubException
 
 __all__ = [
@@ -262,13 +263,8 @@ class UpstreamHandler:
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] == "lifespan":
-            while True:
-                message = await receive()
-                if message["type"] == "lifespan.startup":
-                    await send({"type": "lifespan.startup.complete"})
-                elif message["type"] == "lifespan.shutdown":
-                    await send({"type": "lifespan.shutdown.complete"})
-                    return
+            await serve_lifespan(receive, send)
+            return
         if scope["type"] != "http":
             return
         if scope["method"] != "POST":
