@@ -16,25 +16,28 @@ import sys
 import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping
-from typing import TYPE_CHECKING, Any, Final
+from typing import Any, Final
 from urllib.parse import quote
 
 import anyio
 
 from relaycore.protocol import generate_access_token, is_valid_hub_name, negotiate_redirect
 
+from ._asgi import NegotiateApp, UserIdProvider
 from ._connection import ACTIVE, EndpointHub, EndpointState
 from ._dispatcher import HubDispatcher, resolve
-from ._endpoints import EndpointEvents, EndpointStatusEvent, HubServiceEndpoint, publish_status
+from ._endpoints import (
+    EndpointEvents,
+    EndpointStatusEvent,
+    HubServiceEndpoint,
+    ServiceEndpoint,
+    publish_status,
+)
 from ._errors import ServiceUnavailableError
 from ._hub import GroupManager, Hub, HubClients, HubContext, UserGroupManager
 from ._options import ServiceOptions
 from ._router import EndpointRouter, NegotiateRequest
 from ._scaling import EndpointSet, Lifetime
-
-if TYPE_CHECKING:
-    from ._asgi import NegotiateApp, UserIdProvider
-    from ._endpoints import ServiceEndpoint
 
 __all__ = ["HubServer"]
 
@@ -407,6 +410,4 @@ class HubServer:
         app = FastAPI(lifespan=lifespan)       # lifespan: async with server: yield
         app.mount("/hubs", server.asgi())      # clients use https://app/hubs/chat
         """
-        from ._asgi import NegotiateApp
-
         return NegotiateApp(self, user_id_provider=user_id_provider, cors_origins=cors_origins)
