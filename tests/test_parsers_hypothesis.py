@@ -43,7 +43,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import relaycore._fastpath_py
-from relaycore.protocol import _hub, _service, _websocket
+from relaycore.protocol import _hub, _websocket, _wire
 from relaycore.protocol._auth import (
     ConnectionString,
     ConnectionStringError,
@@ -73,6 +73,8 @@ from relaycore.protocol._service import (
     ServiceProtocolParser,
     parse_message_body,
 )
+from relaycore.protocol._service import _codec as _service_codec
+from relaycore.protocol._service import _parser as _service_parser
 from relaycore.protocol._websocket import (
     BinaryMessage,
     CloseReceived,
@@ -100,7 +102,7 @@ FEWER = settings(max_examples=100, deadline=None, suppress_health_check=_QUIET)
 
 
 #: The modules that took their fast-path functions from ``relaycore._accel`` at import time.
-_ACCEL_USERS = (_websocket, _hub, _service)
+_ACCEL_USERS = (_websocket, _hub, _wire, _service_codec, _service_parser)
 _ACCEL_NAMES = ("apply_mask", "decode_varint", "encode_frame_header", "encode_varint",
                 "parse_frame_header", "split_records", "split_varint_frames", "unmask_messages")
 

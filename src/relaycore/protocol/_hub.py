@@ -35,15 +35,16 @@ from __future__ import annotations
 
 import base64
 import enum
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Final
 
 import msgpack  # type: ignore[import-untyped]
 import orjson
 
-from .._accel import decode_varint, encode_varint, split_records, split_varint_frames
+from .._accel import encode_varint, split_records, split_varint_frames
 from ._errors import LocalProtocolError, RemoteProtocolError, show_value, unpack_error_text
+from ._wire import MAX_FRAME, as_tuple, frames_before_error, too_big
 
 __all__ = [
     "MAX_HUB_PROTOCOL_VERSION",
@@ -87,9 +88,6 @@ SUPPORTED_PROTOCOLS: Final = ("json", "messagepack")
 #: negotiate decides on separately.
 MAX_HUB_PROTOCOL_VERSION: Final = 2
 
-#: The largest length a MessagePack varint prefix may announce (HubProtocol.md: 2GB - 1).
-_MAX_FRAME: Final = 0x7FFFFFFF
-
 #: How much of an offending payload an error message quotes.
 _QUOTE_LIMIT: Final = 200
 
@@ -121,16 +119,6 @@ class MessageType(enum.IntEnum):
 # Messages
 
 
-def _as_tuple(value: Iterable[Any], what: str) -> tuple[Any, ...]:
-    # Messages are frozen, so their sequences are too; this also makes a parsed message equal
-    # to one built by hand with a list.
-    if type(value) is tuple:
-        return value
-    if isinstance(value, (str, bytes, bytearray, memoryview, Mapping)):
-        raise LocalProtocolError(f"{what} must be a list or tuple, got {type(value).__name__}")
-    return tuple(value)
-
-
 @dataclass(frozen=True, slots=True)
 class InvocationMessage:
     """Type 1: call ``target`` on the other side with ``arguments``.
@@ -152,8 +140,8 @@ stream_ids=(), headers=None)
     headers: dict[str, str] | None = None
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "arguments", _as_tuple(self.arguments, "arguments"))
-        object.__setattr__(self, "stream_ids", _as_tuple(self.stream_ids, "stream_ids"))
+        object.__setattr__(self, "arguments", as_tuple(self.arguments, "arguments"))
+        object.__setattr__(self, "stream_ids", as_tuple(self.stream_ids, "stream_ids"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,8 +156,8 @@ class StreamInvocationMessage:
     headers: dict[str, str] | None = None
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "arguments", _as_tuple(self.arguments, "arguments"))
-        object.__setattr__(self, "stream_ids", _as_tuple(self.stream_ids, "stream_ids"))
+        object.__setattr__(self, "arguments", as_tuple(self.arguments, "arguments"))
+        object.__setattr__(self, "stream_ids", as_tuple(self.stream_ids, "stream_ids"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -749,12 +737,6 @@ def _read_json_record(record: bytes) -> HubMessage | None:
     return reader(obj)
 
 
-def _too_big(size: int, limit: int) -> RemoteProtocolError:
-    return RemoteProtocolError(
-        f"Hub message of {size} bytes exceeds the maximum message size of {limit} bytes"
-    )
-
-
 class JsonHubProtocol:
     """The ``json`` hub protocol: UTF-8 JSON objects, each followed by 0x1E.
 
@@ -807,7 +789,7 @@ class JsonHubProtocol:
         if max_message_size is not None:
             for record in records:
                 if len(record) > max_message_size:
-                    raise _too_big(len(record), max_message_size)
+                    raise too_big("Hub message", len(record), max_message_size)
             pending = len(data) - consumed
             if pending > max_message_size:
                 raise RemoteProtocolError(
@@ -1135,28 +1117,11 @@ def _split_binary_frames(
     A frame is refused as soon as its prefix announces more than ``max_message_size`` bytes,
     before its body is buffered.
     """
-    limit = _MAX_FRAME if max_message_size is None else max_message_size
+    limit = MAX_FRAME if max_message_size is None else max_message_size
     try:
         return split_varint_frames(data, limit)
     except ValueError:
-        pass
-    # Failure is rare: walk the prefixes again to say precisely what was wrong.
-    pos = 0
-    while True:
-        try:
-            got = decode_varint(data, pos)
-        except ValueError as exc:
-            raise RemoteProtocolError(
-                f"Bad MessagePack length prefix at byte {pos}: {exc}; expected a varint of at "
-                "most 5 bytes announcing at most 2**31-1 bytes (messages bigger than 2GB are "
-                "not supported)"
-            ) from None
-        if got is None:  # pragma: no cover - split_varint_frames would not have failed
-            raise RemoteProtocolError(f"Bad MessagePack length prefix at byte {pos}")
-        size, n = got
-        if size > limit:
-            raise _too_big(size, limit)
-        pos += n + size
+        raise frames_before_error(data, limit, "MessagePack hub message")[2] from None
 
 
 class MessagePackHubProtocol:
