@@ -742,7 +742,8 @@ class EndpointHub:
         self._servers_time = -1
         self.ready = anyio.Event()
         self._changed = anyio.Event()
-        self._online = False
+        #: ``online`` as last published (a status event goes out when it changes).
+        self._online = self.online
         self._scope: anyio.CancelScope | None = None
         self._stopping = False
         self.stopped = anyio.Event()

@@ -494,14 +494,24 @@ def _payload_body(payloads: dict[str, bytes]) -> bytes:
     return body
 
 
+#: The messages a REST send carries: a payload map for clients.
+_SENDS: Final = (
+    protocol.BroadcastDataMessage,
+    protocol.GroupBroadcastDataMessage,
+    protocol.UserDataMessage,
+    protocol.MultiUserDataMessage,
+    protocol.MultiConnectionDataMessage,
+    protocol.MultiGroupBroadcastDataMessage,
+)
+
+
 def _send_requests(message: ServiceMessage) -> list[_Request]:
     """The REST calls that send what ``message`` carries (the table in the module doc)."""
     if isinstance(message, protocol.CloseConnectionMessage):
         return [_close_connection(message.connection_id, message.error_message)]
-    payloads = getattr(message, "payloads", None)
-    if not isinstance(payloads, dict):
+    if not isinstance(message, _SENDS):
         raise TypeError(f"the REST API cannot send {type(message).__name__}")
-    body = _payload_body(payloads)
+    body = _payload_body(message.payloads)
 
     def send(path: str, what: str, unsigned: tuple[tuple[str, str], ...] = ()) -> _Request:
         return _Request("POST", f"{path}/:send", what, send=True, unsigned=unsigned, body=body)
@@ -519,24 +529,11 @@ def _send_requests(message: ServiceMessage) -> list[_Request]:
         recipients = [("user", u) for u in dict.fromkeys(message.user_ids)]
     elif isinstance(message, protocol.MultiConnectionDataMessage):
         recipients = [("connection", c) for c in dict.fromkeys(message.connection_ids)]
-    elif isinstance(message, protocol.MultiGroupBroadcastDataMessage):
+    else:
         # No multi-group send in the REST API: one call per group, so that a connection in
         # two of the groups gets the message twice (as with the Azure SDK's REST transport).
         recipients = [("group", g) for g in dict.fromkeys(message.group_names)]
-    else:
-        raise TypeError(f"the REST API cannot send {type(message).__name__}")
     return [send(f"/{kind}s/{_segment(k)}", f"send to {kind} {k!r}") for kind, k in recipients]
-
-
-#: ``Check{Connection,User,Group}ExistenceWithAck``: what is checked, the field naming it, and
-#: the ``x-ms-error-code`` of the 404 that answers "no".
-_EXISTENCE_CHECKS: Final[dict[type[ServiceMessage], tuple[str, str, str]]] = {
-    protocol.CheckConnectionExistenceWithAckMessage: (
-        "connection", "connection_id", _CONNECTION_NOT_EXISTED
-    ),
-    protocol.CheckUserExistenceWithAckMessage: ("user", "user_id", _USER_NOT_EXISTED),
-    protocol.CheckGroupExistenceWithAckMessage: ("group", "group_name", _GROUP_NOT_EXISTED),
-}
 
 
 def _ack_request(message: ServiceMessage) -> _Request:
@@ -553,16 +550,12 @@ def _ack_request(message: ServiceMessage) -> _Request:
         ),
     ):
         return _user_in_group(message)
-    check = _EXISTENCE_CHECKS.get(type(message))
-    if check is not None:
-        kind, field, expected_404 = check
-        key = getattr(message, field)
-        return _Request(
-            "HEAD",
-            f"/{kind}s/{_segment(key)}",
-            f"check whether {kind} {key!r} exists",
-            expected_404=expected_404,
-        )
+    if isinstance(message, protocol.CheckConnectionExistenceWithAckMessage):
+        return _exists("connection", message.connection_id, _CONNECTION_NOT_EXISTED)
+    if isinstance(message, protocol.CheckUserExistenceWithAckMessage):
+        return _exists("user", message.user_id, _USER_NOT_EXISTED)
+    if isinstance(message, protocol.CheckGroupExistenceWithAckMessage):
+        return _exists("group", message.group_name, _GROUP_NOT_EXISTED)
     if isinstance(message, protocol.CloseConnectionWithAckMessage):
         return _close_connection(message.connection_id, message.reason)
     if isinstance(
@@ -620,6 +613,16 @@ def _user_in_group(
             expected_404=_USER_NOT_IN_GROUP,
         )
     return _Request("DELETE", path, f"remove user {u!r} from group {group!r}")
+
+
+def _exists(kind: str, key: str, expected_404: str) -> _Request:
+    """``Check{Connection,User,Group}ExistenceWithAck``: a 404 with ``expected_404`` is "no"."""
+    return _Request(
+        "HEAD",
+        f"/{kind}s/{_segment(key)}",
+        f"check whether {kind} {key!r} exists",
+        expected_404=expected_404,
+    )
 
 
 def _close_connection(connection_id: str, reason: str | None) -> _Request:
@@ -695,12 +698,10 @@ class RestEndpointHub(EndpointHub):
         health: EndpointHealth,
         client: RestClient,
     ) -> None:
+        self.health = health  # before the base class reads ``online``
         super().__init__(dispatcher, endpoint)
-        self.health = health
         self.channel = RestChannel(client, self, dispatcher.name)
         health.containers.append(self)
-        # The base class publishes a status event when ``online`` differs from this.
-        self._online = health.online
 
     @property
     def online(self) -> bool:
