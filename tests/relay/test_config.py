@@ -1,5 +1,5 @@
 """``RelayConfig``: every setting checked against its declared type, wherever it comes from,
-and every error naming the file, key or variable it came from."""
+and every error naming the file, key or variable it came from; and the upstream rules."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import typing
 import pytest
 
 from relaycore.relay import RelayConfig
-from relaycore.relay._config import split_access_keys
+from relaycore.relay._config import UpstreamRule, parse_rules, split_access_keys
 
 
 def write(tmp_path, text, name="relay.toml"):
@@ -140,3 +140,26 @@ def test_relay_that_is_not_a_table_is_rejected(tmp_path):
 def test_missing_config_file_is_an_os_error(tmp_path):
     with pytest.raises(FileNotFoundError):
         RelayConfig.load(toml_path=str(tmp_path / "nope.toml"), env={})
+
+
+# -- upstream rules -----------------------------------------------------------------------------
+
+
+def test_rule_patterns_match_names_lists_and_stars():
+    rule = UpstreamRule("http://x/{hub}/{category}/{event}", hub_pattern="chat, news",
+                        category_pattern="messages", event_pattern="*")
+    assert rule.url_for("news", "messages", "send") == "http://x/news/messages/send"
+    assert rule.url_for("other", "messages", "send") is None
+    assert rule.url_for("chat", "connections", "connected") is None
+
+
+def test_rule_placeholders_are_url_escaped():
+    rule = UpstreamRule("http://x/{event}")
+    assert rule.url_for("h", "messages", "a b/c") == "http://x/a%20b%2Fc"
+
+
+def test_bad_upstream_settings_are_rejected_naming_the_entry():
+    with pytest.raises(ValueError, match="upstream #2"):
+        parse_rules(["http://ok/{event}", "ftp://nope"])
+    with pytest.raises(ValueError, match="unknown upstream settings"):
+        parse_rules([{"url_template": "http://x", "hub": "chat"}])

@@ -18,7 +18,6 @@ from trio_websocket import connect_websocket_url
 
 from relaycore.protocol import MessagePackHubProtocol, generate_access_token
 from relaycore.relay import RelayConfig, serve_relay
-from relaycore.relay._config import UpstreamRule, parse_rules
 from relaycore.relay._http import Response
 from relaycore.sdk.upstream import parse_request
 from relayhelpers import KEY, RS, FakeUpstream, wait_for
@@ -45,29 +44,6 @@ def start_relay(nursery, upstream):
 
 def signature(connection_id: str, key: str) -> str:
     return "sha256=" + hmac.new(key.encode(), connection_id.encode(), hashlib.sha256).hexdigest()
-
-
-# -- rules ------------------------------------------------------------------------------------
-
-
-def test_rule_patterns_match_names_lists_and_stars():
-    rule = UpstreamRule("http://x/{hub}/{category}/{event}", hub_pattern="chat, news",
-                        category_pattern="messages", event_pattern="*")
-    assert rule.url_for("news", "messages", "send") == "http://x/news/messages/send"
-    assert rule.url_for("other", "messages", "send") is None
-    assert rule.url_for("chat", "connections", "connected") is None
-
-
-def test_rule_placeholders_are_url_escaped():
-    rule = UpstreamRule("http://x/{event}")
-    assert rule.url_for("h", "messages", "a b/c") == "http://x/a%20b%2Fc"
-
-
-def test_bad_upstream_settings_are_rejected_naming_the_entry():
-    with pytest.raises(ValueError, match="upstream #2"):
-        parse_rules(["http://ok/{event}", "ftp://nope"])
-    with pytest.raises(ValueError, match="unknown upstream settings"):
-        parse_rules([{"url_template": "http://x", "hub": "chat"}])
 
 
 # -- system events ----------------------------------------------------------------------------
