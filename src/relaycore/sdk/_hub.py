@@ -6,8 +6,10 @@ each invocation (and for ``on_connected``/``on_disconnected``), as ASP.NET Core 
 ``context.items``.
 
 Every proxy turns ``send(method, *args)`` into one service message (service-protocol §7) and
-hands it to the hub's router, which serialises the invocation once per hub protocol and writes
-it on one server connection of every online endpoint.
+hands it to its ``HubSender``: the hub's dispatcher, which serialises the invocation once per hub
+protocol and writes it on one server connection of every online endpoint. This module imports
+nothing else of the SDK: what it needs of the layers above is declared here as protocols
+(``HubSender``, ``CallerConnection``).
 """
 
 from __future__ import annotations
