@@ -130,6 +130,21 @@ def fastpath(request: pytest.FixtureRequest) -> Iterator[ModuleType]:
         yield module
 
 
+def test_the_fastpath_fixture_patches_every_protocol_module_that_took_the_fast_path() -> None:
+    import pkgutil
+
+    import relaycore._accel
+    import relaycore.protocol
+
+    takers = set()
+    for info in pkgutil.walk_packages(relaycore.protocol.__path__, "relaycore.protocol."):
+        module = importlib.import_module(info.name)
+        if any(getattr(module, name, None) is getattr(relaycore._accel, name)
+               for name in _ACCEL_NAMES):
+            takers.add(module)
+    assert takers == set(_ACCEL_USERS)
+
+
 # --------------------------------------------------------------------------------------------
 # Input strategies shared by the parsers
 
