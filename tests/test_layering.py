@@ -3,6 +3,9 @@
 * ``protocol/`` and the fast path never import an I/O, clock, randomness or concurrency
   module; ``protocol/`` uses nothing of relaycore but itself and ``_accel``.
 * ``sdk/`` and ``client/`` never import ``relay/``, and ``relay/`` never imports them.
+* Inside ``relay/`` every module has a floor (``RELAY_FLOORS``) and imports only modules on
+  lower floors: arrows point down, never sideways or up (an import under ``TYPE_CHECKING``
+  is an arrow too). A new module of ``relay/`` fails the test until it is given a floor.
 
 Imports are read from the AST (relative imports resolved), so a string that merely mentions a
 module does not count. A directory that does not exist yet has no files to check.
@@ -197,6 +200,107 @@ def test_drivers_never_import_each_other(importer, forbidden):
     violations = {}
     for path in python_files(importer):
         bad = sorted(name for name in imports_of(path) if any(is_under(name, f) for f in forbidden))
+        if bad:
+            violations[str(path.relative_to(SRC))] = bad
+    assert violations == {}
+
+
+# The floors of relay/ -------------------------------------------------------------------------
+
+#: Each module of ``relay/`` and its floor (``relay/__init__.py`` is the package's face, on
+#: top). A module may import only modules on lower floors.
+RELAY_FLOORS: dict[str, int] = {
+    # the counters, settings, table, HTTP/1.1, accept loop and the backplane's seam
+    "_config": 1, "_stats": 1, "_table": 1, "_http": 1, "_accept": 1, "_backplane": 1,
+    # WebSocket I/O over raw file descriptors; tokens; the upstream webhooks
+    "_peer": 2, "_tokens": 2, "_upstream": 2,
+    # the fan-out's messages; the WebSocket transport of a session
+    "_message": 3, "_transport": 3,
+    # every operation, once
+    "_operations": 4,
+    # the faces: client sessions, app-server connections, the REST API
+    "_session": 5, "_server": 5, "_rest": 5,
+    # the HTTP front: accepting, routing, negotiate, upgrade
+    "_front": 6,
+    # the composition root
+    "_relay": 7,
+    "": 8,
+}
+
+
+def relay_module(short: str) -> str:
+    return f"relaycore.relay.{short}" if short else "relaycore.relay"
+
+
+def imported_targets(source: str, module: str, is_package: bool, known: set[str]) -> set[str]:
+    """The modules of ``known`` that ``source`` imports. ``from a import b`` names ``a.b`` when
+    that is a module of ``known`` (``from . import _peer``), else ``a``."""
+    package = module.split(".") if is_package else module.split(".")[:-1]
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = ".".join(package[: len(package) - (node.level - 1)]
+                                + (node.module.split(".") if node.module else []))
+            else:
+                base = node.module or ""
+            for alias in node.names:
+                found.add(f"{base}.{alias.name}" if f"{base}.{alias.name}" in known else base)
+    return found & known
+
+
+def floor_violations(source: str, short: str) -> list[str]:
+    """The imports of relay module ``short`` (its ``source``) on its own floor or above."""
+    floors = {relay_module(name): floor for name, floor in RELAY_FLOORS.items()}
+    module = relay_module(short)
+    targets = imported_targets(source, module, short == "", set(floors))
+    return sorted(name for name in targets
+                  if name != module and floors[name] >= RELAY_FLOORS[short])
+
+
+def test_imported_targets_names_submodules_and_counts_type_checking_imports():
+    known = {relay_module(name) for name in RELAY_FLOORS}
+    source = "\n".join([
+        "from typing import TYPE_CHECKING",
+        "from . import _peer",
+        "from ._table import ConnectionTable",
+        "import relaycore.relay._http",
+        "if TYPE_CHECKING:",
+        "    from ._session import ClientSession",
+        "x = 'from ._relay import Relay'",
+    ])
+    assert imported_targets(source, "relaycore.relay._operations", False, known) == {
+        "relaycore.relay._peer", "relaycore.relay._table", "relaycore.relay._http",
+        "relaycore.relay._session"}
+    assert imported_targets("from . import Relay", "relaycore.relay._peer", False, known) == {
+        "relaycore.relay"}
+
+
+def test_floor_violations_sees_arrows_sideways_and_up():
+    assert floor_violations("from ._stats import RelayStats", "_peer") == []
+    assert floor_violations("from ._tokens import RequestAuth", "_peer") == [
+        "relaycore.relay._tokens"]
+    assert floor_violations(
+        "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n"
+        "    from ._front import HttpFront\n", "_operations") == ["relaycore.relay._front"]
+    assert floor_violations("from relaycore.relay import Relay", "_session") == [
+        "relaycore.relay"]
+
+
+def test_every_module_of_relay_has_a_floor():
+    modules = {module_name(path) for path in python_files("relay")}
+    assert modules == {relay_module(name) for name in RELAY_FLOORS}
+
+
+def test_relay_modules_import_only_modules_on_lower_floors():
+    violations = {}
+    for path in python_files("relay"):
+        short = "" if path.name == "__init__.py" else path.stem
+        if short not in RELAY_FLOORS:
+            continue  # test_every_module_of_relay_has_a_floor names it
+        bad = floor_violations(path.read_text(encoding="utf-8"), short)
         if bad:
             violations[str(path.relative_to(SRC))] = bad
     assert violations == {}
