@@ -61,8 +61,7 @@ from ._errors import HubException
 from ._hub import ROLE_CLAIM_TYPES, GroupManager, Hub, HubCallerClients, HubCallerContext
 
 if TYPE_CHECKING:
-    from ._connection import Dispatcher as HubRouter
-    from ._connection import ServiceConnection
+    from ._connection import Dispatcher, ServiceConnection
 
 __all__ = ["ClientConnection", "claims_and_user_id", "current_service_connection"]
 
@@ -108,9 +107,9 @@ def claims_and_user_id(
     user_id = _first(claims.get("asrs.s.uid")) or None
     if user_id is None:
         for name in (_NAME_IDENTIFIER, "nameid", "sub"):
-            value = _first(claims.get(name))
-            if value:
-                user_id = value
+            found = _first(claims.get(name))
+            if found:
+                user_id = found
                 break
     return tuple(user_claims), user_id
 
@@ -136,7 +135,7 @@ class ClientConnection:
     """A SignalR client connected through the service to this app server (see module doc)."""
 
     def __init__(
-        self, router: HubRouter, connection: ServiceConnection, open_message: OpenConnectionMessage
+        self, router: Dispatcher, connection: ServiceConnection, open_message: OpenConnectionMessage
     ) -> None:
         self.router = router
         self.service_connection = connection
