@@ -329,7 +329,7 @@ def nullable(
     nil: str | None = None,
     write: Callable[[Any, Any], Any] | None = None,
 ) -> Field:
-    """A string or nil; nil reads as ``nil``."""
+    """A string or nil; nil reads as ``None``, or as ``nil`` when given."""
     if nil is None:
         return Field(name, attr or _snake(name), _opt_str, write)
 
@@ -410,6 +410,7 @@ class Schema:
     type: int
     #: The SDK's name, in errors: ``ConnectionData``.
     name: str
+    #: The elements after the type, in wire order.
     fields: tuple[Field, ...]
     #: The shortest array the SDK reader takes.
     need: int
@@ -457,6 +458,8 @@ def _build(cls: type[Any], name: str, elements: Sequence[Field | _Optional], hot
                 raise TypeError(f"{cls.__name__} has no field {field.attr!r} for {field.name}")
             flat.append(replace(field, since=since))
         if isinstance(element, Field) and not element.rest:
+            if need < len(flat) - 1:
+                raise TypeError(f"{cls.__name__}: {element.name} is required after optional ones")
             need = len(flat) + 1
     if members and not any(field.is_ext for field in flat):
         raise TypeError(f"{cls.__name__} has extension members but no extension map")
@@ -641,7 +644,7 @@ def _compile_writer(spec: Schema) -> Callable[[Any], bytes] | None:
     name = f"write_{spec.name}"
     code = [f"def {name}(m):"]
     elements = [str(spec.type)]
-    last = ""
+    array = ""
     for index, field in enumerate(spec.fields, 1):
         if field.is_ext:
             if not field.members:
@@ -663,16 +666,14 @@ def _compile_writer(spec: Schema) -> Callable[[Any], bytes] | None:
             value = f"w{index}({value}, m)"
         if field.rest:
             elements.append(f"*m.{field.attr}")
-        elif field.omit_none:
-            last = value
+        elif field.omit_none:  # the last field
+            array = "array"
             code += [f"    array = [{', '.join(elements)}]", f"    if m.{field.attr} is not None:",
-                     f"        array.append({last})"]
+                     f"        array.append({value})"]
         else:
             elements.append(value)
-    if last:
-        code.append("    return packb(array, use_bin_type=True)")
-    else:
-        code.append(f"    return packb([{', '.join(elements)}], use_bin_type=True)")
+    array = array or f"[{', '.join(elements)}]"
+    code.append(f"    return packb({array}, use_bin_type=True)")
     return _compile(code, name, ns)
 
 

@@ -286,6 +286,11 @@ class PingKey:
 
 # --------------------------------------------------------------------------------------------
 # Messages
+#
+# Each dataclass stands under its schema: the SDK's name for the message, then the elements of
+# its array after the type, in wire order (``opt(...)``: what older SDKs leave out). The schema
+# is all ``_codec`` needs to read, write and check the message; the extension map's members
+# are the fields named after them (``tracing_id``, ``ttl``, ...).
 
 
 def _freeze(message: Any, *names: str) -> None:
