@@ -18,7 +18,7 @@ from relaycore.protocol._websocket import Opcode
 from relaycore.relay import RelayConfig
 from relaycore.relay._backplane import Holding, LocalBackplane
 from relaycore.relay._operations import Operations
-from relaycore.relay._peer import ConnState, Flusher
+from relaycore.relay._peer import _IN, ConnState, Flusher
 from relaycore.relay._session import ClientSession
 from relaycore.relay._stats import RelayStats
 
@@ -84,6 +84,25 @@ def client_frame(payload: bytes, opcode: int = Opcode.TEXT, *, fin: bool = True,
                  mask: bytes = b"mask") -> bytes:
     """One masked frame, as a client sends it."""
     return encode_frame_header(opcode, len(payload), fin, mask) + apply_mask(payload, mask)
+
+
+class RecordingPoller:
+    """What a peer asks of its poller, recorded: there is no socket to watch."""
+
+    def __init__(self) -> None:
+        #: peer -> what it waits for (``_peer._IN``, ``_OUT``, both or 0)
+        self.watching: dict[Any, int] = {}
+        self.removed: list[Any] = []
+
+    def add(self, peer: Any) -> None:
+        self.watching[peer] = _IN
+
+    def watch(self, peer: Any, mask: int) -> None:
+        self.watching[peer] = mask
+
+    def remove(self, peer: Any) -> None:
+        self.watching.pop(peer, None)
+        self.removed.append(peer)
 
 
 # -- what the operations see of a client --------------------------------------------------------

@@ -25,6 +25,7 @@ from contextlib import contextmanager
 import pytest
 import trio
 import trio.testing
+from relayfakes import RecordingPoller
 
 from relaycore.protocol._websocket import Opcode, frame
 from relaycore.relay import OutboundMessage, RelayConfig, _peer, serve_relay
@@ -181,20 +182,6 @@ def test_a_mock_clock_keeps_the_poller_sleeping_in_trio():
 
 
 # -- a peer's writer ----------------------------------------------------------------------------
-
-
-class RecordingPoller:
-    def __init__(self) -> None:
-        self.watching: dict[Peer, int] = {}
-
-    def add(self, peer: Peer) -> None:
-        self.watching[peer] = _peer._IN
-
-    def watch(self, peer: Peer, mask: int) -> None:
-        self.watching[peer] = mask
-
-    def remove(self, peer: Peer) -> None:
-        self.watching.pop(peer, None)
 
 
 class PlainPeer(Peer):

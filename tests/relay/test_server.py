@@ -1,10 +1,12 @@
-"""The relay's server endpoint: the Azure SignalR service protocol, driven by a fake app server.
+"""The relay's server endpoint (``relay/_server.py``): the Azure SignalR service protocol.
 
-The fake app server is written with relaycore's sans-I/O pieces (the WebSocket protocol in the
-client role and the service-protocol codec), so every byte on the wire is what an SDK sends.
-Clients are trio-websocket connections.
+The first part drives a ``ServerConnection`` in memory: the app server's masked frames go to
+``Peer.receive`` and what the relay queues is read back from its send buffer (no socket, no
+real time; its clients are ``ClientSession``s over ``relayfakes.MemoryTransport``). The second
+part is end to end, with a fake app server written with relaycore's sans-I/O pieces (the
+WebSocket protocol in the client role and the service-protocol codec), so every byte on the
+wire is what an SDK sends; clients are trio-websocket connections.
 """
-
 from __future__ import annotations
 
 import json
@@ -13,6 +15,7 @@ import time
 
 import pytest
 import trio
+from relayfakes import HUB, RecordingPoller, client_frame, close_code, frames, make_ops, new_session
 from trio_websocket import ConnectionClosed, connect_websocket_url
 
 from relaycore.protocol._auth import generate_access_token
@@ -36,7 +39,9 @@ from relaycore.protocol._service import (
     PingKey,
     ServiceAckMessage,
     ServiceErrorMessage,
+    ServiceEventKind,
     ServiceEventMessage,
+    ServiceEventObjectType,
     ServiceHandshakeRequest,
     ServiceHandshakeResponse,
     ServicePing,
@@ -48,14 +53,232 @@ from relaycore.protocol._service import (
 from relaycore.protocol._websocket import (
     BinaryMessage,
     CloseReceived,
+    Opcode,
     Role,
     WebSocketProtocol,
 )
 from relaycore.relay import RelayConfig, serve_relay
+from relaycore.relay._peer import PeerIO
+from relaycore.relay._server import ServerConnection
 from relayhelpers import ADMIN_KEY, KEY, RS, Client, admin_token, client_token, wait_for
 
 JSON = JsonHubProtocol()
 HANDSHAKE_OK = b"{}" + RS.encode()
+
+
+# -- in memory ----------------------------------------------------------------------------------
+
+
+class WiredServer:
+    """A ``ServerConnection`` without a socket (its close timer reads trio's clock, so the tests
+    run in trio), reading from now on; ``send`` is the app server
+    writing, ``received`` what the relay queued for it since the last look."""
+
+    def __init__(self, *, server_id: str = "pod1", **settings) -> None:
+        self.ops = make_ops(RelayConfig(**settings))
+        self.forgotten: list = []
+        io = PeerIO(RecordingPoller(), self.ops.flusher, 5.0, self.ops.stats,  # type: ignore[arg-type]
+                    self.forgotten.append)
+        self.conn = ServerConnection(io, self.ops, hub=HUB, server_id=server_id, now=0.0)
+        self.conn._reading = True  # what ``start`` does, but for the socket
+        self.parser = ServiceProtocolParser()
+
+    def send(self, *messages, now: float = 1.0) -> None:
+        self.conn.receive(b"".join(client_frame(write_message(m), Opcode.BINARY)
+                                   for m in messages), now)
+
+    def received(self) -> list:
+        """Service messages, and a close frame as ``("close", code)``."""
+        out = []
+        for opcode, payload in frames(self.conn._out):
+            if opcode == Opcode.CLOSE:
+                out.append(("close", close_code(payload)))
+            else:
+                assert opcode == Opcode.BINARY
+                self.parser.receive_data(payload)
+                out.extend(self.parser.messages_received())
+        self.conn._out.clear()
+        return out
+
+    def opened(self, connection_type: int = ConnectionType.DEFAULT) -> WiredServer:
+        self.send(ServiceHandshakeRequest(connection_type=connection_type))
+        response, ping = self.received()
+        assert response == ServiceHandshakeResponse() and isinstance(ping, ServicePing)
+        return self
+
+    def bound_client(self, connection_id: str = "c1", user_id: str | None = "alice"):
+        """A client that chose this connection, its handshake answered by the app server."""
+        session, transport = new_session(self.ops, connection_id, user_id)
+        transport.deliver(JSON_HANDSHAKE)
+        assert session.server is self.conn
+        self.send(ConnectionDataMessage(connection_id, HANDSHAKE_OK))
+        assert transport.take() == [{}]
+        return session, transport
+
+
+JSON_HANDSHAKE = b'{"protocol":"json","version":1}\x1e'
+
+
+async def test_the_handshake_is_answered_with_a_ping_of_the_hubs_metrics():
+    wired = WiredServer(capacity=10)
+    wired.send(ServiceHandshakeRequest())
+    response, ping = wired.received()
+    assert response.succeeded
+    assert (ping.get(PingKey.CLIENT_COUNT), ping.get(PingKey.SERVER_COUNT)) == ("0", "1")
+    assert wired.ops.servers_of(HUB) == [wired.conn] and wired.conn.carries_clients
+
+
+async def test_a_handshake_of_another_version_is_refused_and_the_connection_closed():
+    wired = WiredServer()
+    wired.send(ServiceHandshakeRequest(version=2))
+    response, close = wired.received()
+    assert not response.succeeded and "version 2" in response.error_message
+    assert close == ("close", 1000) and wired.ops.servers_of(HUB) == []
+
+
+async def test_a_first_message_that_is_no_handshake_is_a_service_error():
+    wired = WiredServer()
+    wired.send(ServicePing.of(status="1"))
+    error, close = wired.received()
+    assert isinstance(error, ServiceErrorMessage) and "handshake" in error.error_message
+    assert close == ("close", 1000)
+
+
+async def test_a_weak_connection_never_carries_clients():
+    wired = WiredServer().opened(ConnectionType.WEAK)
+    assert not wired.conn.carries_clients
+    assert wired.ops.choose_server(HUB) is None
+
+
+async def test_a_bound_client_is_opened_on_the_app_server_and_its_bytes_flow_both_ways():
+    wired = WiredServer().opened()
+    session, transport = new_session(wired.ops, "c1", "alice",
+                                     claims={"asrs.s.uid": "alice", "exp": 1, "role": ["a", "b"]})
+    transport.deliver(JSON_HANDSHAKE)
+    opened, handshake = wired.received()
+    assert opened.connection_id == "c1" and opened.protocol == "json"
+    assert opened.claims == {"asrs.s.uid": "alice", "role": ("a", "b")}
+    assert opened.headers["x-test"] == ("1",)
+    assert opened.headers["Asrs-Instance-Id"] == ("node-under-test",)
+    assert handshake == ConnectionDataMessage("c1", JSON_HANDSHAKE)
+    wired.send(ConnectionDataMessage("c1", HANDSHAKE_OK + b'{"type":6}\x1e'))
+    assert transport.take() == [{}, {"type": 6}]
+    assert wired.ops.connection(HUB, "c1") is session
+    transport.deliver('{"type":6}\x1e')
+    assert wired.received() == [ConnectionDataMessage("c1", b'{"type":6}\x1e')]
+    transport.deliver('{"type":7}\x1e')
+    session.transport_ended()
+    assert wired.received() == [ConnectionDataMessage("c1", b'{"type":7}\x1e'),
+                                CloseConnectionMessage("c1", "")]
+    assert wired.conn.clients == {}
+
+
+async def test_close_connection_from_the_app_server_closes_its_client_without_a_reply():
+    wired = WiredServer().opened()
+    session, transport = wired.bound_client()
+    wired.received()
+    wired.send(CloseConnectionMessage("c1", "kicked"))
+    assert transport.closes == [(1000, "")] and session.close_reason == "kicked"
+    assert wired.received() == [] and wired.ops.connection(HUB, "c1") is None
+
+
+async def test_operations_are_performed_and_answered_with_an_ack_or_an_event_when_asked():
+    wired = WiredServer().opened()
+    session, transport = wired.bound_client()
+    wired.received()
+    wired.send(
+        BroadcastDataMessage(payloads("hello", 1)),
+        JoinGroupWithAckMessage("c1", "g", 1),
+        JoinGroupWithAckMessage("nope", "g", 2),
+        JoinGroupMessage("nope", "g"),
+        CheckUserInGroupWithAckMessage("alice", "g", 3),
+        UserJoinGroupWithAckMessage("bob", "h", 4),
+    )
+    assert wired.received() == [
+        ServiceAckMessage(1, AckStatus.OK, ""),
+        ServiceAckMessage(2, AckStatus.NOT_FOUND, ""),
+        ServiceEventMessage(ServiceEventObjectType.CONNECTION, "nope",
+                            ServiceEventKind.NOT_EXISTED, "connection 'nope' does not exist"),
+        ServiceAckMessage(3, AckStatus.OK, ""),
+        ServiceAckMessage(4, AckStatus.OK, ""),
+    ]
+    assert transport.take() == [{"type": 1, "target": "hello", "arguments": [1]}]
+    assert session.groups == {"g"}
+
+
+async def test_user_data_takes_the_hot_path_to_each_connection_of_the_user():
+    wired = WiredServer().opened()
+    _, first = wired.bound_client("c1", "alice")
+    _, second = wired.bound_client("c2", "alice")
+    wired.received()
+    wired.send(UserDataMessage("alice", payloads("n", 2)))
+    assert first.take() == second.take() == [{"type": 1, "target": "n", "arguments": [2]}]
+    assert wired.received() == []  # a send is not answered
+    assert wired.ops.stats.deliveries == 2
+
+
+@pytest.mark.parametrize(
+    ("data", "says"),
+    [
+        (client_frame(b"\x02\x91\xc1", Opcode.BINARY), "malformed service message"),
+        (client_frame(b"hello", Opcode.TEXT), "the service protocol is binary"),
+    ],
+)
+async def test_a_broken_message_closes_the_connection_and_tells_its_clients_to_reconnect(
+        data, says):
+    wired = WiredServer().opened()
+    session, transport = wired.bound_client()
+    wired.received()
+    wired.conn.receive(data, 2.0)
+    error, close = wired.received()
+    assert isinstance(error, ServiceErrorMessage) and says in error.error_message
+    assert close == ("close", 1000)
+    assert wired.ops.servers_of(HUB) == []
+    assert transport.take() == [{
+        "type": 7, "error": "The app server connection of this client was closed; reconnect.",
+        "allowReconnect": True}]
+
+
+async def test_while_the_relay_drains_a_failing_connection_goes_away_without_an_error():
+    wired = WiredServer().opened()
+    wired.ops.draining = True
+    wired.conn.fail("The relay is shutting down.")
+    assert wired.received() == [("close", 1001)]
+
+
+async def test_the_connections_timers_run_at_the_times_given():
+    slow = WiredServer(handshake_timeout=15)
+    slow.conn.tick(15.0)
+    assert slow.received() == []
+    slow.conn.tick(15.5)
+    error, close = slow.received()
+    assert "did not arrive in time" in error.error_message
+    wired = WiredServer(server_keep_alive_interval=5, server_timeout=30).opened()
+    wired.conn.last_send = 1.0
+    wired.conn.tick(5.9)
+    assert wired.received() == []
+    wired.conn.tick(6.0)
+    (ping,) = wired.received()
+    assert ping.get(PingKey.CLIENT_COUNT) == "0"
+    wired.conn.tick(31.5)  # 30 s since the app server last sent (at 1 s)
+    error, close = wired.received()
+    assert "sent nothing for 30 seconds" in error.error_message
+
+
+async def test_an_app_server_that_stops_reading_is_closed_with_what_was_dropped():
+    wired = WiredServer(server_send_buffer_limit=300).opened()
+    session, transport = wired.bound_client()
+    wired.received()
+    transport.deliver("x" * 200)
+    transport.deliver("y" * 200)  # past the limit: the backlog goes, the error goes out
+    error, close = wired.received()
+    assert "the app server did not read" in error.error_message
+    assert close == ("close", 1008)
+    assert wired.ops.stats.server_slow_closes == 1
+    assert transport.take()[0]["allowReconnect"] is True
+
+
+# -- over a real socket -------------------------------------------------------------------------
 
 
 @pytest.fixture

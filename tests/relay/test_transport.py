@@ -16,7 +16,16 @@ import json
 
 import pytest
 import trio
-from relayfakes import HUB, FakeUpstream, client_frame, close_code, frames, make_ops, records
+from relayfakes import (
+    HUB,
+    FakeUpstream,
+    RecordingPoller,
+    client_frame,
+    close_code,
+    frames,
+    make_ops,
+    records,
+)
 from relaysuite import Rest, assert_still_receives
 from trio_websocket import ConnectionClosed
 
@@ -37,23 +46,6 @@ from relaycore.relay._transport import WebSocketTransport
 from relayhelpers import KEY, RS, open_stalled_client, wait_for
 
 HANDSHAKE = b'{"protocol":"json","version":1}\x1e'
-
-
-class RecordingPoller:
-    """What a peer asks of its poller, recorded (there is no socket to watch)."""
-
-    def __init__(self) -> None:
-        self.watching: dict[object, int] = {}
-        self.removed: list[object] = []
-
-    def add(self, peer) -> None:
-        self.watching[peer] = 0
-
-    def watch(self, peer, mask: int) -> None:
-        self.watching[peer] = mask
-
-    def remove(self, peer) -> None:
-        self.removed.append(peer)
 
 
 class Wired:
