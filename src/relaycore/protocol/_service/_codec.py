@@ -21,10 +21,12 @@ skipped. A field that is both an element and a member (ClientCompletion's ``prot
 written in both places, and the member wins on reading, as in the SDK.
 
 Two paths serve the schemas. ``_read_generic`` and ``_write_generic`` interpret one, field by
-field, for every message. The messages sent once per client message (``hot=True``: client
-data, broadcasts, pings) get a reader and a writer compiled from the same schema: straight-line
-Python that calls the same field readers in the same order, without the interpreter's loop.
-``tests/test_service_schema.py`` checks that both paths agree on every message.
+field: the rare messages (handshakes, group management, acks, client results, ...) go that way.
+The messages sent once per client message or per client connection (``hot=True``: client data,
+broadcasts, pings, OpenConnection and CloseConnection) get a reader and a writer compiled from
+the same schema: straight-line Python that calls the same field readers in the same order,
+without the interpreter's loop. ``tests/test_service_schema.py`` compiles every schema and
+checks that both paths agree on every message.
 """
 
 from __future__ import annotations
@@ -494,8 +496,7 @@ def schema(
         spec = _build(cls, name, elements, hot)
         _SCHEMAS[cls] = _BY_TYPE[spec.type] = spec
         _READERS[spec.type] = _compile_reader(spec) if hot else partial(_read_generic, spec)
-        writer = _compile_writer(spec) if hot else None
-        _WRITERS[cls] = writer or partial(_write_generic, spec)
+        _WRITERS[cls] = _compile_writer(spec) if hot else partial(_write_generic, spec)
         for index, field in enumerate(spec.fields, 1):
             if field.read is _claims:
                 _CLAIMS_AT[spec.type] = index
@@ -635,15 +636,14 @@ def _compile_reader(spec: Schema) -> Callable[[tuple[Any, ...]], Any]:
     return _compile(code, name, ns)
 
 
-def _compile_writer(spec: Schema) -> Callable[[Any], bytes] | None:
-    """What ``_write_generic`` does for ``spec``, as one function of its own; ``None`` when
-    a field packs itself (MessagePack's own encoding of a list would not do)."""
-    if any(field.pack is not None for field in spec.fields):
-        return None
-    ns: dict[str, Any] = {"packb": msgpack.packb, "NO_EXT": _NO_EXT}
+def _compile_writer(spec: Schema) -> Callable[[Any], bytes]:
+    """What ``_write_generic`` does for ``spec``, as one function of its own: the array packed
+    at once, or element by element where a field packs itself."""
+    ns: dict[str, Any] = {"packb": msgpack.packb, "Packer": msgpack.Packer, "NO_EXT": _NO_EXT}
     name = f"write_{spec.name}"
     code = [f"def {name}(m):"]
-    elements = [str(spec.type)]
+    elements = [str(spec.type)]  # expressions of the values to pack
+    packed: set[int] = set()  # the positions of those that are packed already
     array = ""
     for index, field in enumerate(spec.fields, 1):
         if field.is_ext:
@@ -664,7 +664,11 @@ def _compile_writer(spec: Schema) -> Callable[[Any], bytes] | None:
         if field.write is not None:
             ns[f"w{index}"] = field.write
             value = f"w{index}({value}, m)"
-        if field.rest:
+        if field.pack is not None:
+            ns[f"k{index}"] = field.pack
+            packed.add(len(elements))
+            elements.append(f"k{index}(p, {value}, {f'{spec.name} {field.attr}'!r})")
+        elif field.rest:
             elements.append(f"*m.{field.attr}")
         elif field.omit_none:  # the last field
             array = "array"
@@ -672,8 +676,17 @@ def _compile_writer(spec: Schema) -> Callable[[Any], bytes] | None:
                      f"        array.append({value})"]
         else:
             elements.append(value)
-    array = array or f"[{', '.join(elements)}]"
-    code.append(f"    return packb({array}, use_bin_type=True)")
+    if not packed:
+        array = array or f"[{', '.join(elements)}]"
+        code.append(f"    return packb({array}, use_bin_type=True)")
+        return _compile(code, name, ns)
+    if array or any(field.rest for field in spec.fields):
+        raise TypeError(f"{spec.name}: a field that packs itself needs a fixed layout")
+    packer = msgpack.Packer(use_bin_type=True)
+    ns["HEAD"] = packer.pack_array_header(len(elements)) + packer.pack(spec.type)
+    parts = ["HEAD", *(e if i in packed else f"p.pack({e})"
+                       for i, e in enumerate(elements) if i)]
+    code += ["    p = Packer(use_bin_type=True)", f"    return b''.join(({', '.join(parts)}))"]
     return _compile(code, name, ns)
 
 
@@ -748,7 +761,7 @@ def _unpack_claims(body: bytes | bytearray | memoryview, at: int) -> Any:
     try:
         length = unpacker.read_array_header()
         if length > at:
-            head = tuple(unpacker.unpack() for _ in range(at))
+            head = [unpacker.unpack() for _ in range(at)]
             claims: dict[str, Any] = {}
             for _ in range(unpacker.read_map_header()):
                 name, value = unpacker.unpack(), unpacker.unpack()

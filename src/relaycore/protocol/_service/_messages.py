@@ -513,7 +513,7 @@ class AccessKeyResponseMessage:
 
 @schema(
     "OpenConnection", string("connectionId"), CLAIMS, opt(HEADERS, nullable("queryString")),
-    opt(EXT),
+    opt(EXT), hot=True,
 )
 @dataclass(frozen=True, slots=True)
 class OpenConnectionMessage:
@@ -547,7 +547,10 @@ class OpenConnectionMessage:
                 k: v if isinstance(v, (str, tuple)) else tuple(v) for k, v in self.claims.items()})
 
 
-@schema("CloseConnection", string("connectionId"), nullable("errorMessage"), opt(HEADERS), opt(EXT))
+@schema(
+    "CloseConnection", string("connectionId"), nullable("errorMessage"), opt(HEADERS), opt(EXT),
+    hot=True,
+)
 @dataclass(frozen=True, slots=True)
 class CloseConnectionMessage:
     """Type 5, both ways: the client connection ended (service→server), or must be ended
