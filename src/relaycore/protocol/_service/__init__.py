@@ -36,6 +36,9 @@ The package, by role:
   input; the extension map (§1.1) and its members.
 * ``_parser``: the byte stream cut into frames (``ServiceProtocolParser``), and the relay's hot
   paths for client data (raw ConnectionData and UserData, ``write_connection_data``).
+
+A new message type is one declaration in ``_messages``, its dataclass under its ``@schema``;
+then its name goes in the ``ServiceMessage`` union and in the exports below.
 """
 
 from ._codec import (
