@@ -47,6 +47,12 @@ from .._wire import MAX_FRAME
 if TYPE_CHECKING:
     from ._messages import ServiceMessage
 
+__all__ = [
+    "parse_message_body",
+    "write_message",
+    "write_messages",
+]
+
 #: A field reader: checks ``array[index]`` as the SDK reader does and returns the value.
 Reader = Callable[[tuple[Any, ...], int, str], Any]
 

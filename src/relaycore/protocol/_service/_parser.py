@@ -19,6 +19,13 @@ from .._wire import MAX_FRAME, frames_before_error
 from ._codec import _unpack, parse_message_body
 from ._messages import ServiceMessage, ServiceMessageType
 
+__all__ = [
+    "DEFAULT_MAX_SERVICE_MESSAGE_SIZE",
+    "ServiceProtocolParser",
+    "connection_data_prefix",
+    "write_connection_data",
+]
+
 #: Default limit on one service message body; a prefix announcing more is refused at once.
 DEFAULT_MAX_SERVICE_MESSAGE_SIZE: Final = 16 * 1024 * 1024
 
