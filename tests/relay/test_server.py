@@ -15,7 +15,17 @@ import time
 
 import pytest
 import trio
-from relayfakes import HUB, RecordingPoller, client_frame, close_code, frames, make_ops, new_session
+from relayfakes import (
+    HUB,
+    FakeServer,
+    FakeUpstream,
+    RecordingPoller,
+    client_frame,
+    close_code,
+    frames,
+    make_ops,
+    new_session,
+)
 from trio_websocket import ConnectionClosed, connect_websocket_url
 
 from relaycore.protocol._auth import generate_access_token
@@ -58,7 +68,7 @@ from relaycore.protocol._websocket import (
     WebSocketProtocol,
 )
 from relaycore.relay import RelayConfig, serve_relay
-from relaycore.relay._peer import PeerIO
+from relaycore.relay._peer import ConnState, PeerIO
 from relaycore.relay._server import ServerConnection
 from relayhelpers import ADMIN_KEY, KEY, RS, Client, admin_token, client_token, wait_for
 
@@ -276,6 +286,37 @@ async def test_an_app_server_that_stops_reading_is_closed_with_what_was_dropped(
     assert close == ("close", 1008)
     assert wired.ops.stats.server_slow_closes == 1
     assert transport.take()[0]["allowReconnect"] is True
+
+
+@pytest.mark.xfail(strict=True, reason="known bug: ServerConnection._leave clears each client's "
+                   "server before closing it, so its pending client invocations are not failed")
+async def test_a_client_of_a_failed_connection_fails_its_pending_client_invocations():
+    wired = WiredServer().opened()
+    caller = FakeServer("pod2")
+    wired.ops.server_opened(caller)
+    session, transport = wired.bound_client()
+    wired.ops.invocations.invoke(caller, ClientInvocationMessage("i1", "c1", "pod2",
+                                                                 payloads("ask")))
+    wired.conn.fail("gone")  # the client's own app server connection ends
+    assert session.state is ConnState.CLOSING
+    # Known bug (relay/_server.py, ServerConnection._leave): the clients are closed after
+    # their ``server`` is cleared, so ``client_closed`` (which fails their invocations) is
+    # never called; the caller waits out ClientInvocations.TIMEOUT (10 minutes).
+    assert caller.sent == [ErrorCompletionMessage("i1", "c1", "pod2",
+                                                  "Connection 'c1' disconnected.")]
+
+
+@pytest.mark.xfail(strict=True, reason="known bug: ServerConnection._leave clears each client's "
+                   "server before closing it, so it leaves as a serverless client")
+async def test_a_client_of_a_failed_connection_is_no_upstreams_disconnected_event():
+    wired = WiredServer().opened()
+    upstream = wired.ops.serverless = FakeUpstream()
+    wired.bound_client()
+    wired.conn.fail("gone")
+    # Known bug (same place): with its ``server`` cleared first, the client leaves the table
+    # as a serverless one, so an upstream hears "disconnected" for a client whose
+    # "connected" it never heard.
+    assert upstream.events == []
 
 
 # -- over a real socket -------------------------------------------------------------------------
