@@ -31,35 +31,10 @@ from typing import Any
 
 import trio
 
+from ..protocol import _service as service
 from ..protocol._auth import is_system_claim
 from ..protocol._errors import RemoteProtocolError
 from ..protocol._handshake import answer_service_handshake
-from ..protocol._service import (
-    ASRS_INSTANCE_ID_HEADER,
-    AckStatus,
-    ClientCompletionMessage,
-    ClientInvocationMessage,
-    CloseConnectionMessage,
-    ConnectionDataMessage,
-    ConnectionType,
-    ErrorCompletionMessage,
-    JoinGroupMessage,
-    LeaveGroupMessage,
-    OpenConnectionMessage,
-    PingKey,
-    ServiceAckMessage,
-    ServiceErrorMessage,
-    ServiceEventKind,
-    ServiceEventMessage,
-    ServiceEventObjectType,
-    ServiceHandshakeResponse,
-    ServicePing,
-    ServiceProtocolParser,
-    UserDataMessage,
-    connection_data_prefix,
-    write_connection_data,
-    write_message,
-)
 from ..protocol._websocket import (
     BinaryMessage,
     CloseCode,
@@ -77,7 +52,7 @@ log = logging.getLogger("relaycore.relay.server")
 def _type_name(value: int) -> str:
     """``default``, ``ondemand`` or ``weak``: a connection type as the log names it."""
     try:
-        return ConnectionType(value).name.lower().replace("_", "")
+        return service.ConnectionType(value).name.lower().replace("_", "")
     except ValueError:
         return f"type {value}"
 
@@ -121,13 +96,13 @@ class ServerConnection(Peer):
         self.ops = ops
         self.hub = hub
         self.server_id = server_id
-        self.connection_type = ConnectionType.DEFAULT
+        self.connection_type = service.ConnectionType.DEFAULT
         #: False after the server said it is leaving (``shutdown fin:*``): no new clients.
         self.accepting = True
         self.clients: dict[str, Any] = {}
-        self._parser = ServiceProtocolParser(max_message_size=config.max_service_message_size,
-                                             raw_connection_data=True,
-                                             raw_user_data=True)
+        self._parser = service.ServiceProtocolParser(
+            max_message_size=config.max_service_message_size, raw_connection_data=True,
+            raw_user_data=True)
         #: Fault injection: while True nothing is sent or handled (a silent network).
         self.silenced = False
 
@@ -136,16 +111,16 @@ class ServerConnection(Peer):
         return (
             self.state is ConnState.OPEN
             and self.accepting
-            and self.connection_type != ConnectionType.WEAK
+            and self.connection_type != service.ConnectionType.WEAK
         )
 
     def send(self, message: Any) -> None:
         if self.silenced:
             return
         if self.state is ConnState.OPEN or isinstance(
-            message, (ServiceHandshakeResponse, ServiceErrorMessage)
+            message, (service.ServiceHandshakeResponse, service.ServiceErrorMessage)
         ):
-            self._push(frame(Opcode.BINARY, write_message(message)))
+            self._push(frame(Opcode.BINARY, service.write_message(message)))
 
     # -- clients bound to this connection ------------------------------------------------------
 
@@ -153,12 +128,12 @@ class ServerConnection(Peer):
         headers: dict[str, list[str]] = {
             name: [value] for name, value in client.headers.items()
         }
-        headers[ASRS_INSTANCE_ID_HEADER] = [self.ops.instance_id]
+        headers[service.ASRS_INSTANCE_ID_HEADER] = [self.ops.instance_id]
         client.headers = {}  # sent once, never needed again: idle connections are memory
-        client.data_prefix = connection_data_prefix(client.id)
+        client.data_prefix = service.connection_data_prefix(client.id)
         self.clients[client.id] = client
         self.send(
-            OpenConnectionMessage(
+            service.OpenConnectionMessage(
                 client.id,
                 _claims_for_server(client.claims),
                 headers,
@@ -172,12 +147,16 @@ class ServerConnection(Peer):
         """Forward a client's bytes as ``ConnectionData`` (written without building the
         message: this is every client message's path to its app server)."""
         if self.state is ConnState.OPEN and not self.silenced:
-            self._push(frame(Opcode.BINARY, write_connection_data(client.data_prefix, data)))
+            self._push(frame(Opcode.BINARY,
+                             service.write_connection_data(client.data_prefix, data)))
 
     def client_closed(self, client: Any, error: str | None) -> None:
+        """A client bound here left (or is closed because this connection is): the app
+        server hears it (while this connection is open), its pending client invocations
+        fail."""
         if self.clients.pop(client.id, None) is not None:
-            self.send(CloseConnectionMessage(client.id, error or ""))
-            self.ops.invocations.client_gone(client)
+            self.send(service.CloseConnectionMessage(client.id, error or ""))
+        self.ops.invocations.client_gone(client)
 
     # -- timers --------------------------------------------------------------------------------
 
@@ -191,7 +170,7 @@ class ServerConnection(Peer):
                 self.fail(f"the app server sent nothing for {config.server_timeout:g} seconds",
                           broken=False)
             elif now - self.last_send >= config.server_keep_alive_interval:
-                self.send(ServicePing.of(self.ops.hub_metrics(self.hub)))
+                self.send(service.ServicePing.of(self.ops.hub_metrics(self.hub)))
 
     # -- closing -------------------------------------------------------------------------------
 
@@ -207,7 +186,7 @@ class ServerConnection(Peer):
             self._leave(reason, expected=True)
             self._send_close_frame(CloseCode.GOING_AWAY, reason)
         else:
-            self.send(ServiceErrorMessage(reason))
+            self.send(service.ServiceErrorMessage(reason))
             self._leave(reason, each=logging.WARNING if broken else logging.DEBUG)
             self._send_close_frame(CloseCode.NORMAL_CLOSURE, reason)
         self._start_close_timer()
@@ -249,7 +228,6 @@ class ServerConnection(Peer):
             self.state = ConnState.CLOSING
         clients, self.clients = self.clients, {}
         for client in clients.values():
-            client.server = None
             client.close(
                 "The app server connection of this client was closed; reconnect.",
                 allow_reconnect=True,
@@ -272,7 +250,7 @@ class ServerConnection(Peer):
         reason = (f"the app server did not read: more than {self._limit} bytes were queued "
                   f"for this connection ({dropped} dropped)")
         self._leave(reason, each=logging.WARNING)
-        self._push(frame(Opcode.BINARY, write_message(ServiceErrorMessage(reason))))
+        self._push(frame(Opcode.BINARY, service.write_message(service.ServiceErrorMessage(reason))))
         self._send_close_frame(CloseCode.POLICY_VIOLATION, "the app server did not read")
         self._start_close_timer()
 
@@ -316,8 +294,8 @@ class ServerConnection(Peer):
                     if self.state >= ConnState.CLOSING:
                         return
                     if type(message) is tuple:  # data before the handshake
-                        message = (ConnectionDataMessage(*message) if len(message) == 2
-                                   else UserDataMessage(message[1], message[2]))
+                        message = (service.ConnectionDataMessage(*message) if len(message) == 2
+                                   else service.UserDataMessage(message[1], message[2]))
                 elif type(message) is tuple:  # the hot paths
                     if len(message) == 2:  # ConnectionData (connection id, payload)
                         client = clients.get(message[0])
@@ -360,47 +338,48 @@ class ServerConnection(Peer):
         self.state = ConnState.OPEN
         self.ops.server_opened(self)
         self._joined()
-        self.send(ServicePing.of(self.ops.hub_metrics(self.hub)))
+        self.send(service.ServicePing.of(self.ops.hub_metrics(self.hub)))
 
     # -- messages ------------------------------------------------------------------------------
 
     def _not_existed(self, connection_id: str) -> None:
         """An operation without an ack named an unknown connection: say so (ServiceEvent)."""
-        self.send(ServiceEventMessage(ServiceEventObjectType.CONNECTION, connection_id,
-                                      ServiceEventKind.NOT_EXISTED,
-                                      f"connection '{connection_id}' does not exist"))
+        self.send(service.ServiceEventMessage(
+            service.ServiceEventObjectType.CONNECTION, connection_id,
+            service.ServiceEventKind.NOT_EXISTED, f"connection '{connection_id}' does not exist"))
 
     def _ack(self, ack_id: int, ok: bool, message: str = "") -> None:
-        self.send(ServiceAckMessage(ack_id, AckStatus.OK if ok else AckStatus.NOT_FOUND, message))
+        status = service.AckStatus.OK if ok else service.AckStatus.NOT_FOUND
+        self.send(service.ServiceAckMessage(ack_id, status, message))
 
-    def _on_ping(self, ping: ServicePing) -> None:
-        status = ping.get(PingKey.STATUS)
+    def _on_ping(self, ping: service.ServicePing) -> None:
+        status = ping.get(service.PingKey.STATUS)
         if status is not None:
             self.send(
-                ServicePing.of(
+                service.ServicePing.of(
                     {
-                        PingKey.STATUS: "1" if self.ops.hub_has_clients(self.hub) else "0",
+                        service.PingKey.STATUS: "1" if self.ops.hub_has_clients(self.hub) else "0",
                         **self.ops.hub_metrics(self.hub),
                     }
                 )
             )
-        elif ping.get(PingKey.SERVERS) is not None:
+        elif ping.get(service.PingKey.SERVERS) is not None:
             self.send(
-                ServicePing.servers_reply(
+                service.ServicePing.servers_reply(
                     int(trio.current_time() * 1000), self.ops.server_ids(self.hub)
                 )
             )
-        shutdown = ping.get(PingKey.SHUTDOWN)
+        shutdown = ping.get(service.PingKey.SHUTDOWN)
         if shutdown is not None and shutdown.startswith("fin"):
             self.accepting = False
-            self.send(ServicePing.of({PingKey.SHUTDOWN: PingKey.FIN_ACK}))
+            self.send(service.ServicePing.of({service.PingKey.SHUTDOWN: service.PingKey.FIN_ACK}))
 
-    def _on_connection_data(self, message: ConnectionDataMessage) -> None:
+    def _on_connection_data(self, message: service.ConnectionDataMessage) -> None:
         client = self.clients.get(message.connection_id)
         if client is not None:
             client.server_data(message.payload)
 
-    def _on_close_connection(self, message: CloseConnectionMessage) -> None:
+    def _on_close_connection(self, message: service.CloseConnectionMessage) -> None:
         client = self.clients.pop(message.connection_id, None)
         if client is not None:
             self.ops.invocations.client_gone(client)
@@ -409,24 +388,25 @@ class ServerConnection(Peer):
             self.ops.close_connection(self.hub, message.connection_id,
                                       message.error_message or None)
 
-    def _on_client_invocation(self, m: ClientInvocationMessage) -> None:
+    def _on_client_invocation(self, m: service.ClientInvocationMessage) -> None:
         self.ops.invocations.invoke(self, m)
 
-    def _on_client_completion(self, m: ClientCompletionMessage | ErrorCompletionMessage) -> None:
+    def _on_client_completion(
+            self, m: service.ClientCompletionMessage | service.ErrorCompletionMessage) -> None:
         self.ops.invocations.complete(self, m)
 
 
 _S = ServerConnection
 #: The messages this connection answers itself; the other operations go to ``Operations``.
 _HANDLERS: dict[type, Any] = {
-    ServicePing: _S._on_ping,
-    ConnectionDataMessage: _S._on_connection_data,
-    CloseConnectionMessage: _S._on_close_connection,
-    ClientInvocationMessage: _S._on_client_invocation,
-    ClientCompletionMessage: _S._on_client_completion,
-    ErrorCompletionMessage: _S._on_client_completion,
+    service.ServicePing: _S._on_ping,
+    service.ConnectionDataMessage: _S._on_connection_data,
+    service.CloseConnectionMessage: _S._on_close_connection,
+    service.ClientInvocationMessage: _S._on_client_invocation,
+    service.ClientCompletionMessage: _S._on_client_completion,
+    service.ErrorCompletionMessage: _S._on_client_completion,
 }
 #: Operations without an ack that say so when their connection does not exist (ServiceEvent).
-_REPORTS_MISSING = frozenset({JoinGroupMessage, LeaveGroupMessage})
+_REPORTS_MISSING = frozenset({service.JoinGroupMessage, service.LeaveGroupMessage})
 #: Operations answered with nothing: the sends and the user-group changes without an ack.
 _UNACKED = frozenset(m for m in OPERATION_MESSAGES if not m.__name__.endswith("WithAckMessage"))

@@ -196,8 +196,14 @@ class ClientSession:
         allow_reconnect: bool = False,
         code: int = CloseCode.NORMAL_CLOSURE,
     ) -> None:
-        """Send a Close hub message (with ``reason`` as its error) and close the transport."""
+        """Send a Close hub message (with ``reason`` as its error) and close the transport.
+        A client still waiting for its handshake answer reads the reason as that answer: a
+        SignalR client takes its first record for the handshake response, and a hub message
+        there would be an error of its own."""
         if self.state >= ConnState.CLOSING:
+            return
+        if self.state is ConnState.HANDSHAKE and self._handshake is not None:
+            self._handshake_failed(reason or "The connection was closed.")
             return
         self._leave(reason)
         if self.protocol is not None:
@@ -209,21 +215,22 @@ class ClientSession:
         """The app server ended this client; its hub has already sent the Close message."""
         if self.state >= ConnState.CLOSING:
             return
-        self.server = None  # the server knows; do not tell it back
-        self._leave(error)
+        self._leave(error, tell_server=False)  # the server knows; do not tell it back
         self.transport.close(CloseCode.NORMAL_CLOSURE)
 
-    def _leave(self, reason: str | None) -> None:
-        """Leave the connection table and the app server (once)."""
+    def _leave(self, reason: str | None, *, tell_server: bool = True) -> None:
+        """Leave the connection table and the app server (once). The session stays bound
+        until the table has seen it go: a client of an app server is not a serverless one
+        (no upstream event) even when its app server is what closed it."""
         if self.state >= ConnState.CLOSING:
             return
         self.close_reason = reason
         if self.state is ConnState.OPEN:
             self.ops.connection_closed(self, reason)
         self._set_state(ConnState.CLOSING)
-        if self.server is not None:
-            self.server.client_closed(self, reason)
-            self.server = None
+        server, self.server = self.server, None
+        if server is not None and tell_server:
+            server.client_closed(self, reason)
 
     def _open(self) -> None:
         self.transport.state = ConnState.OPEN
