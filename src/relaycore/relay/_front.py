@@ -311,7 +311,7 @@ class HttpFront:
             version = parse_negotiate_version(request.arg("negotiateVersion"))
         except RemoteProtocolError as exc:
             return Response.json(200, negotiate_error(str(exc)))
-        connection_id = secrets.token_urlsafe(16)
+        connection_id = self.ops.new_connection_id()
         token = secrets.token_urlsafe(24) if version >= 1 else connection_id
         self._pending[token] = _Pending(connection_id, hub,
                                         self.ops.now() + self.config.negotiate_timeout)
@@ -356,7 +356,7 @@ class HttpFront:
                     raise HttpError(404, "unknown or expired connection id; negotiate again")
                 connection_id = pending.connection_id
             else:  # skipNegotiation
-                connection_id = secrets.token_urlsafe(16)
+                connection_id = self.ops.new_connection_id()
             limit = self.config.max_connections_per_hub
             if limit and self.ops.connection_count(hub) >= limit:
                 raise HttpError(429, f"hub '{hub}' has reached its limit of {limit} connections")

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import secrets
 from collections.abc import Callable, Collection, Iterable
 from typing import Any, Protocol
 
@@ -107,6 +108,11 @@ class Operations:
         self.draining = False
         #: This node's id, as ``Asrs-Instance-Id`` tells app servers (service-protocol §6.2).
         self.instance_id = ""
+
+    def new_connection_id(self) -> str:
+        """A new client's connection id: unguessable (it is what a client reconnects with);
+        a backplane may make it name this node too, so that a send to it needs no look-up."""
+        return secrets.token_urlsafe(16)
 
     # -- looking up ----------------------------------------------------------------------------
 
