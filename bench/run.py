@@ -137,18 +137,27 @@ def snapshot_relay(commit: str = "HEAD") -> str:
     temporary directory and run it from there: other people edit ``src/`` while a long run
     goes on, and every start of the relay must measure the same commit. ``commit`` names an
     earlier one for before/after figures (the extension built from the working tree is
-    used as long as the fast path's functions that commit calls still exist)."""
+    used when that commit's ``_fastpath.pyx`` is the same; otherwise its own is built)."""
     global _SNAPSHOT
     import tempfile
     root = BENCH.parent
     import atexit
     dest = Path(tempfile.mkdtemp(prefix="relaycore-bench-"))
     atexit.register(shutil.rmtree, dest, True)
-    archive = subprocess.run(["git", "archive", commit, "src/relaycore"], cwd=root,
-                             capture_output=True, check=True).stdout
+    archive = subprocess.run(["git", "archive", commit, "src/relaycore", "setup.py", "README.md",
+                              "pyproject.toml"], cwd=root, capture_output=True,
+                             check=True).stdout
     subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
-    for built in (root / "src" / "relaycore").glob("_fastpath*.so"):
-        shutil.copy2(built, dest / "src" / "relaycore" / built.name)
+    source = "src/relaycore/_fastpath.pyx"
+    if (dest / source).read_bytes() == (root / source).read_bytes():
+        for built in (root / "src" / "relaycore").glob("_fastpath*.so"):
+            shutil.copy2(built, dest / "src" / "relaycore" / built.name)
+    else:
+        # That commit's fast path is not the working tree's: build its own extension, so
+        # that a before/after pair measures each side's C code.
+        subprocess.run([sys.executable, "setup.py", "-q", "build_ext", "--inplace"], cwd=dest,
+                       env={**os.environ, "RELAYCORE_BUILD_EXTENSION": "yes"}, check=True,
+                       stdout=subprocess.DEVNULL)
     _SNAPSHOT = dest / "src"
     return str(_SNAPSHOT)
 
