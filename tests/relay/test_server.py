@@ -288,8 +288,6 @@ async def test_an_app_server_that_stops_reading_is_closed_with_what_was_dropped(
     assert transport.take()[0]["allowReconnect"] is True
 
 
-@pytest.mark.xfail(strict=True, reason="known bug: ServerConnection._leave clears each client's "
-                   "server before closing it, so its pending client invocations are not failed")
 async def test_a_client_of_a_failed_connection_fails_its_pending_client_invocations():
     wired = WiredServer().opened()
     caller = FakeServer("pod2")
@@ -299,23 +297,17 @@ async def test_a_client_of_a_failed_connection_fails_its_pending_client_invocati
                                                                  payloads("ask")))
     wired.conn.fail("gone")  # the client's own app server connection ends
     assert session.state is ConnState.CLOSING
-    # Known bug (relay/_server.py, ServerConnection._leave): the clients are closed after
-    # their ``server`` is cleared, so ``client_closed`` (which fails their invocations) is
-    # never called; the caller waits out ClientInvocations.TIMEOUT (10 minutes).
+    # The caller hears at once, not after ClientInvocations.TIMEOUT (10 minutes).
     assert caller.sent == [ErrorCompletionMessage("i1", "c1", "pod2",
                                                   "Connection 'c1' disconnected.")]
 
 
-@pytest.mark.xfail(strict=True, reason="known bug: ServerConnection._leave clears each client's "
-                   "server before closing it, so it leaves as a serverless client")
 async def test_a_client_of_a_failed_connection_is_no_upstreams_disconnected_event():
     wired = WiredServer().opened()
     upstream = wired.ops.serverless = FakeUpstream()
     wired.bound_client()
     wired.conn.fail("gone")
-    # Known bug (same place): with its ``server`` cleared first, the client leaves the table
-    # as a serverless one, so an upstream hears "disconnected" for a client whose
-    # "connected" it never heard.
+    # The upstream never heard "connected" of a client an app server served.
     assert upstream.events == []
 
 

@@ -328,8 +328,6 @@ def test_closing_a_bound_session_sends_the_close_message_and_tells_the_app_serve
     assert transport.flush() == [] and len(transport.closes) == 1
 
 
-@pytest.mark.xfail(strict=True, reason="known bug: ClientSession.close sends a Close hub message "
-                   "to a bound client still waiting for its handshake answer")
 def test_a_client_closed_before_its_app_server_answered_the_handshake_reads_a_handshake_answer(
         ops, server):
     session, transport = bound_session(ops, server)
