@@ -212,6 +212,8 @@ def test_drivers_never_import_each_other(importer, forbidden):
 RELAY_FLOORS: dict[str, int] = {
     # the counters, settings, table, HTTP/1.1, accept loop and the backplane's seam
     "_config": 1, "_stats": 1, "_table": 1, "_http": 1, "_accept": 1, "_backplane": 1,
+    # the Redis client of the backplane
+    "_resp": 1,
     # WebSocket I/O over raw file descriptors; tokens; the upstream webhooks
     "_peer": 2, "_tokens": 2, "_upstream": 2,
     # the fan-out's messages; the WebSocket transport of a session

@@ -286,10 +286,16 @@ class RecordingBackplane:
     (``{(hub, kind): {keys}}``)."""
 
     publishes = True
+    connection_id_prefix = ""
 
     def __init__(self) -> None:
         self.published: list[tuple[str, Any]] = []
         self.held: dict[tuple[str, Holding], set[str]] = {}
+        #: what the table told it, as ``(hub, kind, key, present)``
+        self.interests: list[tuple[str, str, str, bool]] = []
+
+    def interest(self, hub: str, kind: Holding, key: str, present: bool) -> None:
+        self.interests.append((hub, kind, key, present))
 
     def publish(self, hub: str, operation: Any) -> None:
         self.published.append((hub, operation))

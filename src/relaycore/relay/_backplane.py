@@ -37,6 +37,8 @@ class Backplane(Protocol):
 
     #: Whether operations are published at all (False: this node is the whole endpoint).
     publishes: bool
+    #: What every connection id of this node starts with ("" when no node needs naming).
+    connection_id_prefix: str
 
     def publish(self, hub: str, operation: Any) -> None:
         """Queue an operation already applied on this node for the nodes that may need it;
@@ -45,6 +47,10 @@ class Backplane(Protocol):
     def holds(self, hub: str, kind: Holding, key: str) -> bool:
         """Whether another node holds the connection, a connection of the user, or a member
         of the group (an existence check that found nothing here asks this)."""
+
+    def interest(self, hub: str, kind: Holding, key: str, present: bool) -> None:
+        """This node now holds (``present``) or no longer holds the connection, a connection
+        of the user, or a member of the group; called only when ``publishes``."""
 
     async def run(self, receive: Receiver, *,
                   task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -55,12 +61,16 @@ class LocalBackplane:
     """One node is the whole endpoint: nothing to publish, nothing held elsewhere."""
 
     publishes = False
+    connection_id_prefix = ""
 
     def publish(self, hub: str, operation: Any) -> None:
         raise RuntimeError("a single relay node has no other node to publish to")
 
     def holds(self, hub: str, kind: Holding, key: str) -> bool:
         return False
+
+    def interest(self, hub: str, kind: Holding, key: str, present: bool) -> None:
+        raise RuntimeError("a single relay node tells no other node what it holds")
 
     async def run(self, receive: Receiver, *,
                   task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:

@@ -97,7 +97,8 @@ class Operations:
                  backplane: Backplane, clock: Callable[[], float]) -> None:
         self.config = config
         self.stats = stats
-        self.table = ConnectionTable()
+        # A backplane that publishes is told what this node starts and stops holding.
+        self.table = ConnectionTable(backplane.interest if backplane.publishes else None)
         self.flusher = flusher
         self.backplane = backplane
         self.now = clock
@@ -112,7 +113,7 @@ class Operations:
     def new_connection_id(self) -> str:
         """A new client's connection id: unguessable (it is what a client reconnects with);
         a backplane may make it name this node too, so that a send to it needs no look-up."""
-        return secrets.token_urlsafe(16)
+        return self.backplane.connection_id_prefix + secrets.token_urlsafe(16)
 
     # -- looking up ----------------------------------------------------------------------------
 

@@ -20,6 +20,12 @@ entries are deleted so that existence checks are O(1) dictionary look-ups; ``via
 only groups the connection is in; every membership has an entry in its shard's expiry heap
 (stale entries, of memberships renewed or removed since, are skipped when they come up).
 
+A table may be given a ``watch(hub, kind, key, present)`` callable (a backplane's
+``interest``): it is told when a shard's connection, user or group index gains a key or loses
+its last entry for one, which is when the node starts or stops holding that connection, user
+or group. Without one (a single node) the only cost is a test of ``None`` where an index entry
+is created or deleted.
+
 The table does no I/O; a ``Connection`` only needs ``id``, ``user_id``, ``protocol_name``,
 ``groups`` (a set of group names) and ``enqueue(frame_bytes)``. A shard also lists the hub's
 app-server connections, so that a hub with servers but no clients yet is not pruned.
@@ -28,7 +34,7 @@ app-server connections, so that a hub with servers but no clients yet is not pru
 from __future__ import annotations
 
 import heapq
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Protocol
 
 #: Memberships without a TTL last at most one year, and a user keeps at most 100 of them
@@ -51,12 +57,19 @@ class Connection(Protocol):
     def enqueue(self, data: bytes) -> bool: ...
 
 
+#: ``(hub, kind, key, present)``: the node started or stopped holding the connection
+#: (``"connection"``), a connection of the user (``"user"``) or a member of the group
+#: (``"group"``).
+Watch = Callable[[str, str, str, bool], None]
+
+
 class HubShard:
     __slots__ = ("key", "connections", "users", "groups", "user_groups", "servers",
-                 "via_user", "_user_targets", "_expiries", "_compact_at")
+                 "via_user", "_user_targets", "_expiries", "_compact_at", "watch")
 
-    def __init__(self, key: str) -> None:
+    def __init__(self, key: str, watch: Watch | None = None) -> None:
         self.key = key
+        self.watch = watch
         self.connections: dict[str, Connection] = {}
         self.users: dict[str, dict[str, Connection]] = {}
         self.groups: dict[str, dict[str, Connection]] = {}
@@ -80,8 +93,16 @@ class HubShard:
 
     def add(self, conn: Connection, now: float) -> None:
         self.connections[conn.id] = conn
+        watch = self.watch
+        if watch is not None:
+            watch(self.key, "connection", conn.id, True)
         if conn.user_id is not None:
-            self.users.setdefault(conn.user_id, {})[conn.id] = conn
+            members = self.users.get(conn.user_id)
+            if members is None:
+                members = self.users[conn.user_id] = {}
+                if watch is not None:
+                    watch(self.key, "user", conn.user_id, True)
+            members[conn.id] = conn
             self._user_targets.pop(conn.user_id, None)
             for group in self.user_group_names(conn.user_id, now):
                 self._join_via_user(conn, group)
@@ -89,24 +110,36 @@ class HubShard:
     def remove(self, conn: Connection) -> None:
         if self.connections.pop(conn.id, None) is None:
             return
+        watch = self.watch
         if conn.user_id is not None:
-            _discard(self.users, conn.user_id, conn.id)
+            if _discard(self.users, conn.user_id, conn.id) and watch is not None:
+                watch(self.key, "user", conn.user_id, False)
             self._user_targets.pop(conn.user_id, None)
         for group in conn.groups:
-            _discard(self.groups, group, conn.id)
+            if _discard(self.groups, group, conn.id) and watch is not None:
+                watch(self.key, "group", group, False)
         conn.groups.clear()
         self.via_user.pop(conn.id, None)
+        if watch is not None:
+            watch(self.key, "connection", conn.id, False)
+
+    def _new_group(self, group: str) -> dict[str, Connection]:
+        """The (empty) members of a group this shard had no member of until now."""
+        members = self.groups[group] = {}
+        if self.watch is not None:
+            self.watch(self.key, "group", group, True)
+        return members
 
     def join(self, conn: Connection, group: str) -> None:
         """Add ``conn`` to ``group`` directly (it stays when a user membership ends)."""
-        self.groups.setdefault(group, {})[conn.id] = conn
+        (self.groups.get(group) or self._new_group(group))[conn.id] = conn
         conn.groups.add(group)
         _discard_set(self.via_user, conn.id, group)
 
     def _join_via_user(self, conn: Connection, group: str) -> None:
         if group in conn.groups:
             return  # already in it (directly, or through the same membership)
-        self.groups.setdefault(group, {})[conn.id] = conn
+        (self.groups.get(group) or self._new_group(group))[conn.id] = conn
         conn.groups.add(group)
         self.via_user.setdefault(conn.id, set()).add(group)
 
@@ -114,7 +147,8 @@ class HubShard:
         if group not in conn.groups:
             return False
         conn.groups.discard(group)
-        _discard(self.groups, group, conn.id)
+        if _discard(self.groups, group, conn.id) and self.watch is not None:
+            self.watch(self.key, "group", group, False)
         _discard_set(self.via_user, conn.id, group)
         return True
 
@@ -239,28 +273,34 @@ def _discard_set(index: dict[str, set[str]], key: str, item: str) -> None:
             del index[key]
 
 
-def _discard(index: dict[str, dict[str, Any]], key: str, conn_id: str) -> None:
+def _discard(index: dict[str, dict[str, Any]], key: str, conn_id: str) -> bool:
+    """Take ``conn_id`` out of ``index[key]``; True when that left the key without members
+    (and deleted it)."""
     members = index.get(key)
     if members is None:
-        return
+        return False
     members.pop(conn_id, None)
     if not members:
         del index[key]
+        return True
+    return False
 
 
 _EMPTY = HubShard("")
 
 
 class ConnectionTable:
-    """All hub shards of one relay node, keyed by wire hub name."""
+    """All hub shards of one relay node, keyed by wire hub name; ``watch`` is told what the
+    node starts and stops holding (see the module docstring)."""
 
-    def __init__(self) -> None:
+    def __init__(self, watch: Watch | None = None) -> None:
         self._shards: dict[str, HubShard] = {}
+        self._watch = watch
 
     def shard(self, hub: str) -> HubShard:
         shard = self._shards.get(hub)
         if shard is None:
-            shard = self._shards[hub] = HubShard(hub)
+            shard = self._shards[hub] = HubShard(hub, self._watch)
         return shard
 
     def get(self, hub: str) -> HubShard | None:
