@@ -17,10 +17,14 @@ connection's reader, moving through these states:
 * CONNECTED: ``Hub.on_connected`` runs, then hub messages are parsed and dispatched. Each
   invocation runs in its own task of the client's task group, so a slow method (or one awaiting
   a client result from this very client) never stops the reading; completions go out in the
-  order the invocations finish.
+  order the invocations finish. An invocation's upload streams (``streamIds``) are each an
+  ``UploadStream`` the hub method iterates: StreamItems are put there without waiting, and a
+  stream whose method falls ``Hub.stream_buffer_capacity`` items behind fails, so that a slow
+  method never holds up the server connection, which carries other clients too.
 * CLOSING: the input ended. If the service said the client left (CloseConnection), running
   invocations get ``client_close_timeout`` to finish; if the server connection was lost they
-  are cancelled at once (their results could not be delivered). If this side ended the
+  are cancelled at once (their results could not be delivered); upload streams that have
+  not ended fail, and streaming invocations are cancelled. If this side ended the
   connection (``context.abort()``, a protocol error), the service is sent a CloseConnection.
   Then ``Hub.on_disconnected`` runs, and the client is forgotten.
 """
@@ -30,11 +34,12 @@ from __future__ import annotations
 import contextvars
 import logging
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import anyio
 import anyio.abc
+import anyio.lowlevel
 
 from relaycore.protocol import (
     ASRS_MIGRATE_FROM_HEADER,
@@ -63,7 +68,7 @@ from ._hub import ROLE_CLAIM_TYPES, GroupManager, Hub, HubCallerClients, HubCall
 if TYPE_CHECKING:
     from ._connection import Dispatcher, ServiceConnection
 
-__all__ = ["ClientConnection", "claims_and_user_id", "current_service_connection"]
+__all__ = ["ClientConnection", "UploadStream", "claims_and_user_id", "current_service_connection"]
 
 _log = logging.getLogger("relaycore.sdk")
 
@@ -162,6 +167,8 @@ class ClientConnection:
         #: This side ends the connection: tell the service with CloseConnection.
         self._close_reason: str | None = None
         self._streams: dict[str, anyio.CancelScope] = {}
+        #: The upload streams still open, by stream id.
+        self._uploads: dict[str, UploadStream] = {}
         self._task_group: anyio.abc.TaskGroup | None = None
         self.done = anyio.Event()
 
@@ -237,6 +244,11 @@ class ClientConnection:
                     finally:
                         for scope in self._streams.values():
                             scope.cancel()
+                        for upload in self._uploads.values():
+                            upload.fail(
+                                HubException("The client disconnected before the stream ended.")
+                            )
+                        self._uploads.clear()
                         # The client left: give running invocations a grace period.
                         task_group.cancel_scope.deadline = min(
                             task_group.cancel_scope.deadline,
@@ -312,31 +324,80 @@ class ClientConnection:
                     return
                 del buffer[:consumed]
                 for message in messages:
+                    if isinstance(message, StreamItemMessage):
+                        upload = self._uploads.get(message.invocation_id)
+                        if upload is not None and upload.full:
+                            # One more chance for its method to read before it fails.
+                            await anyio.lowlevel.checkpoint()
                     if not self._handle(task_group, message):
                         return
+                if self._uploads:
+                    # The methods reading upload streams take this batch's items before the
+                    # next batch is read: one that keeps up never fills its buffer.
+                    await anyio.lowlevel.checkpoint()
             data = await self._inbox.get()
             if data is None:
                 return
             buffer += data
 
     def _handle(self, task_group: anyio.abc.TaskGroup, message: Any) -> bool:
-        if isinstance(message, InvocationMessage):
-            task_group.start_soon(self._invoke, message)
+        if isinstance(message, StreamItemMessage):
+            upload = self._uploads.get(message.invocation_id)
+            # Items of a stream whose invocation ended (or never was) are dropped.
+            if upload is not None and not upload.put(message.item):
+                del self._uploads[message.invocation_id]
+                _log.info(
+                    "client %s: upload stream %r overflowed", self.connection_id, upload.stream_id
+                )
+        elif isinstance(message, InvocationMessage):
+            task_group.start_soon(self._invoke, message, self._open_uploads(message))
         elif isinstance(message, StreamInvocationMessage):
             scope = anyio.CancelScope()
             self._streams[message.invocation_id] = scope
-            task_group.start_soon(self._stream, message, scope)
+            task_group.start_soon(self._stream, message, self._open_uploads(message), scope)
         elif isinstance(message, CancelInvocationMessage):
             stream = self._streams.get(message.invocation_id)
             if stream is not None:
                 stream.cancel()
         elif isinstance(message, CompletionMessage):
-            task_group.start_soon(self.router.client_completed, self, message)
+            upload = self._uploads.pop(message.invocation_id, None)
+            if upload is not None:
+                upload.end(message.error)
+            else:
+                task_group.start_soon(self.router.client_completed, self, message)
         elif isinstance(message, CloseMessage):
             # The client is leaving; the service follows with CloseConnection.
             return False
-        # Ping, StreamItem (upload streams are not supported), Ack, Sequence: nothing to do.
+        # Ping, Ack, Sequence: nothing to do.
         return True
+
+    def _open_uploads(
+        self, message: InvocationMessage | StreamInvocationMessage
+    ) -> tuple[UploadStream, ...]:
+        """The upload streams of an invocation, registered before the next message is handled
+        (its items may follow in the same batch). None at all when the method does not take as
+        many streams as were sent, or an id repeats or is in use: the invocation then fails
+        (``_resolve``) and the items are dropped."""
+        ids = message.stream_ids
+        if not ids:
+            return ()
+        methods = self.router.methods
+        method = methods.find(message.target)
+        if method is None or len(method.uploads) != len(ids):
+            return ()
+        if len(set(ids)) != len(ids) or not self._uploads.keys().isdisjoint(ids):
+            return ()
+        capacity = methods.hub_class.stream_buffer_capacity
+        uploads = tuple(UploadStream(stream_id, capacity) for stream_id in ids)
+        for upload in uploads:
+            self._uploads[upload.stream_id] = upload
+        return uploads
+
+    def _close_uploads(self, uploads: tuple[UploadStream, ...]) -> None:
+        """An invocation ended: its streams' later items are dropped."""
+        for upload in uploads:
+            if self._uploads.get(upload.stream_id) is upload:
+                del self._uploads[upload.stream_id]
 
     def make_hub(self) -> Hub:
         """A fresh hub instance bound to this connection."""
@@ -346,8 +407,15 @@ class ClientConnection:
         hub.groups = GroupManager(self.router)
         return hub
 
-    def _resolve(self, target: str, arguments: Sequence[Any], streaming: bool) -> tuple[Any, str]:
-        """The bound hub function for ``target``, or raise ``_InvocationError``."""
+    def _resolve(
+        self,
+        message: InvocationMessage | StreamInvocationMessage,
+        uploads: tuple[UploadStream, ...],
+    ) -> Any:
+        """The hub method ``message`` calls, as a function of no arguments, or raise
+        ``_InvocationError``."""
+        target = message.target
+        streaming = isinstance(message, StreamInvocationMessage)
         method = self.router.methods.find(target)
         if method is None:
             raise _InvocationError(f"Unknown hub method '{target}'")
@@ -361,8 +429,18 @@ class ClientConnection:
                 f"The client attempted to invoke the non-streaming '{target}' method with a "
                 "streaming invocation."
             )
+        sent = len(message.stream_ids)
+        if sent != len(method.uploads):
+            raise _InvocationError(
+                f"Client sent {sent} stream(s), Hub method expects {len(method.uploads)}."
+            )
+        if len(uploads) != sent:
+            raise _InvocationError(
+                f"Failed to invoke '{target}': its stream ids {list(message.stream_ids)} "
+                "repeat one another or a stream still open."
+            )
         try:
-            method.bind(arguments)
+            arguments, keywords = method.bind(message.arguments, uploads)
         except TypeError as exc:
             raise _InvocationError(
                 _error_text(
@@ -371,20 +449,15 @@ class ClientConnection:
                     self.router.options.enable_detailed_errors,
                 )
             ) from None
-        hub = self.make_hub()
-        return getattr(hub, method.attribute), method.name
+        function = getattr(self.make_hub(), method.attribute)
+        return lambda: function(*arguments, **keywords)
 
-    async def _invoke(self, message: InvocationMessage) -> None:
+    async def _invoke(self, message: InvocationMessage, uploads: tuple[UploadStream, ...]) -> None:
         invocation_id = message.invocation_id
         detailed = self.router.options.enable_detailed_errors
         token = current_service_connection.set(self.service_connection)
         try:
-            if message.stream_ids:
-                raise _InvocationError(
-                    f"Client sent {len(message.stream_ids)} stream(s), Hub method expects 0."
-                )
-            function, _name = self._resolve(message.target, message.arguments, False)
-            result = await function(*message.arguments)
+            result = await self._resolve(message, uploads)()
         except _InvocationError as exc:
             reply = CompletionMessage(invocation_id or "", error=str(exc))
         except Exception as exc:
@@ -402,6 +475,7 @@ class ClientConnection:
             reply = CompletionMessage(invocation_id or "", result=result, has_result=True)
         finally:
             current_service_connection.reset(token)
+            self._close_uploads(uploads)
         if invocation_id is None:
             return  # non-blocking: never answered
         assert self.protocol is not None
@@ -423,7 +497,12 @@ class ClientConnection:
         except ConnectionError as exc:
             _log.debug("completion for %s dropped: %s", self.connection_id, exc)
 
-    async def _stream(self, message: StreamInvocationMessage, scope: anyio.CancelScope) -> None:
+    async def _stream(
+        self,
+        message: StreamInvocationMessage,
+        uploads: tuple[UploadStream, ...],
+        scope: anyio.CancelScope,
+    ) -> None:
         invocation_id = message.invocation_id
         detailed = self.router.options.enable_detailed_errors
         token = current_service_connection.set(self.service_connection)
@@ -431,13 +510,7 @@ class ClientConnection:
         try:
             with scope:
                 try:
-                    if message.stream_ids:
-                        raise _InvocationError(
-                            f"Client sent {len(message.stream_ids)} stream(s), Hub method "
-                            "expects 0."
-                        )
-                    function, _name = self._resolve(message.target, message.arguments, True)
-                    generator = function(*message.arguments)
+                    generator = self._resolve(message, uploads)()
                     try:
                         async for item in generator:
                             await self._send_message(StreamItemMessage(invocation_id, item))
@@ -459,6 +532,7 @@ class ClientConnection:
         finally:
             current_service_connection.reset(token)
             self._streams.pop(invocation_id, None)
+            self._close_uploads(uploads)
 
     async def _finish(self, connected: bool, hurried: bool) -> None:
         self._input_closed = True
@@ -530,6 +604,85 @@ class _Inbox:
         if discard:
             self._items.clear()
         self._notify()
+
+
+class UploadStream:
+    """One stream a client uploads (``streamIds``), as the hub method's ``AsyncIterator``
+    parameter receives it: the client's StreamItems in order; the iteration ends with the
+    stream's Completion, or raises ``HubException`` when the client ended it with an error,
+    disconnected first, or sent more items than ``Hub.stream_buffer_capacity`` ahead of the
+    method (the items held are then dropped).
+
+    The client connection's task puts items without waiting (``put``); the method waits in
+    ``__anext__``. (A deque and an event rather than a memory object stream: the producer
+    must never block, and a full buffer is an error, not a wait.)"""
+
+    __slots__ = ("_changed", "_ended", "_error", "_items", "_limit", "stream_id")
+
+    def __init__(self, stream_id: str, limit: int) -> None:
+        self.stream_id = stream_id
+        self._items: deque[Any] = deque()
+        self._limit = limit
+        self._ended = False
+        #: What the iteration raises once the items held are read (None: it just stops).
+        self._error: BaseException | None = None
+        #: Set when an item or the end arrives; made by a reader about to wait.
+        self._changed: anyio.Event | None = None
+
+    def _notify(self) -> None:
+        if self._changed is not None:
+            self._changed.set()
+            self._changed = None
+
+    @property
+    def full(self) -> bool:
+        """The next item would fail the stream."""
+        return len(self._items) >= self._limit
+
+    def put(self, item: Any) -> bool:
+        """Hand the method one item; False (and the stream failed) when the buffer is full."""
+        if self._ended:
+            return True
+        if self.full:
+            self._items.clear()
+            self.fail(
+                HubException(
+                    f"Stream '{self.stream_id}' was sent more than {self._limit} items ahead "
+                    "of the hub method reading it."
+                )
+            )
+            return False
+        self._items.append(item)
+        self._notify()
+        return True
+
+    def end(self, error: str | None) -> None:
+        """The client's Completion of the stream: a normal end, or its error text."""
+        self.fail(None if error is None else HubException(error))
+
+    def fail(self, error: BaseException | None) -> None:
+        """End the stream after the items held (with ``error`` raised then, if given)."""
+        if not self._ended:
+            self._ended = True
+            self._error = error
+            self._notify()
+
+    def __aiter__(self) -> UploadStream:
+        return self
+
+    async def __anext__(self) -> Any:
+        while not self._items:
+            if self._ended:
+                if self._error is not None:
+                    raise self._error
+                raise StopAsyncIteration
+            if self._changed is None:
+                self._changed = anyio.Event()
+            await self._changed.wait()
+        return self._items.popleft()
+
+    def __repr__(self) -> str:
+        return f"<UploadStream {self.stream_id!r}>"
 
 
 class _InvocationError(Exception):

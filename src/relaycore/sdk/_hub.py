@@ -14,11 +14,14 @@ nothing else of the SDK: what it needs of the layers above is declared here as p
 
 from __future__ import annotations
 
+import collections.abc
 import inspect
 import ipaddress
+import re
+import typing
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Final, Protocol, TypeVar, overload
+from typing import Any, ClassVar, Final, Protocol, TypeVar, overload
 
 from relaycore.protocol import (
     BroadcastDataMessage,
@@ -535,6 +538,13 @@ class Hub:
     Names match case-insensitively with underscores ignored (``send_message`` answers
     ``SendMessage`` and ``sendMessage``). A return value becomes the completion result; an
     ``async def`` generator is a streaming method (``connection.stream(...)`` on the client).
+
+    A parameter annotated ``AsyncIterator[T]`` or ``AsyncIterable[T]`` (``collections.abc`` or
+    ``typing``) receives a stream the client uploads (a ``Subject`` argument on the JS client);
+    the other parameters take the invocation's arguments, in order::
+
+        async def upload(self, name: str, items: AsyncIterator[int]) -> int:
+            return sum([item async for item in items])
     """
 
     #: The connection this call runs for.
@@ -543,6 +553,11 @@ class Hub:
     clients: HubCallerClients
     #: Connection membership in groups.
     groups: GroupManager
+
+    #: Items of one upload stream held for a hub method that reads more slowly than the
+    #: client sends. Past it the stream fails (its iterator raises ``HubException``) rather
+    #: than stop the server connection's reader, which carries other clients too.
+    stream_buffer_capacity: ClassVar[int] = 256
 
     async def on_connected(self) -> None:
         """Called when a client connected, after its handshake; may send and join groups."""
@@ -591,10 +606,66 @@ class HubMethod:
     #: An ``async def`` generator: results are streamed.
     streaming: bool
     signature: inspect.Signature
+    #: The parameters that receive the client's upload streams, in order.
+    uploads: tuple[str, ...] = ()
 
-    def bind(self, arguments: Sequence[Any]) -> None:
-        """Raise ``TypeError`` when ``arguments`` do not fit the method's parameters."""
-        self.signature.bind(None, *arguments)
+    def bind(
+        self, arguments: Sequence[Any], streams: Sequence[Any] = ()
+    ) -> tuple[list[Any], dict[str, Any]]:
+        """The positional and keyword arguments of a call (the hub instance left out): each
+        stream goes to its upload parameter, the ``arguments`` fill the others in order, as
+        ASP.NET Core binds them. Raise ``TypeError`` when they do not fit the parameters."""
+        if len(streams) != len(self.uploads):
+            raise TypeError(f"expected {len(self.uploads)} stream(s), got {len(streams)}")
+        by_name = dict(zip(self.uploads, streams, strict=True))
+        values = list(arguments)
+        positional: list[Any] = []
+        keywords: dict[str, Any] = {}
+        in_order = True  # still filling parameters by position
+        for parameter in list(self.signature.parameters.values())[1:]:
+            if parameter.name in by_name:
+                if in_order:
+                    positional.append(by_name[parameter.name])
+                else:
+                    keywords[parameter.name] = by_name[parameter.name]
+            elif parameter.kind is parameter.VAR_POSITIONAL:
+                positional += values
+                values = []
+            elif parameter.kind in (parameter.POSITIONAL_ONLY, parameter.POSITIONAL_OR_KEYWORD):
+                if values and in_order:
+                    positional.append(values.pop(0))
+                else:
+                    in_order = False  # left to its default; later uploads go by name
+        positional += values  # more arguments than parameters: bind() says so
+        self.signature.bind(None, *positional, **keywords)
+        return positional, keywords
+
+
+#: An annotation that names an async iterator or iterable, read from its text when it cannot
+#: be evaluated (a name imported only for type checking).
+_UPLOAD_TEXT = re.compile(r"(?:[\w.]+\.)?Async(?:Iterator|Iterable)(?:\[.*\])?")
+_UPLOAD_TYPES = (collections.abc.AsyncIterator, collections.abc.AsyncIterable)
+
+
+def _is_upload(annotation: Any, namespace: dict[str, Any]) -> bool:
+    while isinstance(annotation, str):  # postponed (PEP 563), possibly quoted as well
+        try:
+            annotation = eval(annotation, namespace)  # what inspect's eval_str does
+        except Exception:
+            return _UPLOAD_TEXT.fullmatch(annotation.strip()) is not None
+    return (typing.get_origin(annotation) or annotation) in _UPLOAD_TYPES
+
+
+def _uploads(function: Any, signature: inspect.Signature) -> tuple[str, ...]:
+    """The names of the parameters of ``function`` annotated as async iterators or iterables:
+    the ones the client's upload streams go to."""
+    namespace = getattr(inspect.unwrap(function), "__globals__", {})
+    return tuple(
+        parameter.name
+        for parameter in list(signature.parameters.values())[1:]
+        if parameter.kind not in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD)
+        and _is_upload(parameter.annotation, namespace)
+    )
 
 
 def _normalise(name: str) -> str:
@@ -635,7 +706,10 @@ class HubMethodTable:
                     "'async def' function"
                 )
             return
-        method = HubMethod(explicit or attribute, attribute, streaming, inspect.signature(value))
+        signature = inspect.signature(value)
+        method = HubMethod(
+            explicit or attribute, attribute, streaming, signature, _uploads(value, signature)
+        )
         table, key = (
             (self._explicit, explicit.lower())
             if explicit
