@@ -1,0 +1,62 @@
+"""A SignalR hub client on anyio (asyncio, uvloop or trio): the Python peer of
+``@microsoft/signalr``.
+
+It connects to the relay, to an app server (following its negotiate redirect to the relay, as
+Azure SignalR clients do), or to any ASP.NET Core SignalR server::
+
+    from relaycore.client import HubConnectionBuilder
+
+    connection = (
+        HubConnectionBuilder()
+        .with_url("http://127.0.0.1:8000/hubs/chat")
+        .with_hub_protocol("messagepack")
+        .with_automatic_reconnect()
+        .build()
+    )
+    connection.on("newMessage", lambda user, text: print(user, "says", text))
+    async with connection:
+        print(await connection.invoke("SendMessage", "hello"))
+
+What it speaks: negotiate (versions 0 and 1, redirects with ``url`` and ``accessToken``,
+``skip_negotiation``), WebSockets, the JSON and MessagePack hub protocols, invocations
+(``send``, ``invoke``), server-to-client streams (``stream``), client-to-server streams (an
+async-iterable argument), client results (a handler's return value), keep-alive pings, the
+server timeout, and automatic reconnect. Not (yet): Server-Sent Events, long polling, stateful
+reconnect. See ``docs/client.md``.
+"""
+
+from ._builder import HubConnectionBuilder
+from ._connection import (
+    DEFAULT_RECONNECT_DELAYS,
+    HubConnection,
+    HubConnectionState,
+    HubStream,
+    RetryContext,
+    RetryPolicy,
+)
+from ._errors import (
+    HandshakeError,
+    HubConnectionError,
+    HubException,
+    NegotiateError,
+    ServerClosedError,
+    ServerTimeoutError,
+    TransportError,
+)
+
+__all__ = [
+    "DEFAULT_RECONNECT_DELAYS",
+    "HandshakeError",
+    "HubConnection",
+    "HubConnectionBuilder",
+    "HubConnectionError",
+    "HubConnectionState",
+    "HubException",
+    "HubStream",
+    "NegotiateError",
+    "RetryContext",
+    "RetryPolicy",
+    "ServerClosedError",
+    "ServerTimeoutError",
+    "TransportError",
+]

@@ -1,0 +1,1052 @@
+"""``HubConnection``: a SignalR hub client on anyio, the Python peer of ``@microsoft/signalr``.
+
+Theory of operation
+-------------------
+
+States (``HubConnectionState``), as the JS client names them::
+
+    Disconnected --start()--> Connecting --negotiate, WebSocket, handshake--> Connected
+    Connected --transport lost, server timeout, Close{allowReconnect}--> Reconnecting
+    Reconnecting --a new connection--> Connected      (on_reconnected)
+    Reconnecting --the retry policy gives up--> Disconnected   (on_close with the reason)
+    Connected --Close without allowReconnect, or lost without a retry policy--> Disconnected
+    any --stop()--> Disconnecting --> Disconnected    (on_close with None)
+
+``start()`` does the connecting in the caller's task, so that its errors are the caller's
+(``NegotiateError``, ``TransportError``, ``HandshakeError``). Everything after it runs in one
+*run task* per start, detached from the caller like the JS client's event loop work: the
+caller may call ``start()`` and ``stop()`` from any tasks, or use ``async with``. The run task
+holds a task group with:
+
+* the receive loop (in the run task itself): reads the WebSocket, splits hub messages, and
+  dispatches them. Completions and stream items go to the waiting call (``_Pending``);
+  invocations go to the ``on`` handlers: synchronous handlers of a non-blocking invocation
+  are called right there, in arrival order; anything that must be awaited (an ``async``
+  handler, an answer for a client-result invocation) runs in a task of its own, started in
+  arrival order. Any received data resets the server timeout: silence for
+  ``server_timeout`` seconds ends the transport.
+* the keep-alive task: a Ping whenever nothing was sent for ``keep_alive_interval`` seconds,
+  and a CancelInvocation for each stream whose consumer dropped it unfinished.
+* handler tasks and upload-stream pumps.
+
+When the transport ends, every pending call fails with ``HubConnectionError`` (its cause is why
+the transport ended); then either the retry policy reconnects (a whole new connection:
+negotiate, WebSocket, handshake; invocation ids keep counting) or the run ends. ``stop()``
+sends a Close message, closes the WebSocket, cancels the run task's work (handlers still
+running included) and waits until the run task has called the ``on_close`` callbacks.
+
+Invariants: only the run task changes ``_link`` after ``start()``, and only the run task (or
+``start()`` on failure) moves the state to Disconnected; a call is in ``_pending`` from just
+before its message is sent until its completion, its failure, or its caller leaving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import enum
+import inspect
+import itertools
+import logging
+import math
+import platform
+import ssl
+import sys
+from collections import deque
+from collections.abc import (
+    AsyncIterable,
+    Awaitable,
+    Callable,
+    Coroutine,
+    Iterable,
+    Mapping,
+    Sequence,
+)
+from dataclasses import dataclass
+from typing import Any, Final, TypeAlias, TypeVar
+
+import anyio
+import anyio.abc
+
+from .. import __version__
+from ..protocol import (
+    CancelInvocationMessage,
+    CloseMessage,
+    CompletionMessage,
+    HubMessage,
+    InvocationMessage,
+    JsonHubProtocol,
+    LocalProtocolError,
+    MessagePackHubProtocol,
+    PingMessage,
+    RemoteProtocolError,
+    StreamInvocationMessage,
+    StreamItemMessage,
+    get_protocol,
+    parse_handshake_response,
+    write_handshake_request,
+)
+from ._errors import (
+    HandshakeError,
+    HubConnectionError,
+    HubException,
+    NegotiateError,
+    ServerClosedError,
+    ServerTimeoutError,
+    TransportError,
+)
+from ._negotiate import (
+    AccessTokenFactory,
+    connect_url,
+    negotiate,
+    negotiate_url,
+    resolve_token,
+)
+from ._websocket import ClientWebSocket, open_websocket
+
+__all__ = [
+    "DEFAULT_RECONNECT_DELAYS",
+    "HubConnection",
+    "HubConnectionState",
+    "HubStream",
+    "RetryContext",
+    "RetryPolicy",
+]
+
+_log = logging.getLogger("relaycore.client")
+
+_USER_AGENT: Final = (
+    f"relaycore-client/{__version__} (Python {platform.python_version()}; {platform.system()})"
+)
+
+#: ``withAutomaticReconnect()``'s delays, in seconds: then it gives up.
+DEFAULT_RECONNECT_DELAYS: Final = (0.0, 2.0, 10.0, 30.0)
+
+_NOT_CONNECTED: Final = "Cannot send data if the connection is not in the 'Connected' State."
+_CANCELED: Final = "Invocation canceled due to the underlying connection being closed."
+_NO_RESULT: Final = "Client didn't provide a result."
+_MULTIPLE_RESULTS: Final = "Client provided multiple results."
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+class HubConnectionState(str, enum.Enum):
+    """Where a ``HubConnection`` is in its life; the values are the JS client's names."""
+
+    #: Not started, stopped, or given up on.
+    DISCONNECTED = "Disconnected"
+    #: ``start()`` is negotiating, connecting or handshaking.
+    CONNECTING = "Connecting"
+    #: Messages flow.
+    CONNECTED = "Connected"
+    #: ``stop()`` is closing it.
+    DISCONNECTING = "Disconnecting"
+    #: The transport was lost; the retry policy is making a new connection.
+    RECONNECTING = "Reconnecting"
+
+
+@dataclass(frozen=True, slots=True)
+class RetryContext:
+    """What a retry policy is told before each reconnect attempt."""
+
+    #: Attempts that failed so far in this round of reconnecting (0 before the first).
+    previous_retry_count: int
+    #: Seconds since the connection was lost.
+    elapsed: float
+    #: Why the connection was lost (first attempt), else why the last attempt failed.
+    retry_reason: BaseException
+
+
+#: Seconds to wait before the next reconnect attempt, or ``None`` to give up.
+RetryPolicy: TypeAlias = Callable[[RetryContext], "float | None"]
+
+
+def _retry_policy(spec: Sequence[float] | RetryPolicy | bool | None) -> RetryPolicy | None:
+    """A retry policy from what the caller gave: delays, a policy, ``True`` (the defaults)."""
+    if spec is None or spec is False:
+        return None
+    if spec is True:
+        spec = DEFAULT_RECONNECT_DELAYS
+    if callable(spec):
+        return spec
+    delays = tuple(spec)
+    for delay in delays:
+        if isinstance(delay, bool) or not isinstance(delay, int | float) or not delay >= 0:
+            raise ValueError(f"reconnect delays must be numbers of seconds >= 0, got {delay!r}")
+
+    def from_list(context: RetryContext) -> float | None:
+        count = context.previous_retry_count
+        return float(delays[count]) if count < len(delays) else None
+
+    return from_list
+
+
+def _positive(name: str, value: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < math.inf:
+        raise ValueError(f"{name} must be a number of seconds > 0, got {value!r}")
+    return float(value)
+
+
+def _protocol_of(protocol: str | JsonHubProtocol | MessagePackHubProtocol,
+                 ) -> JsonHubProtocol | MessagePackHubProtocol:
+    if isinstance(protocol, JsonHubProtocol | MessagePackHubProtocol):
+        return protocol
+    try:
+        return get_protocol(protocol)
+    except ValueError:
+        raise ValueError(f"unknown hub protocol {protocol!r}; expected 'json' or "
+                         "'messagepack'") from None
+
+
+def _error_text(exc: BaseException) -> str:
+    """An exception as a client result's error, the way the JS client shows one."""
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+
+def _spawn_detached(function: Callable[[], Coroutine[Any, Any, None]]) -> asyncio.Task[None] | None:
+    """Run ``function`` in a task of its own that outlives the caller's task.
+
+    anyio has no such task (its task groups are scoped); the hub connection's run task must
+    outlive ``start()``, as the JS client's does. So: a trio system task, or an asyncio task
+    (returned, for the caller to keep a reference to: asyncio holds tasks weakly).
+    """
+    trio = sys.modules.get("trio")
+    if trio is not None:
+        try:
+            trio.lowlevel.current_task()
+        except RuntimeError:
+            pass  # trio is imported but not running: this is asyncio
+        else:
+            trio.lowlevel.spawn_system_task(
+                function, name="relaycore.client run task", context=contextvars.copy_context()
+            )
+            return None
+    return asyncio.get_running_loop().create_task(function(), name="relaycore.client run task")
+
+
+class _Pending:
+    """A call waiting on the server: an invocation's completion, or a stream's items."""
+
+    __slots__ = ("_wake", "done", "error", "items", "result", "streaming")
+
+    def __init__(self, streaming: bool) -> None:
+        self.streaming = streaming
+        self.items: deque[Any] = deque()
+        self.done = False
+        self.result: Any = None
+        self.error: BaseException | None = None
+        self._wake: anyio.Event | None = None
+
+    def _notify(self) -> None:
+        if self._wake is not None:
+            self._wake.set()
+
+    def item(self, value: Any) -> None:
+        if self.streaming and not self.done:
+            self.items.append(value)
+            self._notify()
+
+    def complete(self, message: CompletionMessage) -> None:
+        # A result in a stream's completion breaks the spec; the JS client ignores it too.
+        if message.error is not None:
+            self.error = HubException(message.error)
+        else:
+            self.result = message.result
+        self.done = True
+        self._notify()
+
+    def fail(self, error: BaseException) -> None:
+        if not self.done:
+            self.error = error
+            self.done = True
+            self._notify()
+
+    async def changed(self) -> None:
+        """Wait for the next item or the end."""
+        self._wake = anyio.Event()
+        await self._wake.wait()
+
+
+class HubStream:
+    """The items of a server-to-client stream (``HubConnection.stream``), an async iterator.
+
+    The StreamInvocation is sent when iteration begins (or on ``async with``). The iterator
+    ends at the server's completion, or raises ``HubException`` with the server's error, or
+    ``HubConnectionError`` when the connection ends first. A consumer that stops early
+    cancels the stream on the server (a CancelInvocation): at once with ``aclose()`` or at the
+    end of an ``async with`` block, else when the iterator is dropped (a ``break`` out of
+    ``async for``)::
+
+        async with connection.stream("Counter", 10) as counter:
+            async for value in counter:
+                if value == 3:
+                    break   # the server is told to stop
+    """
+
+    def __init__(self, connection: HubConnection, target: str, args: tuple[Any, ...]) -> None:
+        self._connection = connection
+        self._target = target
+        self._args = args
+        self._pending: _Pending | None = None
+        self._invocation_id: str | None = None
+        self._closed = False
+
+    @property
+    def invocation_id(self) -> str | None:
+        """The stream's invocation id, once started."""
+        return self._invocation_id
+
+    async def _begin(self) -> _Pending:
+        if self._pending is None:
+            if self._closed:
+                raise HubConnectionError(f"the stream of {self._target!r} was closed")
+            self._invocation_id, self._pending = await self._connection._start_stream(
+                self._target, self._args
+            )
+        return self._pending
+
+    def __aiter__(self) -> HubStream:
+        return self
+
+    async def __anext__(self) -> Any:
+        pending = await self._begin()
+        while not pending.items:
+            if pending.done:
+                error, pending.error = pending.error, None
+                if error is not None:
+                    raise error
+                raise StopAsyncIteration
+            await pending.changed()
+        return pending.items.popleft()
+
+    async def aclose(self) -> None:
+        """Stop consuming: the server is told to cancel the stream if it has not ended."""
+        self._closed = True
+        pending = self._pending
+        if pending is not None and not pending.done and self._invocation_id is not None:
+            pending.fail(HubConnectionError(f"the stream of {self._target!r} was closed"))
+            await self._connection._cancel_stream(self._invocation_id)
+
+    async def __aenter__(self) -> HubStream:
+        await self._begin()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    def __del__(self) -> None:
+        pending = self._pending
+        if pending is not None and not pending.done and self._invocation_id is not None:
+            try:
+                self._connection._abandon(self._invocation_id)
+            except Exception:  # noqa: S110 - at interpreter exit there is nothing left to tell
+                pass
+
+
+class _Link:
+    """One transport connection after its handshake."""
+
+    __slots__ = ("binary", "connection_id", "last_sent", "rest", "ws")
+
+    def __init__(self, ws: ClientWebSocket, connection_id: str | None, rest: bytes,
+                 binary: bool) -> None:
+        self.ws = ws
+        self.connection_id = connection_id
+        #: Hub messages that arrived with the handshake answer.
+        self.rest = rest
+        self.binary = binary
+        self.last_sent = anyio.current_time()
+
+    async def send(self, data: bytes) -> None:
+        if self.binary:
+            await self.ws.send_binary(data)
+        else:
+            await self.ws.send_text(data)
+        self.last_sent = anyio.current_time()
+
+
+#: A handler of ``on``: called with the invocation's arguments; may be ``async``.
+Handler: TypeAlias = Callable[..., Any]
+
+
+class HubConnection:
+    """A connection to a SignalR hub: the relay's, an app server's through its negotiate
+    redirect, or any ASP.NET Core SignalR server.
+
+    ``url`` is the hub URL (``http(s)://``): an app server's (``.../hubs/chat``), or the
+    relay's client URL (``http://relay:8080/client/?hub=chat``). ``access_token_factory`` is
+    called (sync or async) for the bearer token of each negotiate, or of the WebSocket with
+    ``skip_negotiation``. ``protocol`` is ``"json"`` or ``"messagepack"``. ``reconnect``:
+    ``None`` (lost is lost), ``True`` (wait 0, 2, 10 and 30 s before the attempts, then give
+    up), a list of delays in seconds, or a ``RetryPolicy``.
+
+    ::
+
+        connection = HubConnection("http://127.0.0.1:8000/hubs/chat", protocol="json")
+        connection.on("newMessage", lambda user, text: print(user, "says", text))
+        async with connection:
+            print(await connection.invoke("SendMessage", "hello"))
+
+    ``HubConnectionBuilder`` builds the same, in the JS client's words.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        access_token_factory: AccessTokenFactory | None = None,
+        protocol: str | JsonHubProtocol | MessagePackHubProtocol = "json",
+        headers: Mapping[str, str] | Iterable[tuple[str, str]] = (),
+        skip_negotiation: bool = False,
+        reconnect: Sequence[float] | RetryPolicy | bool | None = None,
+        keep_alive_interval: float = 15.0,
+        server_timeout: float = 30.0,
+        http_timeout: float = 100.0,
+        ssl_context: ssl.SSLContext | None = None,
+        max_message_size: int | None = None,
+    ) -> None:
+        if not isinstance(url, str) or not url.lower().startswith(
+                ("http://", "https://", "ws://", "wss://")):
+            raise ValueError(f"the hub URL must be an absolute http(s):// URL, got {url!r}")
+        if skip_negotiation is False and url.lower().startswith(("ws://", "wss://")):
+            raise ValueError(f"{url!r} is a WebSocket URL: negotiate needs the http(s):// hub "
+                             "URL (or pass skip_negotiation=True)")
+        #: The hub URL each start (and each reconnect) negotiates with.
+        self.url = url
+        self._token_factory = access_token_factory
+        self._protocol = _protocol_of(protocol)
+        pairs = headers.items() if isinstance(headers, Mapping) else headers
+        self._headers: tuple[tuple[str, str], ...] = tuple((str(k), str(v)) for k, v in pairs)
+        self._skip_negotiation = bool(skip_negotiation)
+        self._retry = _retry_policy(reconnect)
+        self.keep_alive_interval = _positive("keep_alive_interval", keep_alive_interval)
+        self.server_timeout = _positive("server_timeout", server_timeout)
+        self.http_timeout = _positive("http_timeout", http_timeout)
+        self._ssl_context = ssl_context
+        self._max_message_size = max_message_size
+
+        self._handlers: dict[str, list[Handler]] = {}
+        self._close_callbacks: list[Callable[[BaseException | None], Any]] = []
+        self._reconnecting_callbacks: list[Callable[[BaseException], Any]] = []
+        self._reconnected_callbacks: list[Callable[[str | None], Any]] = []
+
+        self._state = HubConnectionState.DISCONNECTED
+        self._ids = itertools.count()
+        self._pending: dict[str, _Pending] = {}
+        #: Streams dropped by their consumer unfinished: the keep-alive task cancels them.
+        self._abandoned: deque[str] = deque()
+        self._link: _Link | None = None
+        self._stopping = False
+        self._connect_scope: anyio.CancelScope | None = None
+        self._run_scope: anyio.CancelScope | None = None
+        self._run_task_id: int | None = None
+        self._run_handle: asyncio.Task[None] | None = None
+        self._task_group: anyio.abc.TaskGroup | None = None
+        self._wake: anyio.Event | None = None
+        self._done: anyio.Event | None = None
+
+    # -- what it is ---------------------------------------------------------------------------
+
+    @property
+    def state(self) -> HubConnectionState:
+        """Where the connection is in its life."""
+        return self._state
+
+    @property
+    def connection_id(self) -> str | None:
+        """The server's id of the current connection (``None`` when not connected, or when
+        the server named none, as with ``skip_negotiation``)."""
+        link = self._link
+        return link.connection_id if link is not None else None
+
+    @property
+    def protocol(self) -> str:
+        """The hub protocol's name: ``"json"`` or ``"messagepack"``."""
+        return self._protocol.name
+
+    def __repr__(self) -> str:
+        return (f"<HubConnection {self.url} {self._protocol.name} {self._state.value}"
+                + (f" id={self.connection_id}" if self.connection_id else "") + ">")
+
+    # -- handlers and callbacks ---------------------------------------------------------------
+
+    def on(self, target: str, handler: _F | None = None) -> Any:
+        """Call ``handler(*arguments)`` for each invocation of ``target`` by the server
+        (target names are matched case-insensitively, as by the JS client).
+
+        A handler may be ``async``. When the server asks for a result (a client-result
+        invocation), the handler's return value is the answer (``None`` is no answer: the
+        server is told "Client didn't provide a result."), and an exception it raises is the
+        error. Without ``handler``, a decorator::
+
+            @connection.on("notify")
+            def notify(text):
+                print(text)
+        """
+        if handler is None:
+            def register(function: _F) -> _F:
+                self.on(target, function)
+                return function
+
+            return register
+        if not callable(handler):
+            raise TypeError(f"handler must be callable, got {type(handler).__name__}")
+        self._handlers.setdefault(target.lower(), []).append(handler)
+        return handler
+
+    def off(self, target: str, handler: Handler | None = None) -> None:
+        """Remove ``handler`` from ``target``, or every handler of ``target`` without one."""
+        key = target.lower()
+        if handler is None:
+            self._handlers.pop(key, None)
+            return
+        handlers = self._handlers.get(key)
+        if handlers and handler in handlers:
+            handlers.remove(handler)
+            if not handlers:
+                del self._handlers[key]
+
+    def on_close(self, callback: Callable[[BaseException | None], Any]) -> None:
+        """Call ``callback(error)`` (sync or async) once the connection is Disconnected:
+        ``None`` after ``stop()`` or a Close without error, else why it ended (the server's
+        ``ServerClosedError``, a ``TransportError``, a ``ServerTimeoutError``, or a
+        ``HubConnectionError`` saying reconnect attempts ran out)."""
+        self._close_callbacks.append(callback)
+
+    def on_reconnecting(self, callback: Callable[[BaseException], Any]) -> None:
+        """Call ``callback(error)`` when the transport is lost and reconnecting begins."""
+        self._reconnecting_callbacks.append(callback)
+
+    def on_reconnected(self, callback: Callable[[str | None], Any]) -> None:
+        """Call ``callback(connection_id)`` when reconnecting succeeded (a new connection id)."""
+        self._reconnected_callbacks.append(callback)
+
+    # -- start and stop -----------------------------------------------------------------------
+
+    async def __aenter__(self) -> HubConnection:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.stop()
+
+    async def start(self) -> None:
+        """Negotiate, open the WebSocket and do the hub handshake; return once Connected.
+
+        Raises ``NegotiateError``, ``TransportError`` or ``HandshakeError`` (the connection is
+        then Disconnected again, and no close callback is called), and ``HubConnectionError``
+        when the connection is not Disconnected or ``stop()`` was called meanwhile.
+        """
+        if self._state is not HubConnectionState.DISCONNECTED:
+            raise HubConnectionError(
+                "Cannot start a HubConnection that is not in the 'Disconnected' state "
+                f"(it is {self._state.value})."
+            )
+        self._state = HubConnectionState.CONNECTING
+        self._stopping = False
+        self._done = anyio.Event()
+        try:
+            with anyio.CancelScope() as scope:
+                self._connect_scope = scope
+                link = await self._connect()
+            if scope.cancelled_caught:
+                raise HubConnectionError("The connection was stopped during negotiation.")
+        except BaseException:
+            self._state = HubConnectionState.DISCONNECTED
+            self._done.set()
+            raise
+        finally:
+            self._connect_scope = None
+        self._link = link
+        self._state = HubConnectionState.CONNECTED
+        self._run_scope = anyio.CancelScope()
+        self._run_handle = _spawn_detached(lambda: self._run(link))
+
+    async def stop(self) -> None:
+        """Close the connection: a Close message, the WebSocket closed, reconnecting
+        abandoned, handlers still running cancelled (one calling ``stop()`` included), pending
+        calls failed; returns once Disconnected and the close callbacks have run. Does
+        nothing when already Disconnected."""
+        if self._state in (HubConnectionState.CONNECTING, HubConnectionState.CONNECTED,
+                           HubConnectionState.RECONNECTING):
+            self._stopping = True
+            self._state = HubConnectionState.DISCONNECTING
+            if self._connect_scope is not None:
+                self._connect_scope.cancel()
+            link = self._link
+            if link is not None:
+                with anyio.CancelScope(shield=True):
+                    with anyio.move_on_after(1.0):
+                        try:
+                            await link.send(self._protocol.write(CloseMessage()))
+                        except HubConnectionError:
+                            pass
+                    await link.ws.aclose()
+            if self._run_scope is not None:
+                self._run_scope.cancel()
+        done = self._done
+        if (done is not None and self._state is HubConnectionState.DISCONNECTING
+                and anyio.get_current_task().id != self._run_task_id):
+            await done.wait()
+
+    # -- calls --------------------------------------------------------------------------------
+
+    async def send(self, target: str, *args: Any) -> None:
+        """Invoke ``target`` on the server without waiting for it (no answer comes back).
+
+        Async-iterable arguments are uploaded as client-to-server streams. Raises
+        ``HubConnectionError`` when not Connected, ``TypeError`` for arguments the hub
+        protocol cannot carry.
+        """
+        link = self._require_link()
+        arguments, streams = self._split_streams(args)
+        await self._send_on(link, InvocationMessage(target, arguments, None, tuple(streams)))
+        self._upload(link, streams)
+
+    async def invoke(self, target: str, *args: Any) -> Any:
+        """Invoke ``target`` on the server and return its result.
+
+        Raises ``HubException`` with the server's error ("Unknown hub method 'x'", a hub
+        method's own error), ``HubConnectionError`` when not Connected or when the connection
+        ends first. Async-iterable arguments are uploaded as client-to-server streams.
+        Cancelling the caller forgets the call (SignalR cannot cancel an invocation).
+        """
+        link = self._require_link()
+        arguments, streams = self._split_streams(args)
+        invocation_id = str(next(self._ids))
+        pending = _Pending(streaming=False)
+        self._pending[invocation_id] = pending
+        try:
+            await self._send_on(link, InvocationMessage(
+                target, arguments, invocation_id, tuple(streams)))
+            self._upload(link, streams)
+            while not pending.done:
+                await pending.changed()
+        finally:
+            self._pending.pop(invocation_id, None)
+        if pending.error is not None:
+            raise pending.error
+        return pending.result
+
+    def stream(self, target: str, *args: Any) -> HubStream:
+        """The items of the streaming hub method ``target`` (an async iterator; see
+        ``HubStream``)::
+
+            async for item in connection.stream("Counter", 5):
+                print(item)
+        """
+        return HubStream(self, target, args)
+
+    async def _start_stream(self, target: str, args: tuple[Any, ...]) -> tuple[str, _Pending]:
+        link = self._require_link()
+        arguments, streams = self._split_streams(args)
+        invocation_id = str(next(self._ids))
+        pending = _Pending(streaming=True)
+        self._pending[invocation_id] = pending
+        try:
+            await self._send_on(link, StreamInvocationMessage(
+                invocation_id, target, arguments, tuple(streams)))
+        except BaseException:
+            self._pending.pop(invocation_id, None)
+            raise
+        self._upload(link, streams)
+        return invocation_id, pending
+
+    async def _cancel_stream(self, invocation_id: str) -> None:
+        if self._pending.pop(invocation_id, None) is None:
+            return
+        link = self._link
+        if link is not None and self._state is HubConnectionState.CONNECTED:
+            try:
+                await self._send_on(link, CancelInvocationMessage(invocation_id))
+            except HubConnectionError:
+                pass  # the connection ended: the server forgot the stream with it
+
+    def _abandon(self, invocation_id: str) -> None:
+        """A stream's iterator was dropped unfinished (called from ``__del__``)."""
+        self._abandoned.append(invocation_id)
+        if self._wake is not None:
+            self._wake.set()
+
+    def _require_link(self) -> _Link:
+        link = self._link
+        if link is None or self._state is not HubConnectionState.CONNECTED:
+            raise HubConnectionError(_NOT_CONNECTED)
+        return link
+
+    async def _send_on(self, link: _Link, message: HubMessage) -> None:
+        try:
+            data = self._protocol.write(message)
+        except LocalProtocolError as exc:
+            raise TypeError(str(exc)) from None
+        if link is not self._link:
+            raise HubConnectionError(_NOT_CONNECTED)
+        try:
+            await link.send(data)
+        except TransportError as exc:
+            raise HubConnectionError(f"{_NOT_CONNECTED} ({exc})") from exc
+
+    def _split_streams(self, args: tuple[Any, ...]) -> tuple[list[Any], dict[str, Any]]:
+        """Arguments without their async iterables, and those as upload streams by stream id
+        (ids taken from the invocation counter before the invocation's own, as the JS client
+        does)."""
+        arguments: list[Any] = []
+        streams: dict[str, Any] = {}
+        for arg in args:
+            if isinstance(arg, AsyncIterable):
+                streams[str(next(self._ids))] = arg
+            else:
+                arguments.append(arg)
+        return arguments, streams
+
+    def _upload(self, link: _Link, streams: Mapping[str, AsyncIterable[Any]]) -> None:
+        task_group = self._task_group
+        for stream_id, items in streams.items():
+            if task_group is not None:
+                task_group.start_soon(self._pump, link, stream_id, items)
+
+    async def _pump(self, link: _Link, stream_id: str, items: AsyncIterable[Any]) -> None:
+        """Send an upload stream's items, then its completion (with the error that ended it,
+        if one did)."""
+        try:
+            try:
+                async for item in items:
+                    await self._send_on(link, StreamItemMessage(stream_id, item))
+            except (HubConnectionError, TypeError):
+                raise
+            except Exception as exc:
+                await self._send_on(link, CompletionMessage(stream_id, error=_error_text(exc)))
+                return
+            await self._send_on(link, CompletionMessage(stream_id))
+        except HubConnectionError:
+            pass  # the connection ended; the server dropped the stream with it
+        except TypeError as exc:
+            _log.error("upload stream %s: an item cannot be sent: %s", stream_id, exc)
+            try:
+                await self._send_on(link, CompletionMessage(stream_id, error=str(exc)))
+            except HubConnectionError:
+                pass
+
+    # -- connecting ---------------------------------------------------------------------------
+
+    async def _connect(self) -> _Link:
+        """One connection: negotiate (unless skipped), WebSocket, handshake, first Ping."""
+        headers = [("User-Agent", _USER_AGENT), *self._headers]
+        if self._skip_negotiation:
+            url, connection_id, token = self.url, None, None
+            access_token = await resolve_token(self._token_factory)
+        else:
+            negotiation = await negotiate(
+                self.url, access_token_factory=self._token_factory, headers=headers,
+                timeout=self.http_timeout, ssl_context=self._ssl_context)
+            if not negotiation.offers("WebSockets", self._protocol.transfer_format):
+                offered = ", ".join(f"{name} ({'/'.join(formats)})"
+                                    for name, formats in negotiation.transports) or "nothing"
+                raise NegotiateError(
+                    "None of the transports supported by the client are supported by the "
+                    f"server: the client needs WebSockets with the "
+                    f"{self._protocol.transfer_format} format ({self._protocol.name}), the "
+                    f"server offers {offered}.", url=negotiate_url(negotiation.url))
+            url, connection_id = negotiation.url, negotiation.connection_id
+            token, access_token = negotiation.connection_token, negotiation.access_token
+        if access_token:
+            headers.append(("Authorization", f"Bearer {access_token}"))
+        ws_url = connect_url(url, token)
+        with anyio.move_on_after(self.http_timeout) as timer:
+            ws = await open_websocket(ws_url, headers, ssl_context=self._ssl_context,
+                                      max_message_size=self._max_message_size,
+                                      write_timeout=self.server_timeout)
+        if timer.cancelled_caught:
+            raise TransportError(f"WebSocket failed to connect to {ws_url}: no answer within "
+                                 f"{self.http_timeout:g} s")
+        try:
+            rest = await self._handshake(ws)
+            link = _Link(ws, connection_id, rest, self._protocol.transfer_format == "Binary")
+            await link.send(self._protocol.write(PingMessage()))
+        except BaseException:
+            await ws.aclose()
+            raise
+        return link
+
+    async def _handshake(self, ws: ClientWebSocket) -> bytes:
+        """Send the handshake request; the hub messages that came with the answer."""
+        # Always a text frame, MessagePack too: the JS client does so and servers expect it.
+        await ws.send_text(write_handshake_request(self._protocol.name, 1))
+        received = bytearray()
+        with anyio.move_on_after(self.server_timeout):
+            while True:
+                try:
+                    received += await ws.receive()
+                except TransportError as exc:
+                    raise HandshakeError(
+                        "The underlying connection was closed before the hub handshake could "
+                        f"complete ({exc})."
+                    ) from exc
+                try:
+                    answer = parse_handshake_response(received)
+                except RemoteProtocolError as exc:
+                    raise HandshakeError(f"The server's handshake answer is invalid: {exc}"
+                                         ) from None
+                if answer is None:
+                    continue
+                error, consumed = answer
+                if error is not None:
+                    raise HandshakeError(f"Server returned handshake error: {error}",
+                                         error=error)
+                return bytes(received[consumed:])
+        raise HandshakeError(
+            f"The server did not answer the hub handshake within {self.server_timeout:g} s.")
+
+    # -- the run task -------------------------------------------------------------------------
+
+    async def _run(self, link: _Link) -> None:
+        """Everything after ``start()``: serve the link, reconnect, end (see the module doc)."""
+        self._run_task_id = anyio.get_current_task().id
+        error: BaseException | None = None
+        scope = self._run_scope
+        assert scope is not None
+        try:
+            async with anyio.create_task_group() as task_group:
+                self._task_group = task_group
+                with scope:
+                    current: _Link | None = link
+                    while current is not None:
+                        error, may_reconnect = await self._serve(current)
+                        await self._drop(current, error)
+                        current = None
+                        if may_reconnect and self._retry is not None and not self._stopping:
+                            current, error = await self._reconnect(error)
+                with anyio.CancelScope(shield=True):
+                    await self._finish(None if self._stopping else error)
+                task_group.cancel_scope.cancel()  # handlers still running, upload pumps
+        except Exception:  # a bug; the connection must still end cleanly
+            _log.exception("the hub connection's run task failed")
+            with anyio.CancelScope(shield=True):
+                await self._finish(None)
+        finally:
+            self._task_group = None
+            self._run_handle = None
+
+    async def _finish(self, error: BaseException | None) -> None:
+        if self._state is HubConnectionState.DISCONNECTED:
+            return
+        link, self._link = self._link, None
+        if link is not None:
+            await link.ws.aclose()
+        self._fail_pending(error)
+        self._state = HubConnectionState.DISCONNECTED
+        await self._call_back("close", self._close_callbacks, error)
+        if self._done is not None:
+            self._done.set()
+
+    async def _serve(self, link: _Link) -> tuple[BaseException | None, bool]:
+        """Run one link until its transport ends: why, and whether reconnecting may follow."""
+        async with anyio.create_task_group() as task_group:
+            task_group.start_soon(self._keep_alive, link)
+            outcome = await self._receive(link)
+            task_group.cancel_scope.cancel()
+        return outcome
+
+    async def _drop(self, link: _Link, error: BaseException | None) -> None:
+        if self._link is link:
+            self._link = None
+        await link.ws.aclose()
+        self._fail_pending(error)
+
+    def _fail_pending(self, error: BaseException | None) -> None:
+        pending, self._pending = self._pending, {}
+        self._abandoned.clear()
+        for call in pending.values():
+            failure = HubConnectionError(_CANCELED)
+            failure.__cause__ = error
+            call.fail(failure)
+
+    async def _reconnect(self, error: BaseException | None,
+                         ) -> tuple[_Link | None, BaseException | None]:
+        """New connections until one works (the new link) or the policy gives up (the error
+        for the close callbacks)."""
+        assert self._retry is not None
+        reason: BaseException = error or HubConnectionError("the server closed the connection")
+        self._state = HubConnectionState.RECONNECTING
+        await self._call_back("reconnecting", self._reconnecting_callbacks, reason)
+        began = anyio.current_time()
+        attempts = 0
+        while not self._stopping:
+            context = RetryContext(attempts, anyio.current_time() - began, reason)
+            try:
+                delay = self._retry(context)
+            except Exception as exc:
+                _log.exception("the retry policy failed; reconnecting stops")
+                return None, exc
+            if delay is None:
+                if attempts == 0:
+                    return None, reason
+                gave_up = HubConnectionError(
+                    f"Reconnect retries have been exhausted after {attempts} failed attempts "
+                    f"and {anyio.current_time() - began:.1f} s; the last one failed with: "
+                    f"{reason}")
+                gave_up.__cause__ = reason
+                return None, gave_up
+            _log.info("reconnecting to %s in %g s (attempt %d): %s", self.url, delay,
+                      attempts + 1, reason)
+            await anyio.sleep(delay)
+            if self._stopping:
+                break
+            try:
+                link = await self._connect()
+            except Exception as exc:
+                attempts += 1
+                reason = exc
+                continue
+            if self._stopping:
+                await link.ws.aclose()
+                break
+            self._link = link
+            self._state = HubConnectionState.CONNECTED
+            await self._call_back("reconnected", self._reconnected_callbacks, link.connection_id)
+            return link, None
+        return None, None
+
+    async def _keep_alive(self, link: _Link) -> None:
+        """A Ping whenever nothing was sent for ``keep_alive_interval``; cancel the streams
+        whose consumers dropped them."""
+        ping = self._protocol.write(PingMessage())
+        try:
+            while True:
+                self._wake = wake = anyio.Event()
+                if self._abandoned:
+                    wake.set()
+                with anyio.move_on_after(
+                        link.last_sent + self.keep_alive_interval - anyio.current_time()):
+                    await wake.wait()
+                while self._abandoned:
+                    await self._cancel_stream(self._abandoned.popleft())
+                if anyio.current_time() >= link.last_sent + self.keep_alive_interval:
+                    await link.send(ping)
+        except HubConnectionError:
+            return  # the receive loop reports the end of the transport
+
+    async def _receive(self, link: _Link) -> tuple[BaseException | None, bool]:
+        """The receive loop of one link (see the module doc)."""
+        parse = self._protocol.parse
+        received = bytearray(link.rest)
+        while True:
+            if received:
+                try:
+                    messages, consumed = parse(received)
+                except RemoteProtocolError as exc:
+                    return HubConnectionError(f"The server sent an invalid hub message: {exc}"
+                                              ), True
+                del received[:consumed]
+                for message in messages:
+                    if type(message) is CloseMessage:
+                        if message.error is None:
+                            return None, message.allow_reconnect
+                        return ServerClosedError(
+                            message.error, allow_reconnect=message.allow_reconnect
+                        ), message.allow_reconnect
+                    self._dispatch(message, link)
+            with anyio.move_on_after(self.server_timeout) as timer:
+                try:
+                    received += await link.ws.receive()
+                except TransportError as exc:
+                    return exc, True
+            if timer.cancelled_caught:
+                return ServerTimeoutError(
+                    "Server timeout elapsed without receiving a message from the server "
+                    f"(server_timeout is {self.server_timeout:g} s)."), True
+
+    def _dispatch(self, message: HubMessage, link: _Link) -> None:
+        kind = type(message)
+        if kind is InvocationMessage:
+            assert isinstance(message, InvocationMessage)
+            self._on_invocation(message, link)
+        elif kind is StreamItemMessage:
+            assert isinstance(message, StreamItemMessage)
+            pending = self._pending.get(message.invocation_id)
+            if pending is not None:
+                pending.item(message.item)
+        elif kind is CompletionMessage:
+            assert isinstance(message, CompletionMessage)
+            pending = self._pending.pop(message.invocation_id, None)
+            if pending is not None:
+                pending.complete(message)
+        # Ping: any data reset the server timeout already. Ack and Sequence belong to
+        # stateful reconnect, which this client does not negotiate. StreamInvocation and
+        # CancelInvocation: a client has no streaming methods (the JS client drops them too).
+
+    def _on_invocation(self, message: InvocationMessage, link: _Link) -> None:
+        handlers = self._handlers.get(message.target.lower())
+        task_group = self._task_group
+        if not handlers:
+            _log.warning("No client method with the name '%s' found.", message.target)
+            if message.invocation_id is not None and task_group is not None:
+                task_group.start_soon(self._answer, link, message.invocation_id, [], None)
+            return
+        if message.invocation_id is None and not any(
+                inspect.iscoroutinefunction(handler) for handler in handlers):
+            for handler in tuple(handlers):
+                try:
+                    value = handler(*message.arguments)
+                except Exception:
+                    _log.exception("the handler %r of %r failed", handler, message.target)
+                    continue
+                if inspect.isawaitable(value) and task_group is not None:
+                    task_group.start_soon(self._await_handler, value, message.target)
+            return
+        if task_group is not None:
+            task_group.start_soon(self._call_handlers, link, message, tuple(handlers))
+
+    @staticmethod
+    async def _await_handler(value: Awaitable[Any], target: str) -> None:
+        try:
+            await value
+        except Exception:
+            _log.exception("a handler of %r failed", target)
+
+    async def _call_handlers(self, link: _Link, message: InvocationMessage,
+                             handlers: tuple[Handler, ...]) -> None:
+        results: list[Any] = []
+        error: str | None = None
+        for handler in handlers:
+            try:
+                value = handler(*message.arguments)
+                if inspect.isawaitable(value):
+                    value = await value
+            except Exception as exc:
+                _log.exception("the handler %r of %r failed", handler, message.target)
+                error = error or _error_text(exc)
+                continue
+            if value is not None:
+                results.append(value)
+        if message.invocation_id is not None:
+            await self._answer(link, message.invocation_id, results, error)
+
+    async def _answer(self, link: _Link, invocation_id: str, results: list[Any],
+                      error: str | None) -> None:
+        """Answer a client-result invocation, as the JS client words each case."""
+        if error is not None:
+            answer = CompletionMessage(invocation_id, error=error)
+        elif len(results) > 1:
+            answer = CompletionMessage(invocation_id, error=_MULTIPLE_RESULTS)
+        elif results:
+            answer = CompletionMessage(invocation_id, result=results[0], has_result=True)
+        else:
+            answer = CompletionMessage(invocation_id, error=_NO_RESULT)
+        try:
+            try:
+                await self._send_on(link, answer)
+            except TypeError as exc:
+                await self._send_on(link, CompletionMessage(invocation_id, error=str(exc)))
+        except HubConnectionError:
+            pass  # the connection ended; the server fails the invocation itself
+
+    async def _call_back(self, what: str, callbacks: list[Callable[[Any], Any]],
+                         argument: Any) -> None:
+        for callback in tuple(callbacks):
+            try:
+                value = callback(argument)
+                if inspect.isawaitable(value):
+                    await value
+            except Exception:
+                _log.exception("the %s callback %r failed", what, callback)
