@@ -48,6 +48,18 @@ def _log_level(text: str) -> str:
     return text.upper()
 
 
+def _transports(text: str) -> list[str]:
+    from .protocol._negotiate import transport_names
+
+    try:
+        names = transport_names(name for name in text.split(",") if name.strip())
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    if not names:
+        raise argparse.ArgumentTypeError("name at least one transport")
+    return names
+
+
 def _reason(exc: BaseException) -> str:
     """The operating system's words for a failure (``Address already in use``), without the
     ``[Errno 98]`` prefix; the exception's text when there are none."""
@@ -71,6 +83,7 @@ def _serve(args: argparse.Namespace) -> int:
             "public_endpoint": args.public_endpoint, "log_level": args.log_level,
             "upstreams": args.upstream, "service_mode": args.service_mode,
             "capacity": args.capacity, "admin_key": args.admin_key,
+            "transports": args.transports,
         }, defaults={
             # the CLI owns its process: tune the collector unless the file or
             # RELAYCORE_TUNE_GC says no
@@ -250,6 +263,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="auto (default): hubs with an app server route clients to it, others "
                             "are served by the relay; default: a hub needs an app server; "
                             "serverless: the relay serves every hub")
+    serve.add_argument("--transports", type=_transports, metavar="NAMES",
+                       help="the transports clients may use, comma-separated (env "
+                            "RELAYCORE_TRANSPORTS; default WebSockets,ServerSentEvents,"
+                            "LongPolling)")
     serve.set_defaults(func=_serve)
 
     token = sub.add_parser("token", help="print a client URL and access token for a hub "

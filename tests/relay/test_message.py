@@ -67,7 +67,8 @@ def test_a_payload_map_is_forwarded_as_is_and_a_missing_protocol_has_no_frame():
 
 def test_every_wire_format_frames_its_hub_protocol():
     assert {name: protocol for name, (protocol, _) in WIRE_FORMATS.items()} == {
-        "json": "json", "messagepack": "messagepack"}
+        "json": "json", "messagepack": "messagepack", "json+sse": "json",
+        "json+lp": "json", "messagepack+lp": "messagepack"}
 
 
 def test_fan_out_queues_on_every_open_target_and_marks_the_empty_buffers():

@@ -19,6 +19,9 @@ __all__ = [
     "MAX_NEGOTIATE_VERSION",
     "TRANSPORTS_ALL",
     "TRANSPORTS_WEBSOCKETS_ONLY",
+    "TRANSPORT_NAMES",
+    "available_transports",
+    "transport_names",
     "negotiate_error",
     "negotiate_redirect",
     "negotiate_response",
@@ -40,6 +43,9 @@ TRANSPORTS_ALL: Final[list[dict[str, Any]]] = [
     {"transport": "LongPolling", "transferFormats": ["Text", "Binary"]},
 ]
 
+#: The transports' names as negotiate spells them, in the order a .NET server lists them.
+TRANSPORT_NAMES: Final = tuple(t["transport"] for t in TRANSPORTS_ALL)
+
 #: The characters .NET's ``int.TryParse`` skips around a number (NumberStyles.Integer).
 _DOTNET_WHITESPACE: Final = " \t\n\v\f\r"
 _INT32_MIN: Final = -(2**31)
@@ -53,6 +59,35 @@ def _copy_transports(transports: Iterable[Mapping[str, Any]]) -> list[dict[str, 
         {"transport": t["transport"], "transferFormats": list(t["transferFormats"])}
         for t in transports
     ]
+
+
+def transport_names(names: Iterable[str]) -> list[str]:
+    """``names`` as negotiate spells them (any case in, ``WebSockets`` out), each once, in
+    the .NET server's order; raises ``ValueError`` naming an unknown one.
+
+    >>> transport_names(["longpolling", "WebSockets"])
+    ['WebSockets', 'LongPolling']
+    """
+    by_lower = {name.lower(): name for name in TRANSPORT_NAMES}
+    wanted = set()
+    for name in names:
+        known = by_lower.get(name.strip().lower())
+        if known is None:
+            raise ValueError(f"unknown transport {name!r}: one of {', '.join(TRANSPORT_NAMES)}")
+        wanted.add(known)
+    return [name for name in TRANSPORT_NAMES if name in wanted]
+
+
+def available_transports(names: Iterable[str]) -> list[dict[str, Any]]:
+    """The ``availableTransports`` entries of the transports ``names`` (``transport_names``),
+    each with its transfer formats, in the .NET server's order: the client tries them in the
+    order listed (§1.3), so WebSockets stays first whatever order a setting names them in.
+
+    >>> [t["transport"] for t in available_transports(["LongPolling", "ServerSentEvents"])]
+    ['ServerSentEvents', 'LongPolling']
+    """
+    wanted = set(transport_names(names))
+    return _copy_transports(t for t in TRANSPORTS_ALL if t["transport"] in wanted)
 
 
 def negotiate_response(

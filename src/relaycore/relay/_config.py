@@ -16,6 +16,8 @@ from collections.abc import Iterable, Mapping
 from typing import Any, Union
 from urllib.parse import quote
 
+from ..protocol._negotiate import transport_names
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # the backport, same API (a dependency on 3.10)
@@ -116,6 +118,17 @@ class RelayConfig:
     handshake_timeout: float = 15.0
     #: A negotiated connection id that is not used by a WebSocket in this long is forgotten.
     negotiate_timeout: float = 15.0
+    #: The transports negotiate offers and the client endpoint serves (``WebSockets``,
+    #: ``ServerSentEvents``, ``LongPolling``; any case); negotiate lists them in ASP.NET
+    #: Core's order whatever the order here.
+    transports: list[str] = dataclasses.field(
+        default_factory=lambda: ["WebSockets", "ServerSentEvents", "LongPolling"])
+    #: The longest a long poll is held before it is answered empty (ASP.NET Core's
+    #: PollTimeout; below the client's own 100 s limit on a poll).
+    poll_timeout: float = 90.0
+    #: A long-polling client that has had no poll waiting for this long is gone: its
+    #: connection is closed (ASP.NET Core's DisconnectTimeout).
+    poll_idle_timeout: float = 15.0
     #: Largest hub message a client may send (a reassembled WebSocket message).
     max_message_size: int = 1 << 20
     #: Bytes queued for one client before the slow-consumer policy closes it (control
@@ -200,7 +213,8 @@ class RelayConfig:
             raise _SettingError("access_keys",
                                 "access_keys: at least one non-empty access key is required")
         for name in ("keep_alive_interval", "client_timeout", "handshake_timeout",
-                     "negotiate_timeout", "close_timeout", "server_keep_alive_interval",
+                     "negotiate_timeout", "poll_timeout", "poll_idle_timeout",
+                     "close_timeout", "server_keep_alive_interval",
                      "server_timeout", "upstream_timeout", "upstream_concurrency",
                      "max_message_size", "send_buffer_limit", "server_send_buffer_limit",
                      "max_request_body",
@@ -221,6 +235,12 @@ class RelayConfig:
         if self.service_mode not in ("auto", "default", "serverless"):
             raise _SettingError("service_mode", f"service_mode must be auto, default or "
                                 f"serverless, got {self.service_mode!r}")
+        try:
+            self.transports = transport_names(self.transports)
+        except ValueError as exc:
+            raise _SettingError("transports", f"transports: {exc}") from None
+        if not self.transports:
+            raise _SettingError("transports", "transports: at least one transport is required")
         if self.log_level.upper() not in LOG_LEVELS:
             raise _SettingError("log_level", f"log_level must be one of {', '.join(LOG_LEVELS)}, "
                                 f"got {self.log_level!r}")

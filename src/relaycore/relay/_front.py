@@ -1,4 +1,4 @@
-"""The HTTP front of a relay node: accepting, routing, negotiate, and the WebSocket upgrade.
+"""The HTTP front of a relay node: accepting, routing, negotiate, and the client transports.
 
 Theory of operation
 -------------------
@@ -10,6 +10,16 @@ a ``ClientSession`` carried by a ``WebSocketTransport``, an upgrade of ``/server
 poller's epoll set and no task (``Peer.start``). The front keeps the set of live peers, which
 bounds the connections a node holds (``max_connections``) and which the ticker, the drain and
 the fault switch walk.
+
+The other client transports are plain requests to ``/client`` that name the connection token
+negotiate handed out (``id=``), as ASP.NET Core serves them (client-protocol §2): a ``GET``
+that accepts ``text/event-stream`` opens a ``ServerSentEventsTransport`` (the response's head
+is written here; then the socket is that peer's, as after an upgrade), another ``GET`` is a
+long poll of a ``LongPollingTransport`` (the first one opens it and is answered at once),
+``POST`` carries the client's messages and ``DELETE`` ends a long-polling connection. Each
+request is authenticated like the negotiate, and must come from the user that negotiated; a
+waiting poll is its client's connection, not an HTTP connection waiting for a request (it is
+never evicted to make room). ``transports`` says which of the three are served.
 
 Limits: ``admit`` refuses a new TCP connection past ``max_connections`` plus a few for HTTP
 (health checks, negotiates) and evicts the HTTP connection that waited longest when
@@ -23,13 +33,15 @@ import contextlib
 import dataclasses
 import logging
 import secrets
+from typing import Any
 
+import h11
 import trio
 
 from ..protocol._auth import user_id_from_claims, wire_hub_name
 from ..protocol._errors import RemoteProtocolError
 from ..protocol._negotiate import (
-    TRANSPORTS_WEBSOCKETS_ONLY,
+    available_transports,
     negotiate_error,
     negotiate_response,
     parse_negotiate_version,
@@ -37,11 +49,14 @@ from ..protocol._negotiate import (
 from ..protocol._websocket import accept_key, is_valid_client_key
 from ._config import RelayConfig
 from ._http import HttpConnection, HttpError, Request, Response, query_without
+from ._longpolling import LongPollingTransport
+from ._message import hold_formats, release_formats
 from ._operations import Operations
 from ._peer import Flusher, Peer, PeerIO, Poller, aclose_quietly
 from ._rest import RestApi
 from ._server import ServerConnection
 from ._session import ClientSession
+from ._sse import FIRST_CHUNK, RESPONSE_HEADERS, ServerSentEventsTransport
 from ._tokens import RequestAuth
 from ._transport import WebSocketTransport
 
@@ -82,6 +97,33 @@ class _Pending:
     connection_id: str
     hub: str
     expires: float
+    #: who negotiated: only that user may use the token
+    user_id: str | None = None
+
+
+#: The transports whose connections are plain HTTP requests naming their token.
+_HttpTransport = ServerSentEventsTransport | LongPollingTransport
+_HTTP_TRANSPORTS = (ServerSentEventsTransport, LongPollingTransport)
+#: What carries a client session (what the drain waits for).
+_CLIENT_TRANSPORTS = (WebSocketTransport, *_HTTP_TRANSPORTS)
+
+#: What a long poll's answers say about caching, as ASP.NET Core's (``AddNoCacheHeaders``).
+_NO_CACHE = [("Cache-Control", "no-cache, no-store"), ("Pragma", "no-cache"),
+             ("Expires", "Thu, 01 Jan 1970 00:00:00 GMT")]
+
+#: A ``/client`` request that names no connection.
+_NO_CONNECTION_ID = ("the client endpoint expects a WebSocket upgrade, or the connection id "
+                     "(id=...) negotiate handed out for Server-Sent Events or long polling")
+
+
+def _accepts_event_stream(request: Request) -> bool:
+    """Whether the request accepts ``text/event-stream`` (an ``EventSource``'s ``GET``)."""
+    return any(item.split(";", 1)[0].strip().lower() == "text/event-stream"
+               for item in request.headers.get("accept", "").split(","))
+
+
+def _is_client_path(path: str) -> bool:
+    return path.rstrip("/") == "/client"
 
 
 #: File descriptors kept back from ``max_connections``'s default: listeners, log files, the
@@ -104,29 +146,51 @@ class HttpFront:
         #: what the peers this front creates share (they tell ``forget`` when they are gone)
         self.io = PeerIO(poller, flusher, config.close_timeout, ops.stats, self.forget)
         self.rest = RestApi(config, ops, auth, faults=self)
-        #: every upgraded connection, client or server, until its socket is closed
-        self.live: set[Peer] = set()
+        #: every client transport and upgraded server connection, until it is over
+        self.live: set[Peer | LongPollingTransport] = set()
         self._live_clients = 0
         self._all_gone: trio.Event | None = None
         #: every HTTP connection not (yet) upgraded, oldest first, with the scope that ends it
         self._http: dict[trio.SocketStream, trio.CancelScope] = {}
         self.max_connections = config.max_connections or open_file_budget()
-        #: negotiated connection tokens not yet used by a WebSocket, with their expiry
+        #: negotiated connection tokens not yet used by a transport, with their expiry
         self._pending: dict[str, _Pending] = {}
+        #: the open Server-Sent Events and long-polling connections, by their token
+        self._by_token: dict[str, _HttpTransport] = {}
+        #: whether clients may use Server-Sent Events or long polling
+        self._http_transports = bool({"ServerSentEvents", "LongPolling"}
+                                     & set(config.transports))
         #: The fault-injection switch (``inject_fault``); ``none`` in normal operation.
         self.fault_mode = "none"
         #: Set when a ``silence`` fault ends: the upgrades it held get their answer.
         self._silence_lifted = trio.Event()
 
-    def forget(self, peer: Peer) -> None:
-        """A peer's socket is closed: it no longer counts (``PeerIO.forget``)."""
+    def forget(self, peer: Peer | LongPollingTransport) -> None:
+        """A peer's socket is closed (a long-polling connection is over): it no longer counts
+        (``PeerIO.forget``)."""
         if peer not in self.live:
             return
         self.live.remove(peer)
-        if isinstance(peer, WebSocketTransport):
+        if isinstance(peer, _HTTP_TRANSPORTS):
+            if self._by_token.get(peer.token) is peer:
+                del self._by_token[peer.token]
+            release_formats(peer.FORMATS)
+        if isinstance(peer, _CLIENT_TRANSPORTS):
             self._live_clients -= 1
             if self._all_gone is not None and not self._live_clients:
                 self._all_gone.set()
+
+    def _add_live(self, peer: Peer | LongPollingTransport) -> None:
+        self.live.add(peer)
+        if isinstance(peer, _HTTP_TRANSPORTS):
+            # Before its session can take one of them, until forget: see _message._framed.
+            hold_formats(peer.FORMATS)
+        if isinstance(peer, _CLIENT_TRANSPORTS):
+            self._live_clients += 1
+
+    def client_transports(self) -> list[WebSocketTransport | _HttpTransport]:
+        """The transports of every client session (what a drain closes)."""
+        return [peer for peer in self.live if isinstance(peer, _CLIENT_TRANSPORTS)]
 
     async def clients_gone(self, timeout: float) -> None:
         """Wait until every client transport is gone, or ``timeout``."""
@@ -201,9 +265,7 @@ class HttpFront:
             # poller's epoll set, no task, no HTTP state (idle connections are the relay's
             # memory). This task ends.
             peer, trailing = upgraded
-            self.live.add(peer)
-            if isinstance(peer, WebSocketTransport):
-                self._live_clients += 1
+            self._add_live(peer)
             peer.start(stream, trailing)
 
     async def _serve_http(self, stream: trio.abc.Stream) -> tuple[Peer, bytes] | None:
@@ -223,7 +285,14 @@ class HttpFront:
                     return None
                 if request.is_websocket_upgrade:
                     return await self._upgrade(http, request)
-                response = await self.route(request)
+                if (request.method == "GET" and self._http_transports
+                        and _is_client_path(request.path)):
+                    served = await self._client_get(http, request)
+                    if not isinstance(served, Response):
+                        return served  # an event stream (its peer), or a poll's client left
+                    response = served
+                else:
+                    response = await self.route(request)
             except HttpError as exc:
                 await http.send_response(self._with_cors(request, Response.error(exc)),
                                          close=True)
@@ -271,9 +340,16 @@ class HttpFront:
             if request.method != "POST":
                 raise HttpError(405, "negotiate expects POST", headers=[("Allow", "POST")])
             return self._negotiate(request)
-        if path.rstrip("/") == "/client":
-            raise HttpError(400, "the client endpoint expects a WebSocket upgrade "
-                                 "(Server-Sent Events and long polling are not enabled)")
+        if _is_client_path(path):
+            if not self._http_transports:
+                raise HttpError(400, "the client endpoint expects a WebSocket upgrade "
+                                     "(Server-Sent Events and long polling are not enabled)")
+            if request.method == "POST":
+                return self._client_post(request)
+            if request.method == "DELETE":
+                return self._client_delete(request)
+            raise HttpError(405, "the client endpoint expects GET, POST or DELETE",
+                            headers=[("Allow", "GET, POST, DELETE")])
         raise HttpError(404, f"no such endpoint: {request.method} {path}")
 
     def _with_cors(self, request: Request | None, response: Response) -> Response:
@@ -304,7 +380,7 @@ class HttpFront:
 
     def _negotiate(self, request: Request) -> Response:
         hub = self._hub_of(request)
-        self.auth.authenticate(request, "client", hub)
+        claims = self.auth.authenticate(request, "client", hub)
         if self.ops.draining:
             raise HttpError(503, "the relay is shutting down; negotiate again elsewhere")
         try:
@@ -314,10 +390,11 @@ class HttpFront:
         connection_id = self.ops.new_connection_id()
         token = secrets.token_urlsafe(24) if version >= 1 else connection_id
         self._pending[token] = _Pending(connection_id, hub,
-                                        self.ops.now() + self.config.negotiate_timeout)
+                                        self.ops.now() + self.config.negotiate_timeout,
+                                        user_id_from_claims(claims))
         return Response.json(200, negotiate_response(
             connection_id, token if version >= 1 else None, version,
-            transports=TRANSPORTS_WEBSOCKETS_ONLY))
+            transports=available_transports(self.config.transports)))
 
     async def _upgrade(self, http: HttpConnection, request: Request
                        ) -> tuple[Peer, bytes] | None:
@@ -349,29 +426,174 @@ class HttpFront:
                              or user_id_from_claims(claims) or secrets.token_hex(8))
                 return await self._accept(http, key, ServerConnection(
                     self.io, self.ops, hub=hub, server_id=server_id, now=self.ops.now()))
+            if "WebSockets" not in self.config.transports:
+                raise HttpError(404, "WebSockets transport not supported by this end point type")
             token = request.arg("id")
             if token is not None:
-                pending = self._pending.pop(token, None)
-                if pending is None or pending.hub != hub:
-                    raise HttpError(404, "unknown or expired connection id; negotiate again")
-                connection_id = pending.connection_id
+                connection_id = self._take_pending(token, hub, claims)
             else:  # skipNegotiation
                 connection_id = self.ops.new_connection_id()
-            limit = self.config.max_connections_per_hub
-            if limit and self.ops.connection_count(hub) >= limit:
-                raise HttpError(429, f"hub '{hub}' has reached its limit of {limit} connections")
+            self._check_hub_limit(hub)
         except HttpError as exc:
             await http.send_response(self._with_cors(request, Response.error(exc)), close=True)
             return None
-        query = query_without(request.raw_query, _QUERY_NOT_FORWARDED)
-        session = ClientSession(
-            self.ops, connection_id=connection_id, hub=hub, claims=claims,
-            user_id=user_id_from_claims(claims), query=f"?{query}" if query else "",
-            headers=_forwarded_headers(request))
+        session = self._new_session(request, connection_id, hub, claims)
         config = self.config
         return await self._accept(http, key, WebSocketTransport(
             self.io, session, max_message_size=config.max_message_size,
             send_limit=config.send_buffer_limit, now=self.ops.now()))
+
+    def _take_pending(self, token: str, hub: str, claims: dict[str, Any]) -> str:
+        """The connection id negotiate gave ``token``, which is spent: a client opens one
+        transport per negotiate. Only the user that negotiated may use it, on the same hub."""
+        if token in self._by_token:
+            raise HttpError(400, "Cannot change transports mid-connection")
+        pending = self._pending.get(token)
+        if pending is None or pending.hub != hub:
+            self._pending.pop(token, None)
+            raise HttpError(404, "unknown or expired connection id; negotiate again")
+        if pending.user_id != user_id_from_claims(claims):
+            raise HttpError(403, "the connection id was negotiated by another user")
+        del self._pending[token]
+        return pending.connection_id
+
+    def _check_room(self, hub: str) -> None:
+        """Refuse a new client when the relay drains, is full, or the hub is."""
+        if self.ops.draining:
+            raise HttpError(503, "the relay is shutting down")
+        if len(self.live) >= self.max_connections:
+            self.stats.connections_refused += 1
+            raise HttpError(503, f"the relay holds its limit of {self.max_connections} "
+                                 "connections; retry later", headers=[("Retry-After", "1")])
+        self._check_hub_limit(hub)
+
+    def _check_hub_limit(self, hub: str) -> None:
+        limit = self.config.max_connections_per_hub
+        if limit and self.ops.connection_count(hub) >= limit:
+            raise HttpError(429, f"hub '{hub}' has reached its limit of {limit} connections")
+
+    def _new_session(self, request: Request, connection_id: str, hub: str,
+                     claims: dict[str, Any]) -> ClientSession:
+        query = query_without(request.raw_query, _QUERY_NOT_FORWARDED)
+        return ClientSession(
+            self.ops, connection_id=connection_id, hub=hub, claims=claims,
+            user_id=user_id_from_claims(claims), query=f"?{query}" if query else "",
+            headers=_forwarded_headers(request))
+
+    # -- Server-Sent Events and long polling ---------------------------------------------------
+
+    def _connection_of(self, request: Request) -> tuple[str, dict[str, Any], str]:
+        """A ``/client`` request's hub, claims (its token checked) and connection token."""
+        hub = self._hub_of(request)
+        token = request.arg("id")
+        if not token:
+            raise HttpError(400, _NO_CONNECTION_ID)
+        return hub, self.auth.authenticate(request, "client", hub), token
+
+    def _open_transport(self, token: str, hub: str, claims: dict[str, Any]) -> _HttpTransport:
+        """The open connection ``token`` names, if the caller is the user that opened it."""
+        transport = self._by_token.get(token)
+        if transport is None or transport.session.hub != hub:
+            raise HttpError(404, "no connection with that id; negotiate again")
+        if transport.session.user_id != user_id_from_claims(claims):
+            raise HttpError(403, "the connection belongs to another user")
+        return transport
+
+    async def _client_get(self, http: HttpConnection, request: Request
+                          ) -> Response | tuple[Peer, bytes] | None:
+        """An event stream's ``GET`` (the stream, as a peer to start), or a long poll (its
+        answer; None when its client went away while it waited)."""
+        hub, claims, token = self._connection_of(request)
+        streaming = _accepts_event_stream(request)
+        kind = "ServerSentEvents" if streaming else "LongPolling"
+        if kind not in self.config.transports:
+            raise HttpError(404, f"{kind} transport not supported by this end point type")
+        if streaming and http.conn.their_http_version != b"1.1":
+            raise HttpError(505, "an event stream needs HTTP/1.1 (its body is chunked)")
+        if token in self._by_token:
+            transport = self._open_transport(token, hub, claims)
+            if isinstance(transport, LongPollingTransport) and not streaming:
+                return await self._poll(http, transport)
+            if isinstance(transport, ServerSentEventsTransport) and streaming:
+                raise HttpError(409, "the connection's event stream is already open")
+            raise HttpError(400, "Cannot change transports mid-connection")
+        connection_id = self._take_pending(token, hub, claims)
+        self._check_room(hub)
+        session = self._new_session(request, connection_id, hub, claims)
+        config = self.config
+        if streaming:
+            return await self._open_event_stream(http, request, ServerSentEventsTransport(
+                self.io, session, token=token, send_limit=config.send_buffer_limit,
+                now=self.ops.now()))
+        transport = LongPollingTransport(
+            self.io, session, token=token, send_limit=config.send_buffer_limit,
+            poll_timeout=config.poll_timeout, idle_timeout=config.poll_idle_timeout,
+            clock=self.ops.now)
+        self._by_token[token] = transport
+        self._add_live(transport)
+        # The first poll is answered at once: the client sends its handshake after it.
+        return Response(200, headers=list(_NO_CACHE), content_type="application/octet-stream")
+
+    async def _open_event_stream(self, http: HttpConnection, request: Request,
+                                 transport: ServerSentEventsTransport) -> tuple[Peer, bytes]:
+        """Write the event stream's head and first chunk; the socket is then the peer's."""
+        head = self._with_cors(request, Response(200, headers=list(RESPONSE_HEADERS)))
+        # No Content-Length: h11 frames the body in chunks, which the wire format continues.
+        data = http.conn.send(h11.Response(status_code=200, headers=head.headers))
+        data += http.conn.send(h11.Data(data=FIRST_CHUNK))
+        await http.stream.send_all(data)
+        # From here on no task switch until the peer starts: a POST finds a running stream.
+        self._by_token[transport.token] = transport
+        return transport, b""
+
+    async def _poll(self, http: HttpConnection, transport: LongPollingTransport
+                    ) -> Response | None:
+        """Hold a long poll until there is something for it, its time is up, or the
+        connection ends (204); its client leaving ends the wait, not the connection."""
+        stream = http.stream
+        # A waiting poll is its client's connection: no HTTP request is late, none is evicted.
+        scope = self._http.pop(stream, None)  # type: ignore[call-overload]
+        left = False
+
+        async def until_client_leaves(cancel_scope: trio.CancelScope) -> None:
+            nonlocal left
+            try:
+                while data := await stream.receive_some(65536):
+                    http.conn.receive_data(bytes(data))  # a pipelined request waits its turn
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass
+            left = True
+            cancel_scope.cancel()
+
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(until_client_leaves, nursery.cancel_scope)
+                data = await transport.poll()
+                nursery.cancel_scope.cancel()
+        finally:
+            if scope is not None:
+                self._http[stream] = scope  # type: ignore[index]
+        if left:
+            return None
+        if data is None:
+            return Response(204, headers=list(_NO_CACHE), content_type="text/plain")
+        return Response(200, data, list(_NO_CACHE), content_type="application/octet-stream"
+                        if data else "text/plain")
+
+    def _client_post(self, request: Request) -> Response:
+        """The client's messages, for its session (Server-Sent Events or long polling)."""
+        hub, claims, token = self._connection_of(request)
+        self._open_transport(token, hub, claims).receive_posted(request.body, self.ops.now())
+        return Response(200, content_type="text/plain")
+
+    def _client_delete(self, request: Request) -> Response:
+        """A long-polling client stops: its connection ends now (a waiting poll gets 204)."""
+        hub, claims, token = self._connection_of(request)
+        transport = self._open_transport(token, hub, claims)
+        if not isinstance(transport, LongPollingTransport):
+            raise HttpError(400, "Cannot terminate this connection using the DELETE endpoint.")
+        transport.drop()
+        return Response(202, content_type="text/plain")
 
     async def _hold_silenced(self, stream: trio.abc.Stream) -> None:
         """A ``silence`` fault: leave an app server's upgrade unanswered, as a blocked port

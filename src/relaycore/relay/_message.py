@@ -1,11 +1,13 @@
-"""A hub message to fan out, encoded once per wire format and framed once.
+"""A hub message to fan out, encoded once per hub protocol and framed once per wire format.
 
-A *wire format* is a hub protocol as one transport frames it: today ``json`` (WebSocket text
-frames) and ``messagepack`` (WebSocket binary frames); each client session names its own in
-``wire_format``. ``OutboundMessage.frame(wire_format)`` returns the complete frame for clients
-of that format, computed on first use and then shared by every target: encode once, write
-many. A transport that frames differently (Server-Sent Events, say) adds its format to
-``WIRE_FORMATS``.
+A *wire format* is a hub protocol as one transport frames it: ``json`` (WebSocket text
+frames), ``messagepack`` (WebSocket binary frames), ``json+sse`` (Server-Sent Events in the
+chunks of a streamed response), ``json+lp`` and ``messagepack+lp`` (long-poll bodies: the hub
+protocol's bytes as they are); each client session names its own in ``wire_format``.
+``OutboundMessage.frame(wire_format)`` returns the complete frame for clients of that format,
+computed on first use and then shared by every target: encode once, write many. A format
+other than the WebSocket ones is framed only while a transport that may use it is open
+(``hold_formats``), so that a relay without such clients does no more work per message.
 """
 
 from __future__ import annotations
@@ -24,12 +26,66 @@ def _websocket(opcode: Opcode) -> Callable[[bytes], bytes]:
     return lambda payload: frame(opcode, payload)
 
 
+def server_sent_event(payload: bytes) -> bytes:
+    """``payload`` as one Server-Sent Event in one chunk of a chunked response body.
+
+    The event is ASP.NET Core's (``ServerSentEventsMessageFormatter``): every line of the
+    payload (split on LF, a CR before it dropped) becomes ``data: <line>`` + CRLF, and a blank
+    line ends the event; JSON has no raw line breaks, so a hub message is one ``data:`` line.
+    The response is chunked, as Kestrel streams it, so that its end (``0`` CRLF CRLF) says the
+    server closed the stream on purpose; each chunk is one whole event.
+
+    >>> server_sent_event(b'{"type":6}\\x1e')
+    b'15\\r\\ndata: {"type":6}\\x1e\\r\\n\\r\\n\\r\\n'
+    """
+    if b"\n" in payload:
+        lines = [line[:-1] if line.endswith(b"\r") else line for line in payload.split(b"\n")]
+        event = b"".join([b"data: " + line + b"\r\n" for line in lines]) + b"\r\n"
+    else:
+        event = b"data: " + payload + b"\r\n\r\n"
+    return b"%x\r\n%b\r\n" % (len(event), event)
+
+
+def _as_is(payload: bytes) -> bytes:
+    return payload
+
+
 #: Wire format -> (hub protocol, how a payload of it is framed). Over WebSockets a format is
 #: its hub protocol's name: JSON travels in text frames, MessagePack in binary ones
-#: (``HUB_PROTOCOL_OPCODES``; client-protocol §2.1).
+#: (``HUB_PROTOCOL_OPCODES``; client-protocol §2.1). Server-Sent Events carry JSON only, one
+#: event per write (§2.3); a long poll's body is the hub protocol's bytes, nothing around
+#: them (§2.4).
 WIRE_FORMATS: dict[str, tuple[str, Callable[[bytes], bytes]]] = {
-    name: (name, _websocket(opcode)) for name, opcode in HUB_PROTOCOL_OPCODES.items()
+    **{name: (name, _websocket(opcode)) for name, opcode in HUB_PROTOCOL_OPCODES.items()},
+    "json+sse": ("json", server_sent_event),
+    **{f"{name}+lp": (name, _as_is) for name in HUB_PROTOCOL_OPCODES},
 }
+#: The formats every fan-out frames: the WebSocket ones, whoever is connected.
+_ALWAYS_FRAMED = tuple(HUB_PROTOCOL_OPCODES)
+#: How many open transports of this process may use each other format (``hold_formats``).
+_holders: dict[str, int] = {}
+#: What ``fan_out`` frames a message for: the WebSocket formats, and the others while a
+#: transport that may use them is open. A connection whose format has no frame would be
+#: skipped without a word, so a transport holds its formats from before its session can
+#: take one until after it has left every table.
+_framed: tuple[str, ...] = _ALWAYS_FRAMED
+
+
+def hold_formats(names: Iterable[str]) -> None:
+    """A transport that may carry ``names`` is open: frame fan-outs for them too."""
+    global _framed
+    for name in names:
+        _holders[name] = _holders.get(name, 0) + 1
+    _framed = _ALWAYS_FRAMED + tuple(name for name in WIRE_FORMATS if _holders.get(name))
+
+
+def release_formats(names: Iterable[str]) -> None:
+    """The transport that held ``names`` is gone (once per ``hold_formats``)."""
+    global _framed
+    for name in names:
+        _holders[name] -= 1
+    _framed = _ALWAYS_FRAMED + tuple(name for name in WIRE_FORMATS if _holders.get(name))
+
 #: Not framed yet (``None`` in a frame cache means "no payload for that protocol").
 _UNSEEN = object()
 
@@ -41,7 +97,7 @@ class OutboundMessage:
     is: the relay picks the entry for each client's protocol and never re-encodes it.
     """
 
-    __slots__ = ("target", "arguments", "payloads", "_frames")
+    __slots__ = ("target", "arguments", "payloads", "_frames", "_encoded")
 
     def __init__(
         self,
@@ -56,6 +112,8 @@ class OutboundMessage:
         self.arguments = list(arguments)
         self.payloads = {k.lower(): bytes(v) for k, v in (payloads or {}).items()}
         self._frames: dict[str, bytes | None] = {}
+        #: An invocation's payload per hub protocol, once encoded (formats share it).
+        self._encoded: dict[str, bytes] | None = None
 
     @classmethod
     def invocation(cls, target: str, *arguments: Any) -> OutboundMessage:
@@ -65,7 +123,14 @@ class OutboundMessage:
         """The framed hub message for ``protocol_name``, or ``None`` if there is none."""
         if self.target is None:
             return self.payloads.get(protocol_name)
-        return get_protocol(protocol_name).write_invocation(self.target, self.arguments)
+        encoded = self._encoded
+        if encoded is None:
+            encoded = self._encoded = {}
+        data = encoded.get(protocol_name)
+        if data is None:
+            data = encoded[protocol_name] = get_protocol(protocol_name).write_invocation(
+                self.target, self.arguments)
+        return data
 
     def payload_map(self) -> dict[str, bytes]:
         """The message as an app server sends it: hub protocol -> framed hub message (what
@@ -95,11 +160,12 @@ def fan_out(targets: Iterable[Any], message: OutboundMessage, flusher: Flusher,
     shared frame to each open connection's send buffer and lists the buffers that were empty
     with the flusher, which sends everything queued in this scheduling round with one
     ``write()`` per connection. Connections that would pass ``limit`` get nothing and go
-    through ``enqueue``, which closes them as slow consumers.
+    through ``enqueue``, which closes them as slow consumers. The message is framed for the
+    formats in use (``_framed``), so a relay without HTTP transports frames it as before.
     """
     if isinstance(targets, (tuple, list)) and len(targets) <= 2:
         return _fan_out_few(targets, message)
-    frames = {name: message.frame(name) for name in WIRE_FORMATS}
+    frames = {name: message.frame(name) for name in _framed}
     delivered, over = queue_frame(targets, frames, ConnState.OPEN, limit, flusher.dirty)
     flusher.wake()
     for conn in over:

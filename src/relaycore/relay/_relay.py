@@ -41,7 +41,6 @@ from ._peer import ConnState, Flusher, Poller
 from ._server import ServerConnection
 from ._stats import RelayStats
 from ._tokens import RequestAuth
-from ._transport import WebSocketTransport
 from ._upstream import Upstream
 
 log = logging.getLogger("relaycore.relay")
@@ -221,7 +220,7 @@ class Relay:
         (so it reconnects, to another node if there is one) and wait until all have gone or
         ``timeout`` (default: ``close_timeout``) has passed."""
         self.ops.draining = True
-        for peer in [p for p in self.front.live if isinstance(p, WebSocketTransport)]:
+        for peer in self.front.client_transports():
             peer.session.close(reason, allow_reconnect=True)
         await self.front.clients_gone(self.config.close_timeout if timeout is None else timeout)
         for peer in list(self.front.live):

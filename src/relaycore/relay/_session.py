@@ -70,8 +70,9 @@ class Transport(Protocol):
     last_send: float
     _out: bytearray
 
-    def wire_format_for(self, protocol_name: str) -> str:
-        """The fan-out's key for ``protocol_name`` as this transport frames it."""
+    def wire_format_for(self, protocol_name: str) -> str | None:
+        """The fan-out's key for ``protocol_name`` as this transport frames it; None when
+        this transport cannot carry that protocol (the handshake is refused)."""
 
     def push(self, data: bytes) -> bool:
         """Queue complete frames; False (and the session is closed) past the send limit."""
@@ -324,9 +325,16 @@ class ClientSession:
         if isinstance(accepted, HandshakeRefused):
             self._handshake_failed()
             return
+        wire_format = self.transport.wire_format_for(accepted.protocol)
+        if wire_format is None:  # ASP.NET Core's words for Binary over Server-Sent Events
+            self._handshake_failed(
+                f"Cannot use the '{accepted.protocol}' protocol on the current transport. The "
+                f"transport does not support '{accepted.hub_protocol.transfer_format}' "
+                "transfer format.")
+            return
         self.protocol_name = accepted.protocol
         self.protocol = accepted.hub_protocol
-        self.wire_format = self.transport.wire_format_for(self.protocol_name)
+        self.wire_format = wire_format
         server = self.ops.choose_server(self.hub)
         if server is not None:
             # The app server's hub answers the handshake: forward it and what follows, as is.
