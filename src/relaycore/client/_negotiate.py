@@ -163,7 +163,8 @@ async def _post(
     if response.status_code != 200:
         body = response.text[:2048]
         hint = " (is the URL the hub's URL?)" if response.status_code == 404 else ""
-        reason = response.reason_phrase or "error"
+        reason = (response.reason_phrase
+                  or httpx.codes.get_reason_phrase(response.status_code) or "error")
         raise NegotiateError(
             f"Failed to complete negotiation with the server: {response.status_code} "
             f"{reason}{hint} at {url}" + (f": {body.strip()}" if body.strip() else ""),
