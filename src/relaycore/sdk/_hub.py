@@ -557,7 +557,7 @@ class Hub:
     #: Items of one upload stream held for a hub method that reads more slowly than the
     #: client sends. Past it the stream fails (its iterator raises ``HubException``) rather
     #: than stop the server connection's reader, which carries other clients too.
-    stream_buffer_capacity: ClassVar[int] = 256
+    stream_buffer_capacity: ClassVar[int] = 1024
 
     async def on_connected(self) -> None:
         """Called when a client connected, after its handshake; may send and join groups."""
