@@ -196,7 +196,8 @@ def test_configuration_example_names_every_setting_with_its_default(tmp_path: Pa
     written |= {"upstreams"} if "[[relay.upstream]]" in blocks[0] else set()
     fields = {f.name for f in dataclasses.fields(RelayConfig)}
     assert not fields - written, f"settings missing from the example: {sorted(fields - written)}"
-    examples = {"host", "port", "access_keys", "public_endpoint", "upstreams", "admin_key"}
+    examples = {"host", "port", "access_keys", "public_endpoint", "upstreams", "admin_key",
+                "redis"}
     default = RelayConfig()
     differ = {name: (getattr(loaded, name), getattr(default, name)) for name in fields - examples
               if getattr(loaded, name) != getattr(default, name)}

@@ -216,6 +216,8 @@ RELAY_FLOORS: dict[str, int] = {
     "_resp": 1,
     # WebSocket I/O over raw file descriptors; tokens; the upstream webhooks
     "_peer": 2, "_tokens": 2, "_upstream": 2,
+    # the Redis backplane
+    "_redis": 2,
     # the fan-out's messages; the transports of a session (WebSocket, Server-Sent Events,
     # long polling)
     "_message": 3, "_transport": 3, "_sse": 3, "_longpolling": 3,

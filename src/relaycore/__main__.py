@@ -83,6 +83,7 @@ def _serve(args: argparse.Namespace) -> int:
             "public_endpoint": args.public_endpoint, "log_level": args.log_level,
             "upstreams": args.upstream, "service_mode": args.service_mode,
             "capacity": args.capacity, "admin_key": args.admin_key,
+            "redis": args.redis, "cluster_name": args.cluster_name,
             "transports": args.transports,
         }, defaults={
             # the CLI owns its process: tune the collector unless the file or
@@ -113,6 +114,9 @@ def _serve(args: argparse.Namespace) -> int:
             async with trio.open_nursery() as nursery:
                 try:
                     relay = await nursery.start(serve_relay, config)
+                except RuntimeError as exc:  # --redis without the redis extra
+                    failure.append(str(exc))
+                    return
                 except socket.gaierror as exc:
                     failure.append(f"cannot resolve host {config.host!r}: {_reason(exc)}")
                     return
@@ -126,6 +130,8 @@ def _serve(args: argparse.Namespace) -> int:
                 print(f"relaycore {__version__} listening on {config.host}:{relay.port} "
                       f"(fast path: {fast_path})", flush=True)
                 print(f"connection string: {relay.connection_string}", flush=True)
+                if config.redis is not None:
+                    print(f"cluster: {relay.backplane}", flush=True)
                 if open_files:
                     print(open_files, flush=True)
                 if config.uses_development_key:
@@ -267,6 +273,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help="the transports clients may use, comma-separated (env "
                             "RELAYCORE_TRANSPORTS; default WebSockets,ServerSentEvents,"
                             "LongPolling)")
+    serve.add_argument("--redis", metavar="URL",
+                       help="join the cluster of every relay node on this Redis: they act as "
+                            "one endpoint (redis://HOST:PORT/DB or unix:///PATH; env "
+                            "RELAYCORE_REDIS); default: this node alone, in memory")
+    serve.add_argument("--cluster-name", help="separates several clusters on one Redis "
+                       "(default relaycore)")
     serve.set_defaults(func=_serve)
 
     token = sub.add_parser("token", help="print a client URL and access token for a hub "

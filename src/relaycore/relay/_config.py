@@ -201,6 +201,16 @@ class RelayConfig:
     #: number. Process-wide, so off for a relay embedded in another program; the CLI turns
     #: it on.
     tune_gc: bool = False
+    #: Several nodes as one endpoint: every node given the same Redis (and cluster name)
+    #: serves the same clients, groups and users (``redis://host:port/db`` or
+    #: ``unix:///path?db=N``). None: this node is the whole endpoint, in memory.
+    redis: str | None = None
+    #: Separates several clusters on one Redis (the prefix of its keys and channels).
+    cluster_name: str = "relaycore"
+    #: While Redis is unreachable, operations for other nodes wait up to this many bytes and
+    #: this long, then are dropped and counted (``backplane_dropped``).
+    backplane_buffer_limit: int = 1 << 20
+    backplane_buffer_time: float = 2.0
 
     def __post_init__(self) -> None:
         for name, hint in _HINTS.items():
@@ -248,6 +258,15 @@ class RelayConfig:
             parse_rules(self.upstreams)  # fail at start, naming the bad entry
         except ValueError as exc:
             raise _SettingError("upstreams", str(exc)) from None
+        if self.redis is not None and not self.redis.startswith(("redis://", "unix://")):
+            raise _SettingError("redis", f"redis must be a redis://host:port/db or "
+                                f"unix:///path URL, got {self.redis!r}")
+        if not self.cluster_name or any(c in self.cluster_name for c in " :\t\n"):
+            raise _SettingError("cluster_name", "cluster_name must be a non-empty name without "
+                                f"spaces or ':', got {self.cluster_name!r}")
+        for name in ("backplane_buffer_limit", "backplane_buffer_time"):
+            if getattr(self, name) < 0:
+                raise _SettingError(name, f"{name} must be >= 0, got {getattr(self, name)!r}")
         if not 0 <= self.port <= 65535:
             raise _SettingError("port", f"port must be 0..65535, got {self.port}")
 

@@ -13,7 +13,8 @@ The parts, from the top down (each one only calls the ones below it):
 * the faces: ``HttpFront`` (accepting, routing, negotiate, upgrade; it holds the REST API),
   ``ClientSession`` over a ``WebSocketTransport``, ``ServerConnection``, ``Upstream``;
 * ``Operations``: every operation, once, against the table and the fan-out; it hands what
-  other nodes may need to the ``Backplane`` (``LocalBackplane``: this node is the endpoint);
+  other nodes may need to the ``Backplane`` (``LocalBackplane``: this node is the endpoint;
+  ``RedisBackplane`` when ``config.redis`` is set: every node on that Redis is one endpoint);
 * the connection table, the fan-out, and the I/O every peer shares: ``Poller``, ``Flusher``.
 
 This class owns what spans them: the ticker (timers of every peer, expiries), the drain, and
@@ -49,6 +50,17 @@ log = logging.getLogger("relaycore.relay")
 _TICK_SLICE = 1000
 
 
+def redis_backplane(config: RelayConfig, stats: RelayStats) -> Backplane:
+    """The backplane of a node of a cluster on Redis (``config.redis``); the Redis client is
+    imported only then (``hiredis``, the ``redis`` extra)."""
+    try:
+        from ._redis import RedisBackplane
+    except ImportError as exc:
+        raise RuntimeError(f"redis: the Redis backplane needs hiredis ({exc}); install it with "
+                           "pip install 'relaycore[redis]'") from None
+    return RedisBackplane.from_config(config, stats)
+
+
 class Relay:
     """A running relay node. Create it with ``serve_relay``; use its methods from trio code."""
 
@@ -58,10 +70,12 @@ class Relay:
         self.port: int = config.port
         self.flusher = Flusher()
         self.poller = Poller(self.flusher)
+        if backplane is None and config.redis is not None:
+            backplane = redis_backplane(config, self.stats)
         self.backplane: Backplane = backplane or LocalBackplane()
         self.ops = Operations(config, self.stats, self.flusher, self.backplane, self.now)
         #: this node's id, as ``Asrs-Instance-Id`` tells app servers (service-protocol §6.2)
-        self.ops.instance_id = secrets.token_hex(8)
+        self.ops.instance_id = getattr(self.backplane, "node", None) or secrets.token_hex(8)
         self.upstream = Upstream(config, self.stats, parse_rules(config.upstreams))
         self.ops.serverless = self.upstream
         self.auth = RequestAuth(

@@ -34,6 +34,21 @@ class RelayStats:
     connections_refused: int = 0
     #: Invocations refused for ``max_pending_invocations`` (answered with an error).
     invocations_refused: int = 0
+    #: The backplane (several nodes on Redis): operations published for other nodes and
+    #: applied from them; publishes Redis may not have run (the connection broke after they
+    #: were written, or Redis refused them); publishes dropped while Redis was unreachable
+    #: past the buffer's bound; publishes that reached fewer nodes than the node's directory
+    #: says hold a target (one was gone, or not subscribed again yet after Redis came back);
+    #: subscriber connections opened again (every channel subscribed again), Redis connections
+    #: lost; other nodes found gone (their heartbeat expired) and forgotten.
+    backplane_published: int = 0
+    backplane_received: int = 0
+    backplane_publish_failed: int = 0
+    backplane_dropped: int = 0
+    backplane_unrouted: int = 0
+    backplane_resubscribes: int = 0
+    backplane_disconnects: int = 0
+    backplane_nodes_gone: int = 0
     #: Requests and connections ended by an unexpected exception in the relay (each logged
     #: once with its traceback; the relay and every other connection carry on).
     internal_errors: int = 0
