@@ -6,7 +6,8 @@
 //
 //   {"id":1,"cmd":"connect","name":"a","url":"http://127.0.0.1:P/client/?hub=chat",
 //    "token":"<jwt>","protocol":"json"|"messagepack","methods":["notify"],
-//    "skipNegotiation":false, "statefulReconnect":false, "automaticReconnect":false}
+//    "skipNegotiation":false, "statefulReconnect":false, "automaticReconnect":false,
+//    "transport":"WebSockets"|"ServerSentEvents"|"LongPolling"}
 //        -> {"id":1,"ok":true,"connectionId":"..."}  or  {"id":1,"ok":false,"error":"..."}
 //   {"id":2,"cmd":"stop","name":"a"}                             -> {"id":2,"ok":true}
 //   {"id":3,"cmd":"invoke","name":"a","method":"m","args":[...]} -> {"id":3,"ok":true,"result":...}
@@ -118,8 +119,10 @@ function getConnection(name) {
 const commands = {
   async connect(msg) {
     if (connections.has(msg.name)) throw new Error(`connection '${msg.name}' already exists`);
+    const transport = msg.transport || "WebSockets";
+    if (!(transport in signalR.HttpTransportType)) throw new Error(`unknown transport '${transport}'`);
     const options = {
-      transport: signalR.HttpTransportType.WebSockets,
+      transport: signalR.HttpTransportType[transport],
       skipNegotiation: Boolean(msg.skipNegotiation),
     };
     if (msg.token !== undefined && msg.token !== null) {
