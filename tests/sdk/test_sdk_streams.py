@@ -210,6 +210,15 @@ def test_streams_fill_their_parameters_and_arguments_the_others_in_order() -> No
     assert HubMethodTable(Defaults).find("upload").uploads == ()
 
 
+@pytest.mark.parametrize("capacity", [0, -1, 2.5, "10"])
+def test_the_buffer_capacity_is_checked_when_the_hub_is_mapped(capacity: Any) -> None:
+    class Odd(Hub):
+        stream_buffer_capacity = capacity
+
+    with pytest.raises(ValueError, match="Odd.stream_buffer_capacity must be an integer >= 1"):
+        HubMethodTable(Odd)
+
+
 # --- uploads ----------------------------------------------------------------------------------
 
 

@@ -34,7 +34,7 @@ from __future__ import annotations
 import contextvars
 import logging
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -375,8 +375,8 @@ class ClientConnection:
         self, message: InvocationMessage | StreamInvocationMessage
     ) -> tuple[UploadStream, ...]:
         """The upload streams of an invocation, registered before the next message is handled
-        (its items may follow in the same batch). None at all when the method does not take as
-        many streams as were sent, or an id repeats or is in use: the invocation then fails
+        (its items may follow in the same batch). None are made when the method does not take
+        as many streams as were sent, or an id repeats or is in use: the invocation then fails
         (``_resolve``) and the items are dropped."""
         ids = message.stream_ids
         if not ids:
@@ -411,7 +411,7 @@ class ClientConnection:
         self,
         message: InvocationMessage | StreamInvocationMessage,
         uploads: tuple[UploadStream, ...],
-    ) -> Any:
+    ) -> Callable[[], Any]:
         """The hub method ``message`` calls, as a function of no arguments, or raise
         ``_InvocationError``."""
         target = message.target

@@ -681,6 +681,12 @@ class HubMethodTable:
     def __init__(self, hub_class: type[Hub]) -> None:
         if not (isinstance(hub_class, type) and issubclass(hub_class, Hub)):
             raise TypeError(f"expected a Hub subclass, got {hub_class!r}")
+        capacity = hub_class.stream_buffer_capacity
+        if type(capacity) is not int or capacity < 1:
+            raise ValueError(
+                f"{hub_class.__name__}.stream_buffer_capacity must be an integer >= 1, "
+                f"got {capacity!r}"
+            )
         self.hub_class = hub_class
         self._explicit: dict[str, HubMethod] = {}
         self._derived: dict[str, HubMethod] = {}
