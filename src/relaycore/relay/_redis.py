@@ -283,11 +283,16 @@ class RedisBackplane:
     def _send(self, channel: bytes, frame: bytes, expected: int) -> None:
         """PUBLISH ``frame``; ``expected``: how many nodes the directory says hear ``channel``
         (a reply of fewer is counted as ``backplane_unrouted``)."""
-        if not self.commands.send((b"PUBLISH", channel, frame), _Published(self.stats, expected)):
+        if not self.commands.publish(channel, frame, _Published(self.stats, expected)):
             self.stats.backplane_dropped += 1
 
     def _to_all(self, hub: str, operation: Any) -> None:
         self._send(self._all(hub), self._frame(hub, operation), len(self._hub_nodes.get(hub, ())))
+
+    def _to_user(self, hub: str, operation: Any) -> None:
+        user = operation.user_id
+        self._send(self._channel(hub, "u", user), self._frame(hub, operation),
+                   len(self._remote.get((hub, "user", user), ())))
 
     def _to_users(self, hub: str, operation: Any, users: Iterable[str]) -> None:
         frame = self._frame(hub, operation)
@@ -360,7 +365,7 @@ class RedisBackplane:
         else:
             self._memberships.get((hub, user), {}).pop(group, None)
             self.commands.send((b"HDEL", key, group))
-        self._to_users(hub, operation, (user,))
+        self._to_user(hub, operation)
 
     def _write_membership(self, hub: str, user: str, group: str, expiry: float) -> None:
         self._record_membership(hub, user, group, expiry)
@@ -659,8 +664,8 @@ _ROUTES: dict[type, Callable[[RedisBackplane, str, Any], None]] = {
     service.BroadcastDataMessage: RedisBackplane._to_all,
     service.CloseConnectionsWithAckMessage: RedisBackplane._to_all,
     service.MultiConnectionDataMessage: RedisBackplane._to_owners,
-    service.UserDataMessage: lambda b, h, m: b._to_users(h, m, (m.user_id,)),
-    service.CloseUserConnectionsWithAckMessage: lambda b, h, m: b._to_users(h, m, (m.user_id,)),
+    service.UserDataMessage: RedisBackplane._to_user,
+    service.CloseUserConnectionsWithAckMessage: RedisBackplane._to_user,
     service.MultiUserDataMessage: lambda b, h, m: b._to_users(h, m, m.user_ids),
     service.GroupBroadcastDataMessage: lambda b, h, m: b._to_groups(h, m, (m.group_name,)),
     service.CloseGroupConnectionsWithAckMessage: lambda b, h, m: b._to_groups(
