@@ -290,6 +290,21 @@ async def test_past_the_buffers_time_what_could_not_be_published_is_counted(
     assert a.stats.backplane_published == 3
 
 
+async def test_a_subscriber_cut_off_by_redis_is_counted_and_hears_again(nodes, connect):
+    a, b = nodes
+    far, _ = await open_client(connect, b, "bob")
+    await wait_for(lambda: a.backplane.holds(HUB, "user", "bob"))
+    # What Redis does to a subscriber past its output buffer limit (a stalled node).
+    b.backplane.commands.send(("CLIENT", "KILL", "TYPE", "pubsub"))
+    await wait_for(lambda: b.stats.backplane_resubscribes == 1)
+    await wait_for(lambda: a.backplane.nodes() == [b.backplane.node]
+                   and a.stats.backplane_resubscribes == 1)
+    await b.backplane.subscriber.barrier()
+    await send(Rest(a), "/users/bob/", 1)
+    await end(Rest(a))
+    assert await received_until_end(far) == [("n", [1])]
+
+
 # -- settings -----------------------------------------------------------------------------------
 
 

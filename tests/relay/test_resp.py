@@ -183,3 +183,31 @@ async def test_a_connection_that_answers_nothing_is_dropped_and_opened_again(nur
                              ping_timeout=0.2)
     await nursery.start(commands.run)
     await wait_for(lambda: commands.losses >= 1 and len(accepted) >= 2)
+
+
+async def test_a_password_and_a_database_in_the_url_are_used(nursery, tmp_path):
+    server = RedisServer(tmp_path, tcp=True).start("--requirepass", "s3cret")
+    try:
+        commands = await start_commands(nursery, f"redis://:s3cret@127.0.0.1:{server.port}/3")
+        assert b" db=3 " in await commands.call("CLIENT", "INFO")
+        wrong = RedisCommands(f"redis://:nope@127.0.0.1:{server.port}/0")
+        nursery.start_soon(wrong.run)
+        with trio.move_on_after(0.5):
+            await wrong.wait_connected()
+        assert not wrong.connected  # refused at its greeting, and trying again
+    finally:
+        server.stop()
+
+
+async def test_a_subscriber_that_redis_disconnects_subscribes_again(nursery, redis):
+    commands = await start_commands(nursery, redis.url)
+    subscriber, got = await start_subscriber(nursery, redis.url)
+    subscriber.subscribe(b"ch")
+    await subscriber.barrier()
+    # what Redis does to a subscriber past its output buffer limit
+    assert redis.command("CLIENT", "KILL", "TYPE", "pubsub").startswith(b":1")
+    await wait_for(lambda: subscriber.connects == 2 and subscriber.connected)
+    await subscriber.barrier()
+    assert await commands.call("PUBLISH", "ch", "again") == 1
+    await wait_for(lambda: got == [(b"ch", b"again")])
+    assert subscriber.losses == 1
