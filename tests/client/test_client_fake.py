@@ -620,3 +620,30 @@ def test_stop_sends_a_close_message_and_may_be_called_from_a_handler(backend):
             assert closed == [None, None]
 
     run(backend, scenario)
+
+
+@pytest.mark.parametrize("backend", TWO_BACKENDS)
+def test_a_close_callback_may_start_the_connection_again(backend):
+    async def scenario():
+        async with fake_hub() as hub:
+            connection = HubConnection(hub.url)
+            closed: list[Any] = []
+
+            async def start_again(error):
+                closed.append(error)
+                if len(closed) == 1:
+                    await connection.start()
+
+            connection.on_close(start_again)
+            await connection.start()
+            await (await hub.connection(0)).drop()
+            second = await hub.connection(1)
+            await wait_for(lambda: connection.state is HubConnectionState.CONNECTED)
+            assert connection.connection_id == "id-tok-2"
+            await second.send(InvocationMessage("ping-me", [], "s1"))
+            assert (await second.next(CompletionMessage)).error == \
+                "Client didn't provide a result."
+            await connection.stop()
+            assert [type(error).__name__ for error in closed] == ["TransportError", "NoneType"]
+
+    run(backend, scenario)

@@ -440,7 +440,8 @@ class HubConnection:
         self._connect_scope: anyio.CancelScope | None = None
         self._run_scope: anyio.CancelScope | None = None
         self._run_task_id: int | None = None
-        self._run_handle: asyncio.Task[None] | None = None
+        #: The asyncio run tasks (asyncio holds tasks weakly; trio's system tasks need none).
+        self._runs: set[asyncio.Task[None]] = set()
         self._task_group: anyio.abc.TaskGroup | None = None
         self._wake: anyio.Event | None = None
         self._done: anyio.Event | None = None
@@ -544,7 +545,7 @@ class HubConnection:
             )
         self._state = HubConnectionState.CONNECTING
         self._stopping = False
-        self._done = anyio.Event()
+        self._done = done = anyio.Event()
         try:
             with anyio.CancelScope() as scope:
                 self._connect_scope = scope
@@ -553,14 +554,17 @@ class HubConnection:
                 raise HubConnectionError("The connection was stopped during negotiation.")
         except BaseException:
             self._state = HubConnectionState.DISCONNECTED
-            self._done.set()
+            done.set()
             raise
         finally:
             self._connect_scope = None
         self._link = link
         self._state = HubConnectionState.CONNECTED
-        self._run_scope = anyio.CancelScope()
-        self._run_handle = _spawn_detached(lambda: self._run(link))
+        self._run_scope = scope = anyio.CancelScope()
+        task = _spawn_detached(lambda: self._run(link, scope, done))
+        if task is not None:
+            self._runs.add(task)
+            task.add_done_callback(self._runs.discard)
 
     async def stop(self) -> None:
         """Close the connection: a Close message, the WebSocket closed, reconnecting
@@ -799,12 +803,17 @@ class HubConnection:
 
     # -- the run task -------------------------------------------------------------------------
 
-    async def _run(self, link: _Link) -> None:
-        """Everything after ``start()``: serve the link, reconnect, end (see the module doc)."""
+    async def _run(self, link: _Link, scope: anyio.CancelScope, done: anyio.Event) -> None:
+        """Everything after ``start()``: serve the link, reconnect, end (see the module doc).
+
+        ``scope`` is what ``stop()`` cancels, ``done`` what it waits for. They, like the task
+        group, are this run's own: a close callback may start the connection again, and the
+        new run must not see this one's leftovers.
+        """
         self._run_task_id = anyio.get_current_task().id
         error: BaseException | None = None
-        scope = self._run_scope
-        assert scope is not None
+        finished = False
+        task_group: anyio.abc.TaskGroup | None = None
         try:
             async with anyio.create_task_group() as task_group:
                 self._task_group = task_group
@@ -817,27 +826,26 @@ class HubConnection:
                         if may_reconnect and self._retry is not None and not self._stopping:
                             current, error = await self._reconnect(error)
                 with anyio.CancelScope(shield=True):
-                    await self._finish(None if self._stopping else error)
+                    finished = True
+                    await self._finish(None if self._stopping else error, done)
                 task_group.cancel_scope.cancel()  # handlers still running, upload pumps
         except Exception:  # a bug; the connection must still end cleanly
             _log.exception("the hub connection's run task failed")
-            with anyio.CancelScope(shield=True):
-                await self._finish(None)
+            if not finished:
+                with anyio.CancelScope(shield=True):
+                    await self._finish(None, done)
         finally:
-            self._task_group = None
-            self._run_handle = None
+            if self._task_group is task_group:
+                self._task_group = None
 
-    async def _finish(self, error: BaseException | None) -> None:
-        if self._state is HubConnectionState.DISCONNECTED:
-            return
+    async def _finish(self, error: BaseException | None, done: anyio.Event) -> None:
         link, self._link = self._link, None
         if link is not None:
             await link.ws.aclose()
         self._fail_pending(error)
         self._state = HubConnectionState.DISCONNECTED
         await self._call_back("close", self._close_callbacks, error)
-        if self._done is not None:
-            self._done.set()
+        done.set()
 
     async def _serve(self, link: _Link) -> tuple[BaseException | None, bool]:
         """Run one link until its transport ends: why, and whether reconnecting may follow."""
@@ -866,7 +874,8 @@ class HubConnection:
         """New connections until one works (the new link) or the policy gives up (the error
         for the close callbacks)."""
         assert self._retry is not None
-        reason: BaseException = error or HubConnectionError("the server closed the connection")
+        reason: BaseException = error or HubConnectionError(
+            "The server closed the connection and invited the client to reconnect.")
         self._state = HubConnectionState.RECONNECTING
         await self._call_back("reconnecting", self._reconnecting_callbacks, reason)
         began = anyio.current_time()
