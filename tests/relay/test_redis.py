@@ -124,6 +124,29 @@ async def test_every_send_on_one_node_reaches_the_clients_of_the_other_once_in_o
     assert b.stats.backplane_published == 0
 
 
+async def test_a_message_goes_only_to_the_nodes_that_hold_a_target(nursery, redis, connect):
+    a, b, c = [await start_node(nursery, redis) for _ in range(3)]
+    await wait_for(lambda: len(a.backplane.nodes()) == 2 and len(c.backplane.nodes()) == 2)
+    far, far_id = await open_client(connect, b, "bob")
+    b.ops.add_connection_to_group(HUB, "g", far_id)
+    carol, _ = await open_client(connect, c, "carol")  # a client of the hub, not bob's
+    await wait_for(lambda: a.backplane.holds(HUB, "group", "g")
+                   and a.backplane.holds(HUB, "user", "carol"))
+    rest = Rest(a)
+    await send(rest, "/users/bob/", 1)
+    await send(rest, f"/connections/{far_id}/", 2)
+    await send(rest, "/groups/g/", 3)
+    await send(rest, "/users/nobody/", 4)
+    await send(rest, "/groups/empty/", 5)
+    await send(rest, "/", 6)
+    assert [args for _, args in [await received_until_end_or_first(far) for _ in range(4)]] == [
+        [1], [2], [3], [6]]
+    assert await received_until_end_or_first(carol) == ("n", [6])
+    assert c.stats.backplane_received == 1  # the broadcast only: it came after the others
+    assert (a.stats.backplane_published, b.stats.backplane_received) == (6, 4)
+    assert a.stats.backplane_unrouted == 0
+
+
 async def test_a_group_join_answered_on_one_node_is_in_force_for_the_next_send(nodes, connect):
     a, b = nodes
     rest = Rest(a)
