@@ -211,3 +211,13 @@ async def test_a_subscriber_that_redis_disconnects_subscribes_again(nursery, red
     assert await commands.call("PUBLISH", "ch", "again") == 1
     await wait_for(lambda: got == [(b"ch", b"again")])
     assert subscriber.losses == 1
+
+
+async def test_what_on_connect_sends_first_goes_before_the_buffer(nursery, redis):
+    commands = RedisCommands(redis.url)
+    replies: list = []
+    commands.on_connect = lambda: commands.send_first(("SET", "k", "first"), replies.append)
+    commands.send(("GET", "k"), replies.append)  # buffered before the connection opens
+    await nursery.start(commands.run)
+    await wait_for(lambda: len(replies) == 2)
+    assert replies == [b"OK", b"first"]

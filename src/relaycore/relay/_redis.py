@@ -552,7 +552,7 @@ class RedisBackplane:
         lost = self.commands.losses + self.subscriber.losses
         self.stats.backplane_disconnects += lost - self._losses_seen
         self._losses_seen = lost
-        self._say_alive()
+        self._say_alive(first=True)  # before the buffered messages that name this node
         now = time.time()
         for (hub, user), groups in list(self._memberships.items()):
             for group, expiry in list(groups.items()):
@@ -595,10 +595,14 @@ class RedisBackplane:
                 self._node_heard = trio.Event()
                 await self._node_heard.wait()
 
-    def _say_alive(self) -> None:
-        info = f"host={socket.gethostname()} pid={os.getpid()}"
-        self.commands.send((b"SET", self._alive_key(self.node), info, b"PX",
-                            int(self.heartbeat * 3000)))
+    def _say_alive(self, first: bool = False) -> None:
+        command = (b"SET", self._alive_key(self.node),
+                   f"host={socket.gethostname()} pid={os.getpid()}", b"PX",
+                   int(self.heartbeat * 3000))
+        if first:
+            self.commands.send_first(command)
+        else:
+            self.commands.send(command)
 
     async def _check_nodes(self) -> None:
         """Every heartbeat: refresh this node's key, and forget the nodes whose key expired."""

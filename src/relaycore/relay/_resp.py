@@ -346,8 +346,9 @@ class RedisCommands(_Link):
         super().__init__(address, ping_interval=ping_interval, ping_timeout=ping_timeout)
         self.buffer_limit = buffer_limit
         self.buffer_time = buffer_time
-        #: Called each time a connection opens, after what waited in the buffer: what the
-        #: owner must say again on a new connection (Redis may have restarted empty).
+        #: Called each time a connection opens, before anything is written: what the owner
+        #: must say again on a new connection (Redis may have restarted empty) goes after
+        #: what waited in the buffer, or before it with ``send_first``.
         self.on_connect = on_connect
         #: Since when the connection is down (None while it is up).
         self.down_since: float | None = None
@@ -363,6 +364,13 @@ class RedisCommands(_Link):
             return False
         self._queue(data, handler)
         return True
+
+    def send_first(self, args: Sequence[Arg], handler: Handler | None = None) -> None:
+        """Queue one command ahead of what waits in the buffer: for ``on_connect``, before the
+        connection writes anything."""
+        self._out[0:0] = pack(args)
+        self._queued.appendleft(handler)
+        self._wake.set()
 
     def publish(self, channel: bytes, message: bytes, handler: Handler | None = None) -> bool:
         """``send`` of ``PUBLISH channel message``, packed here (the hot path's command)."""
