@@ -43,6 +43,7 @@ RUN_BY = {
     "app-server-run": "test_readme_app_server_runs_and_answers_a_client",
     "rest-send": "test_readme_token_and_rest_send_reach_a_client",
     "embedded-relay": "test_readme_embedded_relay_runs_and_ends",
+    "python-client": "test_readme_python_client_calls_the_app_server",
 }
 
 _FENCE = re.compile(r"^```(\S*)\s*$")
@@ -281,6 +282,27 @@ async def test_readme_app_server_runs_and_answers_a_client(
         assert {"type": 1, "target": "newMessage", "arguments": ["alice", "hello"]} in received, \
             received
         assert {"type": 3, "invocationId": "1", "result": "sent"} in received, received
+
+        await app.stop()
+
+
+async def test_readme_python_client_calls_the_app_server(
+        relay_factory: RelayFactory, tmp_path: Path,
+        snippet_processes: list[SnippetProcess]) -> None:
+    relay = await relay_factory(access_key=DEVELOPMENT_ACCESS_KEY)
+    ports = {"8080": relay.port, "8000": free_port()}
+    (tmp_path / "app.py").write_text(as_run_here(block("app-server").code, ports))
+    app = SnippetProcess("the README's app server", snippet_env(tmp_path))
+    snippet_processes.append(app)
+    async with trio.open_nursery() as nursery:
+        await app.start(nursery, as_run_here(block("app-server-run").code, ports), tmp_path)
+        await negotiate(f"http://127.0.0.1:{app.port}", relay, app)  # its hub is up
+
+        # The Python client, as written: negotiate with the app, redirected to the relay,
+        # SendMessage answered, and the hub's broadcast received first.
+        client = block("python-client")
+        stdout = await run_snippet(client, as_run_here(client.code, ports), tmp_path)
+        assert stdout.splitlines() == ["alice says hello", "sent"], stdout
 
         await app.stop()
 
