@@ -7,6 +7,7 @@ drop, and once Redis is back (empty) subscribe again and say again what they hol
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import msgpack
@@ -187,6 +188,27 @@ async def test_a_user_group_membership_reaches_the_users_connections_on_every_no
     assert [args for _, args in await received_until_end(bob1)] == [[2]]
     assert [args for _, args in await received_until_end(bob2)] == [[2]]
     assert [args for _, args in await received_until_end(bob3)] == [[2]]
+
+
+async def test_a_users_first_connection_on_a_node_finds_its_memberships_in_redis(
+        nodes, connect, redis):
+    a, b = nodes
+    rest = Rest(a)
+    response = await rest.call("PUT", f"/api/hubs/{HUB}/groups/fans/users/dora",
+                               params={"ttl": "60"})
+    assert response.is_success
+    await rest.call("PUT", f"/api/hubs/{HUB}/groups/gone/users/dora")
+    await rest.call("DELETE", f"/api/hubs/{HUB}/groups/gone/users/dora")
+    await wait_for(lambda: b"fans" in redis.command("HGETALL", "rc:test:chat:ug:dora"))
+    # a membership whose time has passed (its expiry is a wall-clock time)
+    redis.command("HSET", "rc:test:chat:ug:dora", "old", str(time.time() - 1))
+    # B never heard of dora: its first connection of her reads the hash.
+    dora, dora_id = await open_client(connect, b, "dora")
+    await wait_for(lambda: b.ops.connection(HUB, dora_id).groups == {"fans"})
+    assert b.ops.user_in_group(HUB, "fans", "dora")
+    await send(rest, "/groups/fans/", 1)
+    await end(rest)
+    assert await received_until_end(dora) == [("n", [1])]
 
 
 async def test_existence_checks_on_one_node_see_what_the_other_holds(nodes, connect):

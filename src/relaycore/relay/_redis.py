@@ -524,10 +524,11 @@ class RedisBackplane:
                 replies = [None] * len(batch)  # read again after the next subscription
             now = time.time()
             for (hub, user), reply in zip(batch, replies, strict=True):
-                waiting = self._loading.pop(self._channel(hub, "u", user), None)
-                if waiting is None:
+                channel = self._channel(hub, "u", user)
+                waiting = self._loading.pop(channel, [])
+                if (hub, "user", user) not in self._held:
                     continue  # the user's last connection left meanwhile
-                if isinstance(reply, list) and (hub, "user", user) in self._held:
+                if isinstance(reply, list):
                     for group, expiry in zip(reply[::2], reply[1::2], strict=True):
                         left = float(expiry) - now
                         if left > 0:
@@ -536,6 +537,8 @@ class RedisBackplane:
                                 user, group.decode(), left))  # type: ignore[arg-type]
                 for message_hub, message in waiting:
                     self._apply(message_hub, message)
+                if (hub, user) in self._loads:  # to be read again: hold back meanwhile
+                    self._loading[channel] = []
 
     def _call(self, hub: str, message: Any) -> None:
         assert self._receive is not None
