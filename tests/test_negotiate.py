@@ -9,10 +9,12 @@ from relaycore.protocol._negotiate import (
     MAX_NEGOTIATE_VERSION,
     TRANSPORTS_ALL,
     TRANSPORTS_WEBSOCKETS_ONLY,
+    available_transports,
     negotiate_error,
     negotiate_redirect,
     negotiate_response,
     parse_negotiate_version,
+    transport_names,
 )
 
 WEBSOCKETS = [{"transport": "WebSockets", "transferFormats": ["Text", "Binary"]}]
@@ -123,3 +125,19 @@ def test_parse_negotiate_version_of_a_negative_integer_raises_the_dotnet_text() 
     assert str(caught.value) == (
         "The client requested version '-1', but the server does not support this version."
     )
+
+
+def test_transport_names_are_spelled_as_negotiate_spells_them_once_in_dotnet_order() -> None:
+    assert transport_names(["longpolling", " WebSockets ", "LONGPOLLING"]) == [
+        "WebSockets", "LongPolling"]
+    with pytest.raises(ValueError, match="unknown transport 'ws'"):
+        transport_names(["ws"])
+
+
+def test_available_transports_keep_dotnet_order_and_formats() -> None:
+    assert available_transports(["LongPolling", "ServerSentEvents", "WebSockets"]) == TRANSPORTS_ALL
+    assert available_transports(["ServerSentEvents"]) == [
+        {"transport": "ServerSentEvents", "transferFormats": ["Text"]}]
+    listed = available_transports(["WebSockets"])
+    listed[0]["transferFormats"].append("Bogus")
+    assert available_transports(["WebSockets"]) == WEBSOCKETS

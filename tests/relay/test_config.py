@@ -163,3 +163,49 @@ def test_bad_upstream_settings_are_rejected_naming_the_entry():
         parse_rules(["http://ok/{event}", "ftp://nope"])
     with pytest.raises(ValueError, match="unknown upstream settings"):
         parse_rules([{"url_template": "http://x", "hub": "chat"}])
+
+
+# -- transports -----------------------------------------------------------------------------------
+
+
+def test_every_transport_is_served_by_default():
+    assert RelayConfig().transports == ["WebSockets", "ServerSentEvents", "LongPolling"]
+
+
+@pytest.mark.parametrize("source", ["env", "toml", "flag"])
+def test_transports_come_from_every_source_spelled_as_negotiate_spells_them(tmp_path, source):
+    from relaycore.__main__ import build_parser
+
+    if source == "env":
+        config = RelayConfig.load(env={"RELAYCORE_TRANSPORTS": "longpolling, WEBSOCKETS"})
+    elif source == "toml":
+        path = write(tmp_path, 'transports = ["longpolling", "WEBSOCKETS"]\n')
+        config = RelayConfig.load(toml_path=path, env={})
+    else:
+        args = build_parser().parse_args(["serve", "--transports", "longpolling,WEBSOCKETS"])
+        config = RelayConfig.load(env={}, overrides={"transports": args.transports})
+    assert config.transports == ["WebSockets", "LongPolling"]
+
+
+@pytest.mark.parametrize(("value", "says"), [
+    ("Polling", "unknown transport 'Polling'"),
+    ("", "at least one transport"),
+])
+def test_a_bad_transport_setting_names_the_variable(value, says):
+    with pytest.raises(ValueError, match=says) as raised:
+        RelayConfig.load(env={"RELAYCORE_TRANSPORTS": value})
+    assert "RELAYCORE_TRANSPORTS" in str(raised.value)
+
+
+def test_the_transports_flag_refuses_an_unknown_name(capsys):
+    from relaycore.__main__ import build_parser
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "--transports", "WebSockets,Carrier-Pigeon"])
+    assert "argument --transports: unknown transport 'Carrier-Pigeon'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["poll_timeout", "poll_idle_timeout"])
+def test_poll_times_must_be_positive(name):
+    with pytest.raises(ValueError, match=f"{name} must be > 0"):
+        RelayConfig(**{name: 0})

@@ -19,7 +19,7 @@ import trio.testing
 from relayfakes import HUB, FakeSession, make_ops
 
 from relaycore.protocol._auth import TokenValidator, generate_access_token
-from relaycore.relay import RelayConfig
+from relaycore.relay import OutboundMessage, RelayConfig
 from relaycore.relay._front import HttpFront
 from relaycore.relay._tokens import RequestAuth
 from relayhelpers import KEY, client_token, rest_token
@@ -351,4 +351,216 @@ async def test_websocket_with_unknown_connection_id_answers_404(relay):
                      "Upgrade": "websocket", "Sec-WebSocket-Version": "13",
                      "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ=="})
     assert r.status_code == 404
+
+
+
+# -- Server-Sent Events and long polling: negotiate and routing ---------------------------------
+
+
+async def test_negotiate_lists_every_transport_by_default_in_aspnet_cores_order():
+    for version in (None, 1):
+        body = (await exchange(make_front(), negotiate(version=version))).json()
+        assert body["availableTransports"] == [
+            {"transport": "WebSockets", "transferFormats": ["Text", "Binary"]},
+            {"transport": "ServerSentEvents", "transferFormats": ["Text"]},
+            {"transport": "LongPolling", "transferFormats": ["Text", "Binary"]},
+        ]
+
+
+async def test_negotiate_lists_only_the_configured_transports():
+    front = make_front(transports=["longpolling", "WebSockets"])
+    body = (await exchange(front, negotiate())).json()
+    assert [t["transport"] for t in body["availableTransports"]] == ["WebSockets",
+                                                                     "LongPolling"]
+
+
+def client_request(method: str, token: str, *, user: str | None = "alice", body: bytes = b"",
+                   headers: str = "", hub: str = HUB) -> bytes:
+    auth = f"Authorization: Bearer {client_token(hub, user)}\r\n"
+    return request(method, f"/client/?hub={hub}&id={token}&_=1", auth + headers, body)
+
+
+async def negotiated(front: HttpFront, user: str | None = "alice") -> tuple[str, str]:
+    """(connection id, connection token) of a fresh negotiate by ``user``."""
+    raw = request("POST", f"/client/negotiate?hub={HUB}&negotiateVersion=1",
+                  f"Authorization: Bearer {client_token(HUB, user)}\r\n")
+    body = (await exchange(front, raw)).json()
+    return body["connectionId"], body["connectionToken"]
+
+
+async def test_a_long_polling_connection_through_the_front():
+    front = make_front()
+    connection_id, token = await negotiated(front)
+
+    first = await exchange(front, client_request("GET", token))  # answered at once
+    assert (first.status, first.body) == (200, b"")
+    assert first.headers["content-type"] == "application/octet-stream"
+    assert first.headers["content-length"] == "0"
+    assert first.headers["cache-control"] == "no-cache, no-store"
+    assert first.headers["pragma"] == "no-cache"
+    assert first.headers["expires"] == "Thu, 01 Jan 1970 00:00:00 GMT"
+
+    sent = await exchange(front, client_request("POST", token,
+                                                body=b'{"protocol":"json","version":1}\x1e'))
+    assert (sent.status, sent.body, sent.headers["content-type"]) == (200, b"", "text/plain")
+    answer = await exchange(front, client_request("GET", token))
+    assert (answer.status, answer.body) == (200, b"{}\x1e")
+    assert front.ops.connection(HUB, connection_id) is not None
+
+    front.ops.send_to_connection(HUB, connection_id, OutboundMessage.invocation("n", 1))
+    answer = await exchange(front, client_request("GET", token))
+    assert answer.body == b'{"type":1,"target":"n","arguments":[1]}\x1e'
+
+    deleted = await exchange(front, client_request("DELETE", token))
+    assert deleted.status == 202
+    assert front.ops.connection(HUB, connection_id) is None  # forgotten at once
+    assert not front.live and token not in front._by_token
+    assert (await exchange(front, client_request("GET", token))).status == 404
+    assert (await exchange(front, client_request("POST", token, body=b"{}"))).status == 404
+
+
+async def test_a_poll_with_nothing_to_take_waits_the_poll_timeout(autojump_clock):
+    front = make_front(poll_timeout=30)
+    _, token = await negotiated(front)
+    await exchange(front, client_request("GET", token))
+    started = trio.current_time()
+    answer = await exchange(front, client_request("GET", token))
+    assert (answer.status, answer.body) == (200, b"")
+    assert answer.headers["content-type"] == "text/plain"
+    assert trio.current_time() - started == pytest.approx(30)
+
+
+async def test_a_waiting_poll_is_never_evicted_for_room_and_a_delete_answers_it_204():
+    front = make_front(max_http_connections=1)
+    _, token = await negotiated(front)
+    await exchange(front, client_request("GET", token))
+    client, server = trio.testing.memory_stream_pair()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(front.handle_stream, server)
+        await client.send_all(client_request("GET", token))
+        await trio.testing.wait_all_tasks_blocked()
+        assert front.admit() is None  # room for one HTTP connection: the poll takes none
+        assert front.stats.http_evictions == 0
+        assert (await exchange(front, client_request("DELETE", token))).status == 202
+        received = bytearray()
+        while chunk := await client.receive_some(65536):
+            received += chunk
+    assert Answer(bytes(received)).status == 204
+
+
+async def test_a_poll_whose_client_leaves_ends_its_wait_not_the_connection():
+    front = make_front()
+    connection_id, token = await negotiated(front)
+    await exchange(front, client_request("GET", token))
+    await exchange(front, client_request("POST", token,
+                                         body=b'{"protocol":"json","version":1}\x1e'))
+    client, server = trio.testing.memory_stream_pair()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(front.handle_stream, server)
+        await client.send_all(client_request("GET", token))  # takes the handshake answer
+        assert await client.receive_some(65536)
+        client2, server2 = trio.testing.memory_stream_pair()
+        nursery.start_soon(front.handle_stream, server2)
+        await client2.send_all(client_request("GET", token))
+        await trio.testing.wait_all_tasks_blocked()
+        await client2.aclose()  # an aborted poll
+        await client.aclose()
+    (transport,) = front.live
+    assert transport._waiting is None
+    assert front.ops.connection(HUB, connection_id) is not None
+
+
+@pytest.mark.parametrize(
+    ("raw", "status", "says"),
+    [
+        (request("GET", "/client/?hub=chat", f"Authorization: Bearer {client_token(HUB)}\r\n"),
+         400, "expects a WebSocket upgrade, or the connection id"),
+        (request("POST", "/client/?hub=chat"), 400, "connection id"),
+        (client_request("GET", "no-such-token"), 404, "negotiate again"),
+        (client_request("POST", "no-such-token", body=b"{}"), 404, "no connection"),
+        (client_request("DELETE", "no-such-token"), 404, "no connection"),
+        (client_request("PUT", "any"), 405, "GET, POST or DELETE"),
+        (request("GET", "/client/?hub=chat&id=x"), 401, "token"),
+    ],
+)
+async def test_client_requests_that_cannot_be_served_are_answered_with_why(raw, status, says):
+    answer = await exchange(make_front(), raw)
+    assert answer.status == status and says in answer.json()["message"]
+
+
+async def test_a_connection_token_serves_only_the_user_that_negotiated_it():
+    front = make_front()
+    _, token = await negotiated(front, user="alice")
+    refused = await exchange(front, client_request("GET", token, user="mallory"))
+    assert refused.status == 403 and "another user" in refused.json()["message"]
+    assert refused.headers["content-type"].startswith("application/json")
+    assert (await exchange(front, client_request("GET", token))).status == 200  # still alice's
+    for method in ("POST", "GET", "DELETE"):
+        answer = await exchange(front, client_request(method, token, user=None, body=b"{}"))
+        assert answer.status == 403, method
+    ws = request("GET", f"/client/?hub=chat&id={token}&access_token={client_token(HUB, 'alice')}",
+                 UPGRADE)
+    answer = await exchange(front, ws)
+    assert answer.status == 400 and "Cannot change transports" in answer.json()["message"]
+
+
+async def test_a_token_negotiated_on_one_hub_does_not_open_a_connection_on_another():
+    front = make_front()
+    _, token = await negotiated(front)
+    answer = await exchange(front, client_request("GET", token, hub="news"))
+    assert answer.status == 404
+
+
+async def test_a_post_before_any_transport_opened_finds_no_connection():
+    front = make_front()
+    _, token = await negotiated(front)
+    answer = await exchange(front, client_request("POST", token, body=b"{}"))
+    assert answer.status == 404
+    assert (await exchange(front, client_request("GET", token))).status == 200  # unspent
+
+
+@pytest.mark.parametrize(
+    ("transports", "raw_headers", "says"),
+    [
+        (["WebSockets", "ServerSentEvents"], "", "LongPolling transport not supported"),
+        (["WebSockets", "LongPolling"], "Accept: text/event-stream\r\n",
+         "ServerSentEvents transport not supported"),
+    ],
+)
+async def test_a_transport_not_configured_is_404(transports, raw_headers, says):
+    front = make_front(transports=transports)
+    _, token = await negotiated(front)
+    answer = await exchange(front, client_request("GET", token, headers=raw_headers))
+    assert answer.status == 404 and says in answer.json()["message"]
+
+
+async def test_websockets_can_be_turned_off_too():
+    front = make_front(transports=["LongPolling"])
+    answer = await exchange(front, upgrade())
+    assert answer.status == 404 and "WebSockets transport" in answer.json()["message"]
+
+
+async def test_without_http_transports_the_client_endpoint_expects_an_upgrade():
+    front = make_front(transports=["WebSockets"])
+    _, token = await negotiated(front)
+    for method in ("GET", "POST", "DELETE"):
+        answer = await exchange(front, client_request(method, token))
+        assert answer.status == 400 and "not enabled" in answer.json()["message"], method
+
+
+async def test_an_event_stream_over_http_1_0_is_refused():
+    front = make_front()
+    _, token = await negotiated(front)
+    raw = client_request("GET", token, headers="Accept: text/event-stream\r\n")
+    answer = await exchange(front, raw.replace(b"HTTP/1.1", b"HTTP/1.0"))
+    assert answer.status == 505
+
+
+async def test_a_long_polling_connection_changed_to_an_event_stream_is_refused():
+    front = make_front()
+    _, token = await negotiated(front)
+    await exchange(front, client_request("GET", token))
+    answer = await exchange(front, client_request("GET", token,
+                                                  headers="Accept: text/event-stream\r\n"))
+    assert answer.status == 400 and "Cannot change transports" in answer.json()["message"]
 
