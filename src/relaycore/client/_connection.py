@@ -300,8 +300,8 @@ class HubStream:
         if self._pending is None:
             if self._closed:
                 raise HubConnectionError(f"the stream of {self._target!r} was closed")
-            self._invocation_id, self._pending = await self._connection._start_stream(
-                self._target, self._args
+            self._invocation_id, self._pending = await self._connection._call(
+                self._target, self._args, streaming=True
             )
         return self._pending
 
@@ -615,15 +615,8 @@ class HubConnection:
         ends first. Async-iterable arguments are uploaded as client-to-server streams.
         Cancelling the caller forgets the call (SignalR cannot cancel an invocation).
         """
-        link = self._require_link()
-        arguments, streams = self._split_streams(args)
-        invocation_id = str(next(self._ids))
-        pending = _Pending(streaming=False)
-        self._pending[invocation_id] = pending
+        invocation_id, pending = await self._call(target, args, streaming=False)
         try:
-            await self._send_on(link, InvocationMessage(
-                target, arguments, invocation_id, tuple(streams)))
-            self._upload(link, streams)
             while not pending.done:
                 await pending.changed()
         finally:
@@ -641,15 +634,22 @@ class HubConnection:
         """
         return HubStream(self, target, args)
 
-    async def _start_stream(self, target: str, args: tuple[Any, ...]) -> tuple[str, _Pending]:
+    async def _call(self, target: str, args: tuple[Any, ...],
+                    streaming: bool) -> tuple[str, _Pending]:
+        """Send an Invocation (or a StreamInvocation) that expects an answer; its id and the
+        ``_Pending`` that receives the answer, registered before the message leaves."""
         link = self._require_link()
         arguments, streams = self._split_streams(args)
         invocation_id = str(next(self._ids))
-        pending = _Pending(streaming=True)
+        pending = _Pending(streaming)
         self._pending[invocation_id] = pending
+        message: HubMessage
+        if streaming:
+            message = StreamInvocationMessage(invocation_id, target, arguments, tuple(streams))
+        else:
+            message = InvocationMessage(target, arguments, invocation_id, tuple(streams))
         try:
-            await self._send_on(link, StreamInvocationMessage(
-                invocation_id, target, arguments, tuple(streams)))
+            await self._send_on(link, message)
         except BaseException:
             self._pending.pop(invocation_id, None)
             raise
