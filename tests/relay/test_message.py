@@ -11,7 +11,13 @@ from relayfakes import frames, records
 from relaycore.protocol._hub import InvocationMessage, JsonHubProtocol, MessagePackHubProtocol
 from relaycore.protocol._websocket import Opcode
 from relaycore.relay import OutboundMessage
-from relaycore.relay._message import WIRE_FORMATS, fan_out, queue_payloads
+from relaycore.relay._message import (
+    WIRE_FORMATS,
+    fan_out,
+    hold_formats,
+    queue_payloads,
+    release_formats,
+)
 from relaycore.relay._peer import ConnState, Flusher
 
 JSON, MSGPACK = JsonHubProtocol(), MessagePackHubProtocol()
@@ -116,3 +122,31 @@ def test_queue_payloads_frames_each_payload_for_the_targets_of_its_protocol():
     only_json = [Target("messagepack"), Target()]
     assert queue_payloads(only_json, {"json": payloads["json"]}) == 1
     assert not only_json[0]._out and only_json[0].enqueued == 0
+
+
+def test_the_http_formats_carry_the_protocols_bytes_as_they_are_or_as_events():
+    message = OutboundMessage.invocation("notify", "a\nb")
+    assert message.frame("json+lp") == JSON.write_invocation("notify", ["a\nb"])
+    assert message.frame("messagepack+lp") == MSGPACK.write_invocation("notify", ["a\nb"])
+    event = b'data: {"type":1,"target":"notify","arguments":["a\\nb"]}\x1e\r\n\r\n'
+    assert message.frame("json+sse") == b"%x\r\n%b\r\n" % (len(event), event)
+    assert OutboundMessage(payloads={"json": b"{}\x1e"}).frame("messagepack+lp") is None
+
+
+def test_a_fan_out_frames_the_http_formats_only_while_a_transport_holds_them():
+    flusher = Flusher()
+    targets = [Target(), Target("json+lp"), Target("messagepack+lp"), Target("json+sse")]
+    message = OutboundMessage.invocation("n", 1)
+    assert fan_out(targets, message, flusher, 1 << 20) == 1  # no transport may use them
+    assert set(message._frames) == {"json", "messagepack"}
+    held = ("json+lp", "messagepack+lp", "json+sse")
+    hold_formats(held)
+    hold_formats(held[:1])
+    try:
+        assert fan_out(targets, OutboundMessage.invocation("n", 2), flusher, 1 << 20) == 4
+        release_formats(held)
+        assert fan_out(targets, OutboundMessage.invocation("n", 3), flusher, 1 << 20) == 2
+    finally:
+        release_formats(held[:1])
+    assert targets[1]._out == JSON.write_invocation("n", [2]) + JSON.write_invocation("n", [3])
+    assert targets[2]._out == MSGPACK.write_invocation("n", [2])

@@ -1,4 +1,4 @@
-"""A hub message to fan out, encoded once per hub protocol and framed once per wire format.
+"""A hub message to fan out, encoded and framed once per wire format.
 
 A *wire format* is a hub protocol as one transport frames it: ``json`` (WebSocket text
 frames), ``messagepack`` (WebSocket binary frames), ``json+sse`` (Server-Sent Events in the
@@ -97,7 +97,7 @@ class OutboundMessage:
     is: the relay picks the entry for each client's protocol and never re-encodes it.
     """
 
-    __slots__ = ("target", "arguments", "payloads", "_frames", "_encoded")
+    __slots__ = ("target", "arguments", "payloads", "_frames")
 
     def __init__(
         self,
@@ -112,8 +112,6 @@ class OutboundMessage:
         self.arguments = list(arguments)
         self.payloads = {k.lower(): bytes(v) for k, v in (payloads or {}).items()}
         self._frames: dict[str, bytes | None] = {}
-        #: An invocation's payload per hub protocol, once encoded (formats share it).
-        self._encoded: dict[str, bytes] | None = None
 
     @classmethod
     def invocation(cls, target: str, *arguments: Any) -> OutboundMessage:
@@ -123,14 +121,7 @@ class OutboundMessage:
         """The framed hub message for ``protocol_name``, or ``None`` if there is none."""
         if self.target is None:
             return self.payloads.get(protocol_name)
-        encoded = self._encoded
-        if encoded is None:
-            encoded = self._encoded = {}
-        data = encoded.get(protocol_name)
-        if data is None:
-            data = encoded[protocol_name] = get_protocol(protocol_name).write_invocation(
-                self.target, self.arguments)
-        return data
+        return get_protocol(protocol_name).write_invocation(self.target, self.arguments)
 
     def payload_map(self) -> dict[str, bytes]:
         """The message as an app server sends it: hub protocol -> framed hub message (what
@@ -146,7 +137,10 @@ class OutboundMessage:
         if data is not _UNSEEN:
             return data  # type: ignore[return-value]
         protocol_name, framing = WIRE_FORMATS[wire_format]
-        payload = self.payload(protocol_name)
+        # An event holds the bytes a long poll takes: the two share one encoding. (The
+        # WebSocket formats encode their own, so that they pay for nothing else.)
+        payload = (self.frame("json+lp") if framing is server_sent_event
+                   else self.payload(protocol_name))
         data = None if payload is None else framing(payload)
         self._frames[wire_format] = data
         return data
