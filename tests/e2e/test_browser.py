@@ -38,13 +38,17 @@ const params = new URLSearchParams(location.search);
 const log = (line) => { document.getElementById("log").textContent += line + "\\n"; };
 window.lines = () => document.getElementById("log").textContent.split("\\n");
 (async () => {
+  const options = { accessTokenFactory: () => params.get("token") };
+  const transport = params.get("transport");
+  if (transport) options.transport = signalR.HttpTransportType[transport];
   const builder = new signalR.HubConnectionBuilder()
-    .withUrl(params.get("url"), { accessTokenFactory: () => params.get("token") })
+    .withUrl(params.get("url"), options)
     .configureLogging(signalR.LogLevel.Warning);
   if (params.get("protocol") === "messagepack") {
     builder.withHubProtocol(new signalR.protocols.msgpack.MessagePackHubProtocol());
   }
   const connection = builder.build();
+  window.connection = connection;
   connection.on("notify", (text) => log("notify:" + text));
   connection.onclose((error) => log("closed:" + (error ? error.message : "")));
   await connection.start();
@@ -105,10 +109,10 @@ async def site(nursery) -> StaticSite:
 
 
 async def open_page(browser, site: StaticSite, relay: RelayProcess, protocol: str,
-                    user: str) -> tuple[Page, str]:
+                    user: str, transport: str = "") -> tuple[Page, str]:
     query = urllib.parse.urlencode({"url": relay.client_url("chat"),
                                     "token": relay.client_token("chat", user),
-                                    "protocol": protocol})
+                                    "protocol": protocol, "transport": transport})
     page = await browser.open(f"http://127.0.0.1:{site.port}/?{query}")
     line = await page.wait_for(
         "window.lines().find(l => l.startsWith('connected:') || l.startsWith('error:'))",
@@ -131,3 +135,26 @@ async def test_browser_client_receives_rest_sends_and_a_close_with_reason(
     await rest.close_connection(alice_id, reason="bye from the server")
     closed = await alice.wait_for("window.lines().find(l => l.startsWith('closed:'))")
     assert "bye from the server" in closed
+
+
+@pytest.mark.parametrize(("transport", "protocol"), [
+    ("ServerSentEvents", "json"), ("LongPolling", "json"), ("LongPolling", "messagepack")])
+async def test_browser_client_over_server_sent_events_and_long_polling(
+        browser, site, relay: RelayProcess, rest: Rest, transport, protocol):
+    """The same across origins on the HTTP transports: the event stream's GET carries the
+    token in its query and needs CORS headers, the POSTs, polls and DELETE are preflighted."""
+    alice, alice_id = await open_page(browser, site, relay, protocol, "alice", transport)
+    bob, bob_id = await open_page(browser, site, relay, protocol, "bob", transport)
+    await rest.send_user("alice", "notify", "for alice")
+    await rest.send_all("notify", "for everyone")
+    await alice.wait_for("window.lines().includes('notify:for everyone')")
+    await bob.wait_for("window.lines().includes('notify:for everyone')")
+    assert "notify:for alice" in await alice.evaluate("window.lines()")
+    assert "notify:for alice" not in await bob.evaluate("window.lines()")
+    await rest.close_connection(alice_id, reason="bye from the server")
+    closed = await alice.wait_for("window.lines().find(l => l.startsWith('closed:'))")
+    assert "bye from the server" in closed
+    await rest.head(f"/connections/{bob_id}", expect=200)
+    await bob.evaluate("window.connection.stop()")
+    assert await bob.wait_for("window.lines().find(l => l.startsWith('closed:'))") == "closed:"
+    await rest.wait_status("HEAD", f"/connections/{bob_id}", 404, timeout=5)
