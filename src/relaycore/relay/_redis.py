@@ -46,11 +46,11 @@ second per thousand connections that come and go); for many nodes with heavy chu
 existence could instead be asked of the owner named in the id.
 
 A node's own changes are published only once the subscriptions they imply are in force (a
-PING answered on the subscriber connection): a node that learns that another holds a group
-can publish to the group's channel and be heard. For the short time between a join sent to
-another node and that node's presence saying it holds the group, sends to the group also go
-to that node's inbox (the sequence number drops the second copy): a group join answered here is
-in force for the next send from here.
+PING answered on the subscriber connection): a node that learns that another holds a group, a
+user or a connection of a hub can publish to its channel and be heard. For the short time
+between a join sent to another node and that node's presence saying it holds the group, sends
+to the group also go to that node's inbox (the sequence number drops the second copy): a group
+join answered here is in force for the next send from here.
 
 **User-group memberships** (a user's current and later connections, with a TTL) live in a
 Redis hash per user, ``{hub}:ug:{user}`` (group -> expiry, wall-clock), written with the notice
@@ -108,17 +108,26 @@ Entry = tuple[str, str, str]  # (hub, kind, key)
 
 class _Published:
     """What a PUBLISH of an operation reached, counted: fewer nodes than expected (one gone,
-    or not subscribed again yet after Redis came back), dropped, or maybe not run."""
+    or not subscribed again yet after Redis came back), dropped, or maybe not run.
 
-    __slots__ = ("stats", "expected")
+    Redis counts this node among the receivers when it hears the channel too. It surely did
+    when the node's subscription was confirmed before the PUBLISH was queued and still is when
+    the reply comes: only then is this node expected as well (a subscription that came about
+    meanwhile may or may not have been in force)."""
 
-    def __init__(self, stats: RelayStats, expected: int) -> None:
+    __slots__ = ("stats", "expected", "channel", "subscriber", "mine")
+
+    def __init__(self, stats: RelayStats, expected: int, channel: bytes,
+                 subscriber: RedisSubscriber) -> None:
         self.stats = stats
         self.expected = expected
+        self.channel = channel
+        self.subscriber = subscriber
+        self.mine = channel in subscriber.confirmed
 
     def __call__(self, value: Any) -> None:
         if type(value) is int:
-            if value < self.expected:
+            if value < self.expected + (self.mine and self.channel in self.subscriber.confirmed):
                 self.stats.backplane_unrouted += 1
         elif isinstance(value, Dropped):
             self.stats.backplane_dropped += 1
@@ -283,7 +292,8 @@ class RedisBackplane:
     def _send(self, channel: bytes, frame: bytes, expected: int) -> None:
         """PUBLISH ``frame``; ``expected``: how many nodes the directory says hear ``channel``
         (a reply of fewer is counted as ``backplane_unrouted``)."""
-        if not self.commands.publish(channel, frame, _Published(self.stats, expected)):
+        if not self.commands.publish(channel, frame, _Published(self.stats, expected, channel,
+                                                                self.subscriber)):
             self.stats.backplane_dropped += 1
 
     def _to_all(self, hub: str, operation: Any) -> None:
@@ -493,7 +503,7 @@ class RedisBackplane:
                 await self._deltas_wake.wait()
                 continue
             batch, self._deltas = self._deltas, []
-            if any(present and kind != "connection" for present, _, kind, _ in batch):
+            if any(present for present, _, _, _ in batch):  # new subscriptions, maybe
                 try:
                     await self.subscriber.barrier()
                 except RedisUnavailable:

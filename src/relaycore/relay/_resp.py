@@ -451,8 +451,10 @@ class RedisSubscriber(_Link):
         #: Run (as a task of the connection) each time a connection has subscribed every
         #: channel again.
         self.on_subscribed = on_subscribed
-        #: The channels this connection is (or is about to be) subscribed to.
+        #: The channels this connection is (or is about to be) subscribed to, and those Redis
+        #: has confirmed on this connection.
         self.channels: set[bytes] = set()
+        self.confirmed: set[bytes] = set()
         #: Waiting ``barrier`` calls, answered by the PINGs' pongs in order.
         self._barriers: collections.deque[Handler | None] = collections.deque()
 
@@ -525,7 +527,11 @@ class RedisSubscriber(_Link):
             if kind == b"pong":
                 _deliver(self._barriers.popleft(), None)
                 return
-            if kind in (b"subscribe", b"unsubscribe"):
+            if kind == b"subscribe":
+                self.confirmed.add(value[1])
+                return
+            if kind == b"unsubscribe":
+                self.confirmed.discard(value[1])
                 return
         if value == b"PONG":  # PING before any subscription
             _deliver(self._barriers.popleft(), None)
@@ -537,6 +543,7 @@ class RedisSubscriber(_Link):
 
     def _lost(self, exc: BaseException) -> None:
         super()._lost(exc)
+        self.confirmed.clear()
         waiting, self._barriers = self._barriers, collections.deque()
         for handler in waiting:
             _deliver(handler, RedisUnavailable("the subscriber connection was lost"))
