@@ -354,6 +354,19 @@ async def test_a_subscriber_cut_off_by_redis_is_counted_and_hears_again(nodes, c
     assert await received_until_end(far) == [("n", [1])]
 
 
+async def test_a_message_a_node_cannot_read_is_logged_and_the_node_carries_on(
+        nodes, connect, redis, caplog):
+    a, b = nodes
+    far, _ = await open_client(connect, b, "bob")
+    await wait_for(lambda: a.backplane.holds(HUB, "user", "bob"))
+    inbox = f"rc:test:n:{b.backplane.node}"
+    for garbage in ("o", "ox 1 chat\nnot a frame", "p\xc1", "?"):
+        assert redis.command("PUBLISH", inbox, garbage) == b":1\r\n"
+    await send(Rest(a), "/users/bob/", 1)
+    assert await received_until_end_or_first(far) == ("n", [1])
+    assert "could not be handled" in caplog.text
+
+
 # -- settings -----------------------------------------------------------------------------------
 
 
