@@ -1,7 +1,7 @@
 """The client against the real relay (serverless hub: REST sends): in-process under trio, a
-subprocess under asyncio and uvloop. Connects in JSON and MessagePack, receives every kind of
-send, is closed by the relay with a reason, reconnects after the relay drops it, times out a
-silent relay."""
+subprocess under asyncio and uvloop. Connects in JSON and MessagePack over WebSockets,
+Server-Sent Events (JSON only) and long polling, receives every kind of send, is closed by the
+relay with a reason, reconnects after the relay drops it, times out a silent relay."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from typing import Any
 import anyio
 import pytest
 from clienthelpers import BACKENDS, open_relay, run, wait_for
+from fakehub import FakeHub
 
 from relaycore.client import (
     HubConnection,
@@ -22,7 +23,10 @@ from relaycore.client import (
 )
 from relayhelpers import client_token
 
-PROTOCOLS = ["json", "messagepack"]
+#: Every transport with every hub protocol it carries (an event stream is text only).
+TRANSPORTS = [("WebSockets", "json"), ("WebSockets", "messagepack"),
+              ("ServerSentEvents", "json"), ("LongPolling", "json"),
+              ("LongPolling", "messagepack")]
 
 
 class Inbox:
@@ -38,13 +42,13 @@ class Inbox:
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("protocol", PROTOCOLS)
+@pytest.mark.parametrize(("transport", "protocol"), TRANSPORTS)
 def test_client_receives_sends_to_everyone_its_user_its_group_and_its_connection(
-        backend, protocol):
+        backend, transport, protocol):
     async def scenario():
         async with open_relay(backend) as relay:
             connection = (HubConnectionBuilder()
-                          .with_url(relay.client_url(),
+                          .with_url(relay.client_url(), transport=transport,
                                     access_token_factory=relay.token_factory(user="alice"))
                           .with_hub_protocol(protocol)
                           .build())
@@ -52,6 +56,7 @@ def test_client_receives_sends_to_everyone_its_user_its_group_and_its_connection
             async with connection:
                 assert connection.state is HubConnectionState.CONNECTED
                 assert connection.protocol == protocol
+                assert connection.transport == transport
                 cid = connection.connection_id
                 assert cid
                 response = await relay.rest("PUT", f"/api/hubs/chat/groups/room/connections/{cid}")
@@ -73,10 +78,13 @@ def test_client_receives_sends_to_everyone_its_user_its_group_and_its_connection
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_the_relay_closing_a_connection_with_a_reason_reaches_the_close_callback(backend):
+@pytest.mark.parametrize(("transport", "protocol"), TRANSPORTS[1:4])
+def test_the_relay_closing_a_connection_with_a_reason_reaches_the_close_callback(
+        backend, transport, protocol):
     async def scenario():
         async with open_relay(backend) as relay:
-            connection = HubConnection(relay.client_url(), protocol="messagepack",
+            connection = HubConnection(relay.client_url(), protocol=protocol,
+                                       transport=transport,
                                        access_token_factory=relay.token_factory(user="carol"))
             closed: list[Any] = []
             connection.on_close(closed.append)
@@ -121,11 +129,13 @@ def test_a_closed_connection_invited_back_reconnects_with_a_new_id(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_automatic_reconnect_survives_the_relay_dropping_every_socket(backend):
+@pytest.mark.parametrize(("transport", "protocol"), TRANSPORTS[1:4])
+def test_automatic_reconnect_survives_the_relay_dropping_every_socket(
+        backend, transport, protocol):
     async def scenario():
         async with open_relay(backend) as relay:
-            connection = HubConnection(relay.client_url(), protocol="messagepack",
-                                       reconnect=lambda context: 0.05,
+            connection = HubConnection(relay.client_url(), protocol=protocol,
+                                       transport=transport, reconnect=lambda context: 0.05,
                                        access_token_factory=relay.token_factory(user="erin"))
             events: list[Any] = []
             connection.on_reconnecting(lambda error: events.append(("reconnecting", error)))
@@ -150,11 +160,13 @@ def test_automatic_reconnect_survives_the_relay_dropping_every_socket(backend):
 
 
 @pytest.mark.parametrize("backend", ["asyncio", "trio"])
-def test_a_relay_that_sends_nothing_is_given_up_after_the_server_timeout(backend):
+@pytest.mark.parametrize("transport", ["WebSockets", "ServerSentEvents"])
+def test_a_relay_that_sends_nothing_is_given_up_after_the_server_timeout(backend, transport):
     async def scenario():
         # The relay pings every 60 s here; the client expects something within 0.5 s.
         async with open_relay(backend, keep_alive_interval=60) as relay:
             connection = HubConnection(relay.client_url(), server_timeout=0.5,
+                                       transport=transport,
                                        keep_alive_interval=0.1,
                                        access_token_factory=relay.token_factory())
             closed: list[Any] = []
@@ -189,10 +201,11 @@ def test_the_relay_refuses_a_bad_token_at_negotiate_and_accepts_skip_negotiation
 
 
 @pytest.mark.parametrize("backend", ["asyncio", "trio"])
-def test_a_stopped_connection_is_gone_from_the_relay(backend):
+@pytest.mark.parametrize("transport", ["WebSockets", "ServerSentEvents", "LongPolling"])
+def test_a_stopped_connection_is_gone_from_the_relay(backend, transport):
     async def scenario():
         async with open_relay(backend) as relay:
-            connection = HubConnection(relay.client_url(),
+            connection = HubConnection(relay.client_url(), transport=transport,
                                        access_token_factory=relay.token_factory(user="gina"))
             async with connection:
                 path = f"/api/hubs/chat/connections/{connection.connection_id}"
@@ -204,5 +217,33 @@ def test_a_stopped_connection_is_gone_from_the_relay(backend):
             with anyio.fail_after(5):
                 while not await gone():
                     await anyio.sleep(0.02)
+
+    run(backend, scenario)
+
+
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_a_transport_that_fails_to_connect_gives_way_to_the_next(backend):
+    async def scenario():
+        async with open_relay(backend) as relay, anyio.create_task_group() as task_group:
+            # A front that offers WebSockets but refuses the upgrade, then sends the client's
+            # second negotiate on to the relay, whose long polling works.
+            front = await FakeHub().start(task_group)
+            front.refuse_upgrade = 503
+            answers = iter([
+                (200, {"negotiateVersion": 1, "connectionId": "c", "connectionToken": "t",
+                       "availableTransports": [
+                           {"transport": "WebSockets", "transferFormats": ["Text"]},
+                           {"transport": "LongPolling", "transferFormats": ["Text"]}]}),
+                (200, {"url": relay.client_url(),
+                       "accessToken": client_token("chat", "ivan")}),
+            ])
+            front.negotiate = lambda request: next(answers)
+            connection = HubConnection(front.url)
+            inbox = Inbox(connection)
+            async with connection:
+                assert connection.transport == "LongPolling"
+                await relay.send("/api/hubs/chat/users/ivan", "notify", "polled")
+                assert await inbox.wait(1) == [("polled",)]
+            task_group.cancel_scope.cancel()
 
     run(backend, scenario)

@@ -26,6 +26,7 @@ from relaycore.client import (
     TransportError,
     _connection,
     _negotiate,
+    _transports,
 )
 from relaycore.protocol import MessagePackHubProtocol
 
@@ -58,7 +59,8 @@ def test_the_builder_passes_every_setting_to_the_connection():
 
     connection = (HubConnectionBuilder()
                   .with_url("https://app.example/hubs/chat", access_token_factory=lambda: "t",
-                            headers={"X-A": "1"}, http_timeout=5, ssl_context=context)
+                            headers={"X-A": "1"}, http_timeout=5, ssl_context=context,
+                            transport=["longpolling", "WebSockets"])
                   .with_hub_protocol("messagepack")
                   .with_automatic_reconnect(policy)
                   .with_server_timeout(60)
@@ -72,6 +74,8 @@ def test_the_builder_passes_every_setting_to_the_connection():
             connection.http_timeout) == (60, 20, 5)
     assert connection._retry is policy
     assert connection._headers == (("X-A", "1"),)
+    assert connection._transports == ("LongPolling", "WebSockets")
+    assert connection.transport is None  # not connected
     assert "messagepack Disconnected" in repr(connection)
 
     plain = HubConnection("http://relay/client/?hub=chat", protocol=MessagePackHubProtocol())
@@ -101,6 +105,12 @@ def test_automatic_reconnect_defaults_to_the_js_clients_delays_then_gives_up():
     (lambda: HubConnection("http://x/hub", server_timeout=float("inf")), "server_timeout"),
     (lambda: HubConnection("http://x/hub", reconnect=[0, -1]), "reconnect delays"),
     (lambda: HubConnection("http://x/hub", reconnect=["soon"]), "reconnect delays"),
+    (lambda: HubConnection("http://x/hub", transport="carrier-pigeon"),
+     "unknown transport 'carrier-pigeon'; expected one of WebSockets, ServerSentEvents, "
+     "LongPolling"),
+    (lambda: HubConnection("http://x/hub", transport=[]), "at least one transport"),
+    (lambda: HubConnection("http://x/hub", skip_negotiation=True, transport="LongPolling"),
+     "skip_negotiation works with the WebSockets transport only"),
 ])
 def test_wrong_settings_are_refused_with_the_reason(build, message):
     with pytest.raises(ValueError, match=message):
@@ -126,7 +136,9 @@ def test_a_connection_that_is_not_started_refuses_calls():
 
 def test_negotiate_and_connect_urls_follow_the_js_client():
     failures, tried = doctest.testmod(_negotiate)
-    assert tried >= 3 and failures == 0
+    assert tried >= 4 and failures == 0
+    failures, tried = doctest.testmod(_transports)
+    assert tried >= 2 and failures == 0
     assert _negotiate.negotiate_url("http://a/hub?negotiateVersion=0") == \
         "http://a/hub/negotiate?negotiateVersion=0"
     assert _negotiate.connect_url("https://a/client/?hub=chat&asrs.op=%2Fhubs", "t-1") == \

@@ -113,13 +113,13 @@ _WS = [{"transport": "WebSockets", "transferFormats": ["Text", "Binary"]}]
            "availableTransports": _WS}, "json",
      r"Client didn't negotiate Stateful Reconnect but the server did\."),
     (200, {"negotiateVersion": 1, "connectionToken": "t", "availableTransports": [
-        {"transport": "LongPolling", "transferFormats": ["Text", "Binary"]}]}, "json",
+        {"transport": "ServerSentEvents", "transferFormats": ["Text"]},
+        {"transport": "Pigeon", "transferFormats": ["Binary"]}]}, "messagepack",
      r"None of the transports supported by the client are supported by the server: the "
-     r"client needs WebSockets with the Text format \(json\), the server offers "
-     r"LongPolling \(Text/Binary\)\."),
-    (200, {"negotiateVersion": 1, "connectionToken": "t", "availableTransports": [
-        {"transport": "WebSockets", "transferFormats": ["Text"]}]}, "messagepack",
-     r"needs WebSockets with the Binary format \(messagepack\)"),
+     r"client needs WebSockets or ServerSentEvents or LongPolling with the Binary format "
+     r"\(messagepack\), the server offers ServerSentEvents \(Text\), Pigeon \(Binary\)\."),
+    (200, {"negotiateVersion": 1, "connectionToken": "t"}, "json",
+     r"the server offers nothing\."),
     (200, {"url": 42}, "json", r"The negotiate redirect's 'url' must be a non-empty string"),
 ])
 def test_negotiate_failures_say_what_was_wrong(backend, status, document, protocol,
@@ -645,5 +645,36 @@ def test_a_close_callback_may_start_the_connection_again(backend):
                 "Client didn't provide a result."
             await connection.stop()
             assert [type(error).__name__ for error in closed] == ["TransportError", "NoneType"]
+
+    run(backend, scenario)
+
+
+@pytest.mark.parametrize("backend", TWO_BACKENDS)
+def test_when_every_transport_fails_start_names_each_failure(backend):
+    async def scenario():
+        async with fake_hub() as hub:
+            def negotiate(request):
+                status, document = hub.default_negotiate(request)
+                document["availableTransports"] = [
+                    {"transport": "WebSockets", "transferFormats": ["Text", "Binary"]},
+                    {"transport": "LongPolling", "transferFormats": ["Text", "Binary"]}]
+                return status, document
+
+            hub.negotiate = negotiate
+            hub.refuse_upgrade = 404
+            connection = HubConnection(hub.url)
+            with pytest.raises(TransportError, match=r"Unable to connect to the server with any "
+                               r"of the available transports: WebSockets: .*HTTP 404.*; "
+                               r"LongPolling: .*HTTP 404"):
+                await connection.start()
+            # A new negotiate before the second transport, as the JS client does.
+            assert [r.method for r in hub.requests] == ["POST", "GET", "POST", "GET"]
+            assert hub.requests[3].query["id"] == "tok-2"
+            assert hub.requests[3].headers.get("upgrade") is None
+
+            only = HubConnection(hub.url, transport="LongPolling")
+            with pytest.raises(TransportError, match=r"^LongPolling failed to connect to "
+                               r"http://127\.0\.0\.1:\d+/hub\?id=tok-3: HTTP 404"):
+                await only.start()
 
     run(backend, scenario)

@@ -21,6 +21,10 @@ from relaycore.sdk import Hub, HubServer, ServiceOptions
 from relaycore.sdk import HubException as ServerHubException
 
 PROTOCOLS = ["json", "messagepack"]
+#: Every transport with every hub protocol it carries (an event stream is text only).
+TRANSPORTS = [("WebSockets", "json"), ("WebSockets", "messagepack"),
+              ("ServerSentEvents", "json"), ("LongPolling", "json"),
+              ("LongPolling", "messagepack")]
 APP_SERVER = Path(__file__).resolve().parent / "appserver.py"
 
 
@@ -69,20 +73,22 @@ async def hub_server(relay: RelayUnderTest) -> AsyncIterator[HubServer]:
         yield server
 
 
-def connect(relay: RelayUnderTest, protocol: str, user: str = "alice") -> HubConnection:
+def connect(relay: RelayUnderTest, protocol: str, transport: str = "WebSockets",
+            user: str = "alice") -> HubConnection:
     return (HubConnectionBuilder()
-            .with_url(relay.client_url(), access_token_factory=relay.token_factory(user=user))
+            .with_url(relay.client_url(), access_token_factory=relay.token_factory(user=user),
+                      transport=transport)
             .with_hub_protocol(protocol)
             .build())
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("protocol", PROTOCOLS)
+@pytest.mark.parametrize(("transport", "protocol"), TRANSPORTS)
 def test_invoke_reaches_the_app_servers_hub_and_returns_its_result_or_error(
-        backend, protocol):
+        backend, transport, protocol):
     async def scenario():
         async with open_relay(backend) as relay, hub_server(relay):
-            async with connect(relay, protocol) as connection:
+            async with connect(relay, protocol, transport) as connection:
                 assert await connection.invoke("add", 2, 3) == 5
                 assert await connection.invoke("whoami") == {
                     "user": "alice", "connection": connection.connection_id}
@@ -98,12 +104,12 @@ def test_invoke_reaches_the_app_servers_hub_and_returns_its_result_or_error(
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("protocol", PROTOCOLS)
+@pytest.mark.parametrize(("transport", "protocol"), TRANSPORTS)
 def test_a_burst_of_a_thousand_numbered_messages_arrives_complete_and_in_order(
-        backend, protocol):
+        backend, transport, protocol):
     async def scenario():
         async with open_relay(backend) as relay, hub_server(relay):
-            connection = connect(relay, protocol)
+            connection = connect(relay, protocol, transport)
             numbers: list[int] = []
             connection.on("number", numbers.append)
             async with connection:
@@ -115,14 +121,14 @@ def test_a_burst_of_a_thousand_numbered_messages_arrives_complete_and_in_order(
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("protocol", PROTOCOLS)
+@pytest.mark.parametrize(("transport", "protocol"), TRANSPORTS)
 def test_streams_flow_both_ways_and_a_consumer_stopping_early_stops_the_hub(
-        backend, protocol):
+        backend, transport, protocol):
     async def scenario():
         Chat.produced.clear()
         Chat.stopped.clear()
         async with open_relay(backend) as relay, hub_server(relay):
-            async with connect(relay, protocol) as connection:
+            async with connect(relay, protocol, transport) as connection:
                 assert [n async for n in connection.stream("counter", 4)] == [0, 1, 2, 3]
                 assert Chat.stopped == []
 
@@ -144,10 +150,12 @@ def test_streams_flow_both_ways_and_a_consumer_stopping_early_stops_the_hub(
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_a_handlers_return_value_answers_the_hubs_client_invocation(backend):
+@pytest.mark.parametrize(("transport", "protocol"), TRANSPORTS[1:4])
+def test_a_handlers_return_value_answers_the_hubs_client_invocation(
+        backend, transport, protocol):
     async def scenario():
         async with open_relay(backend) as relay, hub_server(relay):
-            connection = connect(relay, "messagepack")
+            connection = connect(relay, protocol, transport)
 
             async def answer(x):
                 if x < 0:

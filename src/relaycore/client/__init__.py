@@ -18,11 +18,12 @@ Azure SignalR clients do), or to any ASP.NET Core SignalR server::
         print(await connection.invoke("SendMessage", "hello"))
 
 What it speaks: negotiate (versions 0 and 1, redirects with ``url`` and ``accessToken``,
-``skip_negotiation``), WebSockets, the JSON and MessagePack hub protocols, invocations
-(``send``, ``invoke``), server-to-client streams (``stream``), client-to-server streams (an
+``skip_negotiation``), WebSockets, Server-Sent Events and long polling (with the JS client's
+fallback from one to the next), the JSON and MessagePack hub protocols, invocations (``send``,
+``invoke``), server-to-client streams (``stream``), client-to-server streams (an
 async-iterable argument), client results (a handler's return value), keep-alive pings, the
-server timeout, and automatic reconnect. Not (yet): Server-Sent Events, long polling, stateful
-reconnect. See ``docs/client.md``.
+server timeout, and automatic reconnect. Not (yet): stateful reconnect. See
+``docs/client.md``.
 """
 
 from ._builder import HubConnectionBuilder

@@ -38,13 +38,17 @@ class HubConnectionBuilder:
         access_token_factory: AccessTokenFactory | None = None,
         headers: Mapping[str, str] | Iterable[tuple[str, str]] | None = None,
         skip_negotiation: bool | None = None,
+        transport: str | Sequence[str] | None = None,
         http_timeout: float | None = None,
         ssl_context: ssl.SSLContext | None = None,
     ) -> HubConnectionBuilder:
-        """The hub URL, and how to reach it (see ``HubConnection``)."""
+        """The hub URL, and how to reach it (see ``HubConnection``); ``transport`` limits the
+        transports tried: ``"WebSockets"``, ``"ServerSentEvents"``, ``"LongPolling"``, or a
+        list of them (default: any the server offers, in its order)."""
         self._url = url
         given = {"access_token_factory": access_token_factory, "headers": headers,
-                 "skip_negotiation": skip_negotiation, "http_timeout": http_timeout,
+                 "skip_negotiation": skip_negotiation, "transport": transport,
+                 "http_timeout": http_timeout,
                  "ssl_context": ssl_context}
         self._options.update({name: value for name, value in given.items() if value is not None})
         return self

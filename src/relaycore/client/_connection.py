@@ -5,7 +5,7 @@ Theory of operation
 
 States (``HubConnectionState``), as the JS client names them::
 
-    Disconnected --start()--> Connecting --negotiate, WebSocket, handshake--> Connected
+    Disconnected --start()--> Connecting --negotiate, transport, handshake--> Connected
     Connected --transport lost, server timeout, Close{allowReconnect}--> Reconnecting
     Reconnecting --a new connection--> Connected      (on_reconnected)
     Reconnecting --the retry policy gives up--> Disconnected   (on_close with the reason)
@@ -18,21 +18,23 @@ States (``HubConnectionState``), as the JS client names them::
 caller may call ``start()`` and ``stop()`` from any tasks, or use ``async with``. The run task
 holds a task group with:
 
-* the receive loop (in the run task itself): reads the WebSocket, splits hub messages, and
-  dispatches them. Completions and stream items go to the waiting call (``_Pending``);
-  invocations go to the ``on`` handlers: synchronous handlers of a non-blocking invocation
-  are called right there, in arrival order; anything that must be awaited (an ``async``
-  handler, an answer for a client-result invocation) runs in a task of its own, started in
-  arrival order. Any received data resets the server timeout: silence for
-  ``server_timeout`` seconds ends the transport.
-* the keep-alive task: a Ping whenever nothing was sent for ``keep_alive_interval`` seconds,
-  and a CancelInvocation for each stream whose consumer dropped it unfinished.
+* the receive loop (in the run task itself): reads the transport (a WebSocket, an event
+  stream, long polls), splits hub messages, and dispatches them. Completions and stream
+  items go to the waiting call (``_Pending``); invocations go to the ``on`` handlers:
+  synchronous handlers of a non-blocking invocation are called right there, in arrival
+  order; anything that must be awaited (an ``async`` handler, an answer for a client-result
+  invocation) runs in a task of its own, started in arrival order. Any received data
+  resets the server timeout: silence for ``server_timeout`` seconds ends the transport.
+* the keep-alive task: a Ping whenever nothing was sent for ``keep_alive_interval`` seconds
+  (not on long polling, whose polls prove the connection alive, and where the server timeout
+  does not apply either), and a CancelInvocation for each stream whose consumer dropped it
+  unfinished.
 * handler tasks and upload-stream pumps.
 
 When the transport ends, every pending call fails with ``HubConnectionError`` (its cause is why
 the transport ended); then either the retry policy reconnects (a whole new connection:
-negotiate, WebSocket, handshake; invocation ids keep counting) or the run ends. ``stop()``
-sends a Close message, closes the WebSocket, cancels the run task's work (handlers still
+negotiate, transport, handshake; invocation ids keep counting) or the run ends. ``stop()``
+sends a Close message, closes the transport, cancels the run task's work (handlers still
 running included) and waits until the run task has called the ``on_close`` callbacks.
 
 Invariants: only the run task changes ``_link`` after ``start()``, and only the run task (or
@@ -97,12 +99,21 @@ from ._errors import (
 )
 from ._negotiate import (
     AccessTokenFactory,
+    Negotiation,
     connect_url,
     negotiate,
     negotiate_url,
     resolve_token,
 )
-from ._websocket import ClientWebSocket, open_websocket
+from ._transports import (
+    LONG_POLLING,
+    WEBSOCKETS,
+    LongPollingTransport,
+    ServerSentEventsTransport,
+    Transport,
+    transport_names,
+)
+from ._websocket import open_websocket
 
 __all__ = [
     "DEFAULT_RECONNECT_DELAYS",
@@ -344,13 +355,15 @@ class HubStream:
 
 
 class _Link:
-    """One transport connection after its handshake."""
+    """One connection on one transport, after its handshake."""
 
-    __slots__ = ("binary", "connection_id", "last_sent", "rest", "ws")
+    __slots__ = ("binary", "connection_id", "last_sent", "name", "rest", "transport")
 
-    def __init__(self, ws: ClientWebSocket, connection_id: str | None, rest: bytes,
+    def __init__(self, transport: Transport, name: str, connection_id: str | None, rest: bytes,
                  binary: bool) -> None:
-        self.ws = ws
+        self.transport = transport
+        #: The transport's name, as negotiate spells it.
+        self.name = name
         self.connection_id = connection_id
         #: Hub messages that arrived with the handshake answer.
         self.rest = rest
@@ -358,10 +371,7 @@ class _Link:
         self.last_sent = anyio.current_time()
 
     async def send(self, data: bytes) -> None:
-        if self.binary:
-            await self.ws.send_binary(data)
-        else:
-            await self.ws.send_text(data)
+        await self.transport.send(data, text=not self.binary)
         self.last_sent = anyio.current_time()
 
 
@@ -376,7 +386,9 @@ class HubConnection:
     ``url`` is the hub URL (``http(s)://``): an app server's (``.../hubs/chat``), or the
     relay's client URL (``http://relay:8080/client/?hub=chat``). ``access_token_factory`` is
     called (sync or async) for the bearer token of each negotiate, or of the WebSocket with
-    ``skip_negotiation``. ``protocol`` is ``"json"`` or ``"messagepack"``. ``reconnect``:
+    ``skip_negotiation``. ``protocol`` is ``"json"`` or ``"messagepack"``. ``transport`` limits
+    the transports tried (``"WebSockets"``, ``"ServerSentEvents"``, ``"LongPolling"``, or a
+    list; by default any the server offers, in its order). ``reconnect``:
     ``None`` (lost is lost), ``True`` (wait 0, 2, 10 and 30 s before the attempts, then give
     up), a list of delays in seconds, or a ``RetryPolicy``.
 
@@ -398,6 +410,7 @@ class HubConnection:
         protocol: str | JsonHubProtocol | MessagePackHubProtocol = "json",
         headers: Mapping[str, str] | Iterable[tuple[str, str]] = (),
         skip_negotiation: bool = False,
+        transport: str | Sequence[str] | None = None,
         reconnect: Sequence[float] | RetryPolicy | bool | None = None,
         keep_alive_interval: float = 15.0,
         server_timeout: float = 30.0,
@@ -418,6 +431,11 @@ class HubConnection:
         pairs = headers.items() if isinstance(headers, Mapping) else headers
         self._headers: tuple[tuple[str, str], ...] = tuple((str(k), str(v)) for k, v in pairs)
         self._skip_negotiation = bool(skip_negotiation)
+        self._transports = transport_names(transport)
+        if self._skip_negotiation and transport is not None and self._transports != (
+                WEBSOCKETS,):
+            raise ValueError("skip_negotiation works with the WebSockets transport only "
+                             f"(transport={transport!r}): the others need a negotiated id")
         self._retry = _retry_policy(reconnect)
         self.keep_alive_interval = _positive("keep_alive_interval", keep_alive_interval)
         self.server_timeout = _positive("server_timeout", server_timeout)
@@ -459,6 +477,13 @@ class HubConnection:
         the server named none, as with ``skip_negotiation``)."""
         link = self._link
         return link.connection_id if link is not None else None
+
+    @property
+    def transport(self) -> str | None:
+        """The current connection's transport (``"WebSockets"``, ``"ServerSentEvents"``,
+        ``"LongPolling"``); ``None`` when not connected."""
+        link = self._link
+        return link.name if link is not None else None
 
     @property
     def protocol(self) -> str:
@@ -585,7 +610,7 @@ class HubConnection:
                             await link.send(self._protocol.write(CloseMessage()))
                         except HubConnectionError:
                             pass
-                    await link.ws.aclose()
+                    await link.transport.aclose()
             if self._run_scope is not None:
                 self._run_scope.cancel()
         done = self._done
@@ -734,53 +759,101 @@ class HubConnection:
     # -- connecting ---------------------------------------------------------------------------
 
     async def _connect(self) -> _Link:
-        """One connection: negotiate (unless skipped), WebSocket, handshake, first Ping."""
+        """One connection: negotiate (unless skipped), a transport (the first of the server's
+        list that this client allows and that opens, negotiating again before each next
+        one, as the JS client does), the handshake, and a first Ping."""
         headers = [("User-Agent", _USER_AGENT), *self._headers]
         if self._skip_negotiation:
-            url, connection_id, token = self.url, None, None
             access_token = await resolve_token(self._token_factory)
-        else:
-            negotiation = await negotiate(
-                self.url, access_token_factory=self._token_factory, headers=headers,
-                timeout=self.http_timeout, ssl_context=self._ssl_context)
-            if not negotiation.offers("WebSockets", self._protocol.transfer_format):
-                offered = ", ".join(f"{name} ({'/'.join(formats)})"
-                                    for name, formats in negotiation.transports) or "nothing"
-                raise NegotiateError(
-                    "None of the transports supported by the client are supported by the "
-                    f"server: the client needs WebSockets with the "
-                    f"{self._protocol.transfer_format} format ({self._protocol.name}), the "
-                    f"server offers {offered}.", url=negotiate_url(negotiation.url))
-            url, connection_id = negotiation.url, negotiation.connection_id
-            token, access_token = negotiation.connection_token, negotiation.access_token
-        if access_token:
-            headers.append(("Authorization", f"Bearer {access_token}"))
-        ws_url = connect_url(url, token)
-        with anyio.move_on_after(self.http_timeout) as timer:
-            ws = await open_websocket(ws_url, headers, ssl_context=self._ssl_context,
-                                      max_message_size=self._max_message_size,
-                                      write_timeout=self.server_timeout)
-        if timer.cancelled_caught:
+            return await self._open(WEBSOCKETS, self.url, None, None, access_token, headers)
+        negotiation = await self._negotiate(headers)
+        candidates = [name for name, formats in negotiation.transports
+                      if name in self._transports
+                      and self._protocol.transfer_format in formats]
+        if not candidates:
+            offered = ", ".join(f"{name} ({'/'.join(formats)})"
+                                for name, formats in negotiation.transports) or "nothing"
+            raise NegotiateError(
+                "None of the transports supported by the client are supported by the server: "
+                f"the client needs {' or '.join(self._transports)} with the "
+                f"{self._protocol.transfer_format} format ({self._protocol.name}), the server "
+                f"offers {offered}.", url=negotiate_url(negotiation.url))
+        failures: list[str] = []
+        for index, name in enumerate(candidates):
+            if index:
+                negotiation = await self._negotiate(headers)  # a fresh connection to try
+            try:
+                transport = await self._open_transport(name, negotiation.url,
+                                                       negotiation.connection_token,
+                                                       negotiation.access_token, headers)
+            except TransportError as exc:
+                if len(candidates) == 1:
+                    raise
+                failures.append(f"{name}: {exc}")
+                if index + 1 == len(candidates):
+                    raise TransportError(
+                        "Unable to connect to the server with any of the available "
+                        f"transports: {'; '.join(failures)}") from exc
+                _log.info("%s failed to connect, trying the next transport: %s", name, exc)
+                continue
+            return await self._start_link(transport, name, negotiation.connection_id)
+        raise AssertionError("unreachable: the loop returns or raises")  # pragma: no cover
+
+    async def _negotiate(self, headers: list[tuple[str, str]]) -> Negotiation:
+        return await negotiate(self.url, access_token_factory=self._token_factory,
+                               headers=headers, timeout=self.http_timeout,
+                               ssl_context=self._ssl_context)
+
+    async def _open(self, name: str, url: str, connection_id: str | None, token: str | None,
+                    access_token: str | None, headers: list[tuple[str, str]]) -> _Link:
+        transport = await self._open_transport(name, url, token, access_token, headers)
+        return await self._start_link(transport, name, connection_id)
+
+    async def _open_transport(self, name: str, url: str, token: str | None,
+                              access_token: str | None,
+                              headers: list[tuple[str, str]]) -> Transport:
+        headers = [*headers, *([("Authorization", f"Bearer {access_token}")]
+                               if access_token else [])]
+        if name == WEBSOCKETS:
+            ws_url = connect_url(url, token)
+            with anyio.move_on_after(self.http_timeout):
+                return await open_websocket(ws_url, headers, ssl_context=self._ssl_context,
+                                            max_message_size=self._max_message_size,
+                                            write_timeout=self.server_timeout)
             raise TransportError(f"WebSocket failed to connect to {ws_url}: no answer within "
                                  f"{self.http_timeout:g} s")
+        opener = (LongPollingTransport if name == LONG_POLLING
+                  else ServerSentEventsTransport).open
+        http_url = connect_url(url, token, websocket=False)
+        with anyio.move_on_after(self.http_timeout):
+            return await opener(http_url, headers, timeout=self.http_timeout,
+                                ssl_context=self._ssl_context)
+        raise TransportError(f"{name} failed to connect to {http_url}: no answer within "
+                             f"{self.http_timeout:g} s")
+
+    async def _start_link(self, transport: Transport, name: str,
+                          connection_id: str | None) -> _Link:
+        """The handshake on a new transport, then a first Ping (where pings are sent)."""
         try:
-            rest = await self._handshake(ws)
-            link = _Link(ws, connection_id, rest, self._protocol.transfer_format == "Binary")
-            await link.send(self._protocol.write(PingMessage()))
+            rest = await self._handshake(transport)
+            link = _Link(transport, name, connection_id, rest,
+                         self._protocol.transfer_format == "Binary")
+            if not transport.inherent_keep_alive:
+                await link.send(self._protocol.write(PingMessage()))
         except BaseException:
-            await ws.aclose()
+            await transport.aclose()
             raise
         return link
 
-    async def _handshake(self, ws: ClientWebSocket) -> bytes:
+    async def _handshake(self, transport: Transport) -> bytes:
         """Send the handshake request; the hub messages that came with the answer."""
-        # Always a text frame, MessagePack too: the JS client does so and servers expect it.
-        await ws.send_text(write_handshake_request(self._protocol.name, 1))
+        # Always text (a text frame), MessagePack too: the JS client does so, servers expect it.
+        await transport.send(write_handshake_request(self._protocol.name, 1), text=True)
         received = bytearray()
         with anyio.move_on_after(self.server_timeout):
             while True:
                 try:
-                    received += await ws.receive()
+                    received += await transport.receive()
                 except TransportError as exc:
                     raise HandshakeError(
                         "The underlying connection was closed before the hub handshake could "
@@ -841,7 +914,7 @@ class HubConnection:
     async def _finish(self, error: BaseException | None, done: anyio.Event) -> None:
         link, self._link = self._link, None
         if link is not None:
-            await link.ws.aclose()
+            await link.transport.aclose()
         self._fail_pending(error)
         self._state = HubConnectionState.DISCONNECTED
         await self._call_back("close", self._close_callbacks, error)
@@ -858,7 +931,7 @@ class HubConnection:
     async def _drop(self, link: _Link, error: BaseException | None) -> None:
         if self._link is link:
             self._link = None
-        await link.ws.aclose()
+        await link.transport.aclose()
         self._fail_pending(error)
 
     def _fail_pending(self, error: BaseException | None) -> None:
@@ -908,7 +981,7 @@ class HubConnection:
                 reason = exc
                 continue
             if self._stopping:
-                await link.ws.aclose()
+                await link.transport.aclose()
                 break
             self._link = link
             self._state = HubConnectionState.CONNECTED
@@ -920,17 +993,17 @@ class HubConnection:
         """A Ping whenever nothing was sent for ``keep_alive_interval``; cancel the streams
         whose consumers dropped them."""
         ping = self._protocol.write(PingMessage())
+        interval = math.inf if link.transport.inherent_keep_alive else self.keep_alive_interval
         try:
             while True:
                 self._wake = wake = anyio.Event()
                 if self._abandoned:
                     wake.set()
-                with anyio.move_on_after(
-                        link.last_sent + self.keep_alive_interval - anyio.current_time()):
+                with anyio.move_on_after(link.last_sent + interval - anyio.current_time()):
                     await wake.wait()
                 while self._abandoned:
                     await self._cancel_stream(self._abandoned.popleft())
-                if anyio.current_time() >= link.last_sent + self.keep_alive_interval:
+                if anyio.current_time() >= link.last_sent + interval:
                     await link.send(ping)
         except HubConnectionError:
             return  # the receive loop reports the end of the transport
@@ -939,6 +1012,7 @@ class HubConnection:
         """The receive loop of one link (see the module doc)."""
         parse = self._protocol.parse
         received = bytearray(link.rest)
+        timeout = math.inf if link.transport.inherent_keep_alive else self.server_timeout
         while True:
             if received:
                 try:
@@ -955,9 +1029,9 @@ class HubConnection:
                             message.error, allow_reconnect=message.allow_reconnect
                         ), message.allow_reconnect
                     self._dispatch(message, link)
-            with anyio.move_on_after(self.server_timeout) as timer:
+            with anyio.move_on_after(timeout) as timer:
                 try:
-                    received += await link.ws.receive()
+                    received += await link.transport.receive()
                 except TransportError as exc:
                     return exc, True
             if timer.cancelled_caught:

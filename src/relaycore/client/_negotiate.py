@@ -102,15 +102,22 @@ def negotiate_url(url: str) -> str:
     return urlunsplit((parts.scheme, parts.netloc, path, query, ""))
 
 
-def connect_url(url: str, connection_token: str | None) -> str:
-    """The WebSocket URL: ``http`` becomes ``ws`` (``https``: ``wss``) and ``id=<token>`` is
-    appended as is (servers issue URL-safe tokens; the JS client does not encode them either).
+def connect_url(url: str, connection_token: str | None, *, websocket: bool = True) -> str:
+    """The URL of the connection: ``id=<token>`` appended as is (servers issue URL-safe
+    tokens; the JS client does not encode them either); for a WebSocket ``http`` becomes
+    ``ws`` (``https``: ``wss``).
 
     >>> connect_url("http://relay/client/?hub=chat", "abc")
     'ws://relay/client/?hub=chat&id=abc'
+    >>> connect_url("https://relay/client/?hub=chat", "abc", websocket=False)
+    'https://relay/client/?hub=chat&id=abc'
     """
     parts = urlsplit(url)
-    scheme = {"http": "ws", "https": "wss"}.get(parts.scheme.lower(), parts.scheme.lower())
+    scheme = parts.scheme.lower()
+    if websocket:
+        scheme = {"http": "ws", "https": "wss"}.get(scheme, scheme)
+    elif scheme in ("ws", "wss"):
+        scheme = {"ws": "http", "wss": "https"}[scheme]
     query = parts.query
     if connection_token is not None:
         query = f"{query}&id={connection_token}" if query else f"id={connection_token}"

@@ -56,7 +56,11 @@ _CLOSE_TIMEOUT: Final = 1.0
 
 
 class ClientWebSocket:
-    """An open client WebSocket: ``receive`` from one task, ``send_*`` from any."""
+    """An open client WebSocket: ``receive`` from one task, ``send`` from any. A hub
+    connection's ``Transport``."""
+
+    #: The server's pings prove it alive, not the WebSocket: the hub connection pings too.
+    inherent_keep_alive = False
 
     def __init__(
         self,
@@ -118,6 +122,13 @@ class ClientWebSocket:
                         "the server stopped reading",
                         code=CloseCode.ABNORMAL_CLOSURE,
                     ))
+
+    async def send(self, data: bytes, *, text: bool) -> None:
+        """Send one message: a text one (``data`` is UTF-8) or a binary one."""
+        if text:
+            await self.send_text(data)
+        else:
+            await self.send_binary(data)
 
     async def send_text(self, data: bytes) -> None:
         """Send one text message; ``data`` is UTF-8 already (JSON hub records are)."""
