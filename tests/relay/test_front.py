@@ -16,7 +16,7 @@ import orjson
 import pytest
 import trio
 import trio.testing
-from relayfakes import HUB, FakeSession, make_ops
+from relayfakes import HUB, FakeSession, RecordingPoller, make_ops
 
 from relaycore.protocol._auth import TokenValidator, generate_access_token
 from relaycore.relay import OutboundMessage, RelayConfig
@@ -564,3 +564,19 @@ async def test_a_long_polling_connection_changed_to_an_event_stream_is_refused()
                                                   headers="Accept: text/event-stream\r\n"))
     assert answer.status == 400 and "Cannot change transports" in answer.json()["message"]
 
+
+
+async def test_an_event_stream_whose_client_left_before_its_head_is_forgotten():
+    from relaycore.relay import _message
+
+    front = make_front()
+    front.io.poller = RecordingPoller()  # type: ignore[assignment]
+    _, token = await negotiated(front)
+    held = _message._holders.get("json+sse", 0)
+    client, server = trio.testing.memory_stream_pair()
+    await client.send_all(client_request("GET", token, headers="Accept: text/event-stream\r\n"))
+    await client.aclose()  # gone before the head could be written
+    await front.handle_stream(server)
+    assert not front._by_token and not front.live
+    assert _message._holders.get("json+sse", 0) == held
+    assert (await exchange(front, client_request("POST", token, body=b"{}"))).status == 404

@@ -10,6 +10,7 @@ a client reads the chunked body. The second part is a real relay and a raw HTTP 
 from __future__ import annotations
 
 import json
+import socket
 
 import httpx
 import pytest
@@ -54,7 +55,7 @@ class Streamed:
     """A session on a ``ServerSentEventsTransport`` without a socket, its stream open."""
 
     def __init__(self, *, send_limit: int = 1 << 20, close_timeout: float = 5.0,
-                 **settings: object) -> None:
+                 started: bool = True, **settings: object) -> None:
         self.ops = make_ops(RelayConfig(send_buffer_limit=send_limit, **settings))  # type: ignore[arg-type]
         self.poller = RecordingPoller()
         self.forgotten: list[object] = []
@@ -64,7 +65,9 @@ class Streamed:
                                      user_id="alice", query="", headers={})
         self.transport = ServerSentEventsTransport(io, self.session, token="t1",
                                                    send_limit=send_limit, now=0.0)
-        self.transport._reading = True  # what ``start`` does, but for the socket
+        if started:  # what ``start`` does, but for the socket
+            self.transport._reading = True
+            self.transport._blocked = False
 
     def post(self, data: bytes, now: float = 1.0) -> None:
         self.transport.receive_posted(data, now)
@@ -226,6 +229,45 @@ def test_an_internal_error_drops_the_stream_without_a_websocket_goodbye():
     assert streamed.transport._out == b""
     assert streamed.ops.stats.internal_errors == 1
     assert streamed.forgotten == [streamed.transport]
+
+
+def socket_stream() -> tuple[trio.SocketStream, socket.socket]:
+    """A stream for ``start`` and the client's end of it."""
+    ours, theirs = socket.socketpair()
+    theirs.settimeout(5)
+    return trio.SocketStream(trio.socket.from_stdlib_socket(ours)), theirs
+
+
+async def test_what_is_queued_before_the_head_is_out_waits_for_start():
+    """The client posts its handshake once it has read the head, maybe before the front's
+    task runs again: the answer waits in the buffer, unwritten, until the stream starts."""
+    streamed = Streamed(started=False)
+    streamed.post(HANDSHAKE)
+    flusher = streamed.ops.flusher
+    flusher.flush_all(0.0)  # there is no socket yet: nothing is written
+    assert [event_data(c) for c in chunks(streamed.transport._out)] == [b"{}\x1e"]
+    stream, client = socket_stream()
+    streamed.transport.start(stream, b"")
+    assert streamed.poller.watching[streamed.transport] == _IN
+    flusher.flush_all(1.0)
+    assert [event_data(c) for c in chunks(client.recv(65536))] == [b"{}\x1e"]
+    streamed.transport.receive(b"", 2.0)  # the client closes its EventSource
+    assert streamed.session.state is ConnState.CLOSED
+    client.close()
+
+
+async def test_a_stream_closed_before_its_head_is_out_ends_once_it_starts():
+    streamed = Streamed(started=False)
+    streamed.post(b'{"protocol":"messagepack","version":1}\x1e')  # refused: closing
+    stream, client = socket_stream()
+    streamed.transport.start(stream, b"")
+    assert not streamed.transport._reading
+    streamed.ops.flusher.flush_all(1.0)
+    answer, end = chunks(client.recv(65536))
+    assert b"Cannot use the 'messagepack' protocol" in answer and end == b""
+    assert client.recv(65536) == b""  # written, then closed
+    assert streamed.forgotten == [streamed.transport]
+    client.close()
 
 
 # -- over a socket ------------------------------------------------------------------------------

@@ -168,13 +168,12 @@ class HttpFront:
     def forget(self, peer: Peer | LongPollingTransport) -> None:
         """A peer's socket is closed (a long-polling connection is over): it no longer counts
         (``PeerIO.forget``)."""
+        if isinstance(peer, _HTTP_TRANSPORTS) and self._by_token.get(peer.token) is peer:
+            del self._by_token[peer.token]
+            release_formats(peer.FORMATS)
         if peer not in self.live:
             return
         self.live.remove(peer)
-        if isinstance(peer, _HTTP_TRANSPORTS):
-            if self._by_token.get(peer.token) is peer:
-                del self._by_token[peer.token]
-            release_formats(peer.FORMATS)
         if isinstance(peer, _CLIENT_TRANSPORTS):
             self._live_clients -= 1
             if self._all_gone is not None and not self._live_clients:
@@ -182,11 +181,14 @@ class HttpFront:
 
     def _add_live(self, peer: Peer | LongPollingTransport) -> None:
         self.live.add(peer)
-        if isinstance(peer, _HTTP_TRANSPORTS):
-            # Before its session can take one of them, until forget: see _message._framed.
-            hold_formats(peer.FORMATS)
         if isinstance(peer, _CLIENT_TRANSPORTS):
             self._live_clients += 1
+
+    def _register(self, transport: _HttpTransport) -> None:
+        """Requests naming its token find ``transport`` from now on (until ``forget``)."""
+        self._by_token[transport.token] = transport
+        # Before its session can take one of them, until forget: see _message._framed.
+        hold_formats(transport.FORMATS)
 
     def client_transports(self) -> list[WebSocketTransport | _HttpTransport]:
         """The transports of every client session (what a drain closes)."""
@@ -529,7 +531,7 @@ class HttpFront:
             self.io, session, token=token, send_limit=config.send_buffer_limit,
             poll_timeout=config.poll_timeout, idle_timeout=config.poll_idle_timeout,
             clock=self.ops.now)
-        self._by_token[token] = transport
+        self._register(transport)
         self._add_live(transport)
         # The first poll is answered at once: the client sends its handshake after it.
         return Response(200, headers=list(_NO_CACHE), content_type="application/octet-stream")
@@ -541,9 +543,14 @@ class HttpFront:
         # No Content-Length: h11 frames the body in chunks, which the wire format continues.
         data = http.conn.send(h11.Response(status_code=200, headers=head.headers))
         data += http.conn.send(h11.Data(data=FIRST_CHUNK))
-        await http.stream.send_all(data)
-        # From here on no task switch until the peer starts: a POST finds a running stream.
-        self._by_token[transport.token] = transport
+        # The client posts its handshake once it has read the head, which may be before this
+        # task runs again: the connection is found from now on (what it queues waits).
+        self._register(transport)
+        try:
+            await http.stream.send_all(data)
+        except BaseException:
+            transport.drop()  # never started: the session leaves, the token is forgotten
+            raise
         return transport, b""
 
     async def _poll(self, http: HttpConnection, transport: LongPollingTransport

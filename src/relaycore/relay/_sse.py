@@ -10,6 +10,9 @@ queues is already framed as events in chunks of the chunked body (``_message.WIR
 nothing on this socket: its end (the client closed its ``EventSource``) is the session's end,
 and anything else it sends is ignored. The front hands the session the bodies of the client's
 ``POST`` requests (``receive_posted``), which also keep the session's client timeout at bay.
+The first of them may come while the head is still on its way (the client sends its handshake
+as soon as it has read the head): what the session queues then waits (``_blocked``) until
+``start``.
 
 Only the JSON hub protocol travels in events (their ``data:`` lines are text):
 ``wire_format_for`` has no format for MessagePack, so its handshake is refused with ASP.NET
@@ -22,7 +25,9 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from ._peer import _IN, _OUT, Peer, PeerIO
+import trio
+
+from ._peer import _IN, _OUT, ConnState, Peer, PeerIO
 
 log = logging.getLogger("relaycore.relay")
 
@@ -48,7 +53,7 @@ FIRST_CHUNK = b":\r\n"
 class ServerSentEventsTransport(Peer):
     """A client's event stream, carrying the frames of ``session`` (see the module)."""
 
-    __slots__ = ("session", "token")
+    __slots__ = ("session", "token", "_streaming")
 
     #: The wire formats a session on this transport may use (the fan-out frames them).
     FORMATS = ("json+sse",)
@@ -61,6 +66,11 @@ class ServerSentEventsTransport(Peer):
         self.session = session
         #: the connection token its requests name (``id=``)
         self.token = token
+        #: whether the body goes on (until ``close`` queues its last chunk)
+        self._streaming = True
+        # Nothing is written before the front has written the head (``start``): the client's
+        # first POST may come while the head is on its way, and its answer waits.
+        self._blocked = True
         session.attach(self)
 
     def wire_format_for(self, protocol_name: str) -> str | None:
@@ -76,12 +86,27 @@ class ServerSentEventsTransport(Peer):
 
     def close(self, code: int, reason: str = "") -> None:
         """End the body after what is queued; the socket closes once it is out."""
-        if not self._reading:
-            return  # the stream already ends (or the client is gone)
+        if not self._streaming or self.state is ConnState.CLOSED:
+            return
+        self._streaming = False
         self._push(END_OF_STREAM)
+        if self._reading:  # else not started yet: ``start`` stops reading at once
+            self._stop_reading()
+        self._start_close_timer()
+
+    def _stop_reading(self) -> None:
+        """What is queued is the last of it: the flusher drops the peer once it is out."""
         self._reading = False
         self.io.poller.watch(self, _OUT if self._blocked else 0)
-        self._start_close_timer()
+
+    def start(self, stream: trio.SocketStream, initial: bytes) -> None:
+        """The head is out: the socket is this peer's, and what waited goes out now."""
+        super().start(stream, initial)
+        self._blocked = False
+        if not self._streaming:
+            self._stop_reading()  # closed while the head was on its way
+        if self._out:
+            self.io.flusher.mark(self)
 
     # -- the Peer's hooks ----------------------------------------------------------------------
 
