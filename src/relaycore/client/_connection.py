@@ -557,7 +557,7 @@ class HubConnection:
         await self.stop()
 
     async def start(self) -> None:
-        """Negotiate, open the WebSocket and do the hub handshake; return once Connected.
+        """Negotiate, open a transport and do the hub handshake; return once Connected.
 
         Raises ``NegotiateError``, ``TransportError`` or ``HandshakeError`` (the connection is
         then Disconnected again, and no close callback is called), and ``HubConnectionError``
@@ -592,7 +592,7 @@ class HubConnection:
             task.add_done_callback(self._runs.discard)
 
     async def stop(self) -> None:
-        """Close the connection: a Close message, the WebSocket closed, reconnecting
+        """Close the connection: a Close message, the transport closed, reconnecting
         abandoned, handlers still running cancelled (one calling ``stop()`` included), pending
         calls failed; returns once Disconnected and the close callbacks have run. Does
         nothing when already Disconnected."""
@@ -604,13 +604,12 @@ class HubConnection:
                 self._connect_scope.cancel()
             link = self._link
             if link is not None:
-                with anyio.CancelScope(shield=True):
-                    with anyio.move_on_after(1.0):
-                        try:
-                            await link.send(self._protocol.write(CloseMessage()))
-                        except HubConnectionError:
-                            pass
-                    await link.transport.aclose()
+                with anyio.CancelScope(shield=True), anyio.move_on_after(1.0):
+                    try:
+                        await link.send(self._protocol.write(CloseMessage()))
+                    except HubConnectionError:
+                        pass
+            # The run task closes the transport once its receive loop has stopped reading it.
             if self._run_scope is not None:
                 self._run_scope.cancel()
         done = self._done
