@@ -580,3 +580,15 @@ async def test_an_event_stream_whose_client_left_before_its_head_is_forgotten():
     assert not front._by_token and not front.live
     assert _message._holders.get("json+sse", 0) == held
     assert (await exchange(front, client_request("POST", token, body=b"{}"))).status == 404
+
+
+async def test_a_new_long_polling_connection_is_refused_room_as_an_upgrade_is():
+    full = make_front(max_connections_per_hub=1)
+    FakeSession(full.ops, "someone").open()
+    _, token = await negotiated(full)
+    answer = await exchange(full, client_request("GET", token))
+    assert answer.status == 429 and "limit of 1" in answer.json()["message"]
+    draining = make_front()
+    _, token = await negotiated(draining)
+    draining.ops.draining = True
+    assert (await exchange(draining, client_request("GET", token))).status == 503

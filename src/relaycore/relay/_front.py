@@ -412,12 +412,7 @@ class HttpFront:
                                 headers=[("Sec-WebSocket-Version", "13")])
             if not is_valid_client_key(key):
                 raise HttpError(400, "missing or malformed Sec-WebSocket-Key")
-            if self.ops.draining:
-                raise HttpError(503, "the relay is shutting down")
-            if len(self.live) >= self.max_connections:
-                self.stats.connections_refused += 1
-                raise HttpError(503, f"the relay holds its limit of {self.max_connections} "
-                                     "connections; retry later", headers=[("Retry-After", "1")])
+            self._check_room()
             if kind == "server" and self.fault_mode in ("refuse", "drop"):
                 raise HttpError(503, "server connections are refused (fault injection)")
             if kind == "server" and self.fault_mode == "silence":
@@ -459,15 +454,14 @@ class HttpFront:
         del self._pending[token]
         return pending.connection_id
 
-    def _check_room(self, hub: str) -> None:
-        """Refuse a new client when the relay drains, is full, or the hub is."""
+    def _check_room(self) -> None:
+        """Refuse a new connection when the relay drains or is full."""
         if self.ops.draining:
             raise HttpError(503, "the relay is shutting down")
         if len(self.live) >= self.max_connections:
             self.stats.connections_refused += 1
             raise HttpError(503, f"the relay holds its limit of {self.max_connections} "
                                  "connections; retry later", headers=[("Retry-After", "1")])
-        self._check_hub_limit(hub)
 
     def _check_hub_limit(self, hub: str) -> None:
         limit = self.config.max_connections_per_hub
@@ -520,7 +514,8 @@ class HttpFront:
                 raise HttpError(409, "the connection's event stream is already open")
             raise HttpError(400, "Cannot change transports mid-connection")
         connection_id = self._take_pending(token, hub, claims)
-        self._check_room(hub)
+        self._check_room()
+        self._check_hub_limit(hub)
         session = self._new_session(request, connection_id, hub, claims)
         config = self.config
         if streaming:
