@@ -6,6 +6,10 @@ it reads the client's handshake with the project's ``HubHandshake``, answers it 
 ``handshake_answer``), and records every hub message the client sends. Tests then send hub
 messages, raw bytes, or drop the TCP connection. Every request is recorded (method, target,
 headers), so tests can check what the client asked.
+
+With ``stateful`` set, negotiate agrees to stateful reconnect when asked, and an upgrade that
+names the ``id`` of an earlier connection is that connection resumed: no handshake, the same
+protocol. The stateful bookkeeping itself (Sequence, Ack, replays) is the test's to script.
 """
 
 from __future__ import annotations
@@ -60,6 +64,8 @@ class FakeHubConnection:
     ws: WebSocketProtocol = field(default_factory=lambda: WebSocketProtocol(
         Role.SERVER, max_message_size=None))
     protocol_name: str = ""
+    #: The version the handshake asked for (None: resumed, no handshake).
+    handshake_version: int | None = None
     #: Every hub message received, in order (pings included).
     received: list[HubMessage] = field(default_factory=list)
     #: The frame type of each data message received ("text" or "binary"), in order.
@@ -109,8 +115,11 @@ class FakeHubConnection:
                 await self._arrived.wait()
 
     async def run(self, pending: bytes, answer: bytes | None) -> None:
-        """Serve the connection: ``pending`` are bytes that came with the upgrade request."""
+        """Serve the connection: ``pending`` are bytes that came with the upgrade request.
+        A connection whose ``protocol_name`` is set already is a resumed one: no handshake."""
         handshake = HubHandshake(max_message_size=1 << 20)
+        if self.protocol_name:
+            self.ready.set()
         buffer = bytearray()
         data = pending
         try:
@@ -122,11 +131,12 @@ class FakeHubConnection:
                         continue
                     self.frames.append("text" if isinstance(event, TextMessage) else "binary")
                     payload = event.data.encode() if isinstance(event.data, str) else event.data
-                    if handshake.result is None:
+                    if not self.protocol_name:
                         handshake.receive_data(payload)
                         result = handshake.result
                         if isinstance(result, HandshakeAccepted):
                             self.protocol_name = result.protocol
+                            self.handshake_version = result.version
                             await self.send_raw(b"{}\x1e" if answer is None else answer)
                             buffer += result.rest
                             self.ready.set()
@@ -174,6 +184,8 @@ class FakeHub:
         self.refuse_upgrade: int | None = None
         #: The handshake answer's bytes (None: ``{}`` + 0x1E).
         self.handshake_answer: bytes | None = None
+        #: Agree to stateful reconnect, and take an upgrade with a known id as a resume.
+        self.stateful = False
         self._changed = anyio.Event()
 
     @property
@@ -182,10 +194,13 @@ class FakeHub:
 
     def default_negotiate(self, request: Request) -> tuple[int, Any]:
         token = f"tok-{next(self._tokens)}"
-        return 200, {"negotiateVersion": 1, "connectionId": f"id-{token}",
-                     "connectionToken": token,
-                     "availableTransports": [{"transport": "WebSockets",
-                                              "transferFormats": ["Text", "Binary"]}]}
+        document: dict[str, Any] = {
+            "negotiateVersion": 1, "connectionId": f"id-{token}", "connectionToken": token,
+            "availableTransports": [{"transport": "WebSockets",
+                                     "transferFormats": ["Text", "Binary"]}]}
+        if self.stateful and request.query.get("useStatefulReconnect") == "true":
+            document["useStatefulReconnect"] = True
+        return 200, document
 
     def of(self, method: str) -> list[Request]:
         return [r for r in self.requests if r.method == method]
@@ -259,6 +274,10 @@ class FakeHub:
             ("upgrade", "websocket"), ("connection", "Upgrade"),
             ("sec-websocket-accept", accept_key(request.headers["sec-websocket-key"]))])))
         connection = FakeHubConnection(request, stream)
+        earlier = [c for c in self.connections
+                   if c.request.query.get("id") == request.query.get("id")]
+        if self.stateful and earlier and request.query.get("id"):
+            connection.protocol_name = earlier[0].protocol_name
         self.connections.append(connection)
         self._changed.set()
         await connection.run(bytes(http.trailing_data[0]), self.handshake_answer)

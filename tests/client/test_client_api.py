@@ -63,6 +63,7 @@ def test_the_builder_passes_every_setting_to_the_connection():
                             transport=["longpolling", "WebSockets"])
                   .with_hub_protocol("messagepack")
                   .with_automatic_reconnect(policy)
+                  .with_stateful_reconnect(5000)
                   .with_server_timeout(60)
                   .with_keep_alive_interval(20)
                   .build())
@@ -75,12 +76,14 @@ def test_the_builder_passes_every_setting_to_the_connection():
     assert connection._retry is policy
     assert connection._headers == (("X-A", "1"),)
     assert connection._transports == ("LongPolling", "WebSockets")
+    assert connection._stateful_size == 5000
     assert connection.transport is None  # not connected
     assert "messagepack Disconnected" in repr(connection)
 
     plain = HubConnection("http://relay/client/?hub=chat", protocol=MessagePackHubProtocol())
     assert plain.protocol == "messagepack"
     assert plain._retry is None
+    assert plain._stateful_size is None
     assert (plain.server_timeout, plain.keep_alive_interval) == (30, 15)
 
 
@@ -111,6 +114,9 @@ def test_automatic_reconnect_defaults_to_the_js_clients_delays_then_gives_up():
     (lambda: HubConnection("http://x/hub", transport=[]), "at least one transport"),
     (lambda: HubConnection("http://x/hub", skip_negotiation=True, transport="LongPolling"),
      "skip_negotiation works with the WebSockets transport only"),
+    (lambda: HubConnection("http://x/hub", stateful_reconnect=0), "stateful_reconnect must"),
+    (lambda: HubConnection("http://x/hub", stateful_reconnect="big"),
+     "stateful_reconnect must"),
 ])
 def test_wrong_settings_are_refused_with_the_reason(build, message):
     with pytest.raises(ValueError, match=message):

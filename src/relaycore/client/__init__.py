@@ -22,8 +22,8 @@ What it speaks: negotiate (versions 0 and 1, redirects with ``url`` and ``access
 fallback from one to the next), the JSON and MessagePack hub protocols, invocations (``send``,
 ``invoke``), server-to-client streams (``stream``), client-to-server streams (an
 async-iterable argument), client results (a handler's return value), keep-alive pings, the
-server timeout, and automatic reconnect. Not (yet): stateful reconnect. See
-``docs/client.md``.
+server timeout, automatic reconnect, and stateful reconnect (``with_stateful_reconnect``).
+See ``docs/client.md``.
 """
 
 from ._builder import HubConnectionBuilder

@@ -7,6 +7,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from ..protocol import JsonHubProtocol, MessagePackHubProtocol
+from ._buffer import DEFAULT_BUFFER_SIZE
 from ._connection import HubConnection, RetryPolicy
 from ._negotiate import AccessTokenFactory
 
@@ -66,6 +67,14 @@ class HubConnectionBuilder:
         """Reconnect when the connection is lost: after each delay of ``policy`` in turn
         (seconds; by default 0, 2, 10 and 30, then give up), or as a ``RetryPolicy`` says."""
         self._options["reconnect"] = True if policy is None else policy
+        return self
+
+    def with_stateful_reconnect(self, buffer_size: int = DEFAULT_BUFFER_SIZE
+                                ) -> HubConnectionBuilder:
+        """Ask for stateful reconnect: a dropped WebSocket is reopened to the same connection
+        and the messages the other side did not acknowledge are sent again (no message lost,
+        none handled twice). Sends wait once ``buffer_size`` bytes are unacknowledged."""
+        self._options["stateful_reconnect"] = buffer_size
         return self
 
     def with_server_timeout(self, seconds: float) -> HubConnectionBuilder:

@@ -47,6 +47,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import enum
+import functools
 import inspect
 import itertools
 import logging
@@ -72,6 +73,7 @@ import anyio.abc
 
 from .. import __version__
 from ..protocol import (
+    AckMessage,
     CancelInvocationMessage,
     CloseMessage,
     CompletionMessage,
@@ -82,12 +84,14 @@ from ..protocol import (
     MessagePackHubProtocol,
     PingMessage,
     RemoteProtocolError,
+    SequenceMessage,
     StreamInvocationMessage,
     StreamItemMessage,
     get_protocol,
     parse_handshake_response,
     write_handshake_request,
 )
+from ._buffer import ACK_DELAY, DEFAULT_BUFFER_SIZE, MessageBuffer, is_trackable
 from ._errors import (
     HandshakeError,
     HubConnectionError,
@@ -355,12 +359,15 @@ class HubStream:
 
 
 class _Link:
-    """One connection on one transport, after its handshake."""
+    """One connection after its handshake: its transport (replaced when stateful reconnect
+    resumes it), and its stateful-reconnect state when the server agreed to it."""
 
-    __slots__ = ("binary", "connection_id", "last_sent", "name", "rest", "transport")
+    __slots__ = ("binary", "buffer", "connection_id", "last_sent", "name", "reopen", "rest",
+                 "resuming", "transport")
 
     def __init__(self, transport: Transport, name: str, connection_id: str | None, rest: bytes,
-                 binary: bool) -> None:
+                 binary: bool, buffer: MessageBuffer | None = None,
+                 reopen: Callable[[], Awaitable[Transport]] | None = None) -> None:
         self.transport = transport
         #: The transport's name, as negotiate spells it.
         self.name = name
@@ -369,6 +376,12 @@ class _Link:
         self.rest = rest
         self.binary = binary
         self.last_sent = anyio.current_time()
+        #: Stateful reconnect: what was sent and received (``None``: not negotiated).
+        self.buffer = buffer
+        #: Opens the same transport to the same connection again, for a resume.
+        self.reopen = reopen
+        #: A resume is replacing the transport: trackable messages are kept, not sent.
+        self.resuming = False
 
     async def send(self, data: bytes) -> None:
         await self.transport.send(data, text=not self.binary)
@@ -390,7 +403,9 @@ class HubConnection:
     the transports tried (``"WebSockets"``, ``"ServerSentEvents"``, ``"LongPolling"``, or a
     list; by default any the server offers, in its order). ``reconnect``:
     ``None`` (lost is lost), ``True`` (wait 0, 2, 10 and 30 s before the attempts, then give
-    up), a list of delays in seconds, or a ``RetryPolicy``.
+    up), a list of delays in seconds, or a ``RetryPolicy``. ``stateful_reconnect``: ``True``
+    or a buffer size in bytes asks the server to resume a dropped WebSocket (see
+    ``HubConnectionBuilder.with_stateful_reconnect``).
 
     ::
 
@@ -412,6 +427,7 @@ class HubConnection:
         skip_negotiation: bool = False,
         transport: str | Sequence[str] | None = None,
         reconnect: Sequence[float] | RetryPolicy | bool | None = None,
+        stateful_reconnect: bool | int = False,
         keep_alive_interval: float = 15.0,
         server_timeout: float = 30.0,
         http_timeout: float = 100.0,
@@ -437,6 +453,14 @@ class HubConnection:
             raise ValueError("skip_negotiation works with the WebSockets transport only "
                              f"(transport={transport!r}): the others need a negotiated id")
         self._retry = _retry_policy(reconnect)
+        if stateful_reconnect is True:
+            stateful_reconnect = DEFAULT_BUFFER_SIZE
+        if stateful_reconnect is not False and (
+                not isinstance(stateful_reconnect, int) or stateful_reconnect <= 0):
+            raise ValueError("stateful_reconnect must be True, False or a buffer size in bytes "
+                             f"> 0, got {stateful_reconnect!r}")
+        #: Stateful reconnect's buffer size (``None``: not asked for).
+        self._stateful_size: int | None = stateful_reconnect or None
         self.keep_alive_interval = _positive("keep_alive_interval", keep_alive_interval)
         self.server_timeout = _positive("server_timeout", server_timeout)
         self.http_timeout = _positive("http_timeout", http_timeout)
@@ -709,6 +733,18 @@ class HubConnection:
             raise TypeError(str(exc)) from None
         if link is not self._link:
             raise HubConnectionError(_NOT_CONNECTED)
+        buffer = link.buffer
+        if buffer is not None and is_trackable(message):
+            # Kept until acked; sent now unless a resume is replacing the transport (the
+            # resume replays it). A send that fails is replayed by the resume that follows.
+            buffer.keep(data)
+            if not link.resuming:
+                try:
+                    await link.send(data)
+                except TransportError:
+                    pass
+            await buffer.room()
+            return
         try:
             await link.send(data)
         except TransportError as exc:
@@ -781,10 +817,11 @@ class HubConnection:
         for index, name in enumerate(candidates):
             if index:
                 negotiation = await self._negotiate(headers)  # a fresh connection to try
+            opener = functools.partial(self._open_transport, name, negotiation.url,
+                                       negotiation.connection_token, negotiation.access_token,
+                                       headers)
             try:
-                transport = await self._open_transport(name, negotiation.url,
-                                                       negotiation.connection_token,
-                                                       negotiation.access_token, headers)
+                transport = await opener()
             except TransportError as exc:
                 if len(candidates) == 1:
                     raise
@@ -795,13 +832,17 @@ class HubConnection:
                         f"transports: {'; '.join(failures)}") from exc
                 _log.info("%s failed to connect, trying the next transport: %s", name, exc)
                 continue
-            return await self._start_link(transport, name, negotiation.connection_id)
+            # Stateful reconnect resumes WebSockets only (the JS client's rule).
+            stateful = negotiation.stateful_reconnect and name == WEBSOCKETS
+            return await self._start_link(transport, name, negotiation.connection_id,
+                                          opener if stateful else None)
         raise AssertionError("unreachable: the loop returns or raises")  # pragma: no cover
 
     async def _negotiate(self, headers: list[tuple[str, str]]) -> Negotiation:
         return await negotiate(self.url, access_token_factory=self._token_factory,
                                headers=headers, timeout=self.http_timeout,
-                               ssl_context=self._ssl_context)
+                               ssl_context=self._ssl_context,
+                               stateful_reconnect=self._stateful_size is not None)
 
     async def _open(self, name: str, url: str, connection_id: str | None, token: str | None,
                     access_token: str | None, headers: list[tuple[str, str]]) -> _Link:
@@ -830,13 +871,18 @@ class HubConnection:
         raise TransportError(f"{name} failed to connect to {http_url}: no answer within "
                              f"{self.http_timeout:g} s")
 
-    async def _start_link(self, transport: Transport, name: str,
-                          connection_id: str | None) -> _Link:
-        """The handshake on a new transport, then a first Ping (where pings are sent)."""
+    async def _start_link(self, transport: Transport, name: str, connection_id: str | None,
+                          reopen: Callable[[], Awaitable[Transport]] | None = None) -> _Link:
+        """The handshake on a new transport, then a first Ping (where pings are sent). With
+        ``reopen`` (stateful reconnect was agreed), the handshake asks for version 2 and the
+        link keeps a ``MessageBuffer``."""
         try:
-            rest = await self._handshake(transport)
+            rest = await self._handshake(transport, 1 if reopen is None else 2)
+            buffer = None
+            if reopen is not None:
+                buffer = MessageBuffer(self._stateful_size or DEFAULT_BUFFER_SIZE)
             link = _Link(transport, name, connection_id, rest,
-                         self._protocol.transfer_format == "Binary")
+                         self._protocol.transfer_format == "Binary", buffer, reopen)
             if not transport.inherent_keep_alive:
                 await link.send(self._protocol.write(PingMessage()))
         except BaseException:
@@ -844,10 +890,10 @@ class HubConnection:
             raise
         return link
 
-    async def _handshake(self, transport: Transport) -> bytes:
+    async def _handshake(self, transport: Transport, version: int) -> bytes:
         """Send the handshake request; the hub messages that came with the answer."""
         # Always text (a text frame), MessagePack too: the JS client does so, servers expect it.
-        await transport.send(write_handshake_request(self._protocol.name, 1), text=True)
+        await transport.send(write_handshake_request(self._protocol.name, version), text=True)
         received = bytearray()
         with anyio.move_on_after(self.server_timeout):
             while True:
@@ -893,6 +939,9 @@ class HubConnection:
                     current: _Link | None = link
                     while current is not None:
                         error, may_reconnect = await self._serve(current)
+                        if (current.buffer is not None and isinstance(error, TransportError)
+                                and not self._stopping and await self._resume(current, error)):
+                            continue  # the same connection on a new WebSocket
                         await self._drop(current, error)
                         current = None
                         if may_reconnect and self._retry is not None and not self._stopping:
@@ -914,7 +963,7 @@ class HubConnection:
         link, self._link = self._link, None
         if link is not None:
             await link.transport.aclose()
-        self._fail_pending(error)
+        self._fail_pending(error, link)
         self._state = HubConnectionState.DISCONNECTED
         await self._call_back("close", self._close_callbacks, error)
         done.set()
@@ -931,15 +980,45 @@ class HubConnection:
         if self._link is link:
             self._link = None
         await link.transport.aclose()
-        self._fail_pending(error)
+        self._fail_pending(error, link)
 
-    def _fail_pending(self, error: BaseException | None) -> None:
+    async def _resume(self, link: _Link, error: TransportError) -> bool:
+        """Stateful reconnect: the same connection on a new WebSocket (same URL, same token;
+        no negotiate, no handshake), the kept messages replayed after a Sequence. Whether it
+        worked; if not, the connection is lost as without stateful reconnect."""
+        buffer, reopen = link.buffer, link.reopen
+        assert buffer is not None and reopen is not None
+        buffer.disconnected()
+        link.resuming = True
+        await link.transport.aclose()
+        _log.info("resuming connection %s after: %s", link.connection_id, error)
+        try:
+            link.transport = await reopen()
+            await link.send(self._protocol.write(SequenceMessage(buffer.replay_from())))
+            index = 0
+            # Messages kept while this replays are replayed too; after the last one, no
+            # await before the flag is cleared: a later message is its sender's to send.
+            while (data := buffer.kept(index)) is not None:
+                await link.send(data)
+                index += 1
+        except TransportError as exc:
+            _log.info("connection %s could not be resumed: %s", link.connection_id, exc)
+            return False
+        link.resuming = False
+        link.rest = b""
+        return True
+
+    def _fail_pending(self, error: BaseException | None, link: _Link | None = None) -> None:
         pending, self._pending = self._pending, {}
         self._abandoned.clear()
         for call in pending.values():
             failure = HubConnectionError(_CANCELED)
             failure.__cause__ = error
             call.fail(failure)
+        if link is not None and link.buffer is not None:
+            failure = HubConnectionError(_CANCELED)
+            failure.__cause__ = error
+            link.buffer.end(failure)
 
     async def _reconnect(self, error: BaseException | None,
                          ) -> tuple[_Link | None, BaseException | None]:
@@ -990,19 +1069,29 @@ class HubConnection:
 
     async def _keep_alive(self, link: _Link) -> None:
         """A Ping whenever nothing was sent for ``keep_alive_interval``; cancel the streams
-        whose consumers dropped them."""
+        whose consumers dropped them; with stateful reconnect, ack what arrived (``ACK_DELAY``
+        after something new)."""
         ping = self._protocol.write(PingMessage())
         interval = math.inf if link.transport.inherent_keep_alive else self.keep_alive_interval
+        buffer = link.buffer
         try:
             while True:
                 self._wake = wake = anyio.Event()
                 if self._abandoned:
                     wake.set()
-                with anyio.move_on_after(link.last_sent + interval - anyio.current_time()):
+                deadline = link.last_sent + interval
+                if buffer is not None and buffer.ack_since is not None:
+                    deadline = min(deadline, buffer.ack_since + ACK_DELAY)
+                with anyio.move_on_after(deadline - anyio.current_time()):
                     await wake.wait()
                 while self._abandoned:
                     await self._cancel_stream(self._abandoned.popleft())
-                if anyio.current_time() >= link.last_sent + interval:
+                now = anyio.current_time()
+                if (buffer is not None and buffer.ack_since is not None
+                        and now >= buffer.ack_since + ACK_DELAY):
+                    buffer.ack_since = None
+                    await link.send(self._protocol.write(AckMessage(buffer.latest_received)))
+                if now >= link.last_sent + interval:
                     await link.send(ping)
         except HubConnectionError:
             return  # the receive loop reports the end of the transport
@@ -1012,6 +1101,7 @@ class HubConnection:
         parse = self._protocol.parse
         received = bytearray(link.rest)
         timeout = math.inf if link.transport.inherent_keep_alive else self.server_timeout
+        buffer = link.buffer
         while True:
             if received:
                 try:
@@ -1020,7 +1110,24 @@ class HubConnection:
                     return HubConnectionError(f"The server sent an invalid hub message: {exc}"
                                               ), True
                 del received[:consumed]
+                now = anyio.current_time()
                 for message in messages:
+                    if buffer is not None:
+                        ack_was_due = buffer.ack_since is not None
+                        process = buffer.should_process(message, now)
+                        if not ack_was_due and buffer.ack_since is not None and self._wake:
+                            self._wake.set()  # the keep-alive task acks in ACK_DELAY
+                        if not process:
+                            continue
+                        if type(message) is AckMessage:
+                            buffer.acknowledged(message.sequence_id)
+                            continue
+                        if type(message) is SequenceMessage:
+                            try:
+                                buffer.sequence(message.sequence_id)
+                            except HubConnectionError as exc:
+                                return exc, True
+                            continue
                     if type(message) is CloseMessage:
                         if message.error is None:
                             return None, message.allow_reconnect

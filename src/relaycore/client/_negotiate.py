@@ -64,6 +64,8 @@ class Negotiation:
     access_token: str | None
     #: ``(transport, transfer formats)`` in the server's order.
     transports: tuple[tuple[str, tuple[str, ...]], ...]
+    #: The server agreed to stateful reconnect (only ever when the client asked).
+    stateful_reconnect: bool = False
 
     def offers(self, transport: str, transfer_format: str) -> bool:
         """Whether the server offers ``transport`` with ``transfer_format``."""
@@ -84,21 +86,23 @@ async def resolve_token(factory: AccessTokenFactory | None) -> str | None:
     return token
 
 
-def negotiate_url(url: str) -> str:
+def negotiate_url(url: str, stateful_reconnect: bool = False) -> str:
     """The negotiate URL of a hub URL: ``/negotiate`` appended to the path (``negotiate``
-    after a ``/``), the query kept and ``negotiateVersion=1`` added unless it is there.
+    after a ``/``), the query kept and ``negotiateVersion=1`` added unless it is there, and
+    ``useStatefulReconnect=true`` when asking for stateful reconnect.
 
     >>> negotiate_url("https://relay/client/?hub=chat")
     'https://relay/client/negotiate?hub=chat&negotiateVersion=1'
-    >>> negotiate_url("http://app:8000/hubs/chat")
-    'http://app:8000/hubs/chat/negotiate?negotiateVersion=1'
+    >>> negotiate_url("http://app:8000/hubs/chat", stateful_reconnect=True)
+    'http://app:8000/hubs/chat/negotiate?negotiateVersion=1&useStatefulReconnect=true'
     """
     parts = urlsplit(url)
     path = parts.path + ("negotiate" if parts.path.endswith("/") else "/negotiate")
     keys = {key for key, _ in parse_qsl(parts.query, keep_blank_values=True)}
-    query = parts.query
-    if "negotiateVersion" not in keys:
-        query = f"{query}&negotiateVersion=1" if query else "negotiateVersion=1"
+    added = [] if "negotiateVersion" in keys else ["negotiateVersion=1"]
+    if stateful_reconnect and "useStatefulReconnect" not in keys:
+        added.append("useStatefulReconnect=true")
+    query = "&".join([parts.query, *added] if parts.query else added)
     return urlunsplit((parts.scheme, parts.netloc, path, query, ""))
 
 
@@ -131,17 +135,20 @@ async def negotiate(
     headers: Sequence[tuple[str, str]],
     timeout: float,
     ssl_context: ssl.SSLContext | None,
+    stateful_reconnect: bool = False,
 ) -> Negotiation:
-    """Negotiate a new connection with the hub at ``url``, following redirects."""
+    """Negotiate a new connection with the hub at ``url``, following redirects; ask for
+    stateful reconnect with ``stateful_reconnect``."""
     token = await resolve_token(access_token_factory)
     async with httpx.AsyncClient(
         timeout=timeout, verify=ssl_context if ssl_context is not None else True
     ) as http:
         for _ in range(MAX_REDIRECTS):
-            document = await _post(http, negotiate_url(url), token, headers)
+            document = await _post(http, negotiate_url(url, stateful_reconnect), token,
+                                   headers)
             redirect = document.get("url")
             if redirect is None:
-                return _negotiation(url, token, document)
+                return _negotiation(url, token, document, stateful_reconnect)
             if not isinstance(redirect, str) or not redirect:
                 raise NegotiateError(f"The negotiate redirect's 'url' must be a non-empty "
                                      f"string, got {redirect!r}.", url=negotiate_url(url))
@@ -194,7 +201,8 @@ async def _post(
     return document
 
 
-def _negotiation(url: str, token: str | None, document: Mapping[str, Any]) -> Negotiation:
+def _negotiation(url: str, token: str | None, document: Mapping[str, Any],
+                 asked_stateful: bool) -> Negotiation:
     version = document.get("negotiateVersion")
     connection_id = document.get("connectionId")
     connection_token = document.get("connectionToken")
@@ -205,7 +213,8 @@ def _negotiation(url: str, token: str | None, document: Mapping[str, Any]) -> Ne
         if value is not None and not isinstance(value, str):
             raise NegotiateError(f"The negotiate answer's '{name}' must be a string, got "
                                  f"{type(value).__name__}.", url=negotiate_url(url))
-    if document.get("useStatefulReconnect") is True:
+    stateful = document.get("useStatefulReconnect") is True
+    if stateful and not asked_stateful:
         raise NegotiateError("Client didn't negotiate Stateful Reconnect but the server did.",
                              url=negotiate_url(url))
     transports: list[tuple[str, tuple[str, ...]]] = []
@@ -214,4 +223,4 @@ def _negotiation(url: str, token: str | None, document: Mapping[str, Any]) -> Ne
             formats = entry.get("transferFormats") or ()
             transports.append((entry["transport"],
                                tuple(f for f in formats if isinstance(f, str))))
-    return Negotiation(url, connection_id, connection_token, token, tuple(transports))
+    return Negotiation(url, connection_id, connection_token, token, tuple(transports), stateful)
