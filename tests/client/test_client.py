@@ -247,3 +247,20 @@ def test_a_transport_that_fails_to_connect_gives_way_to_the_next(backend):
             task_group.cancel_scope.cancel()
 
     run(backend, scenario)
+
+
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_asking_the_relay_for_stateful_reconnect_works_whether_it_agrees_or_not(backend):
+    async def scenario():
+        async with open_relay(backend) as relay:
+            connection = (HubConnectionBuilder()
+                          .with_url(relay.client_url(),
+                                    access_token_factory=relay.token_factory(user="judy"))
+                          .with_stateful_reconnect()
+                          .build())
+            inbox = Inbox(connection)
+            async with connection:
+                await relay.send("/api/hubs/chat/users/judy", "notify", "stateful or not")
+                assert await inbox.wait(1) == [("stateful or not",)]
+
+    run(backend, scenario)
