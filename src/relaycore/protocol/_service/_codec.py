@@ -36,7 +36,7 @@ import itertools
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import MISSING, dataclass, fields, replace
 from functools import partial
-from typing import TYPE_CHECKING, Any, Final, TypeVar
+from typing import Any, Final, TypeVar
 
 import msgpack  # type: ignore[import-untyped]
 
@@ -44,8 +44,9 @@ from ..._accel import encode_varint
 from .._errors import LocalProtocolError, RemoteProtocolError, show_value, unpack_error_text
 from .._wire import MAX_FRAME
 
-if TYPE_CHECKING:
-    from ._messages import ServiceMessage
+#: A service message: one of the dataclasses ``_messages`` declares (its union,
+#: ``ServiceMessage``, lives there: this module is below the messages it reads and writes).
+ServiceMessage = Any
 
 __all__ = [
     "parse_message_body",
