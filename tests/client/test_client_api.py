@@ -24,8 +24,8 @@ from relaycore.client import (
     RetryContext,
     ServerClosedError,
     TransportError,
-    _connection,
     _negotiate,
+    _retry,
     _transports,
 )
 from relaycore.protocol import MessagePackHubProtocol
@@ -88,7 +88,7 @@ def test_the_builder_passes_every_setting_to_the_connection():
 
 
 def test_automatic_reconnect_defaults_to_the_js_clients_delays_then_gives_up():
-    policy = _connection._retry_policy(True)
+    policy = _retry.retry_policy(True)
     assert policy is not None
     delays = [policy(RetryContext(count, 0.0, OSError())) for count in range(5)]
     assert delays == [*DEFAULT_RECONNECT_DELAYS, None] == [0, 2, 10, 30, None]

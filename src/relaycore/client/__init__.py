@@ -27,14 +27,8 @@ See ``docs/client.md``.
 """
 
 from ._builder import HubConnectionBuilder
-from ._connection import (
-    DEFAULT_RECONNECT_DELAYS,
-    HubConnection,
-    HubConnectionState,
-    HubStream,
-    RetryContext,
-    RetryPolicy,
-)
+from ._calls import HubStream
+from ._connection import HubConnection, HubConnectionState
 from ._errors import (
     HandshakeError,
     HubConnectionError,
@@ -44,6 +38,7 @@ from ._errors import (
     ServerTimeoutError,
     TransportError,
 )
+from ._retry import DEFAULT_RECONNECT_DELAYS, RetryContext, RetryPolicy
 
 __all__ = [
     "DEFAULT_RECONNECT_DELAYS",

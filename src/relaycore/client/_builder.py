@@ -8,8 +8,9 @@ from typing import Any
 
 from ..protocol import JsonHubProtocol, MessagePackHubProtocol
 from ._buffer import DEFAULT_BUFFER_SIZE
-from ._connection import HubConnection, RetryPolicy
+from ._connection import HubConnection
 from ._negotiate import AccessTokenFactory
+from ._retry import RetryPolicy
 
 __all__ = ["HubConnectionBuilder"]
 

@@ -20,7 +20,7 @@ holds a task group with:
 
 * the receive loop (in the run task itself): reads the transport (a WebSocket, an event
   stream, long polls), splits hub messages, and dispatches them. Completions and stream
-  items go to the waiting call (``_Pending``); invocations go to the ``on`` handlers:
+  items go to the waiting call (``Pending``); invocations go to the ``on`` handlers:
   synchronous handlers of a non-blocking invocation are called right there, in arrival
   order; anything that must be awaited (an ``async`` handler, an answer for a client-result
   invocation) runs in a task of its own, started in arrival order. Any received data
@@ -65,7 +65,6 @@ from collections.abc import (
     Mapping,
     Sequence,
 )
-from dataclasses import dataclass
 from typing import Any, Final, TypeAlias, TypeVar
 
 import anyio
@@ -92,10 +91,10 @@ from ..protocol import (
     write_handshake_request,
 )
 from ._buffer import ACK_DELAY, DEFAULT_BUFFER_SIZE, MessageBuffer, is_trackable
+from ._calls import HubStream, Pending
 from ._errors import (
     HandshakeError,
     HubConnectionError,
-    HubException,
     NegotiateError,
     ServerClosedError,
     ServerTimeoutError,
@@ -109,6 +108,7 @@ from ._negotiate import (
     negotiate_url,
     resolve_token,
 )
+from ._retry import RetryContext, RetryPolicy, retry_policy
 from ._transports import (
     LONG_POLLING,
     WEBSOCKETS,
@@ -119,23 +119,13 @@ from ._transports import (
 )
 from ._websocket import open_websocket
 
-__all__ = [
-    "DEFAULT_RECONNECT_DELAYS",
-    "HubConnection",
-    "HubConnectionState",
-    "HubStream",
-    "RetryContext",
-    "RetryPolicy",
-]
+__all__ = ["HubConnection", "HubConnectionState"]
 
 _log = logging.getLogger("relaycore.client")
 
 _USER_AGENT: Final = (
     f"relaycore-client/{__version__} (Python {platform.python_version()}; {platform.system()})"
 )
-
-#: ``withAutomaticReconnect()``'s delays, in seconds: then it gives up.
-DEFAULT_RECONNECT_DELAYS: Final = (0.0, 2.0, 10.0, 30.0)
 
 _NOT_CONNECTED: Final = "Cannot send data if the connection is not in the 'Connected' State."
 _CANCELED: Final = "Invocation canceled due to the underlying connection being closed."
@@ -158,42 +148,6 @@ class HubConnectionState(str, enum.Enum):
     DISCONNECTING = "Disconnecting"
     #: The transport was lost; the retry policy is making a new connection.
     RECONNECTING = "Reconnecting"
-
-
-@dataclass(frozen=True, slots=True)
-class RetryContext:
-    """What a retry policy is told before each reconnect attempt."""
-
-    #: Attempts that failed so far in this round of reconnecting (0 before the first).
-    previous_retry_count: int
-    #: Seconds since the connection was lost.
-    elapsed: float
-    #: Why the connection was lost (first attempt), else why the last attempt failed.
-    retry_reason: BaseException
-
-
-#: Seconds to wait before the next reconnect attempt, or ``None`` to give up.
-RetryPolicy: TypeAlias = Callable[[RetryContext], "float | None"]
-
-
-def _retry_policy(spec: Sequence[float] | RetryPolicy | bool | None) -> RetryPolicy | None:
-    """A retry policy from what the caller gave: delays, a policy, ``True`` (the defaults)."""
-    if spec is None or spec is False:
-        return None
-    if spec is True:
-        spec = DEFAULT_RECONNECT_DELAYS
-    if callable(spec):
-        return spec
-    delays = tuple(spec)
-    for delay in delays:
-        if isinstance(delay, bool) or not isinstance(delay, int | float) or not delay >= 0:
-            raise ValueError(f"reconnect delays must be numbers of seconds >= 0, got {delay!r}")
-
-    def from_list(context: RetryContext) -> float | None:
-        count = context.previous_retry_count
-        return float(delays[count]) if count < len(delays) else None
-
-    return from_list
 
 
 def _positive(name: str, value: float) -> float:
@@ -237,125 +191,6 @@ def _spawn_detached(function: Callable[[], Coroutine[Any, Any, None]]) -> asynci
             )
             return None
     return asyncio.get_running_loop().create_task(function(), name="relaycore.client run task")
-
-
-class _Pending:
-    """A call waiting on the server: an invocation's completion, or a stream's items."""
-
-    __slots__ = ("_wake", "done", "error", "items", "result", "streaming")
-
-    def __init__(self, streaming: bool) -> None:
-        self.streaming = streaming
-        self.items: deque[Any] = deque()
-        self.done = False
-        self.result: Any = None
-        self.error: BaseException | None = None
-        self._wake: anyio.Event | None = None
-
-    def _notify(self) -> None:
-        if self._wake is not None:
-            self._wake.set()
-
-    def item(self, value: Any) -> None:
-        if self.streaming and not self.done:
-            self.items.append(value)
-            self._notify()
-
-    def complete(self, message: CompletionMessage) -> None:
-        # A result in a stream's completion breaks the spec; the JS client ignores it too.
-        if message.error is not None:
-            self.error = HubException(message.error)
-        else:
-            self.result = message.result
-        self.done = True
-        self._notify()
-
-    def fail(self, error: BaseException) -> None:
-        if not self.done:
-            self.error = error
-            self.done = True
-            self._notify()
-
-    async def changed(self) -> None:
-        """Wait for the next item or the end."""
-        self._wake = anyio.Event()
-        await self._wake.wait()
-
-
-class HubStream:
-    """The items of a server-to-client stream (``HubConnection.stream``), an async iterator.
-
-    The StreamInvocation is sent when iteration begins (or on ``async with``). The iterator
-    ends at the server's completion, or raises ``HubException`` with the server's error, or
-    ``HubConnectionError`` when the connection ends first. A consumer that stops early
-    cancels the stream on the server (a CancelInvocation): at once with ``aclose()`` or at the
-    end of an ``async with`` block, else when the iterator is dropped (a ``break`` out of
-    ``async for``)::
-
-        async with connection.stream("Counter", 10) as counter:
-            async for value in counter:
-                if value == 3:
-                    break   # the server is told to stop
-    """
-
-    def __init__(self, connection: HubConnection, target: str, args: tuple[Any, ...]) -> None:
-        self._connection = connection
-        self._target = target
-        self._args = args
-        self._pending: _Pending | None = None
-        self._invocation_id: str | None = None
-        self._closed = False
-
-    @property
-    def invocation_id(self) -> str | None:
-        """The stream's invocation id, once started."""
-        return self._invocation_id
-
-    async def _begin(self) -> _Pending:
-        if self._pending is None:
-            if self._closed:
-                raise HubConnectionError(f"the stream of {self._target!r} was closed")
-            self._invocation_id, self._pending = await self._connection._call(
-                self._target, self._args, streaming=True
-            )
-        return self._pending
-
-    def __aiter__(self) -> HubStream:
-        return self
-
-    async def __anext__(self) -> Any:
-        pending = await self._begin()
-        while not pending.items:
-            if pending.done:
-                error, pending.error = pending.error, None
-                if error is not None:
-                    raise error
-                raise StopAsyncIteration
-            await pending.changed()
-        return pending.items.popleft()
-
-    async def aclose(self) -> None:
-        """Stop consuming: the server is told to cancel the stream if it has not ended."""
-        self._closed = True
-        pending = self._pending
-        if pending is not None and not pending.done and self._invocation_id is not None:
-            pending.fail(HubConnectionError(f"the stream of {self._target!r} was closed"))
-            await self._connection._cancel_stream(self._invocation_id)
-
-    async def __aenter__(self) -> HubStream:
-        await self._begin()
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        await self.aclose()
-
-    def __del__(self) -> None:
-        pending = self._pending
-        if pending is not None and not pending.done and self._invocation_id is not None:
-            try:
-                self._connection._abandon(self._invocation_id)
-            except Exception:  # noqa: S110 - at interpreter exit there is nothing left to tell
-                pass
 
 
 class _Link:
@@ -452,7 +287,7 @@ class HubConnection:
                 WEBSOCKETS,):
             raise ValueError("skip_negotiation works with the WebSockets transport only "
                              f"(transport={transport!r}): the others need a negotiated id")
-        self._retry = _retry_policy(reconnect)
+        self._retry = retry_policy(reconnect)
         if stateful_reconnect is True:
             stateful_reconnect = DEFAULT_BUFFER_SIZE
         if stateful_reconnect is not False and (
@@ -474,7 +309,7 @@ class HubConnection:
 
         self._state = HubConnectionState.DISCONNECTED
         self._ids = itertools.count()
-        self._pending: dict[str, _Pending] = {}
+        self._pending: dict[str, Pending] = {}
         #: Streams dropped by their consumer unfinished: the keep-alive task cancels them.
         self._abandoned: deque[str] = deque()
         self._link: _Link | None = None
@@ -683,13 +518,13 @@ class HubConnection:
         return HubStream(self, target, args)
 
     async def _call(self, target: str, args: tuple[Any, ...],
-                    streaming: bool) -> tuple[str, _Pending]:
+                    streaming: bool) -> tuple[str, Pending]:
         """Send an Invocation (or a StreamInvocation) that expects an answer; its id and the
-        ``_Pending`` that receives the answer, registered before the message leaves."""
+        ``Pending`` that receives the answer, registered before the message leaves."""
         link = self._require_link()
         arguments, streams = self._split_streams(args)
         invocation_id = str(next(self._ids))
-        pending = _Pending(streaming)
+        pending = Pending(streaming)
         self._pending[invocation_id] = pending
         message: HubMessage
         if streaming:
