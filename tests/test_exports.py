@@ -7,7 +7,7 @@ import types
 
 import pytest
 
-PACKAGES = ["relaycore", "relaycore.protocol", "relaycore.relay"]
+PACKAGES = ["relaycore", "relaycore.protocol", "relaycore.relay", "relaycore.client"]
 
 
 @pytest.mark.parametrize("name", PACKAGES)
@@ -29,7 +29,7 @@ def test_package_public_names_are_all_listed(name):
     assert public <= set(module.__all__), f"not in {name}.__all__: {public - set(module.__all__)}"
 
 
-@pytest.mark.parametrize("name", ["relaycore.protocol", "relaycore.relay"])
+@pytest.mark.parametrize("name", ["relaycore.protocol", "relaycore.relay", "relaycore.client"])
 def test_exported_classes_and_functions_have_docstrings(name):
     module = importlib.import_module(name)
     missing = [p for p in module.__all__
