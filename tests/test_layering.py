@@ -218,6 +218,8 @@ RELAY_FLOORS: dict[str, int] = {
     "_peer": 2, "_tokens": 2, "_upstream": 2,
     # the Redis backplane
     "_redis": 2,
+    # negotiated connection tokens that every node accepts
+    "_negotiated": 2,
     # the fan-out's messages; the transports of a session (WebSocket, Server-Sent Events,
     # long polling)
     "_message": 3, "_transport": 3, "_sse": 3, "_longpolling": 3,

@@ -30,7 +30,6 @@ is answered 408 (or, idle, closed).
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 import secrets
 from typing import Any
@@ -51,6 +50,7 @@ from ._config import RelayConfig
 from ._http import HttpConnection, HttpError, Request, Response, query_without
 from ._longpolling import LongPollingTransport
 from ._message import hold_formats, release_formats
+from ._negotiated import NegotiatedTokens
 from ._operations import Operations
 from ._peer import Flusher, Peer, PeerIO, Poller, aclose_quietly
 from ._rest import RestApi
@@ -90,15 +90,6 @@ def _forwarded_headers(request: Request) -> dict[str, str]:
         earlier = headers.get("x-forwarded-for")
         headers["x-forwarded-for"] = f"{earlier}, {request.peer}" if earlier else request.peer
     return headers
-
-
-@dataclasses.dataclass
-class _Pending:
-    connection_id: str
-    hub: str
-    expires: float
-    #: who negotiated: only that user may use the token
-    user_id: str | None = None
 
 
 #: The transports whose connections are plain HTTP requests naming their token.
@@ -153,8 +144,8 @@ class HttpFront:
         #: every HTTP connection not (yet) upgraded, oldest first, with the scope that ends it
         self._http: dict[trio.SocketStream, trio.CancelScope] = {}
         self.max_connections = config.max_connections or open_file_budget()
-        #: negotiated connection tokens not yet used by a transport, with their expiry
-        self._pending: dict[str, _Pending] = {}
+        #: negotiated connection tokens, which any node of a cluster accepts
+        self._negotiated = NegotiatedTokens(config.access_keys, ops.now)
         #: the open Server-Sent Events and long-polling connections, by their token
         self._by_token: dict[str, _HttpTransport] = {}
         #: whether clients may use Server-Sent Events or long polling
@@ -203,9 +194,7 @@ class HttpFront:
 
     def expire(self, now: float) -> None:
         """Forget negotiated connection tokens that were not used in time."""
-        if self._pending:
-            for token in [t for t, p in self._pending.items() if p.expires < now]:
-                del self._pending[token]
+        self._negotiated.expire(now)
 
     def inject_fault(self, mode: str) -> None:
         """Make server connections fail as in an outage, to rehearse failover: ``refuse``
@@ -390,10 +379,8 @@ class HttpFront:
         except RemoteProtocolError as exc:
             return Response.json(200, negotiate_error(str(exc)))
         connection_id = self.ops.new_connection_id()
-        token = secrets.token_urlsafe(24) if version >= 1 else connection_id
-        self._pending[token] = _Pending(connection_id, hub,
-                                        self.ops.now() + self.config.negotiate_timeout,
-                                        user_id_from_claims(claims))
+        token = self._negotiated.issue(connection_id, hub, user_id_from_claims(claims),
+                                       self.config.negotiate_timeout, signed=version >= 1)
         return Response.json(200, negotiate_response(
             connection_id, token if version >= 1 else None, version,
             transports=available_transports(self.config.transports)))
@@ -445,14 +432,8 @@ class HttpFront:
         transport per negotiate. Only the user that negotiated may use it, on the same hub."""
         if token in self._by_token:
             raise HttpError(400, "Cannot change transports mid-connection")
-        pending = self._pending.get(token)
-        if pending is None or pending.hub != hub:
-            self._pending.pop(token, None)
-            raise HttpError(404, "unknown or expired connection id; negotiate again")
-        if pending.user_id != user_id_from_claims(claims):
-            raise HttpError(403, "the connection id was negotiated by another user")
-        del self._pending[token]
-        return pending.connection_id
+        return self._negotiated.take(token, hub, user_id_from_claims(claims),
+                                     self.ops.backplane.connection_id_prefix)
 
     def _check_room(self) -> None:
         """Refuse a new connection when the relay drains or is full."""
