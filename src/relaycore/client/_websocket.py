@@ -29,7 +29,6 @@ from urllib.parse import urlsplit
 
 import anyio
 import anyio.abc
-import h11
 
 from ..protocol import (
     BinaryMessage,
@@ -39,8 +38,9 @@ from ..protocol import (
     State,
     TextMessage,
     WebSocketProtocol,
-    accept_key,
 )
+from ..protocol._errors import RemoteProtocolError
+from ..protocol._upgrade import ClientUpgrade, UpgradeAccepted, UpgradeRefused
 from ._errors import TransportError
 
 __all__ = ["ClientWebSocket", "open_websocket"]
@@ -247,72 +247,27 @@ async def _upgrade(
 ) -> bytes:
     """Send the upgrade request, read the answer; the bytes that followed the 101 head."""
     key = base64.b64encode(os.urandom(16)).decode("ascii")
-    http = h11.Connection(h11.CLIENT, max_incomplete_event_size=_MAX_RESPONSE_HEAD)
-    request = h11.Request(
-        method="GET",
-        target=target,
-        headers=[
-            ("Host", netloc),
-            ("Upgrade", "websocket"),
-            ("Connection", "Upgrade"),
-            ("Sec-WebSocket-Key", key),
-            ("Sec-WebSocket-Version", "13"),
-            *headers,
-        ],
-    )
+    upgrade = ClientUpgrade(netloc, target, headers, key, max_head=_MAX_RESPONSE_HEAD)
     try:
-        await stream.send(http.send(request))
+        await stream.send(upgrade.data_to_send())
     except (anyio.BrokenResourceError, OSError) as exc:
         raise TransportError(f"WebSocket failed to connect to {url}: {exc!r}") from exc
-    while True:
-        try:
-            event = http.next_event()
-        except h11.RemoteProtocolError as exc:
-            raise TransportError(
-                f"WebSocket failed to connect to {url}: the answer to the upgrade is not "
-                f"HTTP/1.1 ({exc})"
-            ) from None
-        if event is h11.NEED_DATA:
-            http.receive_data(await _receive_some(stream))
-        elif isinstance(event, h11.InformationalResponse) and event.status_code == 101:
-            answer = {name.decode().lower(): value.decode() for name, value in event.headers}
-            if answer.get("upgrade", "").lower() != "websocket":
-                raise TransportError(
-                    f"WebSocket failed to connect to {url}: the 101 answer has no "
-                    "'Upgrade: websocket'", status=101)
-            if answer.get("sec-websocket-accept") != accept_key(key):
-                raise TransportError(
-                    f"WebSocket failed to connect to {url}: Sec-WebSocket-Accept does not "
-                    "match the key sent", status=101)
-            return bytes(http.trailing_data[0])
-        elif isinstance(event, h11.Response):
-            body = await _error_body(http, stream)
-            shown = body.decode("utf-8", "replace").strip()
-            raise TransportError(
-                f"WebSocket failed to connect to {url}: HTTP {event.status_code}"
-                + (f": {shown}" if shown else ""),
-                status=event.status_code,
-            )
-        elif isinstance(event, h11.ConnectionClosed):
-            raise TransportError(
-                f"WebSocket failed to connect to {url}: the server closed the connection "
-                "before answering the upgrade")
-        # Anything else (a 1xx other than 101) is skipped; the real answer follows.
-
-
-async def _error_body(http: h11.Connection, stream: anyio.abc.ByteStream) -> bytes:
-    """The start of a refused upgrade's body, for the error message (within a second)."""
-    body = bytearray()
-    with anyio.move_on_after(1.0):
-        while len(body) < _MAX_ERROR_BODY:
-            try:
-                event = http.next_event()
-            except h11.RemoteProtocolError:
-                break
-            if event is h11.NEED_DATA:
-                http.receive_data(await _receive_some(stream))
-            elif isinstance(event, h11.Data):
-                body += event.data
-            else:
-                break
-    return bytes(body[:_MAX_ERROR_BODY])
+    try:
+        while upgrade.result is None:
+            upgrade.receive_data(await _receive_some(stream))
+        if isinstance(upgrade.result, UpgradeAccepted):
+            return upgrade.result.trailing
+        # A refusal: its body says why (read for a second at most).
+        with anyio.move_on_after(1.0):
+            while not upgrade.body_complete and len(upgrade.body) < _MAX_ERROR_BODY:
+                upgrade.receive_data(await _receive_some(stream))
+    except RemoteProtocolError as exc:
+        raise TransportError(f"WebSocket failed to connect to {url}: {exc}",
+                             status=upgrade.status) from None
+    assert isinstance(upgrade.result, UpgradeRefused)
+    shown = bytes(upgrade.body[:_MAX_ERROR_BODY]).decode("utf-8", "replace").strip()
+    raise TransportError(
+        f"WebSocket failed to connect to {url}: HTTP {upgrade.result.status}"
+        + (f": {shown}" if shown else ""),
+        status=upgrade.result.status,
+    )
