@@ -301,9 +301,13 @@ class _Link:
             since = self._ping_since
             if since is None:
                 self._ping_since = trio.current_time()
-                self._queue(pack(("PING",)), self._ponged)
+                self._ping()
             elif trio.current_time() - since > self.ping_timeout:
                 raise RedisUnavailable(f"Redis did not answer a PING in {self.ping_timeout} s")
+
+    def _ping(self) -> None:
+        """Send the probe's PING; its answer goes to ``_ponged``."""
+        self._queue(pack(("PING",)), self._ponged)
 
     def _ponged(self, value: Any) -> None:
         self._ping_since = None
@@ -482,17 +486,10 @@ class RedisSubscriber(_Link):
         self._barriers.append(slot)
         await slot.wait()
 
-    async def _probe(self) -> None:
+    def _ping(self) -> None:
         # the PING of the probe is answered like a barrier's: keep the two in one order
-        while True:
-            await trio.sleep(self.ping_interval)
-            since = self._ping_since
-            if since is None:
-                self._ping_since = trio.current_time()
-                self._queue(pack(("PING",)), None)
-                self._barriers.append(self._ponged)
-            elif trio.current_time() - since > self.ping_timeout:
-                raise RedisUnavailable(f"Redis did not answer a PING in {self.ping_timeout} s")
+        self._queue(pack(("PING",)), None)
+        self._barriers.append(self._ponged)
 
     def _opened(self) -> None:
         channels = sorted(self.channels)
