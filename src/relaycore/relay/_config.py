@@ -134,6 +134,14 @@ class RelayConfig:
     #: Bytes queued for one client before the slow-consumer policy closes it (control
     #: replies such as pongs count too).
     send_buffer_limit: int = 4 << 20
+    #: Stateful reconnect (WebSockets, ASP.NET Core 8): the bytes of messages sent to one
+    #: client and not yet acknowledged that the relay keeps to resend after its WebSocket
+    #: dropped (ASP.NET Core's StatefulReconnectBufferSize); past it the client is closed with
+    #: a reason. 0: not offered (negotiate never answers ``useStatefulReconnect``).
+    stateful_reconnect_buffer: int = 100_000
+    #: How long a stateful client whose WebSocket dropped may take to resume it (ASP.NET
+    #: Core's DisconnectTimeout); meanwhile it stays in the table and its sends are kept.
+    stateful_reconnect_window: float = 15.0
     #: Bytes queued for one app-server connection (its clients' messages) before it is
     #: closed as not reading, with a ServiceError; its clients are told to reconnect.
     server_send_buffer_limit: int = 64 << 20
@@ -224,7 +232,7 @@ class RelayConfig:
                                 "access_keys: at least one non-empty access key is required")
         for name in ("keep_alive_interval", "client_timeout", "handshake_timeout",
                      "negotiate_timeout", "poll_timeout", "poll_idle_timeout",
-                     "close_timeout", "server_keep_alive_interval",
+                     "close_timeout", "stateful_reconnect_window", "server_keep_alive_interval",
                      "server_timeout", "upstream_timeout", "upstream_concurrency",
                      "max_message_size", "send_buffer_limit", "server_send_buffer_limit",
                      "max_request_body",
@@ -233,6 +241,7 @@ class RelayConfig:
             if getattr(self, name) <= 0:
                 raise _SettingError(name, f"{name} must be > 0, got {getattr(self, name)!r}")
         for name in ("max_connections_per_hub", "max_connections", "capacity",
+                     "stateful_reconnect_buffer",
                      "upstream_queue_limit",
                      "upstream_retry_for", "upstream_retry_max_delay", "max_upstream_response",
                      "token_clock_skew"):

@@ -52,13 +52,13 @@ from ._longpolling import LongPollingTransport
 from ._message import hold_formats, release_formats
 from ._negotiated import NegotiatedTokens
 from ._operations import Operations
-from ._peer import Flusher, Peer, PeerIO, Poller, aclose_quietly
+from ._peer import ConnState, Flusher, Peer, PeerIO, Poller, aclose_quietly
 from ._rest import RestApi
 from ._server import ServerConnection
-from ._session import ClientSession
+from ._session import ClientSession, StatefulSession
 from ._sse import FIRST_CHUNK, RESPONSE_HEADERS, ServerSentEventsTransport
 from ._tokens import RequestAuth
-from ._transport import WebSocketTransport
+from ._transport import ResumedTransport, WebSocketTransport
 
 log = logging.getLogger("relaycore.relay")
 
@@ -146,6 +146,10 @@ class HttpFront:
         self.max_connections = config.max_connections or open_file_budget()
         #: negotiated connection tokens, which any node of a cluster accepts
         self._negotiated = NegotiatedTokens(config.access_keys, ops.now)
+        #: tokens negotiated here with stateful reconnect, until used or expired
+        self._stateful_tokens: dict[str, float] = {}
+        #: sessions that negotiated stateful reconnect, by their token, while they may resume
+        self._resumable: dict[str, StatefulSession] = {}
         #: the open Server-Sent Events and long-polling connections, by their token
         self._by_token: dict[str, _HttpTransport] = {}
         #: whether clients may use Server-Sent Events or long polling
@@ -195,6 +199,13 @@ class HttpFront:
     def expire(self, now: float) -> None:
         """Forget negotiated connection tokens that were not used in time."""
         self._negotiated.expire(now)
+        if self._stateful_tokens:
+            for token in [t for t, due in self._stateful_tokens.items() if due < now]:
+                del self._stateful_tokens[token]
+        if self._resumable:
+            # Stateful sessions whose window to resume passed end here; ended ones go.
+            for token in [t for t, s in self._resumable.items() if s.resume_over(now)]:
+                del self._resumable[token]
 
     def inject_fault(self, mode: str) -> None:
         """Make server connections fail as in an outage, to rehearse failover: ``refuse``
@@ -381,9 +392,16 @@ class HttpFront:
         connection_id = self.ops.new_connection_id()
         token = self._negotiated.issue(connection_id, hub, user_id_from_claims(claims),
                                        self.config.negotiate_timeout, signed=version >= 1)
+        # Stateful reconnect is offered only to a client that asks (it refuses it unasked).
+        stateful = (self.config.stateful_reconnect_buffer > 0
+                    and "WebSockets" in self.config.transports
+                    and (request.arg("useStatefulReconnect") or "").lower() == "true")
+        if stateful:
+            self._stateful_tokens[token] = self.ops.now() + self.config.negotiate_timeout
         return Response.json(200, negotiate_response(
             connection_id, token if version >= 1 else None, version,
-            transports=available_transports(self.config.transports)))
+            transports=available_transports(self.config.transports),
+            use_stateful_reconnect=stateful))
 
     async def _upgrade(self, http: HttpConnection, request: Request
                        ) -> tuple[Peer, bytes] | None:
@@ -413,16 +431,27 @@ class HttpFront:
             if "WebSockets" not in self.config.transports:
                 raise HttpError(404, "WebSockets transport not supported by this end point type")
             token = request.arg("id")
-            if token is not None:
+            resuming = None if token is None else self._resumable.get(token)
+            if resuming is not None:
+                self._check_resume(token, resuming, hub, claims)  # type: ignore[arg-type]
+            elif token is not None:
                 connection_id = self._take_pending(token, hub, claims)
             else:  # skipNegotiation
                 connection_id = self.ops.new_connection_id()
-            self._check_hub_limit(hub)
+            if resuming is None:
+                self._check_hub_limit(hub)
         except HttpError as exc:
             await http.send_response(self._with_cors(request, Response.error(exc)), close=True)
             return None
-        session = self._new_session(request, connection_id, hub, claims)
         config = self.config
+        if resuming is not None:  # the same connection on a new WebSocket
+            return await self._accept(http, key, ResumedTransport(
+                self.io, resuming, max_message_size=config.max_message_size,
+                send_limit=config.send_buffer_limit, now=self.ops.now()))
+        stateful = token is not None and self._stateful_tokens.pop(token, None) is not None
+        session = self._new_session(request, connection_id, hub, claims, stateful=stateful)
+        if stateful:
+            self._resumable[token] = session  # type: ignore[index,assignment]
         return await self._accept(http, key, WebSocketTransport(
             self.io, session, max_message_size=config.max_message_size,
             send_limit=config.send_buffer_limit, now=self.ops.now()))
@@ -434,6 +463,18 @@ class HttpFront:
             raise HttpError(400, "Cannot change transports mid-connection")
         return self._negotiated.take(token, hub, user_id_from_claims(claims),
                                      self.ops.backplane.connection_id_prefix)
+
+    def _check_resume(self, token: str, session: StatefulSession, hub: str,
+                      claims: dict[str, Any]) -> None:
+        """A WebSocket that resumes ``session`` (stateful reconnect): the same hub and user,
+        and a session still open with the feature on (a client that was closed, or did not
+        turn it on in its handshake, gets 404, as from ASP.NET Core)."""
+        if session.hub != hub or not session.can_resume():
+            if session.state >= ConnState.CLOSING:  # over: forget the token
+                del self._resumable[token]
+            raise HttpError(404, "unknown or expired connection id; negotiate again")
+        if session.user_id != user_id_from_claims(claims):
+            raise HttpError(403, "the connection id was negotiated by another user")
 
     def _check_room(self) -> None:
         """Refuse a new connection when the relay drains or is full."""
@@ -450,9 +491,9 @@ class HttpFront:
             raise HttpError(429, f"hub '{hub}' has reached its limit of {limit} connections")
 
     def _new_session(self, request: Request, connection_id: str, hub: str,
-                     claims: dict[str, Any]) -> ClientSession:
+                     claims: dict[str, Any], *, stateful: bool = False) -> ClientSession:
         query = query_without(request.raw_query, _QUERY_NOT_FORWARDED)
-        return ClientSession(
+        return (StatefulSession if stateful else ClientSession)(
             self.ops, connection_id=connection_id, hub=hub, claims=claims,
             user_id=user_id_from_claims(claims), query=f"?{query}" if query else "",
             headers=_forwarded_headers(request))

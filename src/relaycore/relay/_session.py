@@ -31,17 +31,26 @@ session whose transport buffer passes ``send_buffer_limit`` is closed with a rea
 
 from __future__ import annotations
 
+import json
 import logging
+from collections import deque
 from typing import Any, Protocol
 
-from .._accel import encode_varint, split_records, split_varint_frames
+from .._accel import encode_varint, parse_frame_header, split_records, split_varint_frames
 from ..protocol._errors import RemoteProtocolError
-from ..protocol._handshake import HandshakeRefused, HandshakeResponseReader, HubHandshake
+from ..protocol._handshake import (
+    HandshakeAccepted,
+    HandshakeRefused,
+    HandshakeResponseReader,
+    HubHandshake,
+)
 from ..protocol._hub import (
+    AckMessage,
     CloseMessage,
     CompletionMessage,
     InvocationMessage,
     PingMessage,
+    SequenceMessage,
     StreamInvocationMessage,
     get_protocol,
 )
@@ -335,12 +344,13 @@ class ClientSession:
         self.protocol_name = accepted.protocol
         self.protocol = accepted.hub_protocol
         self.wire_format = wire_format
+        request, rest = self._accepted(accepted)
         server = self.ops.choose_server(self.hub)
         if server is not None:
             # The app server's hub answers the handshake: forward it and what follows, as is.
             self.server = server
             self._answer = HandshakeResponseReader(self.ops.config.max_message_size)
-            server.client_opened(self, accepted.request + accepted.rest)
+            server.client_opened(self, request + rest)
             return
         if not self.ops.serves_hubs_itself:
             self._handshake_failed(f"No app server is connected to hub '{self.hub}'.")
@@ -348,8 +358,14 @@ class ClientSession:
         self.headers = {}  # only an app server is ever told them
         self._send(handshake.data_to_send())
         self._handshake = None
-        self._inbox += accepted.rest
+        self._inbox += rest
         self._open()
+
+    def _accepted(self, accepted: HandshakeAccepted) -> tuple[bytes, bytes]:
+        """The handshake request an app server is given and the hub messages that followed
+        it, once the client's protocol is settled: as they came (a stateful session asks the
+        app server for version 1 and counts those messages)."""
+        return accepted.request, accepted.rest
 
     def server_data(self, payload: bytes) -> None:
         """Bytes from the app server's hub: framed hub messages, written as they are."""
@@ -430,3 +446,365 @@ def _quoted(name: str, limit: int = 100) -> str:
     """A client-chosen name quoted back in an error, at most ``limit`` characters: a 60 KB
     method name is not repeated in every answer."""
     return name if len(name) <= limit else name[:limit] + "..."
+
+
+# -- stateful reconnect ------------------------------------------------------------------------
+
+#: Hub message types a stateful reconnect numbers (client-protocol §4.4: invocations, stream
+#: items, completions, stream invocations, cancellations); pings, Close, Ack and Sequence are
+#: not counted, not kept and not resent.
+_TRACKABLE = frozenset({1, 2, 3, 4, 5})
+_ACK = 8
+_SEQUENCE = 9
+#: MessagePack integer heads that may hold a message type: (width, signed).
+_MSGPACK_INTS = {0xcc: (1, False), 0xcd: (2, False), 0xce: (4, False), 0xcf: (8, False),
+                 0xd0: (1, True), 0xd1: (2, True), 0xd2: (4, True), 0xd3: (8, True)}
+
+
+def _json_type(record: bytes) -> int | None:
+    """The ``type`` of a JSON hub message (without its separator); None if it has none. The
+    writers of this relay, the SDK and ASP.NET put ``type`` first: read without parsing."""
+    if record.startswith(b'{"type":'):
+        end = 8
+        while end < len(record) and 48 <= record[end] <= 57:
+            end += 1
+        if end > 8 and record[end:end + 1] in (b",", b"}"):
+            return int(record[8:end])
+    try:
+        value = json.loads(record)
+    except ValueError:
+        return None
+    kind = value.get("type") if isinstance(value, dict) else None
+    return kind if type(kind) is int else None
+
+
+def _msgpack_type(body: bytes) -> int | None:
+    """The type of a MessagePack hub message (its array's first element; without its varint
+    prefix); None if it is not an array that starts with an integer."""
+    if not body:
+        return None
+    head = body[0]
+    pos = 1 if 0x90 <= head <= 0x9F else 3 if head == 0xDC else 5 if head == 0xDD else 0
+    if not pos or pos >= len(body):
+        return None
+    kind = body[pos]
+    if kind <= 0x7F:
+        return kind
+    width = _MSGPACK_INTS.get(kind)
+    if width is None or pos + 1 + width[0] > len(body):
+        return None
+    return int.from_bytes(body[pos + 1:pos + 1 + width[0]], "big", signed=width[1])
+
+
+def _trackable_count(payload: bytes, json_protocol: bool) -> int:
+    """How many trackable hub messages one framed payload (one WebSocket message) holds."""
+    if json_protocol:
+        return sum(1 for record in payload.split(b"\x1e") if _json_type(record) in _TRACKABLE)
+    try:
+        bodies, _ = split_varint_frames(payload, len(payload))
+    except ValueError:
+        return 0
+    return sum(1 for body in bodies if _msgpack_type(body) in _TRACKABLE)
+
+
+class _Released:
+    """The session of a WebSocket that a resumed one replaced: what it reports is no longer
+    news to anyone (its client is on the new WebSocket)."""
+
+    def receive(self, messages: list[bytes]) -> None:
+        pass
+
+    def transport_closing(self) -> None:
+        pass
+
+    def transport_failed(self, reason: str, code: int | None) -> None:
+        pass
+
+    def transport_ended(self) -> None:
+        pass
+
+    def slow_consumer(self, dropped: int, limit: int) -> None:
+        pass
+
+    def tick(self, now: float) -> None:
+        pass
+
+
+_RELEASED = _Released()
+
+
+class _Detached:
+    """The transport of a stateful session between two WebSockets: it takes nothing (the
+    replay buffer holds what the client must get) and the flusher skips it."""
+
+    __slots__ = ("state", "created", "last_receive", "last_send", "_out", "_blocked", "since")
+
+    def __init__(self, since: float) -> None:
+        self.state = ConnState.CLOSED
+        self.created = self.last_receive = self.last_send = self.since = since
+        self._out = bytearray()
+        self._blocked = False
+
+    def wire_format_for(self, protocol_name: str) -> str:
+        return protocol_name
+
+    def push(self, data: bytes) -> bool:
+        return True
+
+    def close(self, code: int, reason: str = "") -> None:
+        pass
+
+
+class StatefulSession(ClientSession):
+    """A client that asked for stateful reconnect (negotiate's ``useStatefulReconnect``, then
+    hub protocol version 2 in its handshake; WebSockets only), as ASP.NET Core 8 serves it.
+
+    Until the handshake turns it on it is a plain session. Then the trackable messages each
+    way are numbered by counting (client-protocol §4.4). Outbound, ``_out`` is the session's
+    own staging buffer: the fan-out's C loop appends to it and marks the session as for any
+    session, and ``_sink``, which the flusher reads, is a property that moves the staged
+    frames to the transport and keeps those with trackable messages, numbered, until the
+    client's ``Ack`` (within ``stateful_reconnect_buffer`` bytes: past it the client is closed
+    with a reason). Every other send drains the staging buffer first, so frames leave in the
+    order they were queued. Inbound, the client's ``Ack`` and ``Sequence`` are consumed here
+    (an app server sees a version 1 client, as behind Azure's service), the messages it
+    resends after a resume are dropped when already seen, and the relay acknowledges what it
+    received after each batch.
+
+    When the WebSocket ends without a close frame the session stays open and bound (in the
+    table, sends kept) for ``stateful_reconnect_window``; a WebSocket with the same connection
+    token (``resume``) replaces the transport, whether or not the old one is known to be dead,
+    and gets ``Sequence`` and every unacknowledged frame, in order.
+    """
+
+    __slots__ = ("_replay", "_replay_bytes", "_sent_seq", "_in_seq", "_in_done", "_in_acked")
+
+    def __init__(self, ops: Operations, **kwargs: Any) -> None:
+        super().__init__(ops, **kwargs)
+        #: (first id, last id, frame) of every frame sent with trackable messages not yet
+        #: acknowledged; None until the handshake turns stateful reconnect on
+        self._replay: deque[tuple[int, int, bytes]] | None = None
+        self._replay_bytes = 0
+        self._sent_seq = 0  # the id of the last trackable message sent
+        self._in_seq = 0  # the id of the last trackable message received
+        self._in_done = 0  # the highest id handled (never lowered: resent ones are dropped)
+        self._in_acked = 0  # the highest id acknowledged to the client
+
+    @property
+    def _sink(self) -> Any:
+        """What the flusher writes for this session: its transport, once the staged frames
+        are there (see the class docstring)."""
+        if self._replay is not None and self._out:
+            self._drain()
+        return self.transport
+
+    @_sink.setter
+    def _sink(self, value: Any) -> None:
+        pass  # always the transport (ClientSession.attach names it)
+
+    def attach(self, transport: Transport) -> None:
+        if self.transport is None:  # a resumed WebSocket takes over in ``resume``
+            super().attach(transport)
+
+    def _accepted(self, accepted: HandshakeAccepted) -> tuple[bytes, bytes]:
+        if accepted.version < 2:
+            return accepted.request, accepted.rest  # the client turned it off
+        self._replay = deque()
+        self._out = bytearray()  # staging, no longer the transport's buffer
+        request = json.dumps({"protocol": accepted.protocol, "version": 1},
+                             separators=(",", ":")).encode() + b"\x1e"
+        return request, self._inbound(accepted.rest)
+
+    @property
+    def stateful(self) -> bool:
+        """Whether the handshake turned stateful reconnect on."""
+        return self._replay is not None
+
+    # -- outbound ------------------------------------------------------------------------------
+
+    def enqueue(self, data: bytes) -> bool:
+        if self.state is not ConnState.OPEN:
+            return False
+        if self._replay is None:
+            return bool(self.transport.push(data))
+        return self._emit(data)
+
+    def _send(self, payload: bytes, wire_format: str | None = None) -> bool:
+        data = WIRE_FORMATS[wire_format or self.wire_format][1](payload)
+        if self._replay is None:
+            return bool(self.transport.push(data))
+        return self._emit(data)
+
+    def _drain(self) -> None:
+        staged = bytes(self._out)
+        self._out.clear()
+        self._emit(staged, drained=True)
+
+    def _emit(self, data: bytes, *, drained: bool = False) -> bool:
+        """Queue frames on the transport after what is staged, and keep the trackable ones."""
+        if not drained and self._out:
+            self._drain()
+        pushed: bool = self.transport.push(data)
+        if self.state < ConnState.CLOSING and self._replay is not None:
+            self._record(data)
+        return pushed
+
+    def _record(self, data: bytes) -> None:
+        """Number the trackable messages in ``data`` (whole WebSocket frames) and keep the
+        frames that hold any."""
+        replay = self._replay
+        assert replay is not None
+        json_protocol = self.protocol_name == "json"
+        pos, size = 0, len(data)
+        while pos < size:
+            header = parse_frame_header(data, pos)
+            if header is None:
+                raise ValueError(f"no whole frame at offset {pos} of a stateful session's send")
+            start = pos + header[4]
+            end = start + header[3]
+            count = _trackable_count(data[start:end], json_protocol)
+            if count:
+                first = self._sent_seq + 1
+                self._sent_seq += count
+                replay.append((first, self._sent_seq,
+                               data if pos == 0 and end == size else data[pos:end]))
+                self._replay_bytes += end - pos
+            pos = end
+        limit = self.ops.config.stateful_reconnect_buffer
+        if self._replay_bytes > limit:
+            unacked = self._replay_bytes
+            replay.clear()
+            self._replay_bytes = 0
+            log.warning("closing %s on hub %s: %d bytes not acknowledged, past the stateful "
+                        "reconnect buffer of %d bytes", self.id, self.hub, unacked, limit)
+            self.close(f"Connection closed: {unacked} bytes sent were not acknowledged, past "
+                       f"the stateful reconnect buffer of {limit} bytes.",
+                       code=CloseCode.POLICY_VIOLATION)
+
+    # -- inbound -------------------------------------------------------------------------------
+
+    def receive(self, messages: list[bytes]) -> None:
+        if self._replay is None:
+            super().receive(messages)
+            return
+        kept = [data for data in map(self._inbound, messages) if data]
+        if kept:
+            super().receive(kept)
+        if self._in_done > self._in_acked and self.state is ConnState.OPEN:
+            self._in_acked = self._in_done
+            self._send(self.protocol.write(AckMessage(sequence_id=self._in_done)))
+
+    def _inbound(self, data: bytes) -> bytes:
+        """One message from the client without its Ack and Sequence (handled here) and the
+        trackable messages already handled before a resume."""
+        if data in _PINGS or not data:
+            return data
+        json_protocol = self.protocol_name == "json"
+        if json_protocol:
+            records = data.split(b"\x1e")
+            tail = records.pop()  # not a whole record: left to the session as it is
+        else:
+            try:
+                records, consumed = split_varint_frames(data, self.ops.config.max_message_size)
+            except ValueError:
+                return data  # the session reports it
+            tail = data[consumed:]
+        kept: list[bytes] = []
+        changed = False
+        for body in records:
+            kind = _json_type(body) if json_protocol else _msgpack_type(body)
+            if kind in _TRACKABLE:
+                self._in_seq += 1
+                if self._in_seq <= self._in_done:
+                    changed = True  # resent after a resume, handled before it
+                    continue
+                self._in_done = self._in_seq
+            elif kind == _ACK or kind == _SEQUENCE:
+                changed = True
+                if not self._bookkeeping(body + b"\x1e" if json_protocol
+                                         else encode_varint(len(body)) + body):
+                    return b""
+                continue
+            kept.append(body)
+        if not changed:
+            return data
+        if json_protocol:
+            return b"".join(body + b"\x1e" for body in kept) + tail
+        return b"".join(encode_varint(len(body)) + body for body in kept) + tail
+
+    def _bookkeeping(self, framed: bytes) -> bool:
+        """The client's Ack or Sequence; False if it ended the connection."""
+        try:
+            messages, _ = self.protocol.parse(framed, self.ops.config.max_message_size)
+        except (RemoteProtocolError, ValueError):
+            messages = []
+        message = messages[0] if messages else None
+        if isinstance(message, AckMessage):
+            replay = self._replay
+            assert replay is not None
+            while replay and replay[0][1] <= message.sequence_id:
+                self._replay_bytes -= len(replay.popleft()[2])
+        elif isinstance(message, SequenceMessage):
+            if message.sequence_id > self._in_done + 1:
+                self.close("Connection closed with an error: Sequence ID greater than amount "
+                           "of messages we've received.",
+                           code=CloseCode.PROTOCOL_ERROR)
+                return False
+            self._in_seq = message.sequence_id - 1
+        return True
+
+    # -- the transport's life ------------------------------------------------------------------
+
+    def transport_ended(self) -> None:
+        """A WebSocket that ended without a close frame (a dropped network): the client may
+        resume within the window; everything else is as for any session."""
+        if self._replay is not None and self.state is ConnState.OPEN:
+            if self._out:
+                self._drain()  # the staged frames join what is resent
+            self.transport = _Detached(self.ops.now())
+            return
+        super().transport_ended()
+
+    def can_resume(self) -> bool:
+        return self._replay is not None and self.state is ConnState.OPEN
+
+    def resume(self, transport: Transport) -> None:
+        """A new WebSocket with this client's connection token has started: it replaces the
+        transport (the old one may not know yet that it died) and gets ``Sequence`` with the
+        id of the first message it is sent again, then every unacknowledged frame, in order
+        (frames the client had already got are dropped by it, by their ids)."""
+        if not self.can_resume():
+            transport.session = _RELEASED  # type: ignore[attr-defined]
+            transport.close(CloseCode.NORMAL_CLOSURE, "the connection is over")
+            return
+        if self._out:
+            self._drain()
+        old = self.transport
+        self.transport = transport
+        if not isinstance(old, _Detached):
+            old.session = _RELEASED
+            old.drop()
+        transport.state = ConnState.OPEN
+        replay = self._replay
+        assert replay is not None
+        first = replay[0][0] if replay else self._sent_seq + 1
+        transport.push(WIRE_FORMATS[self.wire_format][1](
+            self.protocol.write(SequenceMessage(sequence_id=first))))
+        for _, _, frame in list(replay):
+            if not transport.push(frame):
+                return  # past the transport's own limit: it closed the session
+        log.info("connection %s on hub %s resumed: %d unacknowledged messages sent again",
+                 self.id, self.hub, self._sent_seq - first + 1)
+
+    def resume_over(self, now: float) -> bool:
+        """Whether this session can no longer be resumed (it is over, or its window passed:
+        then it ends here, and its app server is told)."""
+        transport = self.transport
+        window = self.ops.config.stateful_reconnect_window
+        if (isinstance(transport, _Detached) and self.state is ConnState.OPEN
+                and now - transport.since > window):
+            self._leave("Connection closed: the client did not reconnect within "
+                        f"{window:g} seconds.")
+        if isinstance(transport, _Detached) and self.state is ConnState.CLOSING:
+            self.state = ConnState.CLOSED
+        return self.state >= ConnState.CLOSING

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
+import trio
+
 from ..protocol._websocket import BinaryMessage, CloseReceived, TextMessage
 from ._peer import Peer, PeerIO
 
@@ -83,3 +85,18 @@ class WebSocketTransport(Peer):
 
     def tick(self, now: float) -> None:
         self.session.tick(now)
+
+
+class ResumedTransport(WebSocketTransport):
+    """The WebSocket a stateful session resumes on (``_session.StatefulSession``: the same
+    connection token, within its window). It takes the session over only once its socket is
+    the poller's, so that what the session sends meanwhile goes to a transport that can write
+    it; then it reads what the client sent with its upgrade (the client's Sequence, say)."""
+
+    __slots__ = ()
+
+    def start(self, stream: trio.SocketStream, initial: bytes) -> None:
+        super().start(stream, b"")
+        self.session.resume(self)  # type: ignore[attr-defined]
+        if initial:
+            self.receive(initial, trio.current_time())
