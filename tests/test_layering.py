@@ -220,6 +220,8 @@ RELAY_FLOORS: dict[str, int] = {
     "_redis": 2,
     # negotiated connection tokens that every node accepts
     "_negotiated": 2,
+    # worker processes sharing one port (their listeners, and the supervisor of --workers)
+    "_workers": 2,
     # the fan-out's messages; the transports of a session (WebSocket, Server-Sent Events,
     # long polling)
     "_message": 3, "_transport": 3, "_sse": 3, "_longpolling": 3,

@@ -85,6 +85,7 @@ def _serve(args: argparse.Namespace) -> int:
             "capacity": args.capacity, "admin_key": args.admin_key,
             "redis": args.redis, "cluster_name": args.cluster_name,
             "transports": args.transports,
+            "reuse_port": True if args.worker else None,
         }, defaults={
             # the CLI owns its process: tune the collector unless the file or
             # RELAYCORE_TUNE_GC says no
@@ -96,6 +97,8 @@ def _serve(args: argparse.Namespace) -> int:
     except OSError as exc:
         print(f"relaycore: cannot read --config {args.config}: {_reason(exc)}", file=sys.stderr)
         return 2
+    if args.workers is not None and not args.worker:
+        return _supervise(args, config)
     if config.tune_gc:
         import gc
 
@@ -112,6 +115,8 @@ def _serve(args: argparse.Namespace) -> int:
         # its start lines drains it like any other, instead of a KeyboardInterrupt traceback.
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             async with trio.open_nursery() as nursery:
+                if args.worker:
+                    nursery.start_soon(_drain_without_supervisor)
                 try:
                     relay = await nursery.start(serve_relay, config)
                 except RuntimeError as exc:  # --redis without the redis extra
@@ -148,6 +153,86 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"relaycore: {failure[0]}", file=sys.stderr)
         return 2
     return 0
+
+
+async def _drain_without_supervisor() -> None:
+    """A worker whose supervisor is gone drains as on SIGTERM (it is no use alone)."""
+    from .relay._workers import watch_supervisor
+
+    await watch_supervisor()
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _supervise(args: argparse.Namespace, config: object) -> int:
+    """``serve --workers N``: start N worker processes on one port, one cluster on Redis (the
+    ``--redis`` given or a private ``redis-server``), until SIGINT or SIGTERM."""
+    import shutil
+
+    import trio
+
+    from .relay import RelayConfig
+    from .relay._workers import PrivateRedis, Supervisor, reserve_port, worker_command, worker_count
+
+    assert isinstance(config, RelayConfig)
+    try:
+        count = worker_count(args.workers)
+    except ValueError as exc:
+        print(f"relaycore: bad configuration: --workers: {exc}", file=sys.stderr)
+        return 2
+    try:
+        from .relay import _redis  # noqa: F401  (the workers need the Redis backplane)
+    except ImportError as exc:
+        print(f"relaycore: --workers makes one cluster on Redis, which needs hiredis ({exc}); "
+              "install it with pip install 'relaycore[redis]'", file=sys.stderr)
+        return 2
+    server = None
+    if config.redis is None:
+        server = shutil.which("redis-server")
+        if server is None:
+            print("relaycore: --workers needs --redis, or redis-server installed for a private "
+                  "one", file=sys.stderr)
+            return 2
+    try:
+        reserved = reserve_port(config.host, config.port)
+    except OSError as exc:
+        print(f"relaycore: cannot listen on {config.host}:{config.port}: {_reason(exc)}",
+              file=sys.stderr)
+        return 2
+    port = int(reserved.getsockname()[1])
+    status: list[int] = []
+
+    def say(line: str) -> None:
+        print(line, flush=True)
+
+    async def main() -> None:
+        private = PrivateRedis(server) if server is not None else None
+        try:
+            if private is not None:
+                try:
+                    await private.start()
+                except (RuntimeError, OSError, trio.TooSlowError) as exc:
+                    print(f"relaycore: could not start a private redis-server: {exc}",
+                          file=sys.stderr)
+                    status.append(2)
+                    return
+                say(f"relaycore: no --redis given: started a private redis-server for the "
+                    f"workers at {private.url}; it stops with this command")
+            redis = config.redis or private.url  # type: ignore[union-attr]
+            say(f"relaycore: {count} workers on {config.host}:{port} (SO_REUSEPORT), one "
+                f"cluster on Redis {redis}")
+            supervisor = Supervisor(worker_command(args.argv, port, redis), count, say)
+            status.append(await supervisor.run(ready=lambda: say(
+                f"relaycore: {count} workers listening on {config.host}:{port}")))
+        finally:
+            if private is not None:
+                with trio.CancelScope(shield=True):
+                    await private.stop()
+
+    try:
+        trio.run(main)
+    finally:
+        reserved.close()
+    return status[0] if status else 0
 
 
 def _raise_open_file_limit() -> str | None:
@@ -279,6 +364,12 @@ def build_parser() -> argparse.ArgumentParser:
                             "RELAYCORE_REDIS); default: this node alone, in memory")
     serve.add_argument("--cluster-name", help="separates several clusters on one Redis "
                        "(default relaycore)")
+    serve.add_argument("--workers", metavar="N",
+                       help="run N worker processes sharing the port (SO_REUSEPORT), one "
+                            "cluster on --redis or, without it, on a private redis-server; "
+                            "auto (or 0): one per core; a worker that dies is started again")
+    # what the supervisor of --workers starts each worker with
+    serve.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     serve.set_defaults(func=_serve)
 
     token = sub.add_parser("token", help="print a client URL and access token for a hub "
@@ -310,6 +401,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     return int(args.func(args))
 
 

@@ -215,6 +215,9 @@ class RelayConfig:
     redis: str | None = None
     #: Separates several clusters on one Redis (the prefix of its keys and channels).
     cluster_name: str = "relaycore"
+    #: Listen with ``SO_REUSEPORT``: other processes may listen on the same port, and the
+    #: kernel spreads new connections over them (what ``serve --workers`` gives each worker).
+    reuse_port: bool = False
     #: While Redis is unreachable, operations for other nodes wait up to this many bytes and
     #: this long, then are dropped and counted (``backplane_dropped``).
     backplane_buffer_limit: int = 1 << 20

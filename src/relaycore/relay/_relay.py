@@ -43,6 +43,7 @@ from ._server import ServerConnection
 from ._stats import RelayStats
 from ._tokens import RequestAuth
 from ._upstream import Upstream
+from ._workers import reuse_port_listeners
 
 log = logging.getLogger("relaycore.relay")
 
@@ -254,7 +255,10 @@ async def serve_relay(
     SIGINT and SIGTERM).
     """
     relay = Relay(config)
-    listeners = await trio.open_tcp_listeners(config.port, host=config.host or None)
+    if config.reuse_port:
+        listeners = await reuse_port_listeners(config.host, config.port)
+    else:
+        listeners = await trio.open_tcp_listeners(config.port, host=config.host or None)
     relay.port = listeners[0].socket.getsockname()[1]
     front = relay.front
     async with trio.open_nursery() as nursery:
