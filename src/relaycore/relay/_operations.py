@@ -105,6 +105,7 @@ class Operations:
         #: The serverless hubs' upstream (set by the relay when it has one).
         self.serverless: Serverless = _NoUpstream()
         self.invocations = ClientInvocations(self)
+        backplane.on_node_gone = self.invocations.node_gone
         #: Set while the relay drains: no new clients, app servers are told "going away".
         self.draining = False
         #: This node's id, as ``Asrs-Instance-Id`` tells app servers (service-protocol §6.2).
@@ -340,7 +341,12 @@ class Operations:
 
     def apply(self, hub: str, message: Any) -> Any:
         """Do what an operation published by another node says, on this node only."""
-        return _BY_MESSAGE[type(message)](self, hub, message, False)
+        kind = type(message)
+        if kind is service.ClientInvocationMessage:
+            return self.invocations.invoke_published(hub, message)
+        if kind is service.ClientCompletionMessage or kind is service.ErrorCompletionMessage:
+            return self.invocations.complete_published(hub, message)
+        return _BY_MESSAGE[kind](self, hub, message, False)
 
     # -- connections and app servers -----------------------------------------------------------
 
@@ -357,6 +363,8 @@ class Operations:
         """An open client left (it is no longer routable)."""
         self.table.shard(conn.hub).remove(conn)
         self.table.prune(conn.hub)
+        if self.invocations.pending:  # a client served here, or invoked from another node
+            self.invocations.client_gone(conn)
         if conn.server is None:
             self.serverless.disconnected(conn, reason)
         self.stats.connections_closed += 1
@@ -488,13 +496,27 @@ _BY_MESSAGE: dict[type, Callable[[Operations, str, Any, bool], Any]] = {
 OPERATION_MESSAGES = frozenset(_BY_MESSAGE)
 
 
+#: Where the two ends of a pending client invocation are, as this node sees them: both here,
+#: the client on another node (this node has the caller), or the caller on another node (this
+#: node has the client).
+_HERE, _CLIENT_ELSEWHERE, _CALLER_ELSEWHERE = 0, 1, 2
+
+
 class ClientInvocations:
-    """Client results across app servers (§2.5): which server asked, for which client.
+    """Client results across app servers (§2.5) and nodes: which server asked, for which
+    client.
 
     The caller server sends ClientInvocation; the relay writes the payload to the client and,
     when another server owns the client, tells that server (it routes the client's completion).
     The owner answers with ClientCompletion or ErrorCompletion, which goes to a connection of
     the caller server. A client that leaves first gets its pending invocations failed.
+
+    When the client is on another node, the caller's node keeps the invocation too and
+    publishes it to the client's node (the inbox its id names), which does the rest as if the
+    caller were there and publishes every end of it back (a completion, an error, the client
+    leaving, the timeout): the caller's node gives it to the caller. A caller that cleans up
+    after itself on its own node has the cleanup published to the client's node. When the
+    client's node goes away, the invocations waiting on it fail at once.
     """
 
     #: How long the relay keeps a pending client invocation (§2.5: at most 10 minutes).
@@ -502,8 +524,8 @@ class ClientInvocations:
 
     def __init__(self, operations: Operations) -> None:
         self._ops = operations
-        #: invocation id -> (hub, caller server id, client connection id, expiry time)
-        self.pending: dict[str, tuple[str, str, str, float]] = {}
+        #: invocation id -> (hub, caller server id, client connection id, expiry time, where)
+        self.pending: dict[str, tuple[str, str, str, float, int]] = {}
         #: (hub, client connection id) -> how many of ``pending`` it has
         self._per_client: collections.Counter[tuple[str, str]] = collections.Counter()
 
@@ -511,24 +533,54 @@ class ClientInvocations:
         ops = self._ops
         client = ops.connection(caller.hub, m.connection_id)
         if client is None:
+            if ops.backplane.publishes and ops.backplane.holds(
+                    caller.hub, "connection", m.connection_id):
+                if self._admit(caller.hub, m, caller.send, _CLIENT_ELSEWHERE):
+                    ops._publish(caller.hub, m)
+                return
             caller.send(service.ErrorCompletionMessage(
                 m.invocation_id, m.connection_id, m.caller_server_id,
                 f"Connection '{m.connection_id}' does not exist."))
             return
+        if self._admit(caller.hub, m, caller.send, _HERE):
+            self._to_client(client, m)
+
+    def invoke_published(self, hub: str, m: service.ClientInvocationMessage) -> None:
+        """A caller on another node invokes a client of this node."""
+        ops = self._ops
+
+        def answer(message: Any) -> None:
+            ops._publish(hub, message)
+
+        client = ops.connection(hub, m.connection_id)
+        if client is None:
+            answer(service.ErrorCompletionMessage(
+                m.invocation_id, m.connection_id, m.caller_server_id,
+                f"Connection '{m.connection_id}' does not exist."))
+        elif self._admit(hub, m, answer, _CALLER_ELSEWHERE):
+            self._to_client(client, m)
+
+    def _admit(self, hub: str, m: service.ClientInvocationMessage,
+               answer: Callable[[Any], None], where: int) -> bool:
+        """Keep the invocation as pending; False (and ``answer`` told why) past the limits."""
+        ops = self._ops
         limit = ops.config.max_pending_invocations
-        key = (caller.hub, m.connection_id)
+        key = (hub, m.connection_id)
         if self._per_client[key] >= limit or m.invocation_id in self.pending:
             ops.stats.invocations_refused += 1
-            caller.send(service.ErrorCompletionMessage(
+            answer(service.ErrorCompletionMessage(
                 m.invocation_id, m.connection_id, m.caller_server_id,
                 f"Connection '{m.connection_id}' has {limit} client invocations waiting "
                 "already." if m.invocation_id not in self.pending
                 else f"Invocation '{m.invocation_id}' is already waiting."))
-            return
+            return False
         self._per_client[key] += 1
-        self.pending[m.invocation_id] = (caller.hub, m.caller_server_id, m.connection_id,
-                                         ops.now() + self.TIMEOUT)
-        ops._deliver((client,), OutboundMessage(payloads=m.payloads))
+        self.pending[m.invocation_id] = (hub, m.caller_server_id, m.connection_id,
+                                         ops.now() + self.TIMEOUT, where)
+        return True
+
+    def _to_client(self, client: Any, m: service.ClientInvocationMessage) -> None:
+        self._ops._deliver((client,), OutboundMessage(payloads=m.payloads))
         owner = client.server
         if owner is not None and owner.server_id != m.caller_server_id:
             owner.send(m)
@@ -536,15 +588,39 @@ class ClientInvocations:
     def complete(self, sender: ServerLink,
                  m: service.ClientCompletionMessage | service.ErrorCompletionMessage) -> None:
         entry = self.pending.pop(m.invocation_id, None)
-        if entry is not None:
-            self._forget(entry[0], entry[2])
-        if entry is None or sender.server_id == entry[1]:
-            return  # unknown, or the caller cleaning up after itself
-        self._to_caller(entry[0], entry[1], m)
+        if entry is None:
+            return  # unknown
+        hub, caller_id, connection_id, _expiry, where = entry
+        self._forget(hub, connection_id)
+        if where == _HERE:
+            if sender.server_id != caller_id:  # else the caller cleaning up after itself
+                self._to_caller(hub, caller_id, m)
+        else:
+            # the client's node: the end goes to the caller's; the caller's node: its
+            # cleanup goes to the client's (or a completion from elsewhere to the caller)
+            self._ops._publish(hub, m)
+            if where == _CLIENT_ELSEWHERE and sender.server_id != caller_id:
+                self._to_caller(hub, caller_id, m)
+
+    def complete_published(self, hub: str, m: service.ClientCompletionMessage
+                           | service.ErrorCompletionMessage) -> None:
+        """The end of an invocation, from the other node that keeps it."""
+        entry = self.pending.pop(m.invocation_id, None)
+        if entry is None:
+            return
+        self._forget(entry[0], entry[2])
+        if entry[4] == _CLIENT_ELSEWHERE:  # else the caller's cleanup: nothing more
+            self._to_caller(entry[0], entry[1], m)
 
     def client_gone(self, client: Session) -> None:
         self._fail(lambda hub, conn_id, expiry: conn_id == client.id and hub == client.hub,
                    "Connection '{}' disconnected.")
+
+    def node_gone(self, node_prefix: str) -> None:
+        """The node whose connection ids start with ``node_prefix`` went away: the
+        invocations of its clients fail."""
+        self._fail(lambda hub, conn_id, expiry: conn_id.startswith(node_prefix),
+                   "Connection '{}' is gone: the relay node that held it went away.")
 
     def expire(self, now: float) -> None:
         self._fail(lambda hub, conn_id, expiry: expiry <= now,
@@ -553,12 +629,17 @@ class ClientInvocations:
     def _fail(self, which: Callable[[str, str, float], bool], error: str) -> None:
         if not self.pending:
             return
-        for invocation_id, (hub, caller_id, conn_id, expiry) in list(self.pending.items()):
+        for invocation_id, (hub, caller_id, conn_id, expiry, where) in list(
+                self.pending.items()):
             if which(hub, conn_id, expiry):
                 del self.pending[invocation_id]
                 self._forget(hub, conn_id)
-                self._to_caller(hub, caller_id, service.ErrorCompletionMessage(
-                    invocation_id, conn_id, caller_id, error.format(conn_id)))
+                failed = service.ErrorCompletionMessage(
+                    invocation_id, conn_id, caller_id, error.format(conn_id))
+                if where == _CALLER_ELSEWHERE:
+                    self._ops._publish(hub, failed)
+                else:
+                    self._to_caller(hub, caller_id, failed)
 
     def _forget(self, hub: str, connection_id: str) -> None:
         key = (hub, connection_id)
@@ -571,4 +652,3 @@ class ClientInvocations:
             if server.server_id == caller_id:
                 server.send(message)
                 return
-

@@ -176,6 +176,10 @@ class RedisBackplane:
         self.subscriber = RedisSubscriber(url, self._on_message, on_subscribed=self._subscribed,
                                           ping_interval=ping_interval, ping_timeout=ping_timeout)
         self._receive: Receiver | None = None
+        self.on_node_gone: Callable[[str], None] | None = None
+        #: invocation id -> the node whose app server invoked a client of this node (where
+        #: the invocation's end goes)
+        self._invoked_by: dict[str, str] = {}
         self._seq = 0
         #: origin node -> the sequence number of the last operation applied from it
         self._last_seq: dict[bytes, int] = {}
@@ -361,6 +365,17 @@ class RedisBackplane:
             self._send(self._inbox_of(owner), self._frame(
                 hub, service.MultiConnectionDataMessage(ids, operation.payloads)), 1)
 
+    def _to_invocation_end(self, hub: str, operation: Any) -> None:
+        """A client invocation's completion (or error): to the client's node, from the
+        caller's (a cleanup); or from the client's node to the caller's."""
+        node = self.owner(operation.connection_id)
+        if node is None:
+            node = self._invoked_by.pop(operation.invocation_id, None)
+        if node is None:
+            self.stats.backplane_unrouted += 1
+            return
+        self._send(self._inbox_of(node), self._frame(hub, operation), 1)
+
     def _user_group_change(self, hub: str, operation: Any) -> None:
         user, group = operation.user_id, operation.group_name
         key = self._memberships_key(hub, user)
@@ -410,6 +425,8 @@ class RedisBackplane:
         bodies, _ = split_varint_frames(memoryview(data)[end + 1:])
         message = service.parse_message_body(bodies[0])
         hub = hub_b.decode()
+        if type(message) is service.ClientInvocationMessage:
+            self._invoked_by[message.invocation_id] = origin.decode()
         if self._loading:
             waiting = self._loading.get(channel)
             if waiting is not None:
@@ -451,7 +468,7 @@ class RedisBackplane:
             for present, hub, what, key in payload:
                 self._set_remote(origin, (hub, what, key), present)
         elif kind == "s":
-            self._forget_node(origin)
+            self._forget_node(origin, gone=False)
             self._of_node[origin] = set()
             for hub, what, key in payload:
                 self._set_remote(origin, (hub, what, key), True)
@@ -487,10 +504,18 @@ class RedisBackplane:
                 if not holders:
                     del self._remote[entry]
 
-    def _forget_node(self, node: str) -> None:
+    def _forget_node(self, node: str, *, gone: bool = True) -> None:
+        """Forget what ``node`` held: it is ``gone``, or about to say all it holds again."""
         for entry in list(self._of_node.get(node, ())):
             self._set_remote(node, entry, False)
         self._of_node.pop(node, None)
+        if not gone:
+            return
+        if self._invoked_by:
+            for invocation_id in [i for i, n in self._invoked_by.items() if n == node]:
+                del self._invoked_by[invocation_id]
+        if self.on_node_gone is not None:
+            self.on_node_gone(node + ".")
         for waiting in self._pending.values():
             waiting.pop(node, None)
 
@@ -693,4 +718,7 @@ _ROUTES: dict[type, Callable[[RedisBackplane, str, Any], None]] = {
     service.CloseConnectionWithAckMessage: RedisBackplane._to_owner,
     service.UserJoinGroupMessage: RedisBackplane._user_group_change,
     service.UserLeaveGroupMessage: RedisBackplane._user_group_change,
+    service.ClientInvocationMessage: RedisBackplane._to_owner,
+    service.ClientCompletionMessage: RedisBackplane._to_invocation_end,
+    service.ErrorCompletionMessage: RedisBackplane._to_invocation_end,
 }
