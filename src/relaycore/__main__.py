@@ -200,6 +200,11 @@ def _supervise(args: argparse.Namespace, config: object) -> int:
         return 2
     port = int(reserved.getsockname()[1])
     status: list[int] = []
+    argv = list(args.argv)
+    if args.transports is None and config.transports != ["WebSockets"]:
+        # every request of an event stream or a long poll must reach the worker that holds
+        # its connection, and the kernel spreads requests over workers at random
+        argv += ["--transports", "WebSockets"]
 
     def say(line: str) -> None:
         print(line, flush=True)
@@ -220,7 +225,11 @@ def _supervise(args: argparse.Namespace, config: object) -> int:
             redis = config.redis or private.url  # type: ignore[union-attr]
             say(f"relaycore: {count} workers on {config.host}:{port} (SO_REUSEPORT), one "
                 f"cluster on Redis {redis}")
-            supervisor = Supervisor(worker_command(args.argv, port, redis), count, say)
+            if argv != args.argv:
+                say("relaycore: the workers serve WebSockets only (Server-Sent Events and long "
+                    "polling need each request on the worker that holds the connection; name "
+                    "--transports to choose)")
+            supervisor = Supervisor(worker_command(argv, port, redis), count, say)
             status.append(await supervisor.run(ready=lambda: say(
                 f"relaycore: {count} workers listening on {config.host}:{port}")))
         finally:

@@ -52,6 +52,8 @@ async def negotiate(relay: RelayProcess, user: str) -> tuple[str, str]:
             headers={"Authorization": f"Bearer {relay.client_token(user=user)}"})
     answer.raise_for_status()
     body = answer.json()
+    # Server-Sent Events and long polling would need each request on the same worker.
+    assert [t["transport"] for t in body["availableTransports"]] == ["WebSockets"]
     return body["connectionId"], body["connectionToken"]
 
 
