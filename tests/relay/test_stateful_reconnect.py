@@ -361,3 +361,22 @@ async def upgrade_status(relay, url: str) -> int:
             while b"\r\n" not in head:
                 head += await stream.receive_some(4096)
     return int(head.split(b" ", 2)[1])
+
+
+async def test_a_client_that_never_resumes_leaves_the_table_after_the_window(nursery):
+    config = RelayConfig(port=0, access_keys=[KEY], service_mode="serverless",
+                         keep_alive_interval=5, client_timeout=10, close_timeout=1,
+                         stateful_reconnect_window=0.3)
+    relay = await nursery.start(serve_relay, config)
+    answer = await negotiate(relay, stateful=True)
+    url = (f"ws://127.0.0.1:{relay.port}/client/?hub={HUB}&id={answer['connectionToken']}"
+           f"&access_token={client_token(HUB)}")
+    ws = await trio_websocket.connect_websocket_url(nursery, url)
+    await ws.send_message(V2)
+    assert await ws.get_message() == "{}" + RS
+    assert relay.ops.connection(HUB, answer["connectionId"]) is not None
+    ws._stream.socket.close()
+    closed_at = trio.current_time()
+    await wait_for(lambda: relay.ops.connection(HUB, answer["connectionId"]) is None)
+    assert trio.current_time() - closed_at >= 0.3  # it waited for its client that long
+    assert await upgrade_status(relay, url) == 404

@@ -27,6 +27,10 @@ the transport's close queued) -> CLOSED. Timers (handshake, keep-alive, client t
 driven by the relay's ticker through the transport's ``tick(now)``. Nothing here awaits; a
 session whose transport buffer passes ``send_buffer_limit`` is closed with a reason and counted
 (slow-consumer policy).
+
+A client that negotiated stateful reconnect is a ``StatefulSession`` (at the end of this
+module): the same, plus its own send buffer with numbered frames, so that its connection
+survives a dropped WebSocket; every other session pays nothing for it.
 """
 
 from __future__ import annotations

@@ -5,7 +5,8 @@ bytes: whole WebSocket data messages go to ``session.receive``, a close or a bro
 the session's ``transport_*`` methods, and the frames the session (or the fan-out, through the
 shared buffer) queues go out through the poller and flusher like every peer's. Hub protocols
 map onto WebSocket frames one to one: the wire format of a hub protocol is its name (JSON in
-text frames, MessagePack in binary ones: ``_message.WIRE_FORMATS``).
+text frames, MessagePack in binary ones: ``_message.WIRE_FORMATS``). ``ResumedTransport`` is
+the WebSocket a stateful-reconnect session resumes on.
 """
 
 from __future__ import annotations
