@@ -34,6 +34,8 @@ class CuttableProxy:
         self.port = 0
         self.accepted = 0
         self._live: list[tuple[trio.SocketStream, trio.SocketStream]] = []
+        #: relay-side sockets of connections cut on the client's side only (kept open)
+        self.held: list[trio.SocketStream] = []
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
                     ) -> None:
@@ -44,15 +46,17 @@ class CuttableProxy:
 
     async def _carry(self, client: trio.SocketStream) -> None:
         self.accepted += 1
-        async with client, await trio.open_tcp_stream("127.0.0.1", self.target_port) as relay:
-            pair = (client, relay)
-            self._live.append(pair)
-            try:
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(self._pump, client, relay, nursery.cancel_scope)
-                    nursery.start_soon(self._pump, relay, client, nursery.cancel_scope)
-            finally:
-                self._live.remove(pair)
+        relay = await trio.open_tcp_stream("127.0.0.1", self.target_port)
+        pair = (client, relay)
+        self._live.append(pair)
+        try:
+            async with client, trio.open_nursery() as nursery:
+                nursery.start_soon(self._pump, client, relay, nursery.cancel_scope)
+                nursery.start_soon(self._pump, relay, client, nursery.cancel_scope)
+        finally:
+            self._live.remove(pair)
+            if relay not in self.held:
+                await relay.aclose()
 
     @staticmethod
     async def _pump(source: trio.SocketStream, sink: trio.SocketStream,
@@ -64,13 +68,17 @@ class CuttableProxy:
             pass
         scope.cancel()
 
-    def cut(self) -> int:
-        """Close both sockets of every connection now (no close frame, no goodbye); returns
-        how many connections were cut."""
+    def cut(self, *, silently: bool = False) -> int:
+        """Close both sockets of every connection now (no close frame, no goodbye), or only
+        the client's (``silently``: the relay's stays open and quiet, as behind a network
+        that died without a word); returns how many connections were cut."""
         pairs = list(self._live)
-        for pair in pairs:
-            for stream in pair:
-                stream.socket.close()
+        for client, relay in pairs:
+            client.socket.close()
+            if silently:
+                self.held.append(relay)
+            else:
+                relay.socket.close()
         return len(pairs)
 
 
@@ -107,6 +115,8 @@ async def proxy(relay: RelayProcess) -> AsyncIterator[CuttableProxy]:
         await nursery.start(proxy.serve)
         yield proxy
         nursery.cancel_scope.cancel()
+    for stream in proxy.held:
+        await stream.aclose()
 
 
 @pytest.fixture
@@ -130,13 +140,25 @@ async def test_a_cut_connection_resumes_and_every_number_arrives_once_in_order(
     async with trio.open_nursery() as nursery:
         # The client's invocation is answered only once the app server has sent everything.
         nursery.start_soon(node_agent.send, "s", "count", 0, total)
-        for at in (200, 700):  # two cuts, while the numbers flow
+        # Two cuts while the numbers flow: one the relay sees (its socket ends), one it does
+        # not (the resumed WebSocket replaces a socket the relay still holds).
+        for at, silently in ((200, False), (700, True)):
             await node_agent.wait_for(lambda at=at: len(node_agent.messages["s"]) >= at,
                                       what=f"{at} numbers")
-            cuts += proxy.cut()
+            cuts += proxy.cut(silently=silently)
         got = await node_agent.wait_messages("s", total, timeout=60)
     assert cuts >= 2
     assert [m.args[0] for m in got] == list(range(total))
+    # The relay let go of the socket it still held when the client resumed (long before any
+    # timeout of its own): what it sends there ends.
+    assert proxy.held
+    with trio.fail_after(5):
+        while True:
+            try:
+                if not await proxy.held[0].receive_some(65536):
+                    break
+            except trio.BrokenResourceError:
+                break
     assert proxy.accepted >= 3  # negotiate and the first socket, then the resumed sockets
     assert await node_agent.state("s") == "Connected"
     assert [e for e in node_agent.events if e["name"] == "s"] == []  # no close, no reconnect
