@@ -18,6 +18,7 @@ import trio
 import trio_websocket
 from relayfakes import HUB, Clock, FakeServer, MemoryTransport, make_ops, records
 from relaysuite import Rest
+from test_front import exchange, make_front, request
 
 from relaycore.protocol._websocket import CloseCode
 from relaycore.relay import RelayConfig, serve_relay
@@ -380,3 +381,14 @@ async def test_a_client_that_never_resumes_leaves_the_table_after_the_window(nur
     await wait_for(lambda: relay.ops.connection(HUB, answer["connectionId"]) is None)
     assert trio.current_time() - closed_at >= 0.3  # it waited for its client that long
     assert await upgrade_status(relay, url) == 404
+
+
+async def test_a_worker_sharing_its_port_does_not_offer_it_and_a_zero_buffer_turns_it_off():
+    """A resume must reach the process that holds the connection: ``serve --workers``'
+    workers (``reuse_port``) cannot promise it, so they do not offer stateful reconnect."""
+    for settings in ({"reuse_port": True}, {"stateful_reconnect_buffer": 0}, {}):
+        front = make_front(**settings)
+        answer = await exchange(front, request(
+            "POST", f"/client/negotiate?hub={HUB}&negotiateVersion=1&useStatefulReconnect=true",
+            f"Authorization: Bearer {client_token(HUB)}\r\n"))
+        assert answer.json().get("useStatefulReconnect", False) is (not settings), settings

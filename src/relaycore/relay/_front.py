@@ -392,8 +392,11 @@ class HttpFront:
         connection_id = self.ops.new_connection_id()
         token = self._negotiated.issue(connection_id, hub, user_id_from_claims(claims),
                                        self.config.negotiate_timeout, signed=version >= 1)
-        # Stateful reconnect is offered only to a client that asks (it refuses it unasked).
+        # Stateful reconnect is offered only to a client that asks (it refuses it unasked),
+        # and not by a worker that shares its port (a resume must reach the process that
+        # holds the connection; the kernel would hand it to any of them).
         stateful = (self.config.stateful_reconnect_buffer > 0
+                    and not self.config.reuse_port
                     and "WebSockets" in self.config.transports
                     and (request.arg("useStatefulReconnect") or "").lower() == "true")
         if stateful:
