@@ -392,3 +392,24 @@ async def test_a_worker_sharing_its_port_does_not_offer_it_and_a_zero_buffer_tur
             "POST", f"/client/negotiate?hub={HUB}&negotiateVersion=1&useStatefulReconnect=true",
             f"Authorization: Bearer {client_token(HUB)}\r\n"))
         assert answer.json().get("useStatefulReconnect", False) is (not settings), settings
+
+
+def test_an_app_servers_frame_of_several_messages_is_numbered_per_message(bound_ops, server):
+    session, transport = stateful_session(bound_ops)
+    session.server_data(b"{}\x1e")
+    three = (b'{"type":1,"target":"n","arguments":[1]}\x1e{"type":6}\x1e'
+             b'{ "type": 1, "target": "n", "arguments": [2] }\x1e'
+             b'{"target":"n","type":1,"arguments":[3]}\x1e')
+    session.server_data(three)
+    assert session._sent_seq == 3
+    assert [(first, last) for first, last, _ in session._replay] == [(1, 3)]
+    transport.deliver('{"type":8,"sequenceId":2}' + RS)  # 3 may be lost: the frame stays
+    assert [(first, last) for first, last, _ in session._replay] == [(1, 3)]
+    session.transport_ended()
+    new = DroppableTransport(session)
+    session.resume(new)
+    got = written(session, new)
+    # The frame again, after Sequence 1: the client drops 1 and 2, which it has.
+    assert got[0] == {"type": 9, "sequenceId": 1} and numbers(got) == [1, 2, 3]
+    new.deliver('{"type":8,"sequenceId":3}' + RS)
+    assert not session._replay and session._replay_bytes == 0
