@@ -5,7 +5,9 @@ python-socketio on uvicorn) runs as its own process pinned to CPU 0 (``taskset -
 process is the load generator (``bench/loadgen``: open loop, uvloop, picows) pinned to CPU 1.
 Scenarios (see bench/README.md, "Side by side"):
 
-* S1 echo (relaycore: client -> relay -> app server -> relay -> client)
+* S1 echo (relaycore: client -> relay -> app server -> relay -> client; the app server is a
+  minimal one inside the generator, or relaycore's server SDK in its own process on asyncio +
+  uvloop or trio, with its CPU per echo beside the relay's)
 * S2 broadcast to 1,000 subscribers, 32 B and 2 KB, a ladder of offered rates: the highest rate
   with p99 <= 10 ms and reach 1.0
 * S3 small groups (5,000 connections, groups of 10)
@@ -130,6 +132,8 @@ def _py_peer_version(*dists: str) -> Callable[[], str]:
 
 
 _SNAPSHOT: Path | None = None
+#: Where S1's SDK app server imports relaycore from (``--sdk-commit``; else the relay's).
+_SDK_SNAPSHOT: Path | None = None
 
 
 def snapshot_relay(commit: str = "HEAD") -> str:
@@ -139,6 +143,12 @@ def snapshot_relay(commit: str = "HEAD") -> str:
     earlier one for before/after figures (the extension built from the working tree is
     used when that commit's ``_fastpath.pyx`` is the same; otherwise its own is built)."""
     global _SNAPSHOT
+    _SNAPSHOT = snapshot_src(commit)
+    return str(_SNAPSHOT)
+
+
+def snapshot_src(commit: str) -> Path:
+    """``src/`` as of ``commit`` in a temporary directory (see ``snapshot_relay``)."""
     import tempfile
     root = BENCH.parent
     import atexit
@@ -158,8 +168,7 @@ def snapshot_relay(commit: str = "HEAD") -> str:
         subprocess.run([sys.executable, "setup.py", "-q", "build_ext", "--inplace"], cwd=dest,
                        env={**os.environ, "RELAYCORE_BUILD_EXTENSION": "yes"}, check=True,
                        stdout=subprocess.DEVNULL)
-    _SNAPSHOT = dest / "src"
-    return str(_SNAPSHOT)
+    return dest / "src"
 
 
 def _relay_argv() -> list[str]:
@@ -250,6 +259,81 @@ class Running:
         self.log.close()
 
 
+#: S1's app servers for relaycore: the minimal one inside the generator ("loadgen"), and
+#: relaycore's server SDK (bench/sdk_app_server.py) in its own process on each backend.
+APP_SERVERS = {"loadgen": "app server", "sdk-uvloop": "SDK uvloop", "sdk-asyncio": "SDK asyncio",
+               "sdk-trio": "SDK trio"}
+
+
+def app_core() -> int | None:
+    """The CPU S1's SDK app server is pinned to: a core of its own from three cores on (the
+    relay has CPU 0, the generator CPU 1); with two it shares the generator's (CPU 1), so its
+    capacity there is a floor; ``None`` on one core (no pinning)."""
+    cores = os.cpu_count() or 1
+    if cores < 2 or not shutil.which("taskset"):
+        return None
+    return 2 if cores > 2 else 1
+
+
+class AppServer:
+    """S1's SDK app server (bench/sdk_app_server.py) connected to the relay at ``port``."""
+
+    def __init__(self, port: int, backend: str, connections: int) -> None:
+        argv = [sys.executable, str(BENCH / "sdk_app_server.py"), "--port", str(port),
+                "--backend", backend, "--connections", str(connections)]
+        core = app_core()
+        if core is not None:
+            argv = ["taskset", "-c", str(core), *argv]
+        env = dict(os.environ)
+        source = _SDK_SNAPSHOT or _SNAPSHOT
+        if source is not None:
+            env["PYTHONPATH"] = str(source)
+        self.log = open(f"/tmp/relaycore-bench-sdk-{backend}.log", "w")  # noqa: SIM115
+        self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=self.log, text=True,
+                                     env=env, cwd=BENCH)
+        assert self.proc.stdout is not None
+        import select
+        ready, _, _ = select.select([self.proc.stdout], [], [], 60.0)
+        # "ready" once its connections are up
+        line = self.proc.stdout.readline() if ready else ""
+        if line.strip() != "ready":
+            self.stop()
+            raise RuntimeError(f"the SDK app server did not start (see {self.log.name})")
+        self.pid = self.proc.pid
+        self.spy: subprocess.Popen[bytes] | None = None
+        profile = os.environ.get("BENCH_SDK_PROFILE")
+        if profile:
+            # py-spy's raw samples of the app server while it runs (BENCH_RELAY_PROFILE's twin)
+            spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+            self.spy = subprocess.Popen(
+                [spy, "record", "--pid", str(self.pid), "--rate", "200", "--nonblocking",
+                 "--format", "raw", "--output", f"{profile}.{backend}"],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def stop(self) -> None:
+        if self.spy is not None:
+            self.spy.send_signal(signal.SIGINT)  # py-spy writes its file on SIGINT
+            self.spy.wait(timeout=30)
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+
+
+def sdk_backend_missing(backend: str) -> str | None:
+    """Why S1's SDK app server cannot run on ``backend`` here (``None``: it can)."""
+    if backend == "uvloop":
+        try:
+            import uvloop  # noqa: F401
+        except ImportError:
+            return "uvloop is not installed"
+    return None
+
+
 def adapter_for(target: Target, hub: str = "bench") -> Any:
     if target.adapter == "signalr":
         return SignalRAdapter(hub=hub)
@@ -276,7 +360,10 @@ def show(step: dict[str, Any]) -> None:
           f" (read p99 {read if read is not None else float('nan'):5.1f})"
           f"  max {step['max_ms'] or 0:7.1f} ms  target {step['target_cpu_percent']:3.0f}% "
           f"{step['target_cpu_s_per_1M_deliveries'] or 0:5.2f} CPU-s/1M  "
-          f"gen {step['generator_cpu_percent']:3.0f}% "
+          + (f"+ app {step['app_cpu_percent']:3.0f}% "
+             f"{step['app_cpu_s_per_1M_deliveries'] or 0:5.2f} CPU-s/1M  "
+             if "app_cpu_s" in step else "")
+          + f"gen {step['generator_cpu_percent']:3.0f}% "
           f"(late {step['publisher_behind_max_ms']:.0f} ms)"
           f" other {step['foreign_cpu_percent']:3.0f}%"
           f"{' GEN-BOUND' if step['generator_bound'] else ''}"
@@ -285,8 +372,10 @@ def show(step: dict[str, Any]) -> None:
 
 async def ladder(ctx: Context, gen: Generator, send: Callable[[int, str], None],
                  rates: list[float], *, recipients: int, payload: int, pid: int,
-                 label: dict[str, Any], threaded: bool = True) -> list[dict[str, Any]]:
-    """Steps of increasing offered deliveries/s until two in a row fail p99/reach."""
+                 label: dict[str, Any], threaded: bool = True,
+                 companions: dict[str, int] | None = None) -> list[dict[str, Any]]:
+    """Steps of increasing offered deliveries/s until two in a row fail p99/reach
+    (``companions``: other processes of the target, measured beside it)."""
     steps = []
     fails = 0
     for deliveries in rates:
@@ -294,7 +383,8 @@ async def ladder(ctx: Context, gen: Generator, send: Callable[[int, str], None],
             step = await gen.run_step(send, rate=deliveries / recipients, duration=ctx.duration,
                                       payload=payload, recipients=recipients, target_pid=pid,
                                       label={**label, "payload": payload}, grace=ctx.grace,
-                                      thread=ctx.thread if threaded else None)
+                                      thread=ctx.thread if threaded else None,
+                                      companions=companions)
             step["disturbed"] = step["foreign_cpu_percent"] > ctx.args.foreign_limit
             step["attempts"] = attempt + 1
             if not step["disturbed"] or passes(step):
@@ -409,30 +499,50 @@ async def s2_broadcast(ctx: Context, target: Target, running: Running) -> None:
 
 async def s1_echo(ctx: Context, target: Target, running: Running) -> None:
     """S1: echo. relaycore: client -> relay -> app server (service protocol) -> relay ->
-    client; peers: the server sends the message back to its sender."""
+    client, once per app server of ``--app-servers`` (the minimal one inside the generator,
+    relaycore's server SDK in a process of its own); peers: the server sends the message back
+    to its sender."""
     n = ctx.scale(1000, 20)
+    apps = ctx.args.app_servers if target.name == "relaycore" else [None]
 
-    async def body(r: Running) -> None:
+    async def body(r: Running, app_server: str | None) -> None:
         adapter = adapter_for(target, hub="echo")
-        app = None
-        if target.name == "relaycore":
+        app = sdk = None
+        if app_server == "loadgen":
             app = await ServiceConnection.open(r.port, ctx.backend, hub="echo",
                                                connection_type=ConnectionType.DEFAULT,
                                                echo=True)
-        gen = Generator(adapter, r.port, backend=ctx.backend)
-        conns = await gen.connect(n)
-        label = {"scenario": "S1", "target": target.name, "run": ctx.run, "clients": n,
-                 "variant": "app server" if app else ""}
-        for payload in ctx.args.payloads:
-            ctx.records += await ladder(
-                ctx, gen, lambda i, t: adapter.send_echo(conns[i % n], t),
-                ctx.args.echo_rates, recipients=1, payload=payload, pid=r.pid, label=label,
-                threaded=False)
-        await gen.close_all()
-        if app is not None:
-            await app.aclose()
+        elif app_server is not None:
+            sdk = AppServer(r.port, app_server.removeprefix("sdk-"), ctx.args.app_connections)
+        try:
+            gen = Generator(adapter, r.port, backend=ctx.backend)
+            conns = await gen.connect(n)
+            label = {"scenario": "S1", "target": target.name, "run": ctx.run, "clients": n,
+                     "variant": APP_SERVERS.get(app_server or "", "")}
+            if sdk is not None:
+                label["app_core"] = app_core()
+                label["sdk_commit"] = ctx.args.sdk_commit
+            rates = ctx.args.sdk_echo_rates if sdk is not None else ctx.args.echo_rates
+            for payload in ctx.args.payloads:
+                ctx.records += await ladder(
+                    ctx, gen, lambda i, t: adapter.send_echo(conns[i % n], t),
+                    rates, recipients=1, payload=payload, pid=r.pid,
+                    label=label, threaded=False,
+                    companions={"app": sdk.pid} if sdk is not None else None)
+            await gen.close_all()
+        finally:
+            if app is not None:
+                await app.aclose()
+            if sdk is not None:
+                sdk.stop()
 
-    await body(running)
+    for app_server in apps:
+        why = sdk_backend_missing(app_server.removeprefix("sdk-")) if app_server else None
+        if why is not None:
+            print(f"    skipped S1 with the {APP_SERVERS[app_server]} app server: {why}",
+                  flush=True)
+            continue
+        await body(running, app_server)
 
 
 async def s3_groups(ctx: Context, target: Target, running: Running) -> None:
@@ -736,6 +846,51 @@ def latency_note(records: list[dict[str, Any]], scenarios: tuple[str, ...]) -> s
             "the read p99).")
 
 
+def s1_cpu_table(records: list[dict[str, Any]]) -> list[str]:
+    """S1's CPU per echo at each offered rate a target held (reach 1.0, p99 ≤ 50 ms): the
+    relay's and the app server's (relaycore through the SDK), the target's own (a peer echoes
+    in its one process); medians over runs, CPU-µs per echo (CPU-s per 1M)."""
+    steps = [r for r in records if r.get("scenario") == "S1" and "offered_deliveries_per_s" in r
+             and r.get("target_cpu_s_per_1M_deliveries") is not None and capacity_ok(r)]
+    if not steps:
+        return []
+    rates = sorted({r["offered_deliveries_per_s"] for r in steps})
+    cells: dict[tuple, dict[float, list[dict[str, Any]]]] = {}
+    for r in steps:
+        variant = r.get("variant", "")
+        order = list(APP_SERVERS.values())
+        key = (r["payload"], _TARGET_ORDER.get(r["target"], 99), r["target"],
+               order.index(variant) if variant in order else len(order), variant)
+        cells.setdefault(key, {}).setdefault(r["offered_deliveries_per_s"], []).append(r)
+
+    def cell(rs: list[dict[str, Any]]) -> str:
+        relay = statistics.median(x["target_cpu_s_per_1M_deliveries"] for x in rs)
+        apps = [x["app_cpu_s_per_1M_deliveries"] for x in rs
+                if x.get("app_cpu_s_per_1M_deliveries") is not None]
+        if not apps:
+            return f"{relay:.1f}"
+        app = statistics.median(apps)
+        return f"{relay:.1f} + {app:.1f} = {relay + app:.1f}"
+
+    core = next((r.get("app_core") for r in steps if r.get("app_core") is not None), None)
+    lines = ["### S1: CPU per echo, relay + app server (CPU-µs per echo)", "",
+             "| target | variant | payload | " + " | ".join(f"{_rate(x)}/s" for x in rates)
+             + " |", "|---|---|---:|" + "---:|" * len(rates)]
+    for (payload, _, target, _, variant), by_rate in sorted(cells.items()):
+        lines.append(f"| {target} | {variant} | {payload} B | "
+                     + " | ".join(cell(by_rate[x]) if x in by_rate else "–" for x in rates)
+                     + " |")
+    lines += ["", "At each offered rate the target held (reach 1.0, p99 ≤ 50 ms), median over "
+              "runs. relaycore through the SDK: the relay's CPU + the SDK app server's = the "
+              "total; the \"app server\" variant's app server runs inside the generator and is "
+              "not counted; a peer echoes in its one process. Cores: the relay on CPU 0, the "
+              "generator on CPU 1, the SDK app server on CPU "
+              f"{core if core is not None else '(not pinned)'}"
+              + (" (shared with the generator: its capacity is a floor)." if core == 1 else "."),
+              ""]
+    return lines
+
+
 def markdown(facts: dict[str, Any], records: list[dict[str, Any]]) -> str:
     lines = [f"Commit `{facts['commit']}`, {facts['date']}, {facts['machine']}; generator: "
              f"{facts['generator']}; S2/S8: {facts['runs']} run(s), other scenarios: "
@@ -809,6 +964,8 @@ def markdown(facts: dict[str, Any], records: list[dict[str, Any]]) -> str:
                                 if scenario == "S1" else "")
                   + " " + latency_note(records, (scenario, "S2") if scenario == "S8"
                                        else (scenario,)), ""]
+
+    lines += s1_cpu_table(records)
 
     s4 = [r for r in records if r.get("scenario") == "S4"]
     if s4:
@@ -999,6 +1156,16 @@ def main() -> None:
                         help="S8 REST offered deliveries/s")
     parser.add_argument("--echo-rates", type=float, nargs="+",
                         default=[5e3, 10e3, 20e3, 30e3, 40e3, 50e3, 60e3, 80e3])
+    parser.add_argument("--app-servers", nargs="+", choices=list(APP_SERVERS),
+                        default=["loadgen", "sdk-uvloop", "sdk-trio"],
+                        help="S1's app servers for relaycore (see APP_SERVERS)")
+    parser.add_argument("--sdk-echo-rates", type=float, nargs="+",
+                        default=[2e3, 5e3, 10e3, 20e3, 30e3, 40e3, 50e3, 60e3],
+                        help="S1 offered echoes/s through the SDK app server")
+    parser.add_argument("--app-connections", type=int, default=5,
+                        help="server connections of S1's SDK app server (the SDK's default)")
+    parser.add_argument("--sdk-commit", metavar="REV",
+                        help="run S1's SDK app server as of an earlier commit (before/after)")
     parser.add_argument("--group-rates", type=float, nargs="+",
                         default=[25e3, 50e3, 100e3, 200e3, 300e3])
     parser.add_argument("--direct-rate", type=float, default=10e3,
@@ -1041,11 +1208,15 @@ def main() -> None:
         args.rates = [20000]
         args.rest_rates = [10000]
         args.echo_rates = [500]
+        args.sdk_echo_rates = [500]
         args.group_rates = [1000]
         args.direct_rate = 200
         args.churn_rates = [20000]
         args.churn_life = 0.1
     os.environ["BENCH_RELAY_VARIANT"] = args.relay_variant
+    if args.sdk_commit:
+        global _SDK_SNAPSHOT
+        _SDK_SNAPSHOT = snapshot_src(args.sdk_commit)
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     if hasattr(os, "sched_setaffinity") and (os.cpu_count() or 1) > 1:
@@ -1077,6 +1248,7 @@ def main() -> None:
              "versions": {t.name: t.version() for t in targets},
              "skipped": skipped, "command": " ".join(["python", "bench/run.py", *sys.argv[1:]]),
              "p99_bound_ms": P99_BOUND_MS, "relay_variant": args.relay_variant,
+             "sdk_commit": args.sdk_commit, "sdk_app_core": app_core(),
              "send_buffer_limit": SEND_BUFFER_LIMIT}
     print(f"relaycore side-by-side benchmark: commit {commit}, {facts['machine']}, "
           f"Python {platform.python_version()}, accelerated={ACCELERATED}, "

@@ -344,9 +344,14 @@ class Generator:
                        payload: int, recipients: int, target_pid: int, grace: float = 3.0,
                        label: dict[str, Any] | None = None,
                        during: Callable[[], Any] | None = None,
-                       thread: PublisherThread | None = None) -> dict[str, Any]:
+                       thread: PublisherThread | None = None,
+                       companions: dict[str, int] | None = None) -> dict[str, Any]:
         """Send ``rate * duration`` messages on an open-loop schedule, each reaching
-        ``recipients`` measured connections; wait up to ``grace`` s for the stragglers."""
+        ``recipients`` measured connections; wait up to ``grace`` s for the stragglers.
+        ``companions`` names other processes of the target (S1's app server) whose CPU is
+        measured over the same interval (``{name}_cpu_s`` ...) and not counted as foreign."""
+        companions = companions or {}
+        ours = {target_pid, *companions.values()}
         step = self.new_step()
         meter = self.meter
         meter.begin(step)
@@ -360,7 +365,8 @@ class Generator:
         loop = asyncio.get_running_loop()
         side = loop.create_task(during()) if during is not None else None
         (tuser0, tsys0), gcpu0 = cpu_split(target_pid), time.process_time()
-        fcpu0 = foreign_cpu({target_pid})
+        side0 = {name: cpu_split(pid) for name, pid in companions.items()}
+        fcpu0 = foreign_cpu(ours)
         start_us = now_us() + 2000
         start = start_us / 1e6
         schedule = _schedule(send, rate, count, step, start_us, payload)
@@ -372,10 +378,11 @@ class Generator:
         done = time.perf_counter()
         delivered = meter.count
         tuser, tsys = cpu_split(target_pid)
+        side1 = {name: cpu_split(pid) for name, pid in companions.items()}
         tuser, tsys = tuser - tuser0, tsys - tsys0
         tcpu = tuser + tsys
         gcpu = time.process_time() - gcpu0
-        fcpu = foreign_cpu_seconds(fcpu0, foreign_cpu({target_pid}))
+        fcpu = foreign_cpu_seconds(fcpu0, foreign_cpu(ours))
         elapsed = max(done - start, duration)
         latencies = sorted(meter.latencies)
         read_latencies = sorted(meter.read_latencies)
@@ -394,6 +401,15 @@ class Generator:
                 quiet_since, frames = time.perf_counter(), meter.frames
         gc.enable()
         gen_cpu = 100 * gcpu / (done - start)
+        side: dict[str, Any] = {}
+        for name in companions:
+            user, system = (side1[name][i] - side0[name][i] for i in (0, 1))
+            side[f"{name}_cpu_s"] = user + system
+            side[f"{name}_user_cpu_s"] = user
+            side[f"{name}_system_cpu_s"] = system
+            side[f"{name}_cpu_percent"] = 100 * (user + system) / elapsed
+            side[f"{name}_cpu_s_per_1M_deliveries"] = ((user + system) / delivered * 1e6
+                                                       if delivered else None)
         return {
             **(label or {}),
             "offered_msgs_per_s": rate,
@@ -422,4 +438,5 @@ class Generator:
             "generator_cpu_percent": gen_cpu,
             "generator_bound": gen_cpu > 80.0,
             "foreign_cpu_percent": 100 * fcpu / (done - start),
+            **side,
         }

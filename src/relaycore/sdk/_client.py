@@ -17,10 +17,14 @@ connection's reader, moving through these states:
 * CONNECTED: ``Hub.on_connected`` runs, then hub messages are parsed and dispatched. Each
   invocation runs in its own task of the client's task group, so a slow method (or one awaiting
   a client result from this very client) never stops the reading; completions go out in the
-  order the invocations finish. An invocation's upload streams (``streamIds``) are each an
-  ``UploadStream`` the hub method iterates: StreamItems are put there without waiting, and a
-  stream whose method falls ``Hub.stream_buffer_capacity`` items behind fails, so that a slow
-  method never holds up the server connection, which carries other clients too.
+  order the invocations finish. What arrived until then is handled by the client's task; from
+  then on the server connection's reader parses each payload as it hands it over (``feed``)
+  and starts the invocations itself (in the client's task group and context), which saves a
+  task switch and an inbox round trip per message; the client's task waits for the end. An
+  invocation's upload streams (``streamIds``) are each an ``UploadStream`` the hub method
+  iterates: StreamItems are put there without waiting, and a stream whose method falls
+  ``Hub.stream_buffer_capacity`` items behind fails, so that a slow method never holds up the
+  server connection, which carries other clients too.
 * CLOSING: the input ended. If the service said the client left (CloseConnection), running
   invocations get ``client_close_timeout`` to finish; if the server connection was lost they
   are cancelled at once (their results could not be delivered); upload streams that have
@@ -170,6 +174,20 @@ class ClientConnection:
         #: The upload streams still open, by stream id.
         self._uploads: dict[str, UploadStream] = {}
         self._task_group: anyio.abc.TaskGroup | None = None
+        #: The bytes of an incomplete hub message, while dispatching.
+        self._buffer = bytearray()
+        #: Messages are being dispatched (``_dispatch``): the task group takes invocations.
+        self._dispatching = False
+        #: ``feed`` dispatches in the reader's task (see the module doc).
+        self._direct = False
+        #: What failed dispatching in the reader's task; the client's task raises it.
+        self._failure: Exception | None = None
+        #: The client task's context, which invocations started from the reader run in.
+        self._context = contextvars.copy_context()
+        self._max_message_size = router.options.max_message_size
+        # One set of proxies for every hub instance made for this connection.
+        self._hub_clients = HubCallerClients(router, self.connection_id)
+        self._groups = GroupManager(router)
         self.done = anyio.Event()
 
     @property
@@ -183,8 +201,19 @@ class ClientConnection:
     # Input from the server connection ------------------------------------------------------
 
     async def feed(self, payload: bytes) -> None:
-        """Hand over the bytes of one ConnectionData (waits while the inbox is full)."""
+        """Hand over the bytes of one ConnectionData: dispatched at once once the client is
+        connected (see the module doc), else queued (waits while the inbox is full)."""
         if self._input_closed:
+            return
+        if self._direct:
+            try:
+                go_on = await self._receive(payload)
+            except Exception as exc:  # a bug: it fails this client, as in the client's task
+                self._failure = exc
+                go_on = False
+            if not go_on:
+                self._direct = False
+                self._inbox.close()  # the client's task ends the connection
             return
         await self._inbox.put(payload)
 
@@ -240,8 +269,9 @@ class ClientConnection:
                 async with anyio.create_task_group() as task_group:
                     self._task_group = task_group
                     try:
-                        await self._dispatch(task_group, buffer)
+                        await self._dispatch(buffer)
                     finally:
+                        self._dispatching = self._direct = False
                         for scope in self._streams.values():
                             scope.cancel()
                         for upload in self._uploads.values():
@@ -309,36 +339,70 @@ class ClientConnection:
             current_service_connection.reset(token)
         return True
 
-    async def _dispatch(self, task_group: anyio.abc.TaskGroup, buffer: bytearray) -> None:
-        assert self.protocol is not None
-        limit = self.router.options.max_message_size
-        while True:
-            if buffer:
-                try:
-                    messages, consumed = self.protocol.parse(buffer, limit)
-                except RemoteProtocolError as exc:
-                    _log.info("client %s sent a bad message: %s", self.connection_id, exc)
-                    text = f"Connection closed with an error. {exc}"
-                    await self._send_message(CloseMessage(text))
-                    self._close_reason = text
-                    return
-                del buffer[:consumed]
-                for message in messages:
-                    if isinstance(message, StreamItemMessage):
-                        upload = self._uploads.get(message.invocation_id)
-                        if upload is not None and upload.full:
-                            # One more chance for its method to read before it fails.
-                            await anyio.lowlevel.checkpoint()
-                    if not self._handle(task_group, message):
-                        return
-                if self._uploads:
-                    # The methods reading upload streams take this batch's items before the
-                    # next batch is read: one that keeps up never fills its buffer.
-                    await anyio.lowlevel.checkpoint()
-            data = await self._inbox.get()
-            if data is None:
+    async def _dispatch(self, buffer: bytearray) -> None:
+        """Dispatch the client's messages until it leaves: the bytes that followed its
+        handshake and what arrived while ``on_connected`` ran, here; then, once the inbox is
+        empty, whatever the reader feeds, in the reader's task (``feed``), while this task
+        waits for the inbox to close (the client left, ``abort``, or a message that ends the
+        connection)."""
+        self._buffer = buffer
+        self._context = contextvars.copy_context()
+        self._dispatching = True
+        data: bytes | None = b""
+        while data is not None:
+            if not await self._receive(data):
                 return
+            data = self._inbox.get_nowait()
+        self._direct = True
+        while (data := await self._inbox.get()) is not None:
+            if not await self._receive(data):
+                return
+        if self._failure is not None:
+            raise self._failure
+
+    async def _receive(self, data: bytes) -> bool:
+        """Parse ``data`` after what was left of the client's last message and handle each
+        message; False once the connection is to end (a bad message, a CloseMessage, or
+        dispatching stopped while this waited)."""
+        protocol = self.protocol
+        task_group = self._task_group
+        assert protocol is not None and task_group is not None
+        buffer = self._buffer
+        # The common payload holds whole messages: parsed as it is, not copied into the buffer.
+        source: bytes | bytearray = data
+        if buffer:
             buffer += data
+            source = buffer
+        elif not data:
+            return True
+        try:
+            messages, consumed = protocol.parse(source, self._max_message_size)
+        except RemoteProtocolError as exc:
+            _log.info("client %s sent a bad message: %s", self.connection_id, exc)
+            text = f"Connection closed with an error. {exc}"
+            await self._send_message(CloseMessage(text))
+            self._close_reason = text
+            return False
+        if source is buffer:
+            del buffer[:consumed]
+        elif consumed < len(data):
+            buffer += memoryview(data)[consumed:]
+        for message in messages:
+            if isinstance(message, StreamItemMessage):
+                upload = self._uploads.get(message.invocation_id)
+                if upload is not None and upload.full:
+                    # One more chance for its method to read before it fails.
+                    await anyio.lowlevel.checkpoint()
+                    if not self._dispatching:
+                        return False
+            if not self._handle(task_group, message):
+                return False
+        if self._uploads:
+            # The methods reading upload streams take this batch's items before the
+            # next batch is read: one that keeps up never fills its buffer.
+            await anyio.lowlevel.checkpoint()
+            return self._dispatching
+        return True
 
     def _handle(self, task_group: anyio.abc.TaskGroup, message: Any) -> bool:
         if isinstance(message, StreamItemMessage):
@@ -350,11 +414,15 @@ class ClientConnection:
                     "client %s: upload stream %r overflowed", self.connection_id, upload.stream_id
                 )
         elif isinstance(message, InvocationMessage):
-            task_group.start_soon(self._invoke, message, self._open_uploads(message))
+            self._context.run(
+                task_group.start_soon, self._invoke, message, self._open_uploads(message)
+            )
         elif isinstance(message, StreamInvocationMessage):
             scope = anyio.CancelScope()
             self._streams[message.invocation_id] = scope
-            task_group.start_soon(self._stream, message, self._open_uploads(message), scope)
+            self._context.run(
+                task_group.start_soon, self._stream, message, self._open_uploads(message), scope
+            )
         elif isinstance(message, CancelInvocationMessage):
             stream = self._streams.get(message.invocation_id)
             if stream is not None:
@@ -364,7 +432,9 @@ class ClientConnection:
             if upload is not None:
                 upload.end(message.error)
             else:
-                task_group.start_soon(self.router.client_completed, self, message)
+                self._context.run(
+                    task_group.start_soon, self.router.client_completed, self, message
+                )
         elif isinstance(message, CloseMessage):
             # The client is leaving; the service follows with CloseConnection.
             return False
@@ -403,8 +473,8 @@ class ClientConnection:
         """A fresh hub instance bound to this connection."""
         hub = self.router.hub_factory()
         hub.context = self.context
-        hub.clients = HubCallerClients(self.router, self.connection_id)
-        hub.groups = GroupManager(self.router)
+        hub.clients = self._hub_clients
+        hub.groups = self._groups
         return hub
 
     def _resolve(
@@ -595,6 +665,14 @@ class _Inbox:
             if self._closed:
                 return None
             await self._changed.wait()
+        item = self._items.popleft()
+        self._notify()
+        return item
+
+    def get_nowait(self) -> bytes | None:
+        """The next item, or ``None`` when none is queued now."""
+        if not self._items:
+            return None
         item = self._items.popleft()
         self._notify()
         return item

@@ -16,15 +16,19 @@ Every hub gets, on every endpoint, an ``EndpointHub`` holding ``connection_count
    task group, ConnectionData feeds it, CloseConnection ends it, Ack completes a waiting
    request, pings are answered (§4.4). Whenever something arrives and nothing was sent for
    ``keep_alive_interval`` (5 s), a keep-alive ping goes out; when nothing arrives for
-   ``service_timeout`` (30 s) the session is dropped.
+   ``service_timeout`` (30 s) the session is dropped (a watchdog task beside the reader
+   looks, so that a read costs no timer of its own).
 3. DISCONNECTED: the session ends (socket closed, ServiceError, protocol error, silence). Its
    logical clients are ended at once (the service closes them on its side, §4.5) and waiting
    acks fail. The slot sleeps ``retry_delay(n)`` after the n-th consecutive failure (1, 2, 4 ...
    60 s plus jitter) and starts again; a successful handshake resets n.
 
-Writers (hub methods, background jobs, acks) call ``send`` from any task; the WebSocket
-serialises them. ``EndpointHub.run`` also sends ``status`` pings every ``status_interval``
-(10 s) on one connected slot, and keeps the endpoint metrics the service reports in pings.
+Writers (hub methods, background jobs, acks) call ``send`` from any task; it queues the
+message on the WebSocket and returns, and the session's writer task writes what was queued in
+one scheduling round with one write (``WebSocketConnection.run_writer``): a loop of sends, or
+the answers to a read's worth of client messages, costs one system call, not one each.
+``EndpointHub.run`` also sends ``status`` pings every ``status_interval`` (10 s) on one
+connected slot, and keeps the endpoint metrics the service reports in pings.
 
 An ``EndpointHub`` is in one of three states (service-protocol §11.3), moved by the
 ``HubServer`` only:
@@ -81,7 +85,7 @@ import random
 import time
 import uuid
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Final, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Final, Literal, Protocol
 from urllib.parse import quote
 
 import anyio
@@ -128,6 +132,7 @@ from ._websocket import (
     WebSocketConnection,
     WebSocketHandshakeError,
     connect_websocket,
+    loop_clock,
 )
 
 if TYPE_CHECKING:
@@ -384,6 +389,12 @@ class ServiceConnection(Channel):
         #: Sessions established so far (tests watch it to see a reconnect).
         self.sessions = 0
         self.last_send = 0.0
+        #: ``anyio.current_time`` of the session's loop (``loop_clock``): read per message.
+        self._clock: Callable[[], float] = anyio.current_time
+        #: The reader waits in a read (only then may the watchdog end the session), since
+        #: ``_wait_started``.
+        self._receiving = False
+        self._wait_started = 0.0
         #: Logical clients owned by this connection, by connection id.
         self.clients: dict[str, Client] = {}
         self._ws: WebSocketConnection | None = None
@@ -464,7 +475,9 @@ class ServiceConnection(Channel):
 
     async def _session(self) -> None:
         url, headers = self._url_and_headers()
-        parser = ServiceProtocolParser()
+        self._clock = loop_clock()
+        # ConnectionData, most of what arrives, comes as (connection id, payload) tuples.
+        parser = ServiceProtocolParser(raw_connection_data=True)
         with anyio.fail_after(self.options.handshake_timeout):
             ws = await connect_websocket(
                 url,
@@ -478,7 +491,7 @@ class ServiceConnection(Channel):
                         ServiceHandshakeRequest(connection_type=self.connection_type)
                     )
                 )
-                self.last_send = anyio.current_time()
+                self.last_send = self._clock()
                 pending = await self._handshake_response(ws, parser)
             except BaseException:
                 await ws.aclose()
@@ -502,6 +515,7 @@ class ServiceConnection(Channel):
         try:
             async with anyio.create_task_group() as task_group:
                 self._task_group = task_group
+                task_group.start_soon(ws.run_writer)
                 try:
                     await self._read_loop(ws, parser, pending)
                 except _SessionEnded as exc:
@@ -513,6 +527,7 @@ class ServiceConnection(Channel):
                 finally:
                     self._set_connected(False)
                     self._ws = None
+                    ws.stop_writer()  # once what is queued is written
                     for client in list(self.clients.values()):
                         client.close_input(lost, lost=True)
                     for waiter in self._acks.values():
@@ -529,47 +544,93 @@ class ServiceConnection(Channel):
 
     async def _handshake_response(
         self, ws: WebSocketConnection, parser: ServiceProtocolParser
-    ) -> list[ServiceMessage]:
+    ) -> list[ServiceMessage | tuple[Any, ...]]:
         while True:
             data = await ws.receive()
             if isinstance(data, str):
                 raise _SessionEnded("the service sent a text message; expected binary")
             parser.receive_data(data)
-            messages = parser.messages_received()
+            messages: list[Any] = parser.items_received()
             if not messages:
                 continue
+            first = messages[0]
+            if type(first) is tuple:
+                first = ConnectionDataMessage(*first)
             try:
-                check_service_handshake_response(messages[0])
+                check_service_handshake_response(first)
             except RemoteProtocolError as exc:
                 raise _SessionEnded(str(exc)) from None
             return messages[1:]
 
     async def _read_loop(
-        self, ws: WebSocketConnection, parser: ServiceProtocolParser, messages: list[ServiceMessage]
+        self,
+        ws: WebSocketConnection,
+        parser: ServiceProtocolParser,
+        messages: list[ServiceMessage | tuple[Any, ...]],
     ) -> None:
-        options = self.options
-        while True:
-            for message in messages:
-                if not await self._handle(message):
+        """Read and handle until the session ends; ``_SessionEnded`` says why (also after
+        ``service_timeout`` of silence, which ``_watch_silence`` detects)."""
+        assert self._task_group is not None
+        reading = anyio.CancelScope()
+        watching = anyio.CancelScope()
+        self._task_group.start_soon(self._watch_silence, reading, watching)
+        try:
+            with reading:
+                await self._read(ws, parser, messages)
+        finally:
+            watching.cancel()
+        if reading.cancelled_caught:
+            raise _SessionEnded(f"nothing received for {self.options.service_timeout} s")
+
+    async def _watch_silence(self, reading: anyio.CancelScope, watching: anyio.CancelScope) -> None:
+        """Cancel ``reading`` once the reader has waited ``service_timeout`` in one read."""
+        timeout = self.options.service_timeout
+        with watching:
+            while True:
+                if not self._receiving:
+                    await anyio.sleep(timeout)  # a wait that starts meanwhile ends after it
+                    continue
+                left = self._wait_started + timeout - self._clock()
+                if left <= 0:
+                    reading.cancel()
                     return
-            with anyio.move_on_after(options.service_timeout) as silence:
-                try:
-                    data = await ws.receive()
-                except WebSocketClosed as exc:
-                    # 1000/1001: the service closed the session on purpose (a relay draining
-                    # says 1001 Going Away, RFC 6455 §7.4.1); 1006 and others: it was lost.
-                    normal = exc.code in (CloseCode.NORMAL_CLOSURE, CloseCode.GOING_AWAY)
-                    raise _SessionEnded(str(exc), going_away=normal) from None
-            if silence.cancelled_caught:
-                raise _SessionEnded(f"nothing received for {options.service_timeout} s")
-            if isinstance(data, str):
-                raise _SessionEnded("the service sent a text message; expected binary")
+                await anyio.sleep(left)
+
+    async def _read(
+        self,
+        ws: WebSocketConnection,
+        parser: ServiceProtocolParser,
+        messages: list[ServiceMessage | tuple[Any, ...]],
+    ) -> None:
+        keep_alive_interval = self.options.keep_alive_interval
+        clock = self._clock
+        handle = self._handle
+        for message in messages:
+            if not await handle(message):
+                return
+        while True:
+            self._wait_started = clock()
+            self._receiving = True
             try:
-                parser.receive_data(data)
-            except RemoteProtocolError as exc:
-                raise _SessionEnded(f"bad data from the service: {exc}") from None
-            messages = parser.messages_received()
-            if anyio.current_time() - self.last_send >= options.keep_alive_interval:
+                received = await ws.receive_some()
+            except WebSocketClosed as exc:
+                # 1000/1001: the service closed the session on purpose (a relay draining
+                # says 1001 Going Away, RFC 6455 §7.4.1); 1006 and others: it was lost.
+                normal = exc.code in (CloseCode.NORMAL_CLOSURE, CloseCode.GOING_AWAY)
+                raise _SessionEnded(str(exc), going_away=normal) from None
+            finally:
+                self._receiving = False
+            for data in received:
+                if isinstance(data, str):
+                    raise _SessionEnded("the service sent a text message; expected binary")
+                try:
+                    parser.receive_data(data)
+                except RemoteProtocolError as exc:
+                    raise _SessionEnded(f"bad data from the service: {exc}") from None
+                for message in parser.items_received():
+                    if not await handle(message):
+                        return
+            if clock() - self.last_send >= keep_alive_interval:
                 await self._keep_alive()
 
     async def _keep_alive(self) -> None:
@@ -584,9 +645,13 @@ class ServiceConnection(Channel):
         except ServiceUnavailableError:
             pass
 
-    async def _handle(self, message: ServiceMessage) -> bool:
+    async def _handle(self, message: ServiceMessage | tuple[Any, ...]) -> bool:
         """Handle one message from the service; False ends the session."""
-        if isinstance(message, ConnectionDataMessage):
+        if type(message) is tuple:  # ConnectionData, as the parser hands it out raw
+            client = self.clients.get(message[0])
+            if client is not None:
+                await client.feed(message[1])
+        elif isinstance(message, ConnectionDataMessage):
             client = self.clients.get(message.connection_id)
             if client is not None:
                 await client.feed(message.payload)
@@ -681,7 +746,7 @@ class ServiceConnection(Channel):
             raise ServiceUnavailableError(
                 f"the server connection to {self.endpoint} was lost: {exc}"
             ) from None
-        self.last_send = anyio.current_time()
+        self.last_send = self._clock()
 
     async def request_ack(
         self, message_for: Callable[[int], ServiceMessage], ack_id: int

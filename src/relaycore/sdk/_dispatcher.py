@@ -290,6 +290,15 @@ class HubDispatcher:
     async def send(self, to: Recipients, method: str, args: tuple[Any, ...]) -> None:
         """Send an invocation of ``method`` to the clients ``to`` names, on the endpoints the
         router chooses for them."""
+        connection_id = to.connection_id
+        if connection_id is not None and self.default_routing:
+            # The hot path of a hub method answering its caller: what ``_channels_and_payloads``
+            # chooses for a client of this server, without the message object in between.
+            client = self.local_clients.get(connection_id)
+            if client is not None and (protocol := client.protocol) is not None:
+                payloads = {protocol.name: protocol.write_invocation(method, args)}
+                await client.service_connection.send(to.build(payloads))
+                return
         targets, payloads = await self._channels_and_payloads(
             InvocationMessage(method, args), to.route, to.connection_id
         )

@@ -15,6 +15,7 @@ nothing else of the SDK: what it needs of the layers above is declared here as p
 from __future__ import annotations
 
 import collections.abc
+import dataclasses
 import inspect
 import ipaddress
 import re
@@ -297,16 +298,21 @@ class HubClients:
 class HubCallerClients(HubClients):
     """``HubClients`` seen from a hub method, plus the choices relative to the caller."""
 
-    __slots__ = ("_caller",)
+    __slots__ = ("_caller", "_caller_proxy")
 
     def __init__(self, sender: HubSender, caller_connection_id: str) -> None:
         super().__init__(sender)
         self._caller = caller_connection_id
+        self._caller_proxy: SingleClientProxy | None = None
 
     @property
     def caller(self) -> SingleClientProxy:
         """The connection that invoked the hub method."""
-        return self.client(self._caller)
+        # Made once: a proxy holds nothing that changes, and the caller is sent to often.
+        proxy = self._caller_proxy
+        if proxy is None:
+            proxy = self._caller_proxy = self.client(self._caller)
+        return proxy
 
     @property
     def others(self) -> ClientProxy:
@@ -608,6 +614,20 @@ class HubMethod:
     signature: inspect.Signature
     #: The parameters that receive the client's upload streams, in order.
     uploads: tuple[str, ...] = ()
+    #: ``(least, most)`` arguments a call may pass when every parameter (the hub instance left
+    #: out) is positional, none takes a stream and none is ``*args``/``**kwargs``: such a call
+    #: binds its arguments as they are (``bind``'s shortcut). ``None`` for other methods.
+    plain_arity: tuple[int, int] | None = dataclasses.field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        parameters = list(self.signature.parameters.values())[1:]
+        plain = not self.uploads and all(
+            p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) for p in parameters
+        )
+        arity = (
+            (sum(1 for p in parameters if p.default is p.empty), len(parameters)) if plain else None
+        )
+        object.__setattr__(self, "plain_arity", arity)
 
     def bind(
         self, arguments: Sequence[Any], streams: Sequence[Any] = ()
@@ -615,6 +635,9 @@ class HubMethod:
         """The positional and keyword arguments of a call (the hub instance left out): each
         stream goes to its upload parameter, the ``arguments`` fill the others in order, as
         ASP.NET Core binds them. Raise ``TypeError`` when they do not fit the parameters."""
+        arity = self.plain_arity
+        if arity is not None and not streams and arity[0] <= len(arguments) <= arity[1]:
+            return list(arguments), {}  # what the general path below finds, without its cost
         if len(streams) != len(self.uploads):
             raise TypeError(f"expected {len(self.uploads)} stream(s), got {len(streams)}")
         by_name = dict(zip(self.uploads, streams, strict=True))
@@ -673,6 +696,9 @@ def _normalise(name: str) -> str:
 
 
 _BASE_NAMES = frozenset(vars(Hub))
+#: How many spellings of targets ``HubMethodTable.find`` remembers (clients choose them: a
+#: bound keeps a client that varies its spelling from growing the table).
+_FOUND_LIMIT = 1024
 
 
 class HubMethodTable:
@@ -690,6 +716,8 @@ class HubMethodTable:
         self.hub_class = hub_class
         self._explicit: dict[str, HubMethod] = {}
         self._derived: dict[str, HubMethod] = {}
+        #: ``find``'s answers by target as clients spell it (found methods only, bounded).
+        self._found: dict[str, HubMethod] = {}
         seen: set[str] = set()
         for klass in hub_class.__mro__:
             if klass is Hub or not issubclass(klass, Hub):
@@ -732,7 +760,13 @@ class HubMethodTable:
     def find(self, target: str) -> HubMethod | None:
         """The method answering ``target``: explicit names first (case-insensitive), then
         attribute names (case-insensitive, underscores ignored)."""
-        return self._explicit.get(target.lower()) or self._derived.get(_normalise(target))
+        method = self._found.get(target)
+        if method is not None:
+            return method
+        method = self._explicit.get(target.lower()) or self._derived.get(_normalise(target))
+        if method is not None and len(self._found) < _FOUND_LIMIT:
+            self._found[target] = method
+        return method
 
     def methods(self) -> list[HubMethod]:
         """Every hub method, explicitly named ones first."""

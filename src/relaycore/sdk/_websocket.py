@@ -2,26 +2,34 @@
 
 The opening handshake is an HTTP/1.1 upgrade written and read with h11 in client mode; the
 ``Sec-WebSocket-Accept`` answer is checked against the key sent. After it, one protocol object
-holds the connection's state and two kinds of task touch it:
+holds the connection's state and these tasks touch it:
 
-* the reader (``receive``) feeds received bytes in and flushes what the protocol queued in
-  answer (Pongs, the reply to a Close);
-* senders (``send``) queue a message and flush.
+* the reader (``receive``, ``receive_some``) feeds received bytes in, hands out every message
+  one read brought, and flushes what the protocol queued in answer (Pongs, the reply to a
+  Close);
+* senders (``send``) queue a frame;
+* the writer (``run_writer``, when its owner runs one) writes what was queued: the frames of
+  every sender of one scheduling round in one write, so that a send costs no system call of
+  its own. Without a writer each send writes (and waits for) its own frame.
 
-Flushes happen under one lock, so frames never interleave; the protocol object itself is only
-touched between awaits, which anyio tasks never interrupt.
+One write is under way at a time (``_writing``), taking everything queued when it starts, so
+frames never interleave; the protocol object itself is only touched between awaits, which anyio
+tasks never interrupt. Frames are masked with keys drawn from the OS's random source 4 KiB at a
+time (``_MaskKeys``), not one read of it per frame.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import os
 import ssl
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from urllib.parse import urlsplit
 
 import anyio
 import anyio.abc
+import anyio.lowlevel
 import h11
 
 from relaycore.protocol import (
@@ -35,12 +43,55 @@ from relaycore.protocol import (
     accept_key,
 )
 
-__all__ = ["WebSocketClosed", "WebSocketConnection", "WebSocketHandshakeError", "connect_websocket"]
+__all__ = [
+    "WebSocketClosed",
+    "WebSocketConnection",
+    "WebSocketHandshakeError",
+    "connect_websocket",
+    "loop_clock",
+]
 
 _READ_SIZE = 65536
+#: While a writer runs, a send returns as soon as its frame is queued, unless more than this
+#: many bytes wait for the writer: then it waits for the write (backpressure, as a send into a
+#: full socket buffer would).
+_SEND_AHEAD = 256 * 1024
+#: Random bytes read from the OS at a time for masking keys (1,024 frames' worth).
+_MASK_POOL = 4096
 #: Bound on the upgrade response head, so that a peer that is not a WebSocket server cannot
 #: make us buffer without end.
 _MAX_RESPONSE_HEAD = 64 * 1024
+
+
+def loop_clock() -> Callable[[], float]:
+    """``anyio.current_time`` of the running event loop, as a function that does not look the
+    loop up on every call: on asyncio, the loop's own ``time`` (anyio finds the running loop
+    and task for each call, and CPython 3.11 asks the kernel for the process id each time it
+    does); elsewhere (trio) ``anyio.current_time`` itself. Call it from the loop it is for."""
+    try:
+        return asyncio.get_running_loop().time
+    except RuntimeError:  # not asyncio (trio has no per-call cost to save)
+        return anyio.current_time
+
+
+class _MaskKeys:
+    """Masking keys for a client's frames: 4 bytes from the OS's random source for each frame
+    (RFC 6455 §5.3: unpredictable, fresh for each frame), read ``_MASK_POOL`` bytes at a time
+    so that a frame costs no system call."""
+
+    __slots__ = ("_pool", "_pos")
+
+    def __init__(self) -> None:
+        self._pool = b""
+        self._pos = 0
+
+    def __call__(self) -> bytes:
+        pos = self._pos
+        if pos >= len(self._pool):
+            self._pool = os.urandom(_MASK_POOL)
+            pos = 0
+        self._pos = pos + 4
+        return self._pool[pos : pos + 4]
 
 
 class WebSocketHandshakeError(ConnectionError):
@@ -63,7 +114,8 @@ class WebSocketClosed(ConnectionError):
 
 
 class WebSocketConnection:
-    """An open client WebSocket. Use ``send`` and ``receive`` from any tasks, one reader."""
+    """An open client WebSocket. Use ``send`` and ``receive`` from any tasks, one reader; run
+    ``run_writer`` in a task beside them so that sends are written in batches."""
 
     def __init__(
         self,
@@ -75,11 +127,23 @@ class WebSocketConnection:
     ) -> None:
         self._stream = stream
         self._ws = protocol
-        #: Seconds one write may take before the connection is given up (see ``_flush``).
+        #: Seconds one write may take before the connection is given up (see ``_write_out``).
         self.write_timeout = write_timeout
-        self._send_lock = anyio.Lock()
+        self._clock = loop_clock()
         self._messages: list[bytes | str] = []
         self._closed: WebSocketClosed | None = None
+        #: Frames queued for the next write, and their size.
+        self._out: list[bytes] = []
+        self._out_size = 0
+        #: A write is under way (it takes what is queued until it finds nothing more).
+        self._writing = False
+        #: Set after each write; made by a task that waits for one.
+        self._written: anyio.Event | None = None
+        #: ``run_writer`` runs: senders leave the writing to it.
+        self._writer = False
+        #: What the idle writer waits on; set by the send that queues the next frame.
+        self._wake: anyio.Event | None = None
+        self._stop_writer = False
         if pending:
             self._feed(pending)
 
@@ -101,27 +165,112 @@ class WebSocketConnection:
         if self._ws.close_expected() and self._closed is None:
             self._closed = WebSocketClosed(self._ws.close_code or 1006, self._ws.close_reason)
 
-    async def _flush(self, timeout: float | None = None) -> None:
-        write_timeout = self.write_timeout if timeout is None else timeout
-        async with self._send_lock:
-            data = self._ws.data_to_send()
-            if not data:
-                return
+    def _take(self) -> bool:
+        """Move what the protocol queued to the write queue; whether there was anything."""
+        data = self._ws.data_to_send()
+        if not data:
+            return False
+        self._out.append(data)
+        self._out_size += len(data)
+        return True
+
+    def _notify_written(self) -> None:
+        written = self._written
+        if written is not None:
+            self._written = None
+            written.set()
+
+    async def _wait_written(self) -> None:
+        if self._written is None:
+            self._written = anyio.Event()
+        await self._written.wait()
+
+    async def _write_out(self, timeout: float) -> None:
+        """Write everything queued, including what is queued while a write is under way."""
+        self._writing = True
+        try:
             # A write cut short by a cancellation would leave half a frame on the wire and
             # corrupt the stream for every later message: writes are shielded, and one that
-            # does not finish within ``write_timeout`` ends the connection instead.
-            with anyio.CancelScope(shield=True):
-                with anyio.move_on_after(write_timeout) as timer:
-                    await self._stream.send(data)
-                if timer.cancelled_caught:
-                    self._closed = self._closed or WebSocketClosed(
-                        1006, f"a write did not finish within {write_timeout} s"
-                    )
-                    await anyio.aclose_forcefully(self._stream)
-                    raise self._closed
+            # does not finish within ``timeout`` ends the connection instead.
+            with anyio.CancelScope(shield=True, deadline=self._clock() + timeout) as scope:
+                first = True
+                while self._out:
+                    if not first:  # each write gets its own ``timeout``
+                        scope.deadline = self._clock() + timeout
+                    first = False
+                    out = self._out
+                    self._out = []
+                    self._out_size = 0
+                    await self._stream.send(out[0] if len(out) == 1 else b"".join(out))
+                    self._notify_written()
+            if scope.cancelled_caught:
+                self._closed = self._closed or WebSocketClosed(
+                    1006, f"a write did not finish within {timeout} s"
+                )
+                await anyio.aclose_forcefully(self._stream)
+                raise self._closed
+        finally:
+            self._writing = False
+            self._notify_written()
+
+    async def _flush(self, timeout: float | None = None) -> None:
+        """Return once everything queued so far is written, by this task or by the write
+        under way."""
+        while True:
+            if self._writing:
+                await self._wait_written()
+            elif self._out:
+                await self._write_out(self.write_timeout if timeout is None else timeout)
+            else:
+                return
+
+    async def run_writer(
+        self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Write what senders queue until ``stop_writer()``, the connection's end, or
+        cancellation: the frames queued in one scheduling round go out in one write, and a
+        send returns without waiting for it (unless ``_SEND_AHEAD`` bytes wait already).
+        A failed write ends the connection; later sends raise ``WebSocketClosed``.
+        (``task_group.start`` returns once sends are left to it.)"""
+        if self._writer:
+            raise RuntimeError("this WebSocket already has a writer")
+        self._writer = True
+        task_status.started()
+        try:
+            while True:
+                if not self._out:
+                    if self._stop_writer or self._closed is not None:
+                        return
+                    self._wake = wake = anyio.Event()
+                    await wake.wait()
+                    continue
+                # Let the other senders of this round queue their frames first.
+                await anyio.lowlevel.checkpoint()
+                try:
+                    await self._flush()
+                except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
+                    # (a timed-out write raises the WebSocketClosed it set, an OSError too)
+                    self._closed = self._closed or WebSocketClosed(1006, f"send failed: {exc!r}")
+                    return
+        finally:
+            self._writer = False
+            self._wake = None
+            self._notify_written()  # senders waiting for room write for themselves
+
+    def stop_writer(self) -> None:
+        """End ``run_writer`` once it has written what is queued."""
+        self._stop_writer = True
+        self._wake_writer()
+
+    def _wake_writer(self) -> None:
+        wake = self._wake
+        if wake is not None:
+            self._wake = None
+            wake.set()
 
     async def send(self, data: bytes | str) -> None:
-        """Send one message: binary for ``bytes``, text for ``str``. Raises
+        """Send one message: binary for ``bytes``, text for ``str``. With a writer running it
+        returns once the frame is queued; else once it is written. Raises
         ``WebSocketClosed`` once the connection ended."""
         if self._closed is not None:
             raise self._closed
@@ -129,7 +278,14 @@ class WebSocketConnection:
             self._ws.send_text(data)
         else:
             self._ws.send_binary(data)
+        self._take()
         try:
+            if self._writer:
+                self._wake_writer()
+                while self._out_size > _SEND_AHEAD and self._writer and self._closed is None:
+                    await self._wait_written()
+                if self._writer or not self._out:
+                    return
             await self._flush()
         except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
             self._closed = self._closed or WebSocketClosed(1006, f"send failed: {exc!r}")
@@ -138,9 +294,29 @@ class WebSocketConnection:
     async def receive(self) -> bytes | str:
         """The next message (``bytes`` for binary, ``str`` for text). Raises
         ``WebSocketClosed`` when the connection ends."""
+        if not self._messages:
+            await self._fill()
+        return self._messages.pop(0)
+
+    async def receive_some(self) -> list[bytes | str]:
+        """Every message received so far, in order, at least one (waiting for it): what one
+        read brought, for a reader that handles them as a batch. Raises ``WebSocketClosed``
+        when the connection ends."""
+        if not self._messages:
+            await self._fill()
+        messages = self._messages
+        self._messages = []
+        return messages
+
+    async def _fill(self) -> None:
         while not self._messages:
             if self._closed is not None:
                 if self._ws.close_expected():
+                    self._take()
+                    try:
+                        await self._flush()
+                    except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+                        pass
                     await self._close_transport()
                 raise self._closed
             try:
@@ -150,11 +326,14 @@ class WebSocketConnection:
             except anyio.ClosedResourceError:
                 raise self._closed or WebSocketClosed(1006, "closed locally") from None
             self._feed(data)
-            try:
-                await self._flush()
-            except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
-                pass
-        return self._messages.pop(0)
+            if self._take():  # Pongs, the reply to a Close
+                if self._writer and self._closed is None:
+                    self._wake_writer()
+                    continue
+                try:
+                    await self._flush()
+                except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+                    pass  # WebSocketClosed is an OSError too
 
     async def _close_transport(self) -> None:
         try:
@@ -163,15 +342,18 @@ class WebSocketConnection:
             pass
 
     async def aclose(self, code: int = CloseCode.NORMAL_CLOSURE, reason: str = "") -> None:
-        """Send a Close frame (if none was sent) and close the TCP connection without waiting
-        for the peer's answer: after a clean shutdown there is nothing left to read."""
+        """Send a Close frame (if none was sent) after what is queued, and close the TCP
+        connection without waiting for the peer's answer: after a clean shutdown there is
+        nothing left to read."""
+        self.stop_writer()
         with anyio.CancelScope(shield=True), anyio.move_on_after(1.0):
             if not self._ws.close_expected() and self._ws.state is State.OPEN:
                 self._ws.send_close(code, reason)
-                try:
-                    await self._flush(timeout=1.0)
-                except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
-                    pass
+                self._take()
+            try:
+                await self._flush(timeout=1.0)
+            except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+                pass
             self._closed = self._closed or WebSocketClosed(code, reason)
             await self._close_transport()
 
@@ -215,7 +397,7 @@ async def connect_websocket(
         await anyio.aclose_forcefully(stream)
         raise
     protocol = WebSocketProtocol(
-        Role.CLIENT, max_message_size=max_message_size, mask_key=lambda: os.urandom(4)
+        Role.CLIENT, max_message_size=max_message_size, mask_key=_MaskKeys()
     )
     return WebSocketConnection(stream, protocol, pending, write_timeout=write_timeout)
 
