@@ -20,13 +20,13 @@ then does not even build the messages, so a single node pays one attribute test 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any, Literal, Protocol
 
 import trio
 
 #: What ``Backplane.holds`` may be asked about.
-Holding = Literal["connection", "user", "group"]
+Holding = Literal["connection", "user", "group", "server"]
 
 #: Applies an operation that another node published: ``(hub, service-protocol message)``.
 Receiver = Callable[[str, Any], None]
@@ -51,6 +51,13 @@ class Backplane(Protocol):
         """Whether another node holds the connection, a connection of the user, or a member
         of the group (an existence check that found nothing here asks this)."""
 
+    def holders(self, hub: str, kind: Holding, key: str) -> Collection[str]:
+        """The other nodes that hold it (``"server"``, ``""``: an app server of the hub)."""
+
+    def send_to_node(self, node: str, hub: str, operation: Any) -> None:
+        """Queue a message for one other node (what a client's traffic to and from an app
+        server of that node is); never awaits."""
+
     def interest(self, hub: str, kind: Holding, key: str, present: bool) -> None:
         """This node now holds (``present``) or no longer holds the connection, a connection
         of the user, or a member of the group; called only when ``publishes``."""
@@ -72,6 +79,12 @@ class LocalBackplane:
 
     def holds(self, hub: str, kind: Holding, key: str) -> bool:
         return False
+
+    def holders(self, hub: str, kind: Holding, key: str) -> Collection[str]:
+        return ()
+
+    def send_to_node(self, node: str, hub: str, operation: Any) -> None:
+        raise RuntimeError("a single relay node has no other node to send to")
 
     def interest(self, hub: str, kind: Holding, key: str, present: bool) -> None:
         raise RuntimeError("a single relay node tells no other node what it holds")

@@ -25,7 +25,7 @@ from __future__ import annotations
 import collections
 import logging
 import secrets
-from collections.abc import Callable, Collection, Iterable
+from collections.abc import Callable, Collection, Iterable, Sequence
 from typing import Any, Protocol
 
 from ..protocol import _service as service
@@ -105,7 +105,15 @@ class Operations:
         #: The serverless hubs' upstream (set by the relay when it has one).
         self.serverless: Serverless = _NoUpstream()
         self.invocations = ClientInvocations(self)
-        backplane.on_node_gone = self.invocations.node_gone
+        backplane.on_node_gone = self._node_gone
+        #: clients of other nodes served by an app server of this node, by connection id
+        self.forwarded: dict[str, ForwardedClient] = {}
+        #: clients of this node served by an app server of another node, by connection id
+        self.served_elsewhere: dict[str, Any] = {}
+        #: (hub, node) -> what stands for that node's app servers of the hub here
+        self._remote_servers: dict[tuple[str, str], RemoteServer] = {}
+        #: the hubs this node has said it has an app server of that takes clients
+        self._serving: set[str] = set()
         #: Set while the relay drains: no new clients, app servers are told "going away".
         self.draining = False
         #: This node's id, as ``Asrs-Instance-Id`` tells app servers (service-protocol §6.2).
@@ -342,6 +350,9 @@ class Operations:
     def apply(self, hub: str, message: Any) -> Any:
         """Do what an operation published by another node says, on this node only."""
         kind = type(message)
+        if kind in _FORWARDED and (self._forwarded_message(hub, message)
+                                   or kind not in _BY_MESSAGE):
+            return None
         if kind is service.ClientInvocationMessage:
             return self.invocations.invoke_published(hub, message)
         if kind is service.ClientCompletionMessage or kind is service.ErrorCompletionMessage:
@@ -378,12 +389,27 @@ class Operations:
 
     def server_opened(self, server: ServerLink) -> None:
         self.table.shard(server.hub).servers.append(server)
+        if self.backplane.publishes:
+            self._tell_serving(server.hub)
 
     def server_closed(self, server: ServerLink) -> None:
         shard = self.table.get(server.hub)
         if shard is not None and server in shard.servers:
             shard.servers.remove(server)
+            if self.backplane.publishes:
+                self._tell_serving(server.hub)
             self.table.prune(server.hub)
+
+    def _tell_serving(self, hub: str) -> None:
+        """Tell the other nodes whether an app server here takes clients of ``hub`` (they
+        send their clients of a hub that has none there)."""
+        serving = any(s.carries_clients for s in self.table.view(hub).servers)
+        if serving != (hub in self._serving):
+            if serving:
+                self._serving.add(hub)
+            else:
+                self._serving.discard(hub)
+            self.backplane.interest(hub, "server", "", serving)
 
     def servers_of(self, hub: str) -> list[Any]:
         return self.table.view(hub).servers
@@ -398,10 +424,28 @@ class Operations:
 
     def choose_server(self, hub: str) -> Any:
         """The server connection a new client of ``hub`` is bound to: spread over app servers
-        (the server with the fewest clients), then over that server's connections; None when
-        the hub has none that carries clients (or the relay is serverless)."""
+        (the server with the fewest clients), then over that server's connections; when this
+        node has none, an app server of another node that has one (``RemoteServer``); None
+        when no node has one that carries clients (or the relay is serverless)."""
         if self.config.service_mode == "serverless":
             return None
+        return self.local_server(hub) or self._remote_server(hub)
+
+    def _remote_server(self, hub: str) -> RemoteServer | None:
+        if not self.backplane.publishes:
+            return None
+        nodes = sorted(self.backplane.holders(hub, "server", ""))
+        if not nodes:
+            return None
+        node = secrets.choice(nodes)
+        server = self._remote_servers.get((hub, node))
+        if server is None:
+            server = self._remote_servers[(hub, node)] = RemoteServer(self, hub, node)
+        return server
+
+    def local_server(self, hub: str) -> Any:
+        """This node's server connection for a new client of ``hub`` (see ``choose_server``),
+        or None."""
         load: dict[str, int] = {}
         best: dict[str, Any] = {}
         for server in self.servers_of(hub):
@@ -440,6 +484,159 @@ class Operations:
         invocations nobody answered (the relay's ticker calls this)."""
         self.invocations.expire(now)
         self.table.expire_user_groups(now)
+
+
+    # -- clients and app servers on different nodes -------------------------------------------
+
+    def _forwarded_message(self, hub: str, m: Any) -> bool:
+        """A client's traffic between its node and the node of its app server; False when
+        it is for no client of either kind."""
+        kind = type(m)
+        if kind is service.OpenConnectionMessage:
+            node = self.backplane_owner(m.connection_id)
+            if node is not None:
+                self.forwarded[m.connection_id] = ForwardedClient(self, hub, node, m)
+            return True
+        client = self.served_elsewhere.get(m.connection_id)
+        if kind is service.ConnectionDataMessage:
+            if client is not None:
+                client.server_data(m.payload)
+            elif (proxy := self.forwarded.get(m.connection_id)) is not None:
+                proxy.client_data(m.payload)
+            else:
+                return False
+        elif client is not None:  # the app server closed the client
+            del self.served_elsewhere[m.connection_id]
+            client.close_from_server(m.error_message or None)
+        elif (proxy := self.forwarded.pop(m.connection_id, None)) is not None:
+            proxy.client_left(m.error_message or None)  # the client left
+        else:
+            return False
+        return True
+
+    def backplane_owner(self, connection_id: str) -> str | None:
+        """The other node a connection id names, if any."""
+        prefix = self.backplane.connection_id_prefix
+        node, dot, _ = connection_id.partition(".")
+        return node if dot and node + "." != prefix else None
+
+    def _node_gone(self, prefix: str) -> None:
+        """Another node went away: the invocations of its clients fail, this node's clients
+        that its app servers served are closed (they reconnect), and its clients that this
+        node's app servers served leave them."""
+        self.invocations.node_gone(prefix)
+        node = prefix[:-1]
+        for key in [key for key in self._remote_servers if key[1] == node]:
+            del self._remote_servers[key]
+        for client in [c for c in self.served_elsewhere.values()
+                       if getattr(c.server, "node", None) == node]:
+            client.close("The app server connection of this client was closed; reconnect.",
+                         allow_reconnect=True)
+        for connection_id in [i for i in self.forwarded if i.startswith(prefix)]:
+            self.forwarded.pop(connection_id).client_left("its relay node went away")
+
+
+#: The messages that carry a client's traffic between its node and its app server's.
+_FORWARDED = frozenset({service.OpenConnectionMessage, service.ConnectionDataMessage,
+                        service.CloseConnectionMessage})
+
+
+def _claim_text(value: Any) -> str:
+    return ("true" if value else "false") if isinstance(value, bool) else str(value)
+
+
+class RemoteServer:
+    """The app servers of another node, for a client of this node whose hub has none here:
+    what the session sees as its app server (``ServerBinding``). The client's open, bytes
+    and close go to that node's inbox, where a ``ForwardedClient`` stands for the client;
+    what the app server sends the client comes back the same way."""
+
+    #: never a client invocation's caller: an invocation of its clients is always passed on
+    server_id = ""
+
+    def __init__(self, ops: Operations, hub: str, node: str) -> None:
+        self.ops = ops
+        self.hub = hub
+        self.node = node
+
+    def client_opened(self, client: Any, handshake: bytes) -> None:
+        self.ops.served_elsewhere[client.id] = client
+        claims: dict[str, str | tuple[str, ...]] = {}
+        for key, value in client.claims.items():
+            if isinstance(value, list):
+                if value:
+                    claims[key] = tuple(_claim_text(v) for v in value)
+            else:
+                claims[key] = _claim_text(value)
+        headers: dict[str, Sequence[str]] = {
+            name: [value] for name, value in client.headers.items()}
+        client.headers = {}  # as an app server connection does: sent once
+        self.send(service.OpenConnectionMessage(client.id, claims, headers, client.query,
+                                                protocol=client.protocol_name))
+        self.client_data(client, handshake)
+
+    def client_data(self, client: Any, data: bytes) -> None:
+        self.send(service.ConnectionDataMessage(client.id, data))
+
+    def client_closed(self, client: Any, error: str | None) -> None:
+        if self.ops.served_elsewhere.pop(client.id, None) is not None:
+            self.send(service.CloseConnectionMessage(client.id, error or ""))
+        self.ops.invocations.client_gone(client)
+
+    def send(self, message: Any) -> None:
+        """To the other node (a client invocation, for the client's app server there)."""
+        self.ops.backplane.send_to_node(self.node, self.hub, message)
+
+
+class ForwardedClient:
+    """A client of another node (``node``) served by an app server of this node: what the
+    app server connection sees of it (a session's attributes and methods)."""
+
+    def __init__(self, ops: Operations, hub: str, node: str,
+                 m: service.OpenConnectionMessage) -> None:
+        self.ops = ops
+        self.hub = hub
+        self.node = node
+        self.id = m.connection_id
+        # as a session holds them: a repeated claim's values as a list
+        self.claims = {k: list(v) if isinstance(v, tuple) else v for k, v in m.claims.items()}
+        self.headers = {name: values[0] for name, values in m.headers.items() if values}
+        self.query = m.query_string or ""
+        self.protocol_name = m.protocol or ""
+        self.data_prefix = b""
+        self.server: Any = None
+
+    def client_data(self, data: bytes) -> None:
+        """The client's bytes; the first are its handshake, which binds it to an app server."""
+        if self.server is not None:
+            self.server.client_data(self, data)
+            return
+        self.server = self.ops.local_server(self.hub)
+        if self.server is None:
+            self.ops.forwarded.pop(self.id, None)
+            self.close_from_server(f"No app server is connected to hub '{self.hub}'.")
+            return
+        self.server.client_opened(self, data)
+
+    def client_left(self, error: str | None) -> None:
+        if self.server is not None:
+            self.server.client_closed(self, error)
+
+    # what the app-server connection calls
+
+    def server_data(self, payload: bytes) -> None:
+        self._send(service.ConnectionDataMessage(self.id, payload))
+
+    def close_from_server(self, error: str | None) -> None:
+        self.ops.forwarded.pop(self.id, None)
+        self._send(service.CloseConnectionMessage(self.id, error or ""))
+
+    def close(self, reason: str | None = None, *, allow_reconnect: bool = False) -> None:
+        self.ops.forwarded.pop(self.id, None)
+        self._send(service.CloseConnectionWithAckMessage(self.id, 0, reason))
+
+    def _send(self, message: Any) -> None:
+        self.ops.backplane.send_to_node(self.node, self.hub, message)
 
 
 #: What each service-protocol operation message does: ``(operations, hub, message, publish)``
@@ -546,8 +743,14 @@ class ClientInvocations:
             self._to_client(client, m)
 
     def invoke_published(self, hub: str, m: service.ClientInvocationMessage) -> None:
-        """A caller on another node invokes a client of this node."""
+        """A caller on another node invokes a client of this node; or the client of another
+        node is served by an app server of this node, which is told (as its owner)."""
         ops = self._ops
+        proxy = ops.forwarded.get(m.connection_id)
+        if proxy is not None:
+            if proxy.server is not None and proxy.server.server_id != m.caller_server_id:
+                proxy.server.send(m)
+            return
 
         def answer(message: Any) -> None:
             ops._publish(hub, message)

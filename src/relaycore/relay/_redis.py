@@ -81,7 +81,7 @@ import os
 import re
 import socket
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from typing import Any
 
 import msgpack
@@ -246,6 +246,9 @@ class RedisBackplane:
     def holds(self, hub: str, kind: Holding, key: str) -> bool:
         return bool(self._remote.get((hub, kind, key)))
 
+    def holders(self, hub: str, kind: Holding, key: str) -> Collection[str]:
+        return self._remote.get((hub, kind, key), ())
+
     def nodes(self) -> list[str]:
         """The other nodes this node knows of."""
         return sorted(self._of_node)
@@ -258,6 +261,8 @@ class RedisBackplane:
             self._held.discard(entry)
         self._deltas.append((present, hub, kind, key))
         self._deltas_wake.set()
+        if kind == "server":  # only the directory's: no channel
+            return
         if kind == "connection":
             count = self._hub_connections[hub] + (1 if present else -1)
             if count > 0:
@@ -288,6 +293,11 @@ class RedisBackplane:
         self._seq += 1
         self.stats.backplane_published += 1
         route(self, hub, operation)
+
+    def send_to_node(self, node: str, hub: str, operation: Any) -> None:
+        self._seq += 1
+        self.stats.backplane_published += 1
+        self._send(self._inbox_of(node), self._frame(hub, operation), 1)
 
     def _frame(self, hub: str, operation: Any) -> bytes:
         return b"o%s %d %s\n%s" % (self._node_b, self._seq, hub.encode(),
