@@ -548,9 +548,9 @@ async def test_escaped_user_and_group_names(
 
 async def test_client_asking_for_stateful_reconnect_still_connects(
         relay: RelayProcess, rest: Rest, node_agent: NodeAgent, protocol: str) -> None:
-    """The relay does not offer stateful reconnect; a client that asks for it must still get
-    a working connection (negotiate must not answer ``useStatefulReconnect: true`` unasked,
-    and may decline when asked)."""
+    """A client that asks for stateful reconnect gets a working connection whether the relay
+    agrees or not (negotiate never answers ``useStatefulReconnect: true`` unasked; the resume
+    itself is ``test_stateful_reconnect_node.py``)."""
     await node_agent.connect("s", relay.client_url(), relay.client_token(user="alice"),
                              protocol=protocol, statefulReconnect=True)
     await rest.send_user("alice", "notify", "stateful?")
