@@ -25,7 +25,7 @@ import trio
 
 from redisserver import needs_redis
 
-from .harness import WAIT, RelayProcess, open_rest
+from .harness import WAIT, Received, RelayProcess, open_rest
 from .test_trio_websocket import websocket
 
 pytestmark = [pytest.mark.e2e, needs_redis]
@@ -150,3 +150,30 @@ async def test_a_killed_worker_is_started_again(relay_factory):
         while len(nodes) < 2:
             nodes |= await nodes_of_negotiates(relay, 8)
     assert len(nodes) == 2
+
+
+async def test_an_app_server_serves_the_clients_of_both_workers(
+        relay_factory, pod_factory, node_agent_factory):
+    """A pod's server connections and the official client's negotiate and WebSocket land on
+    either worker: every client is served, whichever worker holds it."""
+    relay = await start_workers(relay_factory)
+    pod = await pod_factory("pod 1", relay.connection_string)
+    agent = await node_agent_factory(relay)
+    nodes: set[str] = set()
+    names: list[str] = []
+    for n in range(30):  # until both workers hold clients (each lands on either)
+        name = f"user{n}"
+        await agent.connect(name, pod.hub_url(user=name), None, protocol="json")
+        who = await agent.invoke(name, "whoami")
+        assert (who["user"], who["pod"]) == (name, "pod 1"), who
+        names.append(name)
+        nodes.add(node_of(who["connection"]))
+        if len(nodes) == 2:
+            break
+    assert len(nodes) == 2, nodes
+    answer = await pod.post("/broadcast", text="to all")
+    assert answer == {"sent_by": "pod 1", "to": "everyone"}, answer
+    expected = Received("notify", ["to all", "pod 1"])
+    for name in names:
+        await agent.wait_for(lambda name=name: expected in agent.messages.get(name, []),
+                             what=f"the broadcast on {name}")
