@@ -37,8 +37,9 @@ from __future__ import annotations
 
 import contextvars
 import logging
+import types
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Coroutine, Generator, Mapping
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -182,8 +183,15 @@ class ClientConnection:
         self._direct = False
         #: What failed dispatching in the reader's task; the client's task raises it.
         self._failure: Exception | None = None
-        #: The client task's context, which invocations started from the reader run in.
+        #: The client task's context: each invocation runs in a copy of it.
         self._context = contextvars.copy_context()
+        #: Calls to start (``_start_soon``), the task that starts them (``_runner``) and what
+        #: it waits on when the queue is empty.
+        self._runq: deque[tuple[Callable[..., Coroutine[Any, Any, object]], tuple[Any, ...]]] = (
+            deque()
+        )
+        self._has_runner = False
+        self._runner_wake: anyio.Event | None = None
         self._max_message_size = router.options.max_message_size
         # One set of proxies for every hub instance made for this connection.
         self._hub_clients = HubCallerClients(router, self.connection_id)
@@ -272,6 +280,8 @@ class ClientConnection:
                         await self._dispatch(buffer)
                     finally:
                         self._dispatching = self._direct = False
+                        if self._runner_wake is not None:
+                            self._runner_wake.set()  # it starts what is queued, then ends
                         for scope in self._streams.values():
                             scope.cancel()
                         for upload in self._uploads.values():
@@ -414,15 +424,11 @@ class ClientConnection:
                     "client %s: upload stream %r overflowed", self.connection_id, upload.stream_id
                 )
         elif isinstance(message, InvocationMessage):
-            self._context.run(
-                task_group.start_soon, self._invoke, message, self._open_uploads(message)
-            )
+            self._start_soon(task_group, self._invoke, message, self._open_uploads(message))
         elif isinstance(message, StreamInvocationMessage):
             scope = anyio.CancelScope()
             self._streams[message.invocation_id] = scope
-            self._context.run(
-                task_group.start_soon, self._stream, message, self._open_uploads(message), scope
-            )
+            self._start_soon(task_group, self._stream, message, self._open_uploads(message), scope)
         elif isinstance(message, CancelInvocationMessage):
             stream = self._streams.get(message.invocation_id)
             if stream is not None:
@@ -432,14 +438,63 @@ class ClientConnection:
             if upload is not None:
                 upload.end(message.error)
             else:
-                self._context.run(
-                    task_group.start_soon, self.router.client_completed, self, message
-                )
+                self._start_soon(task_group, self.router.client_completed, self, message)
         elif isinstance(message, CloseMessage):
             # The client is leaving; the service follows with CloseConnection.
             return False
         # Ping, Ack, Sequence: nothing to do.
         return True
+
+    def _start_soon(
+        self,
+        task_group: anyio.abc.TaskGroup,
+        function: Callable[..., Coroutine[Any, Any, object]],
+        *args: Any,
+    ) -> None:
+        """Run ``function(*args)`` as a task of its own in the client's task group would run
+        it, without the cost of a task for each call (see ``_runner``)."""
+        self._runq.append((function, args))
+        wake = self._runner_wake
+        if wake is not None:
+            self._runner_wake = None
+            wake.set()
+        elif not self._has_runner:
+            self._has_runner = True
+            self._context.run(task_group.start_soon, self._runner, task_group)
+
+    async def _runner(self, task_group: anyio.abc.TaskGroup) -> None:
+        """Start what ``_start_soon`` queued, in order, each call in a copy of the client's
+        context (as a task of its own would run it). Most calls (a hub method that sends and
+        returns: sends do not wait) finish in their first step, so one task runs them one
+        after the other. A call that waits for something keeps this task, which stays with it
+        to its end (cancel scopes and the event loop know the task a coroutine waits in), and
+        a new runner takes over the queue. Ends when the queue is empty and dispatching
+        stopped."""
+        holding = True  # this task is the client's runner
+        try:
+            while True:
+                while self._runq:
+                    function, args = self._runq.popleft()
+                    context = self._context.copy()
+                    coroutine = function(*args)
+                    try:
+                        trap = context.run(coroutine.send, None)
+                    except StopIteration:
+                        continue
+                    holding = self._has_runner = False
+                    if self._runq:
+                        self._has_runner = True
+                        self._context.run(task_group.start_soon, self._runner, task_group)
+                    await _resume(context, coroutine, trap)
+                    return
+                if not self._dispatching:
+                    return
+                self._runner_wake = wake = anyio.Event()
+                await wake.wait()
+        finally:
+            if holding:
+                self._has_runner = False
+                self._runner_wake = None
 
     def _open_uploads(
         self, message: InvocationMessage | StreamInvocationMessage
@@ -633,6 +688,27 @@ class ClientConnection:
                     except Exception:
                         _log.exception("on_disconnected failed for %s", self.connection_id)
             self.done.set()
+
+
+@types.coroutine
+def _resume(
+    context: contextvars.Context, coroutine: Coroutine[Any, Any, Any], trap: Any
+) -> Generator[Any, Any, Any]:
+    """Await ``coroutine``, which has run its first step and yielded ``trap`` to the event
+    loop: hand what it yields to the loop and what the loop sends or throws back to it, each
+    step in ``context``, as the coroutine's own task would."""
+    step: Callable[[Any], Any]
+    while True:
+        try:
+            value = yield trap
+        except BaseException as exc:  # a cancellation, or anything thrown at the awaiting task
+            step, argument = coroutine.throw, exc
+        else:
+            step, argument = coroutine.send, value
+        try:
+            trap = context.run(step, argument)
+        except StopIteration as stop:
+            return stop.value
 
 
 class _Inbox:
