@@ -34,8 +34,9 @@ RS = "\x1e"
 _STARTED = re.compile(r"relaycore: worker (\d+) started \(pid (\d+)\)")
 
 
-async def start_workers(relay_factory) -> RelayProcess:
-    relay = await relay_factory(args=["--workers", "2"], access_key=secrets.token_urlsafe(32))
+async def start_workers(relay_factory, *args: str) -> RelayProcess:
+    relay = await relay_factory(args=["--workers", "2", *args],
+                                access_key=secrets.token_urlsafe(32))
     await relay.changes.wait_for(
         lambda: any(" workers listening on " in line for line in relay.lines),
         what="both workers to listen", describe=relay.describe, timeout=WAIT)
@@ -84,41 +85,54 @@ async def next_invocation(ws) -> dict:
                     return json.loads(record)
 
 
-async def owner(rest, nodes: set[str], random: str) -> str:
-    """The worker whose connection id ``{node}.{random}`` exists (once its node has said so)."""
-    with trio.fail_after(WAIT):
-        while True:
-            found = [node for node in nodes if (await rest.request(
-                "HEAD", f"/connections/{node}.{random}")).status_code == 200]
-            assert len(found) <= 1, found
-            if found:
-                return found[0]
-            await trio.sleep(0.02)
+def workers_of_nodes(relay: RelayProcess) -> dict[str, str]:
+    """node id -> the worker (its index) that is that node, from the workers' start lines."""
+    found = {}
+    for line in relay.lines:
+        if match := re.match(r"\[worker (\d+)\] cluster: .* as node (\S+) ", line):
+            found[match.group(2)] = match.group(1)
+    return found
+
+
+async def holder(relay: RelayProcess, connection_id: str) -> str:
+    """The worker that holds the connection (its DEBUG line says it opened it)."""
+    opened = f"connection {connection_id} opened"
+    await relay.changes.wait_for(lambda: any(opened in line for line in relay.lines),
+                                 what=f"{connection_id} to open", describe=relay.describe,
+                                 timeout=WAIT)
+    line = next(line for line in relay.lines if opened in line)
+    match = re.match(r"\[worker (\d+)\]", line)
+    assert match, line
+    return match.group(1)
 
 
 async def test_two_workers_share_the_port_and_act_as_one_endpoint(relay_factory):
-    relay = await start_workers(relay_factory)
+    relay = await start_workers(relay_factory, "--log-level", "DEBUG")
     nodes = await nodes_of_negotiates(relay, 24)
     assert len(nodes) == 2, nodes  # the kernel spread the negotiates over both workers
+    worker_of = workers_of_nodes(relay)
     async with open_rest(relay) as rest, contextlib.AsyncExitStack() as stack:
-        clients: list[tuple[object, str]] = []  # (client, its connection id)
+        clients: list[tuple[object, str, str]] = []  # (client, its connection id, its worker)
         crossed = None  # a client negotiated on one worker and accepted by the other
         for attempt in range(40):
-            negotiated_id, token = await negotiate(relay, f"user{attempt}")
+            connection_id, token = await negotiate(relay, f"user{attempt}")
             ws = await stack.enter_async_context(client(relay, token, f"user{attempt}"))
-            random = negotiated_id.rpartition(".")[2]
-            node = await owner(rest, nodes, random)
-            clients.append((ws, f"{node}.{random}"))
-            if node != node_of(negotiated_id) and crossed is None:
+            worker = await holder(relay, connection_id)
+            clients.append((ws, connection_id, worker))
+            if worker != worker_of[node_of(connection_id)] and crossed is None:
                 crossed = clients[-1]
-            if len({node_of(id_) for _, id_ in clients}) == 2 and crossed is not None:
+            if len({w for _, _, w in clients}) == 2 and crossed is not None:
                 break
-        assert len({node_of(id_) for _, id_ in clients}) == 2 and crossed is not None
+        assert len({w for _, _, w in clients}) == 2 and crossed is not None
+        # The client keeps the id negotiate gave it, though another worker holds it.
+        with trio.fail_after(WAIT):
+            while (await rest.request("HEAD", f"/connections/{crossed[1]}")).status_code != 200:
+                await trio.sleep(0.02)
         # A send to everyone through one worker reaches the clients of both; a send to the
-        # connection that crossed reaches it by the id its worker gave it.
+        # connection that crossed reaches it by that id, from either worker.
         await rest.send_all("hello", 1)
         await rest.send_connection(crossed[1], "just-you", 2)
-        for ws, _ in clients:
+        for ws, _, _ in clients:
             assert (await next_invocation(ws))["arguments"] == [1]
         assert (await next_invocation(crossed[0]))["arguments"] == [2]
     assert not any("Traceback" in line for line in relay.lines), relay.describe()
@@ -155,22 +169,24 @@ async def test_a_killed_worker_is_started_again(relay_factory):
 async def test_an_app_server_serves_the_clients_of_both_workers(
         relay_factory, pod_factory, node_agent_factory):
     """A pod's server connections and the official client's negotiate and WebSocket land on
-    either worker: every client is served, whichever worker holds it."""
-    relay = await start_workers(relay_factory)
+    either worker: every client is served, whichever worker holds it, under the id it was
+    given."""
+    relay = await start_workers(relay_factory, "--log-level", "DEBUG")
     pod = await pod_factory("pod 1", relay.connection_string)
     agent = await node_agent_factory(relay)
-    nodes: set[str] = set()
+    workers: set[str] = set()
     names: list[str] = []
     for n in range(30):  # until both workers hold clients (each lands on either)
         name = f"user{n}"
-        await agent.connect(name, pod.hub_url(user=name), None, protocol="json")
+        connection_id = await agent.connect(name, pod.hub_url(user=name), None,
+                                            protocol="json")
         who = await agent.invoke(name, "whoami")
-        assert (who["user"], who["pod"]) == (name, "pod 1"), who
+        assert who == {**who, "user": name, "pod": "pod 1", "connection": connection_id}, who
         names.append(name)
-        nodes.add(node_of(who["connection"]))
-        if len(nodes) == 2:
+        workers.add(await holder(relay, connection_id))
+        if len(workers) == 2:
             break
-    assert len(nodes) == 2, nodes
+    assert len(workers) == 2, workers
     answer = await pod.post("/broadcast", text="to all")
     assert answer == {"sent_by": "pod 1", "to": "everyone"}, answer
     expected = Received("notify", ["to all", "pod 1"])

@@ -39,9 +39,9 @@ class Backplane(Protocol):
     publishes: bool
     #: What every connection id of this node starts with ("" when no node needs naming).
     connection_id_prefix: str
-    #: Told the connection-id prefix of a node that went away (its clients are gone); the
-    #: operations set it.
-    on_node_gone: Callable[[str], None] | None
+    #: Told the id of a node that went away and the ids of the connections it held (they
+    #: are gone); the operations set it.
+    on_node_gone: Callable[[str, set[str]], None] | None
 
     def publish(self, hub: str, operation: Any) -> None:
         """Queue an operation already applied on this node for the nodes that may need it;
@@ -72,7 +72,7 @@ class LocalBackplane:
 
     publishes = False
     connection_id_prefix = ""
-    on_node_gone: Callable[[str], None] | None = None
+    on_node_gone: Callable[[str, set[str]], None] | None = None
 
     def publish(self, hub: str, operation: Any) -> None:
         raise RuntimeError("a single relay node has no other node to publish to")

@@ -464,8 +464,7 @@ class HttpFront:
         transport per negotiate. Only the user that negotiated may use it, on the same hub."""
         if token in self._by_token:
             raise HttpError(400, "Cannot change transports mid-connection")
-        return self._negotiated.take(token, hub, user_id_from_claims(claims),
-                                     self.ops.backplane.connection_id_prefix)
+        return self._negotiated.take(token, hub, user_id_from_claims(claims))
 
     def _check_resume(self, token: str, session: StatefulSession, hub: str,
                       claims: dict[str, Any]) -> None:

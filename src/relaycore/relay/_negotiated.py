@@ -2,24 +2,24 @@
 
 A client negotiates on one node (or worker) and opens its transport with the token it got,
 over a new TCP connection that a load balancer or ``SO_REUSEPORT`` may hand to another node.
-So the token carries what the transport needs, signed: the random part of the connection id,
-the hub, the user that negotiated, when it expires, and which node issued it::
+So the token carries what the transport needs, signed: the connection id, the hub, the user
+that negotiated, when it expires, and which node issued it::
 
-    base64url(JSON {"r": random, "h": hub, "u": user, "e": expiry, "i": issuer}) "." base64url(MAC)
+    base64url(JSON {"c": id, "h": hub, "u": user, "e": expiry, "i": issuer}) "." base64url(MAC)
 
 The MAC is an HMAC-SHA256 under a key derived from the relay's first access key (every node of
 a cluster shares its access keys, which already sign the clients' tokens); any of the access
 keys is accepted, so a key rotation does not strand negotiated clients. The token is as
 unguessable as the random part and the MAC.
 
-The node that accepts the transport owns the connection: its id is that node's prefix and the
-token's random part. The node that issued the token also keeps it, as one node always did:
-there it is spent by its first use and forgotten at ``expire`` (a monotonic clock). Another
-node checks the signature and the wall-clock expiry, and remembers what it has seen until it
-expires, so a token serves one transport per node at most; the negotiate answer names the id
-as the issuing node would give it (a transport that lands elsewhere gets another prefix).
-Tokens of negotiate version 0 are the connection id itself, and are served by the issuing node
-only.
+The node that accepts the transport holds the connection, under the id negotiate gave the
+client (which names the node that negotiated: the others find the holder in their presence
+directory). The node that issued the token also keeps it, as one node always did: there it is
+spent by its first use and forgotten at ``expire`` (a monotonic clock). Another node checks
+the signature and the wall-clock expiry, and remembers what it has seen until it expires, so
+a token serves one transport per node at most (a client that used it twice would hold two
+connections of one id: only its own sends would be confused). Tokens of negotiate version 0 are the
+connection id itself, and are served by the issuing node only.
 """
 
 from __future__ import annotations
@@ -74,16 +74,15 @@ class NegotiatedTokens:
         self._issuer = secrets.token_urlsafe(6)
         #: tokens issued here and not yet used, by token
         self._pending: dict[str, Negotiated] = {}
-        #: random parts of other nodes' tokens used here, with their wall-clock expiry
+        #: the connection ids of other nodes' tokens used here, with their wall-clock expiry
         self._seen: dict[str, float] = {}
 
     def issue(self, connection_id: str, hub: str, user_id: str | None, timeout: float,
               signed: bool) -> str:
-        """A token for ``connection_id`` (``prefix + random``): signed (negotiate version 1),
-        or the connection id itself (version 0)."""
+        """A token for ``connection_id``: signed (negotiate version 1), or the connection id
+        itself (version 0)."""
         if signed:
-            random = connection_id.rpartition(".")[2]
-            payload = _b64(orjson.dumps({"r": random, "h": hub, "u": user_id,
+            payload = _b64(orjson.dumps({"c": connection_id, "h": hub, "u": user_id,
                                          "e": int(self._wall_clock() + timeout) + 1,
                                          "i": self._issuer}))
             token = f"{payload}.{_b64(self._mac(self._keys[0], payload))}"
@@ -92,12 +91,12 @@ class NegotiatedTokens:
         self._pending[token] = Negotiated(connection_id, hub, self._clock() + timeout, user_id)
         return token
 
-    def take(self, token: str, hub: str, user_id: str | None, prefix: str) -> str:
-        """The connection id ``token`` stands for on this node (``prefix``: this node's);
-        the token is spent. Only the user that negotiated may use it, on the same hub."""
+    def take(self, token: str, hub: str, user_id: str | None) -> str:
+        """The connection id ``token`` stands for; the token is spent. Only the user that
+        negotiated may use it, on the same hub."""
         pending = self._pending.get(token)
         if pending is None:
-            pending = self._foreign(token, prefix)
+            pending = self._foreign(token)
         elif pending.hub != hub:
             del self._pending[token]
         if pending is None or pending.hub != hub:
@@ -115,10 +114,10 @@ class NegotiatedTokens:
                 del self._pending[token]
         if self._seen:
             wall = self._wall_clock()
-            for random in [r for r, expires in self._seen.items() if expires < wall]:
-                del self._seen[random]
+            for connection_id in [c for c, expires in self._seen.items() if expires < wall]:
+                del self._seen[connection_id]
 
-    def _foreign(self, token: str, prefix: str) -> Negotiated | None:
+    def _foreign(self, token: str) -> Negotiated | None:
         """What a token another node issued stands for, if it is genuine, unexpired and not
         seen here before; None otherwise."""
         payload, dot, mac = token.partition(".")
@@ -132,11 +131,12 @@ class NegotiatedTokens:
         if not any(hmac.compare_digest(given, self._mac(key, payload)) for key in self._keys):
             return None
         try:
-            random, hub, user_id = fields["r"], fields["h"], fields["u"]
+            connection_id, hub, user_id = fields["c"], fields["h"], fields["u"]
             expires, issuer = float(fields["e"]), fields["i"]
         except (KeyError, TypeError, ValueError):
             return None
-        connection_id = prefix + random
+        if not isinstance(connection_id, str):
+            return None
         if (issuer == self._issuer or expires < self._wall_clock()
                 or connection_id in self._seen):
             return None  # this node's own token, spent or forgotten; or late; or replayed

@@ -493,9 +493,7 @@ class Operations:
         it is for no client of either kind."""
         kind = type(m)
         if kind is service.OpenConnectionMessage:
-            node = self.backplane_owner(m.connection_id)
-            if node is not None:
-                self.forwarded[m.connection_id] = ForwardedClient(self, hub, node, m)
+            self.forwarded[m.connection_id] = ForwardedClient(self, hub, m)
             return True
         client = self.served_elsewhere.get(m.connection_id)
         if kind is service.ConnectionDataMessage:
@@ -514,31 +512,29 @@ class Operations:
             return False
         return True
 
-    def backplane_owner(self, connection_id: str) -> str | None:
-        """The other node a connection id names, if any."""
-        prefix = self.backplane.connection_id_prefix
-        node, dot, _ = connection_id.partition(".")
-        return node if dot and node + "." != prefix else None
-
-    def _node_gone(self, prefix: str) -> None:
-        """Another node went away: the invocations of its clients fail, this node's clients
-        that its app servers served are closed (they reconnect), and its clients that this
-        node's app servers served leave them."""
-        self.invocations.node_gone(prefix)
-        node = prefix[:-1]
+    def _node_gone(self, node: str, connections: set[str]) -> None:
+        """Another node went away with its ``connections``: the invocations of its clients
+        fail, this node's clients that its app servers served are closed (they reconnect),
+        and its clients that this node's app servers served leave them."""
+        self.invocations.node_gone(connections)
         for key in [key for key in self._remote_servers if key[1] == node]:
             del self._remote_servers[key]
         for client in [c for c in self.served_elsewhere.values()
                        if getattr(c.server, "node", None) == node]:
             client.close("The app server connection of this client was closed; reconnect.",
                          allow_reconnect=True)
-        for connection_id in [i for i in self.forwarded if i.startswith(prefix)]:
+        for connection_id in [i for i, c in self.forwarded.items() if c.node == node]:
             self.forwarded.pop(connection_id).client_left("its relay node went away")
 
 
 #: The messages that carry a client's traffic between its node and its app server's.
 _FORWARDED = frozenset({service.OpenConnectionMessage, service.ConnectionDataMessage,
                         service.CloseConnectionMessage})
+
+
+#: The header of a forwarded OpenConnection that names the client's node (never an app
+#: server's: the node that forwards it drops it).
+_CLIENT_NODE = "x-relaycore-client-node"
 
 
 def _claim_text(value: Any) -> str:
@@ -570,6 +566,7 @@ class RemoteServer:
                 claims[key] = _claim_text(value)
         headers: dict[str, Sequence[str]] = {
             name: [value] for name, value in client.headers.items()}
+        headers[_CLIENT_NODE] = [self.ops.backplane.connection_id_prefix[:-1]]
         client.headers = {}  # as an app server connection does: sent once
         self.send(service.OpenConnectionMessage(client.id, claims, headers, client.query,
                                                 protocol=client.protocol_name))
@@ -592,15 +589,16 @@ class ForwardedClient:
     """A client of another node (``node``) served by an app server of this node: what the
     app server connection sees of it (a session's attributes and methods)."""
 
-    def __init__(self, ops: Operations, hub: str, node: str,
-                 m: service.OpenConnectionMessage) -> None:
+    def __init__(self, ops: Operations, hub: str, m: service.OpenConnectionMessage) -> None:
         self.ops = ops
         self.hub = hub
-        self.node = node
+        #: the client's node (its id may name another: the node that negotiated it)
+        self.node = m.headers.get(_CLIENT_NODE, ("",))[0]
         self.id = m.connection_id
         # as a session holds them: a repeated claim's values as a list
         self.claims = {k: list(v) if isinstance(v, tuple) else v for k, v in m.claims.items()}
-        self.headers = {name: values[0] for name, values in m.headers.items() if values}
+        self.headers = {name: values[0] for name, values in m.headers.items()
+                        if values and name != _CLIENT_NODE}
         self.query = m.query_string or ""
         self.protocol_name = m.protocol or ""
         self.data_prefix = b""
@@ -819,10 +817,10 @@ class ClientInvocations:
         self._fail(lambda hub, conn_id, expiry: conn_id == client.id and hub == client.hub,
                    "Connection '{}' disconnected.")
 
-    def node_gone(self, node_prefix: str) -> None:
-        """The node whose connection ids start with ``node_prefix`` went away: the
-        invocations of its clients fail."""
-        self._fail(lambda hub, conn_id, expiry: conn_id.startswith(node_prefix),
+    def node_gone(self, connections: set[str]) -> None:
+        """The node that held ``connections`` went away: the invocations of its clients
+        fail."""
+        self._fail(lambda hub, conn_id, expiry: conn_id in connections,
                    "Connection '{}' is gone: the relay node that held it went away.")
 
     def expire(self, now: float) -> None:

@@ -176,7 +176,7 @@ class RedisBackplane:
         self.subscriber = RedisSubscriber(url, self._on_message, on_subscribed=self._subscribed,
                                           ping_interval=ping_interval, ping_timeout=ping_timeout)
         self._receive: Receiver | None = None
-        self.on_node_gone: Callable[[str], None] | None = None
+        self.on_node_gone: Callable[[str, set[str]], None] | None = None
         #: invocation id -> the node whose app server invoked a client of this node (where
         #: the invocation's end goes)
         self._invoked_by: dict[str, str] = {}
@@ -358,8 +358,17 @@ class RedisBackplane:
         for node in nodes:
             self._pending.setdefault((hub, group), {})[node] = until
 
+    def _holder(self, hub: str, connection_id: str) -> str | None:
+        """The other node that holds a connection: as its presence says (a client whose
+        negotiate and transport reached different nodes keeps the id the first one gave),
+        else the node its id names."""
+        holders = self._remote.get((hub, "connection", connection_id))
+        if holders:
+            return next(iter(holders))
+        return self.owner(connection_id)
+
     def _to_owner(self, hub: str, operation: Any) -> None:
-        owner = self.owner(operation.connection_id)
+        owner = self._holder(hub, operation.connection_id)
         if owner is not None:
             self._send(self._inbox_of(owner), self._frame(hub, operation), 1)
             if type(operation) is service.JoinGroupMessage:
@@ -368,7 +377,7 @@ class RedisBackplane:
     def _to_owners(self, hub: str, operation: service.MultiConnectionDataMessage) -> None:
         by_owner: dict[str, list[str]] = {}
         for connection_id in operation.connection_ids:
-            owner = self.owner(connection_id)
+            owner = self._holder(hub, connection_id)
             if owner is not None:
                 by_owner.setdefault(owner, []).append(connection_id)
         for owner, ids in by_owner.items():
@@ -378,9 +387,9 @@ class RedisBackplane:
     def _to_invocation_end(self, hub: str, operation: Any) -> None:
         """A client invocation's completion (or error): to the client's node, from the
         caller's (a cleanup); or from the client's node to the caller's."""
-        node = self.owner(operation.connection_id)
+        node = self._invoked_by.pop(operation.invocation_id, None)  # the caller's node
         if node is None:
-            node = self._invoked_by.pop(operation.invocation_id, None)
+            node = self._holder(hub, operation.connection_id)
         if node is None:
             self.stats.backplane_unrouted += 1
             return
@@ -516,18 +525,19 @@ class RedisBackplane:
 
     def _forget_node(self, node: str, *, gone: bool = True) -> None:
         """Forget what ``node`` held: it is ``gone``, or about to say all it holds again."""
-        for entry in list(self._of_node.get(node, ())):
+        held = list(self._of_node.get(node, ()))
+        for entry in held:
             self._set_remote(node, entry, False)
         self._of_node.pop(node, None)
+        for waiting in self._pending.values():
+            waiting.pop(node, None)
         if not gone:
             return
         if self._invoked_by:
             for invocation_id in [i for i, n in self._invoked_by.items() if n == node]:
                 del self._invoked_by[invocation_id]
         if self.on_node_gone is not None:
-            self.on_node_gone(node + ".")
-        for waiting in self._pending.values():
-            waiting.pop(node, None)
+            self.on_node_gone(node, {key for _hub, kind, key in held if kind == "connection"})
 
     async def _tell_presence(self) -> None:
         """Publish this node's changes in batches, each once the subscriptions it implies are
