@@ -12,9 +12,11 @@ command connection's buffer, whose writer sends each scheduler round's commands 
 **Who hears what.** All names start with ``rc:{cluster}:``.
 
 * ``n:{node}``, a node's inbox, for what concerns one node: an operation on a connection
-  (send, group join or leave, close) goes to the inbox of the node the connection id names
-  (``{node}.{random}``: no look-up); a send to several connections, to each owner's inbox
-  with its own ids.
+  (send, group join or leave, close, a client invocation) goes to the inbox of the node that
+  holds it, as the directory says (a client whose negotiate and transport reached different
+  nodes keeps the id the first gave it), else of the node the id names (``{node}.{random}``);
+  a send to several connections, to each holder's inbox with its own ids. A client served by
+  an app server of another node has its traffic carried between the two nodes' inboxes.
 * ``{hub}:all``: broadcasts and "close every connection", heard by the nodes that hold a
   connection of the hub.
 * ``{hub}:u:{user}`` and ``{hub}:g:{group}``: sends, closes and user-group changes for a user
