@@ -15,6 +15,7 @@ from test_redis import HUB, start_node
 from trio_websocket import ConnectionClosed
 
 from redisserver import RedisServer, needs_redis
+from relaycore.protocol import _service as service
 from relayhelpers import wait_for
 
 pytestmark = needs_redis
@@ -96,3 +97,21 @@ async def test_the_app_servers_node_going_away_closes_its_forwarded_clients(
             got.append(await ws.get_message())
     assert any('"allowReconnect":true' in m for m in got), got
     assert not b.ops.served_elsewhere
+
+
+async def test_a_forwarded_clients_app_server_answers_a_client_invocation(
+        nursery, redis, connect):
+    """A caller on B invokes B's client, which the app server on A serves: the app server is
+    told (it owns the client), and its completion comes back to the caller on B."""
+    a, b, app, _ = await app_on_a(nursery, redis)
+    caller = FakeServer("caller", carries_clients=False)
+    b.ops.server_opened(caller)
+    _ws, client_id, _proxy = await open_forwarded(connect, b, app)
+    b.ops.invocations.invoke(caller, service.ClientInvocationMessage(
+        "inv1", client_id, "caller", {"json": b'{"type":1,"invocationId":"inv1",'
+                                              b'"target":"ask","arguments":[]}' + RS.encode()}))
+    await wait_for(lambda: any(isinstance(m, service.ClientInvocationMessage) for m in app.sent))
+    done = service.ClientCompletionMessage("inv1", client_id, "caller", "json", b"{}")
+    a.ops.invocations.complete(app, done)
+    await wait_for(lambda: done in caller.sent)
+    assert b.ops.invocations.pending == {}

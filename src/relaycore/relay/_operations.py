@@ -790,7 +790,10 @@ class ClientInvocations:
                  m: service.ClientCompletionMessage | service.ErrorCompletionMessage) -> None:
         entry = self.pending.pop(m.invocation_id, None)
         if entry is None:
-            return  # unknown
+            if m.connection_id in self._ops.forwarded:
+                # the owner of a client of another node: the result goes to that node
+                self._ops._publish(sender.hub, m)
+            return  # else unknown
         hub, caller_id, connection_id, _expiry, where = entry
         self._forget(hub, connection_id)
         if where == _HERE:
@@ -810,8 +813,11 @@ class ClientInvocations:
         if entry is None:
             return
         self._forget(entry[0], entry[2])
-        if entry[4] == _CLIENT_ELSEWHERE:  # else the caller's cleanup: nothing more
+        if entry[4] != _CALLER_ELSEWHERE:  # the client's node's answer, or its owner's
             self._to_caller(entry[0], entry[1], m)
+        elif entry[2] in self._ops.served_elsewhere:
+            self._ops._publish(hub, m)  # the answer of the owner of a forwarded client
+        # else the caller's cleanup: nothing more
 
     def client_gone(self, client: Session) -> None:
         self._fail(lambda hub, conn_id, expiry: conn_id == client.id and hub == client.hub,
