@@ -20,7 +20,7 @@ is passed to every worker, which drains; then the private Redis stops (each runs
 of its own, so that a terminal's Ctrl-C reaches the supervisor alone, which stops them in
 order). A worker reads its
 stdin, a pipe from the supervisor, and drains when it ends: a supervisor killed outright does
-not leave workers behind (its private Redis is left to the operator then).
+not leave workers behind, nor (on Linux) its private Redis.
 """
 
 from __future__ import annotations
@@ -126,6 +126,18 @@ async def watch_supervisor() -> None:
     await stream.aclose()
 
 
+def _die_with_parent() -> None:
+    """In a child, before it runs its program: be sent SIGTERM when the parent dies (Linux's
+    ``PR_SET_PDEATHSIG``; elsewhere nothing), so that a supervisor killed outright does not
+    leave its private Redis behind."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 class PrivateRedis:
     """A ``redis-server`` of this command alone: a Unix socket in a temporary folder, nothing
     saved; stopped, and its folder removed, when the command ends."""
@@ -141,7 +153,8 @@ class PrivateRedis:
         self.process = await trio.lowlevel.open_process(
             [self.server, "--port", "0", "--unixsocket", self.path, "--unixsocketperm", "700",
              "--save", "", "--appendonly", "no", "--dir", self.folder, "--loglevel", "warning"],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, start_new_session=True)
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, start_new_session=True,
+            preexec_fn=_die_with_parent)
         with trio.fail_after(timeout):
             while not await self._answers():
                 if self.process.returncode is not None:
