@@ -4,15 +4,19 @@ each send writes its own frame. Masking keys come from the OS 4 KiB at a time.""
 
 from __future__ import annotations
 
+import socket
+
 import anyio
 import anyio.abc
 import anyio.lowlevel
+import h11
 import pytest
-from sdkhelpers import BACKENDS, run
+from sdkhelpers import BACKENDS, run, wait_for
+from test_sdk_websocket import one_shot_server
 
-from relaycore.protocol import BinaryMessage, Role, WebSocketProtocol
+from relaycore.protocol import BinaryMessage, Role, WebSocketProtocol, accept_key
 from relaycore.sdk import _websocket
-from relaycore.sdk._websocket import WebSocketClosed, WebSocketConnection
+from relaycore.sdk._websocket import WebSocketClosed, WebSocketConnection, connect_websocket
 
 
 class CountingStream(anyio.abc.ByteStream):
@@ -129,3 +133,49 @@ def test_masking_keys_are_read_from_the_os_a_pool_at_a_time(monkeypatch):
     assert all(len(key) == 4 for key in drawn)
     assert drawn[:2] == [bytes((0, 1, 2, 3)), bytes((4, 5, 6, 7))]
     assert reads == [4096, 4096]  # 1,024 keys per read
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_writes_past_a_full_socket_buffer_arrive_whole_and_in_order(backend):
+    """A write on the socket's descriptor that the kernel takes only in part goes on through
+    the stream (which waits for room); later writes queue behind it."""
+    count, size = 120, 40_000  # several MB: more than the socket buffers hold
+    reading = anyio.Event()
+    received: list[bytes] = []
+
+    async def handler(stream, conn, headers):
+        # Small kernel buffers (no autotuning), so that the client's writes fill them.
+        stream.extra(anyio.abc.SocketAttribute.raw_socket).setsockopt(
+            socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
+        await stream.send(conn.send(h11.InformationalResponse(status_code=101, headers=[
+            ("upgrade", "websocket"), ("connection", "Upgrade"),
+            ("sec-websocket-accept", accept_key(headers["sec-websocket-key"]))])))
+        await reading.wait()  # the client fills the buffers first
+        server = WebSocketProtocol(Role.SERVER, max_message_size=None)
+        while len(received) < count:
+            server.receive_data(await stream.receive())
+            received.extend(e.data for e in server.events_received()
+                            if isinstance(e, BinaryMessage))
+
+    async def scenario():
+        async with anyio.create_task_group() as servers:
+            port = await one_shot_server(servers, handler)
+            ws = await connect_websocket(f"ws://127.0.0.1:{port}/")
+            ws._stream.extra(anyio.abc.SocketAttribute.raw_socket).setsockopt(
+                socket.SOL_SOCKET, socket.SO_SNDBUF, 16384)
+
+            async def sender() -> None:
+                for i in range(count):
+                    await ws.send(bytes([i]) * size)
+                ws.stop_writer()
+
+            async with anyio.create_task_group() as task_group:
+                await task_group.start(ws.run_writer)
+                task_group.start_soon(sender)
+                # The socket is full and the sender waits for the write, then the server reads.
+                await wait_for(lambda: ws._written is not None)
+                reading.set()
+        await ws.aclose()
+        assert received == [bytes([i]) * size for i in range(count)]
+
+    run(backend, scenario, timeout=60)

@@ -12,6 +12,13 @@ holds the connection's state and these tasks touch it:
   every sender of one scheduling round in one write, so that a send costs no system call of
   its own. Without a writer each send writes (and waits for) its own frame.
 
+A write on a plain TCP connection is one non-blocking ``write()`` on a duplicate of the
+socket's descriptor, as the relay's flusher writes: no timer, no cancel scope, no round of the
+event loop. Only what the kernel does not take goes through the anyio stream, which waits for
+room (shielded, bounded by ``write_timeout``). On asyncio the transport may then keep bytes of
+its own, so the connection writes through the stream from then on: bytes never overtake one
+another. TLS connections always write through the stream.
+
 One write is under way at a time (``_writing``), taking everything queued when it starts, so
 frames never interleave; the protocol object itself is only touched between awaits, which anyio
 tasks never interrupt. Frames are masked with keys drawn from the OS's random source 4 KiB at a
@@ -61,6 +68,25 @@ _MASK_POOL = 4096
 #: Bound on the upgrade response head, so that a peer that is not a WebSocket server cannot
 #: make us buffer without end.
 _MAX_RESPONSE_HEAD = 64 * 1024
+
+
+def _on_asyncio() -> bool:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
+
+
+def _write_fd(stream: anyio.abc.ByteStream) -> int | None:
+    """A duplicate of the descriptor of ``stream``'s socket (``None`` when it has none)."""
+    raw = stream.extra(anyio.abc.SocketAttribute.raw_socket, None)
+    if raw is None:
+        return None
+    try:
+        return os.dup(raw.fileno())
+    except OSError:
+        return None
 
 
 def loop_clock() -> Callable[[], float]:
@@ -124,9 +150,16 @@ class WebSocketConnection:
         pending: bytes = b"",
         *,
         write_timeout: float = 30.0,
+        write_fd: int | None = None,
     ) -> None:
         self._stream = stream
         self._ws = protocol
+        #: Our duplicate of the socket's descriptor, for non-blocking writes (see the module
+        #: doc); ``None`` once writes go through the stream. Closed with the stream.
+        self._fd = write_fd
+        self._own_fd = write_fd
+        #: asyncio's transports buffer what the socket does not take; trio's streams do not.
+        self._stream_buffers = _on_asyncio()
         #: Seconds one write may take before the connection is given up (see ``_write_out``).
         self.write_timeout = write_timeout
         self._clock = loop_clock()
@@ -189,29 +222,45 @@ class WebSocketConnection:
         """Write everything queued, including what is queued while a write is under way."""
         self._writing = True
         try:
-            # A write cut short by a cancellation would leave half a frame on the wire and
-            # corrupt the stream for every later message: writes are shielded, and one that
-            # does not finish within ``timeout`` ends the connection instead.
-            with anyio.CancelScope(shield=True, deadline=self._clock() + timeout) as scope:
-                first = True
-                while self._out:
-                    if not first:  # each write gets its own ``timeout``
-                        scope.deadline = self._clock() + timeout
-                    first = False
-                    out = self._out
-                    self._out = []
-                    self._out_size = 0
-                    await self._stream.send(out[0] if len(out) == 1 else b"".join(out))
-                    self._notify_written()
-            if scope.cancelled_caught:
-                self._closed = self._closed or WebSocketClosed(
-                    1006, f"a write did not finish within {timeout} s"
-                )
-                await anyio.aclose_forcefully(self._stream)
-                raise self._closed
+            while self._out:
+                out = self._out
+                self._out = []
+                self._out_size = 0
+                data = out[0] if len(out) == 1 else b"".join(out)
+                sent = self._write_now(data)
+                if sent < len(data):
+                    await self._write_rest(data[sent:] if sent else data, timeout)
+                self._notify_written()
         finally:
             self._writing = False
             self._notify_written()
+
+    def _write_now(self, data: bytes) -> int:
+        """A non-blocking write on the socket: how many bytes it took (an error that is not
+        "full" means the connection broke, and raises)."""
+        fd = self._fd
+        if fd is None:
+            return 0
+        try:
+            return os.write(fd, data)
+        except BlockingIOError:
+            return 0
+
+    async def _write_rest(self, data: bytes, timeout: float) -> None:
+        """Write through the stream, which waits for room."""
+        if self._stream_buffers:
+            self._fd = None  # the transport may keep bytes: later writes must queue behind them
+        # A write cut short by a cancellation would leave half a frame on the wire and
+        # corrupt the stream for every later message: it is shielded, and one that does
+        # not finish within ``timeout`` ends the connection instead.
+        with anyio.CancelScope(shield=True, deadline=self._clock() + timeout) as scope:
+            await self._stream.send(data)
+        if scope.cancelled_caught:
+            self._closed = self._closed or WebSocketClosed(
+                1006, f"a write did not finish within {timeout} s"
+            )
+            await self._close_stream(forcefully=True)
+            raise self._closed
 
     async def _flush(self, timeout: float | None = None) -> None:
         """Return once everything queued so far is written, by this task or by the write
@@ -337,9 +386,21 @@ class WebSocketConnection:
 
     async def _close_transport(self) -> None:
         try:
-            await self._stream.aclose()
+            await self._close_stream()
         except (anyio.BrokenResourceError, OSError):
             pass
+
+    async def _close_stream(self, *, forcefully: bool = False) -> None:
+        """Close the stream, and our duplicate of its descriptor first: no write may reach
+        a descriptor number the system has given to another socket since."""
+        self._fd = None
+        if self._own_fd is not None:
+            fd, self._own_fd = self._own_fd, None
+            os.close(fd)
+        if forcefully:
+            await anyio.aclose_forcefully(self._stream)
+        else:
+            await self._stream.aclose()
 
     async def aclose(self, code: int = CloseCode.NORMAL_CLOSURE, reason: str = "") -> None:
         """Send a Close frame (if none was sent) after what is queued, and close the TCP
@@ -399,7 +460,15 @@ async def connect_websocket(
     protocol = WebSocketProtocol(
         Role.CLIENT, max_message_size=max_message_size, mask_key=_MaskKeys()
     )
-    return WebSocketConnection(stream, protocol, pending, write_timeout=write_timeout)
+    # A 101 comes once the whole request arrived: nothing of ours waits in the transport, so
+    # writes on the descriptor cannot overtake bytes of the stream (see the module doc).
+    return WebSocketConnection(
+        stream,
+        protocol,
+        pending,
+        write_timeout=write_timeout,
+        write_fd=None if secure else _write_fd(stream),
+    )
 
 
 async def _upgrade(
