@@ -5,9 +5,10 @@ The relay (a snapshot of the committed HEAD, CPU 0) and the app server run as in
 ``bench/run.py``'s S1; this process is the generator (CPU 1). For each backend: connect the
 clients, warm up, then
 
-* a counted step: ``strace -c`` attached to the app server for ``--echoes`` echoes at
-  ``--rate`` (strace stops the process at every system call, so the rate is low); the
-  system calls it made per echo delivered, by name;
+* counted steps: ``strace -c`` attached to the app server for ``--echoes`` echoes at each of
+  ``--strace-rates`` (strace stops the process at every system call, so the rates are low);
+  the system calls it made per echo delivered, by name. At a low rate each echo is a read and
+  a write of its own (what a batch costs); at higher rates several share them;
 * ``--repeat`` steps without strace at the same rate: the relay's and the app server's CPU
   per echo (CPU-µs), median and range.
 
@@ -93,18 +94,20 @@ async def measure(args: argparse.Namespace, relay: Any, backend: str) -> dict[st
 
         await step(args.rate, 1.0)  # warm-up: imports, first calls, caches
         result: dict[str, Any] = {"backend": backend, "clients": n}
-        if shutil.which("strace") and not args.no_strace:
+        result["strace"] = []
+        for rate in args.strace_rates if shutil.which("strace") and not args.no_strace else ():
             trace = Strace(app.pid)
             await asyncio.sleep(1.0)  # strace attaches
-            counted = await step(args.strace_rate, args.echoes / args.strace_rate)
+            counted = await step(rate, args.echoes / rate)
             await asyncio.sleep(0.2)
             calls = trace.stop()
             delivered = counted["delivered"]
-            result["strace"] = {
-                "echoes": delivered, "reach": counted["reach"], "calls": calls,
+            result["strace"].append({
+                "rate": rate, "echoes": delivered, "reach": counted["reach"],
+                "p99_ms": counted["p99_ms"], "calls": calls,
                 "per_echo": sum(calls.values()) / max(delivered, 1),
                 "per_echo_by_call": {k: v / max(delivered, 1) for k, v in
-                                     sorted(calls.items(), key=lambda kv: -kv[1])}}
+                                     sorted(calls.items(), key=lambda kv: -kv[1])}})
         steps = [await step(args.rate, args.duration) for _ in range(args.repeat)]
         result["cpu_steps"] = [
             {k: s.get(k) for k in ("offered_deliveries_per_s", "delivered_per_s", "reach",
@@ -121,12 +124,12 @@ async def measure(args: argparse.Namespace, relay: Any, backend: str) -> dict[st
 
 def report(result: dict[str, Any]) -> None:
     print(f"  {result['backend']}: {result['clients']} clients")
-    traced = result.get("strace")
-    if traced:
+    for traced in result.get("strace", ()):
         top = ", ".join(f"{name} {per:.2f}" for name, per in
                         list(traced["per_echo_by_call"].items())[:8])
-        print(f"    system calls per echo: {traced['per_echo']:.2f} over {traced['echoes']} "
-              f"echoes (reach {traced['reach']:.3f}): {top}")
+        print(f"    system calls per echo at {traced['rate']:,.0f}/s under strace: "
+              f"{traced['per_echo']:.2f} over {traced['echoes']} echoes (reach "
+              f"{traced['reach']:.3f}): {top}")
     steps = result["cpu_steps"]
     for label, key in (("relay", "target_cpu_s_per_1M_deliveries"),
                        ("app server", "app_cpu_s_per_1M_deliveries")):
@@ -165,8 +168,8 @@ def main() -> None:
                         choices=["asyncio", "uvloop", "trio"])
     parser.add_argument("--clients", type=int, default=1000)
     parser.add_argument("--echoes", type=int, default=5000, help="echoes counted under strace")
-    parser.add_argument("--strace-rate", type=float, default=500.0,
-                        help="echoes/s while strace counts")
+    parser.add_argument("--strace-rates", type=float, nargs="+", default=[500.0, 2000.0],
+                        help="echoes/s while strace counts (one counted step each)")
     parser.add_argument("--rate", type=float, default=2000.0, help="echoes/s of the CPU steps")
     parser.add_argument("--duration", type=float, default=3.0, help="seconds per CPU step")
     parser.add_argument("--repeat", type=int, default=3, help="CPU steps per backend")
@@ -178,7 +181,7 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="tiny counts, seconds")
     args = parser.parse_args()
     if args.smoke:
-        args.clients, args.echoes, args.strace_rate = 10, 100, 200.0
+        args.clients, args.echoes, args.strace_rates = 10, 100, [200.0]
         args.rate, args.duration, args.repeat = 200.0, 0.3, 1
     if hasattr(os, "sched_setaffinity") and (os.cpu_count() or 1) > 1:
         os.sched_setaffinity(0, {1})
