@@ -1160,7 +1160,7 @@ def main() -> None:
                         default=["loadgen", "sdk-uvloop", "sdk-trio"],
                         help="S1's app servers for relaycore (see APP_SERVERS)")
     parser.add_argument("--sdk-echo-rates", type=float, nargs="+",
-                        default=[2e3, 5e3, 10e3, 20e3, 30e3, 40e3, 50e3, 60e3],
+                        default=[2e3, 5e3, 10e3, 15e3, 20e3, 30e3, 40e3, 50e3, 60e3],
                         help="S1 offered echoes/s through the SDK app server")
     parser.add_argument("--app-connections", type=int, default=5,
                         help="server connections of S1's SDK app server (the SDK's default)")
