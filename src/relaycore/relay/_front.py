@@ -145,7 +145,8 @@ class HttpFront:
         self._http: dict[trio.SocketStream, trio.CancelScope] = {}
         self.max_connections = config.max_connections or open_file_budget()
         #: negotiated connection tokens, which any node of a cluster accepts
-        self._negotiated = NegotiatedTokens(config.access_keys, ops.now)
+        # ops.now read at each call: the relay has one clock, which a harness may replace
+        self._negotiated = NegotiatedTokens(config.access_keys, lambda: ops.now())
         #: tokens negotiated here with stateful reconnect, until used or expired
         self._stateful_tokens: dict[str, float] = {}
         #: sessions that negotiated stateful reconnect, by their token, while they may resume
