@@ -69,6 +69,7 @@ from relaycore.protocol import (
 
 from ._errors import HubException
 from ._hub import ROLE_CLAIM_TYPES, GroupManager, Hub, HubCallerClients, HubCallerContext
+from ._websocket import Wakeup, wakeup_factory
 
 if TYPE_CHECKING:
     from ._connection import Dispatcher, ServiceConnection
@@ -191,7 +192,8 @@ class ClientConnection:
             deque()
         )
         self._has_runner = False
-        self._runner_wake: anyio.Event | None = None
+        self._runner_wake: Wakeup | None = None
+        self._new_wakeup = wakeup_factory()
         self._max_message_size = router.options.max_message_size
         # One set of proxies for every hub instance made for this connection.
         self._hub_clients = HubCallerClients(router, self.connection_id)
@@ -489,7 +491,7 @@ class ClientConnection:
                     return
                 if not self._dispatching:
                     return
-                self._runner_wake = wake = anyio.Event()
+                self._runner_wake = wake = self._new_wakeup()
                 await wake.wait()
         finally:
             if holding:

@@ -29,9 +29,11 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import os
 import ssl
 from collections.abc import Callable, Sequence
+from typing import Protocol
 from urllib.parse import urlsplit
 
 import anyio
@@ -51,11 +53,13 @@ from relaycore.protocol import (
 )
 
 __all__ = [
+    "Wakeup",
     "WebSocketClosed",
     "WebSocketConnection",
     "WebSocketHandshakeError",
     "connect_websocket",
     "loop_clock",
+    "wakeup_factory",
 ]
 
 _READ_SIZE = 65536
@@ -87,6 +91,43 @@ def _write_fd(stream: anyio.abc.ByteStream) -> int | None:
         return os.dup(raw.fileno())
     except OSError:
         return None
+
+
+class Wakeup(Protocol):
+    """A one-shot signal between two tasks of one event loop (``anyio.Event``'s two calls)."""
+
+    def set(self) -> None: ...
+
+    async def wait(self) -> None: ...
+
+
+class _FutureWakeup:
+    """``Wakeup`` as a future of the asyncio loop it was made on. An ``anyio.Event`` asks
+    asyncio for the running loop on every ``wait``, and CPython 3.11 checks the answer with a
+    ``getpid()`` system call: a task woken for every message would make one per message."""
+
+    __slots__ = ("_future",)
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._future: asyncio.Future[None] = loop.create_future()
+
+    def set(self) -> None:
+        if not self._future.done():
+            self._future.set_result(None)
+
+    async def wait(self) -> None:
+        # A cancellation of the waiting task cancels the future with it: it is one-shot.
+        await self._future
+
+
+def wakeup_factory() -> Callable[[], Wakeup]:
+    """What makes ``Wakeup`` signals for the running event loop: futures of the loop on
+    asyncio, ``anyio.Event`` elsewhere. Call it from the loop it is for."""
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:
+        return anyio.Event
+    return functools.partial(_FutureWakeup, loop)
 
 
 def loop_clock() -> Callable[[], float]:
@@ -163,6 +204,7 @@ class WebSocketConnection:
         #: Seconds one write may take before the connection is given up (see ``_write_out``).
         self.write_timeout = write_timeout
         self._clock = loop_clock()
+        self._new_wakeup = wakeup_factory()
         self._messages: list[bytes | str] = []
         self._closed: WebSocketClosed | None = None
         #: Frames queued for the next write, and their size.
@@ -175,7 +217,7 @@ class WebSocketConnection:
         #: ``run_writer`` runs: senders leave the writing to it.
         self._writer = False
         #: What the idle writer waits on; set by the send that queues the next frame.
-        self._wake: anyio.Event | None = None
+        self._wake: Wakeup | None = None
         self._stop_writer = False
         if pending:
             self._feed(pending)
@@ -290,7 +332,7 @@ class WebSocketConnection:
                 if not self._out:
                     if self._stop_writer or self._closed is not None:
                         return
-                    self._wake = wake = anyio.Event()
+                    self._wake = wake = self._new_wakeup()
                     await wake.wait()
                     continue
                 # Let the other senders of this round queue their frames first.
