@@ -83,9 +83,10 @@ def _on_asyncio() -> bool:
 
 
 def _write_fd(stream: anyio.abc.ByteStream) -> int | None:
-    """A duplicate of the descriptor of ``stream``'s socket (``None`` when it has none)."""
+    """A duplicate of the descriptor of ``stream``'s socket (``None`` when it has none, or
+    where a socket is not a file descriptor that ``os.write`` takes: Windows)."""
     raw = stream.extra(anyio.abc.SocketAttribute.raw_socket, None)
-    if raw is None:
+    if raw is None or os.name != "posix":
         return None
     try:
         return os.dup(raw.fileno())
