@@ -1,8 +1,9 @@
 """Stateful reconnect, client side, against the scripted server (what the relay does not do on
-cue; ``test_client_stateful_relay.py`` resumes through the real relay): asked for in negotiate and the handshake, acks of what arrived, a dropped WebSocket
-resumed with the unacknowledged messages replayed and the server's replays deduplicated,
-backpressure, and what happens when a resume fails. The traces follow ``client-protocol.md``
-§4.4 (the JS client's ``MessageBuffer``)."""
+cue; ``test_client_stateful_relay.py`` resumes through the real relay): asked for in
+negotiate and the handshake, acks of what arrived, a dropped WebSocket resumed with the
+unacknowledged messages replayed and the server's replays deduplicated, backpressure, and
+what happens when a resume fails. The traces follow ``client-protocol.md`` §4.4 (the JS
+client's ``MessageBuffer``)."""
 
 from __future__ import annotations
 
