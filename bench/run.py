@@ -246,17 +246,24 @@ class Running:
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
     def stop(self) -> None:
-        if self.spy is not None:
-            self.spy.send_signal(signal.SIGINT)  # py-spy writes its file on SIGINT
-            self.spy.wait(timeout=30)
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.log.close()
+        _stop_process(self.proc, self.spy, self.log, grace=10)
+
+
+def _stop_process(proc: subprocess.Popen[Any], spy: subprocess.Popen[bytes] | None,
+                  log: Any, grace: float) -> None:
+    """Stop a benchmarked process: its py-spy first (it writes its file on SIGINT), then the
+    process (SIGTERM, SIGKILL after ``grace`` seconds), then close its log."""
+    if spy is not None:
+        spy.send_signal(signal.SIGINT)
+        spy.wait(timeout=30)
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    log.close()
 
 
 #: S1's app servers for relaycore: the minimal one inside the generator ("loadgen"), and
@@ -311,17 +318,7 @@ class AppServer:
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
     def stop(self) -> None:
-        if self.spy is not None:
-            self.spy.send_signal(signal.SIGINT)  # py-spy writes its file on SIGINT
-            self.spy.wait(timeout=30)
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.log.close()
+        _stop_process(self.proc, self.spy, self.log, grace=15)
 
 
 def sdk_backend_missing(backend: str) -> str | None:
